@@ -1,0 +1,57 @@
+"""``version.lock``: the exact environment that produced a result.
+
+It holds only what can change results (package versions, CUDA/cuDNN/NCCL,
+GPU model, the machine profile) and nothing that changes between identical
+runs (no timestamps, no host names), so an unchanged environment gives a
+byte-identical file and DVC reruns nothing downstream.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+
+import yaml
+
+from .machines import load_machine
+
+PACKAGES = ("torch", "deepspeed", "horovod", "dvc", "mlflow", "zarr", "numpy", "scipy", "pandas", "virgo-exps")
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect(machine_name: str | None = None) -> dict:
+    import torch
+
+    machine = load_machine(machine_name)
+    info: dict = {
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "packages": {name: _version(name) for name in PACKAGES},
+        "torch_build": {
+            "cuda": torch.version.cuda or "none",
+            "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+            "nccl": "none",
+        },
+        "gpu": {"count": 0, "model": "none"},
+        "machine": machine.lock_entry(),
+    }
+    if torch.cuda.is_available():
+        try:
+            info["torch_build"]["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+        except Exception:
+            pass
+        info["gpu"] = {"count": torch.cuda.device_count(), "model": torch.cuda.get_device_name(0)}
+    return info
+
+
+def render(info: dict) -> str:
+    header = "# Written by the 'environment' stage; do not edit. Only what changes results.\n"
+    return header + yaml.safe_dump(info, sort_keys=True, default_flow_style=False)

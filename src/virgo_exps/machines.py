@@ -1,0 +1,108 @@
+"""Machine profiles: ``machines/<name>/machine.yaml`` and its scripts.
+
+A profile says how commands run on one machine: directly (``kind: local``) or
+through SLURM (``kind: slurm``, with partition, account, GPUs, time limit and
+a setup script sourced at the start of every job). Adding a cluster means
+adding a folder; no Python changes.
+
+Which profile is in use is *not* a param, so switching machines does not
+invalidate DVC's cache: it comes from ``VIRGO_MACHINE``, else from the
+git-ignored file ``machines/active`` in the main checkout, else ``local``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError
+from .paths import main_checkout, repo_root
+
+KINDS = ("local", "slurm")
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    kind: str
+    path: Path
+    description: str = ""
+    max_procs: int = 0  # local: processes allowed at once (0: number of cores)
+    partition: str | None = None
+    account: str | None = None
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem: str | None = None
+    time: str = "01:00:00"
+    signal_seconds: int = 60  # SIGUSR1 this long before the time limit
+    setup: str | None = None  # script sourced at job start, relative to the profile folder
+    sbatch_extra: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    def lock_entry(self) -> dict[str, Any]:
+        """What version.lock records about the machine."""
+        return {"name": self.name, "kind": self.kind, "gpus_per_node": self.gpus_per_node}
+
+    @property
+    def setup_script(self) -> Path | None:
+        return (self.path / self.setup) if self.setup else None
+
+
+_FIELDS = {
+    "description": str, "kind": str, "max_procs": int, "partition": (str, type(None)),
+    "account": (str, type(None)), "gpus_per_node": int, "cpus_per_task": int, "mem": (str, type(None)),
+    "time": str, "signal_seconds": int, "setup": (str, type(None)), "sbatch_extra": list, "env": dict,
+}
+
+
+def machines_dir() -> Path:
+    return repo_root() / "machines"
+
+
+def active_machine_name() -> str:
+    name = os.environ.get("VIRGO_MACHINE")
+    if name:
+        return name.strip()
+    marker = main_checkout() / "machines" / "active"
+    if marker.exists():
+        text = marker.read_text().strip()
+        if text:
+            return text
+    return "local"
+
+
+def available() -> list[str]:
+    root = machines_dir()
+    return sorted(p.name for p in root.iterdir() if (p / "machine.yaml").exists()) if root.exists() else []
+
+
+def load_machine(name: str | None = None) -> Machine:
+    name = name or active_machine_name()
+    path = machines_dir() / name
+    spec_file = path / "machine.yaml"
+    if not spec_file.exists():
+        raise ConfigError(
+            f"machine {name!r}: no {spec_file.relative_to(repo_root()) if spec_file.is_relative_to(repo_root()) else spec_file}; "
+            f"available machines: {', '.join(available()) or 'none'} (set VIRGO_MACHINE or machines/active)"
+        )
+    raw = yaml.safe_load(spec_file.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{spec_file}: expected a mapping")
+    for key, value in raw.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{spec_file}: unknown key {key!r}; allowed: {', '.join(sorted(_FIELDS))}")
+        if not isinstance(value, _FIELDS[key]):
+            raise ConfigError(f"{spec_file}: {key}: wrong type {type(value).__name__}")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"{spec_file}: kind: {kind!r}; expected one of {', '.join(KINDS)}")
+    raw["sbatch_extra"] = tuple(str(x) for x in raw.get("sbatch_extra", []))
+    raw["env"] = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}
+    machine = Machine(name=name, path=path, **raw)
+    if machine.setup_script is not None and not machine.setup_script.exists():
+        raise ConfigError(f"{spec_file}: setup: {machine.setup} does not exist in {path}")
+    return machine

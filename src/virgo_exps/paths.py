@@ -1,0 +1,46 @@
+"""Where things live: the repository, the main checkout, the machine profile.
+
+DVC runs queued experiments in temporary copies of the repository under
+``<main checkout>/.dvc/tmp/exps/...`` and deletes them afterwards. Anything that
+must outlive an experiment (the MLflow store, job logs) is therefore written
+to the *main* checkout, which :func:`main_checkout` finds from either place.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_TMP_MARKER = (".dvc", "tmp", "exps")
+
+
+def repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The directory holding dvc.yaml (DVC_ROOT when DVC runs the stage)."""
+    if start is None and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path(start or os.getcwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").exists():
+            return candidate
+    return here
+
+
+def main_checkout(start: str | os.PathLike | None = None) -> Path:
+    """The user's checkout, even from inside a DVC temporary workspace.
+
+    ``VIRGO_HOME`` overrides the search (useful when the workspace lives on a
+    different file system from the checkout).
+    """
+    if os.environ.get("VIRGO_HOME"):
+        return Path(os.environ["VIRGO_HOME"]).resolve()
+    root = repo_root(start)
+    parts = root.parts
+    for i in range(len(parts) - len(_TMP_MARKER)):
+        if parts[i : i + len(_TMP_MARKER)] == _TMP_MARKER:
+            return Path(*parts[:i])
+    return root
+
+
+def experiment_name() -> str:
+    """DVC's experiment name when DVC runs us, else 'workspace'."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"

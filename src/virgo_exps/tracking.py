@@ -1,0 +1,105 @@
+"""MLflow tracking: one run per experiment, named after the DVC experiment.
+
+By default the runs go to a SQLite store in the main checkout
+(``mlflow/mlflow.db``, git-ignored), which needs no server. Set
+``MLFLOW_TRACKING_URI`` (and ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` for a
+server with basic auth) to use a team server instead. Credentials are read by
+MLflow from the environment and never written by us anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .paths import experiment_name, main_checkout
+
+EXPERIMENT = os.environ.get("VIRGO_MLFLOW_EXPERIMENT", "virgo-exps")
+
+
+def default_tracking_uri() -> str:
+    store = main_checkout() / "mlflow"
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def redact(uri: str) -> str:
+    """A URI safe to print: user:password@ removed."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def git_revision(cwd: Path | None = None) -> str:
+    rev = os.environ.get("DVC_EXP_BASELINE_REV")
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if out.returncode == 0:
+            rev = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return rev or "unknown"
+
+
+class Tracker:
+    """Thin wrapper so the trainer does not import MLflow on every rank."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.run = None
+        self._mlflow = None
+
+    def start(self, params: dict[str, Any], tags: dict[str, str], artifacts: list[Path]) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        self._mlflow = mlflow
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        artifact_location = None
+        if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+            artifact_location = (main_checkout() / "mlflow" / "artifacts").as_uri()
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+        mlflow.set_experiment(EXPERIMENT)
+        name = experiment_name()
+        self.run = mlflow.start_run(run_name=name)
+        mlflow.set_tags({"dvc.experiment": name, "git.revision": git_revision(), **tags})
+        mlflow.log_params(params)
+        for path in artifacts:
+            if Path(path).exists():
+                mlflow.log_artifact(str(path))
+        print(f"mlflow: run {self.run.info.run_id} ({name}) in {redact(uri)}", file=sys.stderr)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.run is not None:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+
+    def log_rank_runs(self, per_rank: list[dict[str, float]]) -> None:
+        """One nested run per rank, tagged with its rank, for per-rank figures."""
+        if self.run is None:
+            return
+        for rank, metrics in enumerate(per_rank):
+            with self._mlflow.start_run(run_name=f"{experiment_name()}-rank{rank}", nested=True):
+                self._mlflow.set_tag("rank", str(rank))
+                self.log_metrics(metrics)
+
+    def log_artifact(self, path: Path) -> None:
+        if self.run is not None and Path(path).exists():
+            self._mlflow.log_artifact(str(path))
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run is not None:
+            self._mlflow.end_run(status=status)
+            self.run = None

@@ -1,0 +1,28 @@
+"""Stage 'preprocess': Q-transform images, patches, split and normalisation.
+
+    python stages/preprocess.py --params params.yaml --in data/raw.zarr --out data/images.zarr
+"""
+
+import argparse
+from pathlib import Path
+
+from virgo_exps.cli import stage_main
+from virgo_exps.config import load_params
+
+
+def run() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--in", dest="source", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    cfg = load_params(args.params).preprocess
+    from virgo_exps.data.preprocess import preprocess
+
+    summary = preprocess(args.source, cfg, args.out)
+    print(f"preprocess: {summary}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    stage_main(run)
