@@ -40,13 +40,68 @@ def worker_main(run: Callable[[], int | None], rank: Callable[[], int]) -> None:
     sys.exit(code or 0)
 
 
+RESULTS = {
+    "model": "results/model.pt",
+    "metrics": "results/metrics.json",
+    "per-epoch rows (dvc plots)": "results/epochs.csv",
+    "report": "results/report/report.md",
+    "checkpoint": "checkpoints/snapshot.pt",
+}
+
+
+def run_pipeline(dvc_args: list[str]) -> int:
+    """``dvc exp run`` with a summary: which stages ran, where the results are."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from .paths import main_checkout
+    from .tracking import redact, tracking_uri
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    cmd = [dvc, "exp", "run", *dvc_args]
+    print("$ " + " ".join(["dvc", "exp", "run", *dvc_args]), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    ran: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        m = re.match(r"Running stage '([^']+)'", line.strip())
+        if m:
+            ran.append(m.group(1))
+    rc = proc.wait()
+    if rc != 0:
+        print(f"\npipeline failed (dvc exit code {rc}); stage logs are in logs/<stage>/", file=sys.stderr)
+        return rc
+    root = main_checkout()
+    work = [s for s in ran if s != "environment"]
+    print()
+    if not work:
+        print("Pipeline is up to date: no stage reran (the environment was checked and is unchanged).")
+    else:
+        print(f"Stages run: {', '.join(ran)}")
+    print("Results:")
+    for what, rel in RESULTS.items():
+        mark = "" if (root / rel).exists() else "  (missing)"
+        print(f"  {what:28s} {rel}{mark}")
+    print(f"  {'MLflow store':28s} {redact(tracking_uri())}")
+    print("Next: `dvc exp show`, `dvc plots show`, `dvc exp run -S train.lr=0.0003`, "
+          "`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="virgo-exps", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="list every key of params.yaml with its default and allowed values")
     check = sub.add_parser("check", help="validate params.yaml and the machine profile, write nothing")
     check.add_argument("--params", default="params.yaml")
+    run = sub.add_parser("run", help="run the pipeline with `dvc exp run` (extra arguments go to dvc)")
+    run.add_argument("dvc_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "run":
+        sys.exit(run_pipeline(args.dvc_args))
     if args.command == "params":
         print(describe())
     elif args.command == "check":

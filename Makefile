@@ -1,0 +1,64 @@
+# virgo-exps: `make run` runs the whole study, `make test` the whole test suite.
+# `make help` lists every target.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TMUX_SESSION ?= virgo
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing pinned dependencies into $(VENV) (a few minutes the first time)"
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test]'
+	@touch $(STAMP)
+
+.PHONY: venv
+venv: $(STAMP) ## create .venv and install the pinned dependencies
+
+.PHONY: horovod
+horovod: $(STAMP) ## build Horovod 0.28.1 into .venv (patched for torch >= 2.1; minutes)
+	bash scripts/install_horovod.sh $(PY)
+
+.PHONY: run
+run: $(STAMP) ## run the whole pipeline with `dvc exp run` on the active machine (default: local)
+	@if $(PY) -c "import sys, yaml; sys.exit(yaml.safe_load(open('params.yaml'))['train']['strategy'] != 'horovod')"; then \
+		$(MAKE) --no-print-directory horovod; fi
+	$(VENV)/bin/virgo-exps run $(ARGS)
+
+.PHONY: tmux
+tmux: $(STAMP) ## start `make run` in a tmux session named $(TMUX_SESSION) (survives logout)
+	@bash scripts/tmux_run.sh $(TMUX_SESSION) $(ARGS)
+
+.PHONY: test
+test: $(STAMP) ## install what the tests need (Horovod, Slurm when root) and run the whole suite
+	$(MAKE) --no-print-directory horovod
+	@if [ "$$(id -u)" = 0 ]; then bash scripts/install_slurm.sh; else \
+		echo "not root: Slurm tests will be skipped (they need to install and start slurmctld/slurmd)"; fi
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(ARGS)
+
+.PHONY: test-fast
+test-fast: $(STAMP) ## the unit tests only (no dvc, no Slurm, no multi-process runs)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not slow and not slurm and not horovod" $(ARGS)
+
+.PHONY: check
+check: $(STAMP) ## validate params.yaml and the machine profile without running anything
+	$(VENV)/bin/virgo-exps check
+
+.PHONY: lock
+lock: $(STAMP) ## rewrite requirements.lock from .venv (after changing pyproject.toml)
+	$(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|horovod|virgo-exps)==' > requirements.lock
+
+.PHONY: clean
+clean: ## remove caches of Python and pytest (keeps .venv, data and DVC cache)
+	rm -rf .pytest_cache build src/*.egg-info
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
