@@ -47,6 +47,7 @@ from .strategies import Strategy
 
 EXIT_INTERRUPTED = 85
 SNAPSHOT = "snapshot.pt"
+STATUS = "status.json"  # {"status": running|interrupted|complete, "epoch", "step_in_epoch"}
 # Keys that may change between a snapshot and the run that resumes from it.
 RESUMABLE_KEYS = {"train.epochs", "train.max_requeues"}
 
@@ -188,6 +189,11 @@ class Trainer:
             "status": status,
         }
         _atomic_torch_save(snapshot, self.out.checkpoints / SNAPSHOT)
+        _atomic_write_text(
+            self.out.checkpoints / STATUS,
+            json.dumps({"status": status, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                        "global_step": self.global_step}) + "\n",
+        )
 
     def _load_snapshot(self) -> bool:
         path = self.out.checkpoints / SNAPSHOT
@@ -228,7 +234,23 @@ class Trainer:
         return True
 
     # -- the loop ------------------------------------------------------------
+    def _inject_faults(self) -> None:
+        """Test hooks: a stop request or a crash at a given step (environment variables).
+
+        VIRGO_FAULT_STOP_AT_STEP=k   rank 0 behaves as if signalled after global step k
+        VIRGO_FAULT_CRASH=r:k        rank r raises an error at global step k
+        """
+        stop_at = os.environ.get("VIRGO_FAULT_STOP_AT_STEP")
+        if stop_at and self.strategy.is_main and self.global_step == int(stop_at):
+            self._stop = True
+        crash = os.environ.get("VIRGO_FAULT_CRASH")
+        if crash:
+            rank, step = (int(v) for v in crash.split(":"))
+            if self.strategy.rank == rank and self.global_step == step:
+                raise RuntimeError(f"injected fault at step {step} (VIRGO_FAULT_CRASH)")
+
     def _should_stop(self) -> bool:
+        self._inject_faults()
         flag = torch.tensor([1.0 if self._stop else 0.0])
         if self.strategy.world_size > 1:
             flag = self.strategy.all_reduce(flag, op="max")
@@ -242,14 +264,19 @@ class Trainer:
         self.scheduler.step()
         return loss.detach()
 
-    def _run_epoch(self) -> tuple[float, float, int]:
-        """Train one epoch (or its remainder); returns (loss sum, seconds, steps)."""
+    def _run_epoch(self) -> tuple[float, float, int, int]:
+        """Train one epoch (or its remainder).
+
+        Returns (sum of step losses over the epoch, seconds, steps in the
+        epoch, steps run by this call: fewer than the epoch after a resume).
+        """
         s = self.strategy
         self.model.train()
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
         if self.step_in_epoch == 0:
             self._loss_sum = torch.zeros(1, dtype=torch.float64)
             self._epoch_steps = 0
+        steps_run = 0
         s.barrier()
         t0 = time.perf_counter()
         for indices in self.sampler:
@@ -257,6 +284,7 @@ class Trainer:
                 raise Interrupted
             self._loss_sum += self._run_batch(indices).cpu().double()
             self._epoch_steps += 1
+            steps_run += 1
             self.step_in_epoch += 1
             self.global_step += 1
         s.barrier()
@@ -264,7 +292,7 @@ class Trainer:
             torch.cuda.synchronize()
         elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         elapsed = s.all_reduce(elapsed, op="max")
-        return float(self._loss_sum.item()), float(elapsed.item()), self._epoch_steps
+        return float(self._loss_sum.item()), float(elapsed.item()), self._epoch_steps, steps_run
 
     @torch.no_grad()
     def _validate(self) -> tuple[float, float]:
@@ -331,7 +359,7 @@ class Trainer:
         try:
             self._profile()
             while self.epoch < self.cfg.epochs:
-                loss_sum, train_time, steps = self._run_epoch()
+                loss_sum, train_time, steps, steps_run = self._run_epoch()
                 if self._should_stop():
                     raise Interrupted
                 val_loss, val_time = self._validate()
@@ -344,7 +372,7 @@ class Trainer:
                     val_loss=val_loss,
                     train_time_s=train_time,
                     val_time_s=val_time,
-                    samples_per_s=steps * self.cfg.global_batch_size / train_time if train_time > 0 else 0.0,
+                    samples_per_s=steps_run * self.cfg.global_batch_size / train_time if train_time > 0 else 0.0,
                     lr=self.scheduler.get_last_lr()[0],
                 )
                 self.history.append(rec)

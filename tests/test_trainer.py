@@ -1,0 +1,194 @@
+"""The trainer under every strategy, with real torchrun / horovodrun processes on CPU (gloo).
+
+- Every strategy on 2 processes follows the single-process loss trajectory on
+  the same global batch within ``RTOL`` (only the order of floating-point
+  sums differs).
+- An interrupted-then-resumed run ends with bit-identical weights and losses.
+- A crash on one rank ends the run with a non-zero exit and names the rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import BIN, make_repo, sh, tool_env
+
+RTOL = 1e-4  # observed: ~1e-6 between DDP/DeepSpeed on 2 ranks and a single process
+EPOCHS = 3
+N_TRAIN, N_VAL, GLOBAL_BATCH = 64, 16, 8  # 8 steps per epoch
+
+HOROVOD = (BIN / "horovodrun").exists()
+needs_horovod = pytest.mark.skipif(not HOROVOD, reason="Horovod is not built in this venv (make horovod)")
+
+
+def write_images(path: Path, seed: int = 0) -> None:
+    """A hand-made store in the layout of the preprocess stage (learnable: y depends on x)."""
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    group = zarr.open_group(str(path), mode="w")
+    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
+        x = rng.standard_normal((n, 3, 16, 16)).astype("float32")
+        y = (0.6 * x[:, :1] - 0.3 * x[:, 2:3] + 0.1 * rng.standard_normal((n, 1, 16, 16))).astype("float32")
+        group.create_array(f"{split}/x", data=x, chunks=(32, 3, 16, 16))
+        group.create_array(f"{split}/y", data=y, chunks=(32, 1, 16, 16))
+    group.attrs["norm"] = {"x_mean": [0.0] * 3, "x_std": [1.0] * 3, "y_mean": 0.0, "y_std": 1.0}
+    group.attrs["complete"] = True
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    repo = make_repo(tmp_path_factory.mktemp("trainer") / "repo")
+    write_images(repo / "data" / "images.zarr")
+    return repo
+
+
+def train(repo: Path, name: str, strategy: str = "single", procs: int = 1, env: dict | None = None,
+          epochs: int = EPOCHS, fresh: bool = True, popen: bool = False):
+    """Run the train stage as DVC would (launcher + workers); outputs under out/<name>/."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(strategy=strategy, procs_per_node=procs, epochs=epochs,
+                           global_batch_size=GLOBAL_BATCH, warmup_steps=3, profile_steps=2)
+    pfile = repo / f"params-{name}.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    out = repo / "out" / name
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(BIN / "python"), "stages/train.py", "--params", pfile.name, "--data", "data/images.zarr",
+           "--checkpoints", f"out/{name}/checkpoints", "--model", f"out/{name}/model.pt",
+           "--metrics", f"out/{name}/metrics.json", "--epochs", f"out/{name}/epochs.csv",
+           "--ranks", f"out/{name}/ranks.json", "--no-tracking"]
+    full_env = tool_env(env)
+    if popen:
+        return subprocess.Popen(cmd, cwd=repo, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True), out
+    proc = sh(cmd, repo, full_env, check=False, timeout=600)
+    return proc, out
+
+
+def losses(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "epochs.csv")[["epoch", "train_loss", "val_loss"]]
+
+
+def weights(out: Path) -> dict:
+    return torch.load(out / "model.pt", map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def baseline(workdir):
+    proc, out = train(workdir, "single")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+STRATEGIES = ["ddp", "deepspeed", pytest.param("horovod", marks=[pytest.mark.horovod, needs_horovod])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_processes_follow_the_single_process_trajectory(workdir, baseline, strategy):
+    proc, out = train(workdir, f"{strategy}-2", strategy, procs=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ref, got = losses(baseline), losses(out)
+    assert len(got) == EPOCHS
+    np.testing.assert_allclose(got["train_loss"], ref["train_loss"], rtol=RTOL)
+    np.testing.assert_allclose(got["val_loss"], ref["val_loss"], rtol=RTOL)
+    # Learning happened, so the comparison is not between two flat lines.
+    assert ref["val_loss"].iloc[-1] < ref["val_loss"].iloc[0]
+    metrics = yaml.safe_load((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["strategy"] == strategy
+    assert 0.0 < metrics["computation_fraction"] <= 1.0
+    ranks = yaml.safe_load((out / "ranks.json").read_text())
+    assert [r["rank"] for r in ranks] == [0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,procs", [("single", 1), ("ddp", 2), ("deepspeed", 2),
+                                            pytest.param("horovod", 2, marks=[pytest.mark.horovod, needs_horovod])])
+def test_interrupted_then_resumed_run_is_bit_identical(workdir, strategy, procs):
+    name = f"resume-{strategy}"
+    full, full_out = train(workdir, f"{name}-full", strategy, procs)
+    assert full.returncode == 0, full.stderr[-3000:]
+    # Stop in the middle of epoch 2 (8 steps an epoch), as a SLURM signal would.
+    first, out = train(workdir, name, strategy, procs, env={"VIRGO_FAULT_STOP_AT_STEP": "11"})
+    assert first.returncode != 0
+    status = yaml.safe_load((out / "checkpoints" / "status.json").read_text())
+    assert status == {"status": "interrupted", "epoch": 1, "step_in_epoch": 3, "global_step": 11}
+    assert not (out / "model.pt").exists()
+    second, _ = train(workdir, name, strategy, procs, fresh=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr + second.stdout
+    a, b = weights(full_out), weights(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    pd.testing.assert_frame_equal(losses(full_out), losses(out), check_exact=True)
+
+
+@pytest.mark.slow
+def test_more_epochs_continue_from_the_final_snapshot(workdir, baseline):
+    proc, out = train(workdir, "extend", epochs=2)
+    assert proc.returncode == 0
+    proc, _ = train(workdir, "extend", epochs=EPOCHS, fresh=False)
+    assert proc.returncode == 0 and "resuming from" in proc.stderr
+    for key, value in weights(baseline).items():
+        assert torch.equal(value, weights(out)[key])
+
+
+@pytest.mark.slow
+def test_a_changed_config_starts_afresh(workdir, baseline):
+    shutil.rmtree(workdir / "out" / "lr", ignore_errors=True)
+    shutil.copytree(baseline / "checkpoints", workdir / "out" / "lr" / "checkpoints")
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train"]["lr"] = 0.01
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        proc, _ = train(workdir, "lr", fresh=False)
+    finally:
+        params["train"]["lr"] = 0.001
+        (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    assert proc.returncode == 0
+    assert "not resuming" in proc.stderr and "train.lr" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("horovod", marks=[pytest.mark.horovod, needs_horovod])])
+def test_a_crash_on_one_rank_ends_the_run_and_names_the_rank(workdir, strategy):
+    proc, out = train(workdir, f"crash-{strategy}", strategy, procs=2, env={"VIRGO_FAULT_CRASH": "1:2"})
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "training process rank 1 failed" in text
+    assert not (out / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_next_run_resumes(workdir, baseline):
+    proc, out = train(workdir, "sigterm", epochs=EPOCHS, popen=True)
+    lines = []
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/"):
+            os.kill(proc.pid, signal.SIGTERM)
+            break
+        assert time.time() < deadline
+    lines += proc.stdout.readlines()
+    rc = proc.wait(timeout=300)
+    assert rc != 0, "".join(lines)
+    status = yaml.safe_load((out / "checkpoints" / "status.json").read_text())
+    assert status["status"] == "interrupted"
+    second, _ = train(workdir, "sigterm", fresh=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for key, value in weights(baseline).items():
+        assert torch.equal(value, weights(out)[key])
