@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -88,6 +89,21 @@ def make_repo(dest: Path, params: dict | None = None) -> Path:
     sh(["git", "add", "-A"], dest, env)
     sh(["git", "commit", "-q", "-m", "test copy"], dest, env)
     return dest
+
+
+def write_images(path: Path, seed: int = 0, n_train: int = 64, n_val: int = 16) -> None:
+    """A hand-made store in the layout of the preprocess stage (learnable: y depends on x)."""
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    group = zarr.open_group(str(path), mode="w")
+    for split, n in (("train", n_train), ("val", n_val)):
+        x = rng.standard_normal((n, 3, 16, 16)).astype("float32")
+        y = (0.6 * x[:, :1] - 0.3 * x[:, 2:3] + 0.1 * rng.standard_normal((n, 1, 16, 16))).astype("float32")
+        group.create_array(f"{split}/x", data=x, chunks=(32, 3, 16, 16))
+        group.create_array(f"{split}/y", data=y, chunks=(32, 1, 16, 16))
+    group.attrs["norm"] = {"x_mean": [0.0] * 3, "x_std": [1.0] * 3, "y_mean": 0.0, "y_std": 1.0}
+    group.attrs["complete"] = True
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, make_repo, sh, tool_env
+from conftest import BIN, make_repo, sh, tool_env, write_images
 
 RTOL = 1e-4  # observed: ~1e-6 between DDP/DeepSpeed on 2 ranks and a single process
 EPOCHS = 3
@@ -30,21 +30,6 @@ N_TRAIN, N_VAL, GLOBAL_BATCH = 64, 16, 8  # 8 steps per epoch
 
 HOROVOD = (BIN / "horovodrun").exists()
 needs_horovod = pytest.mark.skipif(not HOROVOD, reason="Horovod is not built in this venv (make horovod)")
-
-
-def write_images(path: Path, seed: int = 0) -> None:
-    """A hand-made store in the layout of the preprocess stage (learnable: y depends on x)."""
-    import zarr
-
-    rng = np.random.default_rng(seed)
-    group = zarr.open_group(str(path), mode="w")
-    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
-        x = rng.standard_normal((n, 3, 16, 16)).astype("float32")
-        y = (0.6 * x[:, :1] - 0.3 * x[:, 2:3] + 0.1 * rng.standard_normal((n, 1, 16, 16))).astype("float32")
-        group.create_array(f"{split}/x", data=x, chunks=(32, 3, 16, 16))
-        group.create_array(f"{split}/y", data=y, chunks=(32, 1, 16, 16))
-    group.attrs["norm"] = {"x_mean": [0.0] * 3, "x_std": [1.0] * 3, "y_mean": 0.0, "y_std": 1.0}
-    group.attrs["complete"] = True
 
 
 @pytest.fixture(scope="module")

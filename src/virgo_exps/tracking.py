@@ -51,6 +51,10 @@ def git_revision(cwd: Path | None = None) -> str:
     return rev or "unknown"
 
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (bad credentials, unreachable server)."""
+
+
 class Tracker:
     """Thin wrapper so the trainer does not import MLflow on every rank."""
 
@@ -64,14 +68,25 @@ class Tracker:
             return
         import mlflow
 
+        from mlflow.exceptions import MlflowException
+
         self._mlflow = mlflow
         uri = tracking_uri()
         mlflow.set_tracking_uri(uri)
         artifact_location = None
         if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
             artifact_location = (main_checkout() / "mlflow" / "artifacts").as_uri()
-        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+        try:
+            if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+                mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+        except MlflowException as exc:
+            text = str(exc)
+            if "401" in text or "Unauthorized" in text or "403" in text:
+                raise TrackingError(
+                    f"MLflow server {redact(uri)} refused the credentials: check MLFLOW_TRACKING_USERNAME "
+                    "and MLFLOW_TRACKING_PASSWORD (or unset MLFLOW_TRACKING_URI for the local store)"
+                ) from None
+            raise TrackingError(f"MLflow tracking at {redact(uri)} failed: {text.splitlines()[0][:300]}") from None
         mlflow.set_experiment(EXPERIMENT)
         name = experiment_name()
         self.run = mlflow.start_run(run_name=name)

@@ -23,6 +23,7 @@ rank exits with :data:`EXIT_INTERRUPTED`, which the SLURM launcher takes as
 from __future__ import annotations
 
 import copy
+import dataclasses
 import csv
 import json
 import math
@@ -464,7 +465,9 @@ class Trainer:
             ranks.append({"rank": rank, **{f"compute_{k}": v for k, v in c.items()}, **g})
         _atomic_write_text(self.out.ranks, json.dumps(ranks, indent=2) + "\n")
         if self.tracker is not None:
-            self.tracker.log_metrics({k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            per_epoch = {f.name for f in dataclasses.fields(EpochRecord)}
+            self.tracker.log_metrics({k: v for k, v in clean.items() if isinstance(v, (int, float))
+                                      and not isinstance(v, bool) and k not in per_epoch})
             self.tracker.log_rank_runs(
                 [{k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "rank"} for r in ranks]
             )
