@@ -56,7 +56,7 @@ check: $(STAMP) ## validate params.yaml and the machine profile without running 
 
 .PHONY: lock
 lock: $(STAMP) ## rewrite requirements.lock from .venv (after changing pyproject.toml)
-	$(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|horovod|virgo-exps)==' > requirements.lock
+	( sed -n "1,3p" requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -viE "^(torch|horovod|virgo-exps)( ?==| @)" ) > requirements.lock.new && mv requirements.lock.new requirements.lock
 
 .PHONY: clean
 clean: ## remove caches of Python and pytest (keeps .venv, data and DVC cache)
