@@ -41,6 +41,12 @@ class HorovodStrategy(Strategy):
         )
         return model, optimizer
 
+    def backward_and_step(self, loss, model, optimizer):
+        # Horovod's optimizer wrapper predates zero_grad(set_to_none=...).
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
     def all_reduce(self, tensor, op="sum"):
         if self.world_size == 1:
             return tensor
