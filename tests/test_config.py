@@ -85,3 +85,27 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_params(bad)
+
+
+def test_paper_preset_merges_into_params_keeping_comments(tmp_path):
+    from virgo_exps.cli import apply_preset
+
+    target = tmp_path / "params.yaml"
+    target.write_text((ROOT / "params.yaml").read_text())
+    apply_preset(str(ROOT / "presets" / "paper.yaml"), str(target))
+    merged = load_params(target)
+    assert merged.generate.n_samples == 750_000 and merged.train.nodes == 4
+    assert target.read_text().startswith("# Parameters of the study")
+
+
+def test_a_preset_with_a_bad_value_writes_nothing(tmp_path):
+    from virgo_exps.cli import apply_preset
+
+    target = tmp_path / "params.yaml"
+    original = (ROOT / "params.yaml").read_text()
+    target.write_text(original)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: -1\n")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        apply_preset(str(bad), str(target))
+    assert target.read_text() == original

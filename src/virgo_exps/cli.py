@@ -91,17 +91,60 @@ def run_pipeline(dvc_args: list[str]) -> int:
     return 0
 
 
+def apply_preset(preset_file: str, params_file: str) -> int:
+    """Merge a preset's keys into params.yaml; nothing is written unless the result is valid."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from .config import params_from_dict
+
+    preset = yaml.safe_load(Path(preset_file).read_text()) or {}
+    params = yaml.safe_load(Path(params_file).read_text()) or {}
+    for section, values in preset.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{preset_file}: {section}: expected a mapping")
+        params.setdefault(section, {}).update(values)
+    params_from_dict(params)
+    text = Path(params_file).read_text()
+    # Keep the comments and layout of params.yaml: rewrite only the values.
+    lines = text.splitlines(keepends=True)
+    section = None
+    for i, line in enumerate(lines):
+        stripped = line.rstrip("\n")
+        if stripped and not stripped.startswith((" ", "#")) and stripped.endswith(":"):
+            section = stripped[:-1]
+        elif section in preset and stripped.startswith("  ") and ":" in stripped:
+            key = stripped.strip().split(":", 1)[0]
+            if key in preset[section]:
+                lines[i] = f"  {key}: {yaml.safe_dump(preset[section][key], default_flow_style=True).strip().removesuffix(chr(10) + '...')}\n"
+    tmp = Path(f"{params_file}.tmp-{os.getpid()}")
+    tmp.write_text("".join(lines))
+    if yaml.safe_load(tmp.read_text()) != params:
+        tmp.unlink()
+        raise ConfigError(f"{params_file}: could not merge {preset_file} while keeping the layout; edit it by hand")
+    os.replace(tmp, params_file)
+    print(f"{params_file}: merged {preset_file}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="virgo-exps", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="list every key of params.yaml with its default and allowed values")
     check = sub.add_parser("check", help="validate params.yaml and the machine profile, write nothing")
     check.add_argument("--params", default="params.yaml")
+    preset = sub.add_parser("preset", help="merge a preset (e.g. presets/paper.yaml) into params.yaml, validated")
+    preset.add_argument("file")
+    preset.add_argument("--params", default="params.yaml")
     run = sub.add_parser("run", help="run the pipeline with `dvc exp run` (extra arguments go to dvc)")
     run.add_argument("dvc_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "run":
         sys.exit(run_pipeline(args.dvc_args))
+    if args.command == "preset":
+        stage_main(lambda: apply_preset(args.file, args.params))
     if args.command == "params":
         print(describe())
     elif args.command == "check":
