@@ -22,6 +22,26 @@ Needs root (daemons, namespaces, ``/etc/hosts``). Missing Debian packages
 (``slurmctld slurmd slurm-client munge``) are installed with ``apt-get`` when
 running as root; otherwise :class:`SlurmUnavailable` is raised.
 
+Behaviour of this Slurm (22.05) worth knowing (measured here):
+
+* ``sbatch -W`` polls slurmctld after 2 s, then 8 s, then every 32 s (the
+  growth stops once the sleep reaches MinJobAge/2): with the default
+  ``min_job_age=300`` a job of 3 s returns after 10 s and one of 12 s after
+  42 s. ``min_job_age<=5`` keeps polling every 2 s, ``<=17`` every 8 s (but
+  finished jobs then vanish from ``scontrol show job`` sooner). Its exit code
+  is the job's exit code, or 1 when the job was killed by a signal (TIMEOUT,
+  CANCELLED). It keeps waiting across requeues and returns the final run's code.
+* ``--time`` has minute granularity: ``--time=0:30`` becomes a 1 minute limit.
+  Limits are enforced by a 30 s periodic check, so a job may overrun by up to
+  ~30 s (SIGTERM, then SIGKILL after ``kill_wait``); ``--signal=B:USR1@N``
+  may arrive up to 60 s *earlier* than N seconds before the limit.
+* A requeued job waits ``cred_expire`` s (AuthInfo, default here 10 s instead
+  of Slurm's 120 s) before it may start again; the schedulers run every 3 s.
+* A killed node (:meth:`SimCluster.kill_node`) is marked DOWN after ~25-30 s.
+  ``JobRequeue=1`` makes batch jobs requeueable by default, so its jobs are
+  requeued (``Restarts`` + 1); ``--no-requeue`` jobs end in NODE_FAIL with
+  ExitCode 0:0, and ``sbatch -W`` then exits 0: check ``JobState`` too.
+
 Usage::
 
     with SimCluster(tmp / "slurm", nodes=2, cpus_per_node=2) as cluster:
@@ -671,8 +691,13 @@ class SimCluster:
         if not state:
             raise SlurmSimError(f"no {STATE_FILE} in {workdir}")
         cluster = cls(workdir, nodes=state.get("nodes", 1),
-                      cpus_per_node=state.get("cpus_per_node"))
+                      cpus_per_node=state.get("cpus_per_node"),
+                      **state.get("options", {}))
         cluster._state = state
+        if state.get("node_names"):
+            cluster.node_names = list(state["node_names"])
+            cluster.controller_name = state.get("controller_name",
+                                                cluster.controller_name)
         cluster.node_addresses = list(state.get("node_addresses", []))
         cluster.controller_address = state.get("controller_address")
         return cluster
@@ -731,6 +756,12 @@ class SimCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
             "SchedulerType=sched/backfill",
+            # rerun the schedulers every few seconds (defaults 60 s / 30 s), so a
+            # requeued job starts soon after its cred_expire hold; and allow the main
+            # scheduler to run right after startup (sched_min_interval, in us) and
+            # to start a batch job at submission (batch_sched_delay, default 3 s)
+            "SchedulerParameters=sched_interval=3,bf_interval=3,"
+            "sched_min_interval=100000,batch_sched_delay=0",
             "MpiDefault=none",
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",
@@ -884,8 +915,15 @@ class SimCluster:
                     f"{key} exited with code {proc.returncode}\n" + self._log_tails())
 
     # ------------------------------------------------------------ lifecycle
-    def start(self, timeout: float = 60) -> "SimCluster":
-        """Start the cluster and wait until every node is idle."""
+    def start(self, timeout: float = 60, *, warmup: bool = True) -> "SimCluster":
+        """Start the cluster and wait until every node is idle.
+
+        With ``warmup`` (default) a trivial batch job running ``srun`` on every
+        node is run to completion first: it proves that jobs really launch on
+        all nodes, and it absorbs slurmctld's slow first scheduling pass (a
+        first batch job otherwise waits ~3 s for the backfill scheduler, which
+        makes the first ``sbatch -W`` return only after its 10 s poll).
+        """
         t0 = time.monotonic()
         ensure_installed(self.multinode)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -908,10 +946,16 @@ class SimCluster:
                 "partition": self.partition, "conf": str(self.conf_path),
                 "owner_pid": os.getpid(), "started_at": time.time(),
                 "spool": str(self._spool_base()),
+                "options": {"slurmd_timeout": self.slurmd_timeout,
+                            "min_job_age": self.min_job_age,
+                            "kill_wait": self.kill_wait,
+                            "cred_expire": self.cred_expire},
             }
             self._save_state()
             try:
                 self._start_locked(timeout)
+                if warmup:
+                    self._warmup(timeout)
             except BaseException as exc:
                 tails = self._log_tails()
                 try:
@@ -966,6 +1010,30 @@ class SimCluster:
             self._spawn(f"slurmd-{name}", self._slurmd_argv(name))
         self.wait_nodes(timeout=timeout)
 
+    def _warmup(self, timeout: float) -> None:
+        job_id = self.slurm(
+            "sbatch", "--parsable", "-J", "slurmsim-warmup", "-N", str(self.nodes),
+            "--ntasks-per-node=1", "-o", str(self.logdir / "warmup-%j.out"),
+            "--chdir", str(self.workdir), "--wrap", "srun hostname",
+        ).stdout.strip().split(";")[0]
+        deadline = time.monotonic() + timeout
+        state = "?"
+        while time.monotonic() < deadline:
+            self._check_daemons_alive()
+            out = self.slurm("scontrol", "show", "job", job_id, check=False).stdout
+            for word in out.split():
+                if word.startswith("JobState="):
+                    state = word.split("=", 1)[1]
+            if state == "COMPLETED":
+                return
+            if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                         "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
+                break
+            time.sleep(0.1)
+        raise SlurmStartError(
+            f"warm-up job {job_id} did not complete (state {state}):\n"
+            + _tail(self.logdir / f"warmup-{job_id}.out") + "\n" + self._log_tails())
+
     def stop(self) -> None:
         """Stop everything this cluster started; safe to call more than once."""
         if not self._state:
@@ -992,7 +1060,11 @@ class SimCluster:
         state = self._state
         if not state:
             return
-        daemons = [(pid, st) for _, pid, st in self._daemon_pids(state)]
+        daemons = [(pid, st) for _, pid, st in self._daemon_pids(state)
+                   if _alive(pid, st)]
+        # helpers forked by the daemons (slurmctld's slurmscriptd, prologs)
+        daemons += [(pid, _starttime(pid))
+                    for pid in _descendants(pid for pid, _ in daemons)]
         ctld = state.get("daemons", {}).get("slurmctld", {})
         if _alive(ctld.get("pid"), ctld.get("starttime")):
             # cancel jobs so that slurmstepds end cleanly (best effort, quick)
@@ -1109,9 +1181,10 @@ def stop_from_state(workdir: Path | str) -> bool:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    cluster = SimCluster(args.dir, nodes=args.nodes, cpus_per_node=args.cpus_per_node)
+    cluster = SimCluster(args.dir, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
+                         min_job_age=args.min_job_age)
     try:
-        cluster.start(timeout=args.timeout)
+        cluster.start(timeout=args.timeout, warmup=not args.no_warmup)
     except SlurmUnavailable as exc:
         print(f"slurmsim: unavailable: {exc}", file=sys.stderr)
         return 2
@@ -1164,6 +1237,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--nodes", type=int, default=1)
     up.add_argument("--cpus-per-node", type=int, default=None)
     up.add_argument("--timeout", type=float, default=60)
+    up.add_argument("--min-job-age", type=int, default=300,
+                    help="seconds finished jobs stay visible (also sets the "
+                         "sbatch -W poll interval: <=5 -> 2 s, <=17 -> 8 s, else 32 s)")
+    up.add_argument("--no-warmup", action="store_true",
+                    help="do not run the warm-up job after the nodes are idle")
     for p in (up, sub.add_parser("down", help="stop the cluster of --dir"),
               sub.add_parser("status", help="show the cluster of --dir")):
         p.add_argument("--dir", default=".slurmsim", type=Path,

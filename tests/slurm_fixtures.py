@@ -1,0 +1,70 @@
+"""Pytest plugin: session-scoped real Slurm clusters (see virgo_exps.slurmsim).
+
+Register with ``pytest_plugins = ["slurm_fixtures"]`` (tests/ on sys.path) or
+``-p slurm_fixtures``.
+
+Fixtures:
+
+* ``slurm_cluster``   -- 1 node (host mode), at least 2 CPUs.
+* ``slurm_multinode`` -- 2 nodes in network namespaces, 1 CPU each.
+
+Both skip with a readable reason when not running as root or when Slurm cannot
+be installed, and always tear the cluster down at the end of the session.
+Run Slurm commands with ``env=cluster.command_env()`` (or
+``{**os.environ, **cluster.env}``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from virgo_exps.slurmsim import SimCluster, SlurmUnavailable, ensure_installed
+
+
+def _require_slurm(multinode: bool) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("Slurm tests need root (they start slurmctld/slurmd, munged "
+                    "and network namespaces); run pytest as root")
+    try:
+        ensure_installed(multinode=multinode)
+    except SlurmUnavailable as exc:
+        pytest.skip(f"Slurm is not available: {exc}")
+
+
+def start_cluster(workdir: Path, nodes: int = 1, cpus_per_node: int | None = None,
+                  timeout: float = 60, **kwargs: object) -> SimCluster:
+    """Start a SimCluster or skip the test when Slurm cannot run here."""
+    _require_slurm(nodes >= 2)
+    cluster = SimCluster(workdir, nodes=nodes, cpus_per_node=cpus_per_node,
+                         **kwargs)  # type: ignore[arg-type]
+    try:
+        cluster.start(timeout=timeout)
+    except SlurmUnavailable as exc:
+        pytest.skip(f"Slurm cannot run here: {exc}")
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimCluster]:
+    """A running 1-node Slurm cluster (partition ``debug``, >= 2 CPUs)."""
+    workdir = tmp_path_factory.mktemp("slurm1")
+    cluster = start_cluster(workdir, nodes=1, cpus_per_node=max(2, os.cpu_count() or 1))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_multinode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimCluster]:
+    """A running 2-node Slurm cluster (network namespaces, 1 CPU per node)."""
+    workdir = tmp_path_factory.mktemp("slurm2")
+    cluster = start_cluster(workdir, nodes=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
