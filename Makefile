@@ -35,6 +35,10 @@ run: $(STAMP) ## run the whole pipeline with `dvc exp run` on the active machine
 		$(MAKE) --no-print-directory horovod; fi
 	$(VENV)/bin/virgo-exps run $(ARGS)
 
+.PHONY: report
+report: $(STAMP) ## scalability report over all experiments into results/scalability (ARGS: --exp/--mlflow/--metrics-files ...)
+	$(VENV)/bin/virgo-exps scalability $(ARGS)
+
 .PHONY: tmux
 tmux: $(STAMP) ## start `make run` in a tmux session named $(TMUX_SESSION) (survives logout)
 	@bash scripts/tmux_run.sh $(TMUX_SESSION) $(ARGS)

@@ -140,7 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     preset.add_argument("--params", default="params.yaml")
     run = sub.add_parser("run", help="run the pipeline with `dvc exp run` (extra arguments go to dvc)")
     run.add_argument("dvc_args", nargs=argparse.REMAINDER)
+    from . import scalability_cli
+
+    scalability_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "scalability":
+        sys.exit(scalability_cli.run(args))
     if args.command == "run":
         sys.exit(run_pipeline(args.dvc_args))
     if args.command == "preset":

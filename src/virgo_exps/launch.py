@@ -146,7 +146,12 @@ def run(stage: str, argv: list[str], cfg: TrainConfig | None = None, machine: Ma
     if cfg is None:
         cfg = TrainConfig()
     if machine.kind == "local":
-        return run_local(stage, local_command(cfg, argv), machine, cfg.procs_per_node)
+        # Every strategy gets the same share of the cores per process (torchrun
+        # would set 1, a single process would take all): without this, strategy
+        # comparisons measure thread counts, not parallelism.
+        threads = max(1, (machine.max_procs or os.cpu_count() or 1) // cfg.procs_per_node)
+        env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads)}
+        return run_local(stage, local_command(cfg, argv), machine, cfg.procs_per_node, env)
     from .slurm import submit
 
     return submit(stage, argv, cfg, machine)

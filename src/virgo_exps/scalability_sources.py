@@ -1,0 +1,369 @@
+"""Where the scalability report gets its experiments from.
+
+Four sources, each giving a list of :class:`Run` (one finished training run)
+and a list of notes about what was left out and why:
+
+- :func:`load_dvc`: the experiments of the current baseline in ``dvc exp show
+  --json`` (plus the workspace and the baseline commit when they carry metrics
+  that no experiment already has), optionally only some of them by name;
+- :func:`load_mlflow`: the finished top-level runs of an MLflow experiment
+  (teammates' runs on a shared server included);
+- :func:`load_files`: ``metrics.json`` files or folders holding them.
+
+Per-epoch training times (for the spread when a configuration ran only once)
+come from ``epochs.csv``: the experiment's commit for DVC (read with ``git
+show``, which changes nothing), the file beside ``metrics.json`` for files,
+the metric history for MLflow. The first epoch is warm-up and never counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "results/metrics.json"
+EPOCHS_FILE = "results/epochs.csv"
+# Logged once per epoch to MLflow (step = epoch); their "latest" value is the
+# last epoch's, not the run's summary.
+PER_EPOCH = ("train_time_s", "val_time_s", "samples_per_s", "train_loss", "val_loss", "lr", "step")
+
+
+class SourceError(RuntimeError):
+    """A source cannot be read at all (no DVC repository, unknown experiment, ...)."""
+
+
+@dataclass
+class Run:
+    """One finished training run, whatever it was read from."""
+
+    name: str
+    source: str  # experiment | workspace | commit | mlflow | file
+    metrics: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)  # flat: {"train.seed": 0, ...}
+    epoch_times: list[float] | None = None  # timed epochs only (warm-up epoch dropped)
+    epoch_throughput: list[float] | None = None
+    rev: str | None = None
+
+    def _value(self, metric: str, param: str, default=None):
+        v = self.metrics.get(metric)
+        return v if v is not None else self.params.get(param, default)
+
+    @property
+    def strategy(self) -> str:
+        return str(self._value("strategy", "train.strategy", "unknown"))
+
+    @property
+    def nodes(self) -> int:
+        return int(self._value("nodes", "train.nodes", 1))
+
+    @property
+    def procs_per_node(self) -> int:
+        return int(self._value("procs_per_node", "train.procs_per_node", 1))
+
+    @property
+    def world_size(self) -> int:
+        w = self.metrics.get("world_size")
+        return int(w) if w is not None else self.nodes * self.procs_per_node
+
+    @property
+    def epoch_time(self) -> float | None:
+        v = _number(self.metrics.get("epoch_time_s_median"))
+        if v is None and self.epoch_times:
+            v = float(_median(self.epoch_times))
+        return v
+
+    @property
+    def throughput(self) -> float | None:
+        v = _number(self.metrics.get("samples_per_s"))
+        if v is None and self.epoch_throughput:
+            v = float(_median(self.epoch_throughput))
+        return v
+
+
+def _number(v) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"seed": 0}} -> {"train.seed": 0}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def parse_epochs_csv(text: str) -> tuple[list[float] | None, list[float] | None]:
+    """Training time and throughput of the timed epochs (all but the first) from epochs.csv text."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    rows.sort(key=lambda r: int(float(r.get("epoch") or 0)))
+    timed = rows[1:] if len(rows) > 1 else rows
+
+    def column(name):
+        vals = [_number(r.get(name)) for r in timed]
+        vals = [v for v in vals if v is not None]
+        return vals or None
+
+    return column("train_time_s"), column("samples_per_s")
+
+
+# -- DVC ---------------------------------------------------------------------
+
+def _dvc_executable() -> str:
+    here = Path(sys.executable).parent / "dvc"
+    return str(here) if here.exists() else (shutil.which("dvc") or "dvc")
+
+
+def _metrics_of(data: dict) -> dict | None:
+    for path, entry in (data.get("metrics") or {}).items():
+        values = (entry or {}).get("data")
+        if path.endswith("metrics.json") and isinstance(values, dict) and (
+            "epoch_time_s_median" in values or "world_size" in values
+        ):
+            return values
+    return None
+
+
+def _params_of(data: dict) -> dict:
+    entry = (data.get("params") or {}).get("params.yaml") or {}
+    return flatten(entry.get("data") or {})
+
+
+def _git_epochs(repo: Path, rev: str) -> tuple[list[float] | None, list[float] | None]:
+    try:
+        proc = subprocess.run(["git", "show", f"{rev}:./{EPOCHS_FILE}"], cwd=repo, capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    return parse_epochs_csv(proc.stdout) if proc.returncode == 0 else (None, None)
+
+
+def _file_epochs(path: Path) -> tuple[list[float] | None, list[float] | None]:
+    return parse_epochs_csv(path.read_text()) if path.is_file() else (None, None)
+
+
+def parse_exp_show(shown: list[dict], repo: Path | None = None) -> tuple[list[Run], list[str]]:
+    """Runs out of ``dvc exp show --json`` (DVC 3): experiments first, then workspace/baseline if new."""
+    runs: list[Run] = []
+    extra: list[Run] = []
+    notes: list[str] = []
+    for entry in shown:
+        rev = entry.get("rev")
+        data = entry.get("data") or {}
+        if rev == "workspace":
+            metrics = _metrics_of(data)
+            if metrics is not None:
+                t, s = _file_epochs(repo / EPOCHS_FILE) if repo else (None, None)
+                extra.append(Run("workspace", "workspace", metrics, _params_of(data), t, s, None))
+            continue
+        metrics = _metrics_of(data)
+        if metrics is not None:
+            t, s = _git_epochs(repo, rev) if repo else (None, None)
+            extra.append(Run(entry.get("name") or str(rev)[:7], "commit", metrics, _params_of(data), t, s, rev))
+        for exp in entry.get("experiments") or []:
+            revs = exp.get("revs") or []
+            if not revs:
+                continue
+            tip = revs[0]
+            name = exp.get("name") or tip.get("name") or str(tip.get("rev"))[:7]
+            state = (exp.get("executor") or {}).get("state")
+            metrics = _metrics_of(tip.get("data") or {})
+            if state in ("queued", "running", "failed") or tip.get("error") or metrics is None:
+                why = state or ("error: " + str((tip.get("error") or {}).get("msg", ""))[:80] if tip.get("error")
+                                else "no results/metrics.json")
+                notes.append(f"experiment {name} left out ({why})")
+                continue
+            t, s = _git_epochs(repo, tip["rev"]) if repo else (None, None)
+            runs.append(Run(name, "experiment", metrics, _params_of(tip.get("data") or {}), t, s, tip.get("rev")))
+    # The workspace after `dvc exp run` (and a commit made from it) holds the
+    # last experiment's results: count each distinct result once.
+    seen = {json.dumps(r.metrics, sort_keys=True) for r in runs}
+    for r in extra:
+        key = json.dumps(r.metrics, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        runs.append(r)
+    return runs, notes
+
+
+def load_dvc(repo: str | os.PathLike = ".", names: list[str] | None = None,
+             all_commits: bool = False) -> tuple[list[Run], list[str]]:
+    repo = Path(repo)
+    cmd = [_dvc_executable(), "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
+    try:
+        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+    except OSError as exc:
+        raise SourceError(f"cannot run dvc: {exc}") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise SourceError(f"`dvc exp show --json` failed in {repo}: {last}")
+    try:
+        shown = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise SourceError("`dvc exp show --json` did not print JSON") from None
+    runs, notes = parse_exp_show(shown, repo)
+    if names:
+        missing = [n for n in names if n not in {r.name for r in runs}]
+        if missing:
+            known = ", ".join(sorted(r.name for r in runs)) or "none"
+            raise SourceError(f"no finished experiment named {', '.join(missing)} (available: {known})")
+        runs = [r for r in runs if r.name in names]
+        notes = [n for n in notes if any(f"experiment {x} " in n for x in names)]
+    return runs, notes
+
+
+# -- MLflow ------------------------------------------------------------------
+
+def _param_value(text: str) -> Any:
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def default_mlflow_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the local store of the main checkout (which must exist)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    from .paths import main_checkout
+
+    db = main_checkout() / "mlflow" / "mlflow.db"
+    if not db.exists():
+        raise SourceError(f"no local MLflow store at {db}; set MLFLOW_TRACKING_URI for a server")
+    return f"sqlite:///{db}"
+
+
+def load_mlflow(experiment: str | None = None, tracking_uri: str | None = None,
+                names: list[str] | None = None) -> tuple[list[Run], list[str]]:
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import EXPERIMENT, redact
+
+    experiment = experiment or EXPERIMENT
+    uri = tracking_uri or default_mlflow_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SourceError(f"no MLflow experiment named {experiment!r} in {redact(uri)}")
+    found, token, notes = [], None, []
+    while True:
+        page = client.search_runs([exp.experiment_id], max_results=500, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        found.extend(page)
+        token = page.token
+        if not token:
+            break
+    runs: list[Run] = []
+    for r in found:
+        tags = r.data.tags
+        if "mlflow.parentRunId" in tags or "rank" in tags:
+            continue  # per-rank child runs
+        name = r.info.run_name or r.info.run_id[:8]
+        if r.info.status != "FINISHED":
+            notes.append(f"MLflow run {name} left out (status {r.info.status})")
+            continue
+        params = {k: _param_value(v) for k, v in r.data.params.items()}
+        history = {k: sorted(client.get_metric_history(r.info.run_id, k), key=lambda m: m.step)
+                   for k in ("train_time_s", "samples_per_s")}
+        timed = {k: [m.value for m in (v[1:] if len(v) > 1 else v)] for k, v in history.items()}
+        metrics = {k: v for k, v in r.data.metrics.items() if k not in PER_EPOCH}
+        for key in ("strategy", "nodes", "procs_per_node"):
+            if f"train.{key}" in params:
+                metrics[key] = params[f"train.{key}"]
+        if "world_size" in metrics:
+            metrics["world_size"] = int(metrics["world_size"])
+        if "epoch_time_s_median" not in metrics and timed["train_time_s"]:
+            metrics["epoch_time_s_median"] = _median(timed["train_time_s"])
+        if timed["samples_per_s"]:
+            metrics["samples_per_s"] = _median(timed["samples_per_s"])
+        if metrics.get("epoch_time_s_median") is None:
+            notes.append(f"MLflow run {name} left out (no epoch times)")
+            continue
+        runs.append(Run(name, "mlflow", metrics, params, timed["train_time_s"] or None,
+                        timed["samples_per_s"] or None, r.info.run_id))
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.name] = counts.get(r.name, 0) + 1
+    for r in runs:  # the same name twice (re-run experiment): tell them apart
+        if counts[r.name] > 1:
+            r.name = f"{r.name} ({r.rev[:8]})"
+    if names:
+        runs = [r for r in runs if r.name in names or r.name.split(" (")[0] in names]
+        if not runs:
+            raise SourceError(f"no finished MLflow run named {', '.join(names)} in {experiment!r}")
+    return runs, notes
+
+
+# -- files -------------------------------------------------------------------
+
+def _metrics_files(paths: list[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            direct = [c for c in (p / "metrics.json", p / METRICS_FILE) if c.is_file()]
+            files.extend(direct[:1] or sorted(p.rglob("metrics.json")))
+        else:
+            raise SourceError(f"{p}: no such file or directory")
+    return list(dict.fromkeys(f.resolve() for f in files))
+
+
+def _run_dir(f: Path) -> Path:
+    return f.parent.parent if f.parent.name == "results" else f.parent
+
+
+def load_files(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
+    """metrics.json files (or folders searched for them), with epochs.csv and params.yaml nearby if present."""
+    import yaml
+
+    files = _metrics_files(paths)
+    if not files:
+        raise SourceError("no metrics.json in " + ", ".join(map(str, paths)))
+    dirs = [_run_dir(f) for f in files]
+    common = Path(os.path.commonpath([str(d) for d in dirs])) if len(dirs) > 1 else dirs[0].parent
+    runs, notes = [], []
+    for f, d in zip(files, dirs):
+        name = str(d.relative_to(common)) if d != common else d.name
+        try:
+            metrics = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            notes.append(f"{f} left out (unreadable: {exc})")
+            continue
+        if not isinstance(metrics, dict):
+            notes.append(f"{f} left out (not a JSON object)")
+            continue
+        params = {}
+        for candidate in (f.parent / "params.yaml", d / "params.yaml"):
+            if candidate.is_file():
+                params = flatten(yaml.safe_load(candidate.read_text()) or {})
+                break
+        t, s = _file_epochs(f.parent / "epochs.csv")
+        runs.append(Run(name, "file", metrics, params, t, s, None))
+    return runs, notes

@@ -1,0 +1,344 @@
+"""The cross-experiment scalability report.
+
+Hand-built metric sets with known answers (speedup, efficiency, spread,
+energy, notes), the rendered files (PNG, HTML, CSV, JSON), and one end-to-end
+run over experiments made by the real pipeline (`dvc exp run`, marked slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BIN, make_repo, sh, tool_env
+from virgo_exps import scalability_cli
+from virgo_exps.scalability import summarize, write_report
+from virgo_exps.scalability_sources import load_files, parse_exp_show
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(root: Path, name: str, strategy: str, procs: int, epoch_times: list[float], nodes: int = 1,
+              samples: int = 1000, computation: float | None = 0.7, energy_wh: float | None = None,
+              util: float | None = None, seed: int = 0, extra_params: dict | None = None) -> Path:
+    """A run folder like the train stage writes it: metrics.json (+ epochs.csv, params.yaml).
+
+    ``epoch_times`` includes the first (warm-up) epoch, which the metrics leave out.
+    """
+    d = root / name
+    d.mkdir(parents=True)
+    timed = epoch_times[1:]
+    metrics = {
+        "strategy": strategy, "nodes": nodes, "procs_per_node": procs, "world_size": nodes * procs,
+        "epochs": len(epoch_times), "parameters": 1000, "train_loss": 0.5, "val_loss": 0.6,
+        "epoch_time_s_median": float(np.median(timed)), "epoch_time_s_mean": float(np.mean(timed)),
+        "samples_per_s": float(np.median([samples / t for t in timed])), "timed_epochs": len(timed),
+        "computation_fraction": computation, "gpu_energy_wh": energy_wh, "gpu_utilization_pct": util,
+    }
+    if energy_wh is not None:
+        metrics["gpu_energy_wh_per_sample"] = energy_wh / (samples * len(epoch_times))
+    (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(d / "epochs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", "step", "train_loss", "val_loss", "train_time_s", "val_time_s", "samples_per_s", "lr"])
+        for i, t in enumerate(epoch_times, 1):
+            w.writerow([i, i * 10, 0.5, 0.6, t, 0.1, samples / t, 0.001])
+    params = {"train": {"strategy": strategy, "nodes": nodes, "procs_per_node": procs, "seed": seed,
+                        "model": "decoder", **(extra_params or {})}}
+    (d / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    return d
+
+
+def group(report, series: str, world: int) -> dict:
+    g = report.groups
+    rows = g[(g["series"] == series) & (g["world_size"] == world)]
+    assert len(rows) == 1, g[["series", "world_size"]]
+    return rows.iloc[0].to_dict()
+
+
+@pytest.fixture
+def ddp_sweep(tmp_path) -> Path:
+    """ddp at 1, 2 and 4 processes (three repeats at 1), horovod at 2 and 4, on 'GPUs'."""
+    root = tmp_path / "runs"
+    write_run(root, "ddp1-a", "ddp", 1, [12.0, 7.0, 7.2, 6.8], energy_wh=2.0, util=90.0, seed=0)
+    write_run(root, "ddp1-b", "ddp", 1, [12.0, 8.0, 8.0, 8.0], energy_wh=3.0, util=92.0, seed=1)
+    write_run(root, "ddp1-c", "ddp", 1, [12.0, 10.0, 10.0, 10.0], energy_wh=4.0, util=94.0, seed=2)
+    write_run(root, "ddp2", "ddp", 2, [6.0, 4.1, 4.0, 3.9], energy_wh=2.2, util=80.0)
+    write_run(root, "ddp4", "ddp", 4, [5.0, 2.5, 2.5, 2.5], energy_wh=2.6, util=70.0, computation=0.5)
+    write_run(root, "hvd2", "horovod", 2, [9.0, 5.0, 5.0, 5.0], energy_wh=2.0, util=85.0)
+    write_run(root, "hvd4", "horovod", 4, [9.0, 2.5, 2.5, 2.5], energy_wh=2.1, util=75.0)
+    return root
+
+
+# -- numbers -------------------------------------------------------------------
+
+def test_speedup_efficiency_and_spread_with_known_answers(ddp_sweep):
+    runs, notes = load_files([ddp_sweep])
+    assert len(runs) == 7 and notes == []
+    report = summarize(runs)
+    base = group(report, "ddp", 1)
+    # Three repeats (medians 7, 8, 10): median 8, spread over runs.
+    assert base["n_runs"] == 3 and base["spread_over"] == "3 runs"
+    assert (base["epoch_time_s"], base["epoch_time_s_min"], base["epoch_time_s_max"]) == (8.0, 7.0, 10.0)
+    assert base["epoch_time_s_q25"] == pytest.approx(7.5) and base["epoch_time_s_q75"] == pytest.approx(9.0)
+    assert base["speedup"] == 1.0 and base["efficiency"] == 1.0
+    two = group(report, "ddp", 2)
+    # One run: spread over its timed epochs (warm-up epoch of 6 s excluded).
+    assert two["spread_over"] == "3 epochs (1 run)"
+    assert (two["epoch_time_s"], two["epoch_time_s_min"], two["epoch_time_s_max"]) == (4.0, 3.9, 4.1)
+    assert two["speedup"] == pytest.approx(2.0) and two["efficiency"] == pytest.approx(1.0)
+    assert two["speedup_lo"] == pytest.approx(7.0 / 4.1) and two["speedup_hi"] == pytest.approx(10.0 / 3.9)
+    four = group(report, "ddp", 4)
+    assert four["speedup"] == pytest.approx(3.2) and four["efficiency"] == pytest.approx(0.8)
+    assert four["ideal_speedup"] == 4.0 and four["computation_fraction"] == 0.5
+    # Throughput: median over timed epochs of samples / time.
+    assert four["samples_per_s"] == pytest.approx(1000 / 2.5)
+    assert base["samples_per_s"] == pytest.approx(1000 / 8.0)
+    # Each strategy against its OWN smallest world size, named in the table.
+    hvd2, hvd4 = group(report, "horovod", 2), group(report, "horovod", 4)
+    assert hvd2["baseline"] == "horovod @ 2 (1x2)" and hvd2["speedup"] == 1.0
+    assert hvd4["speedup"] == pytest.approx(2.0) and hvd4["efficiency"] == pytest.approx(1.0)
+    assert four["baseline"] == "ddp @ 1 (1x1)"
+    assert all(v is None for v in report.groups["speedup_vs_single"])  # no 'single' run in this set
+
+
+def test_gpu_energy_sums_and_per_sample(ddp_sweep):
+    report = summarize(load_files([ddp_sweep])[0])
+    base = group(report, "ddp", 1)
+    assert base["gpu_energy_wh"] == 3.0  # median of 2, 3, 4 Wh per run
+    assert base["gpu_energy_wh_total"] == pytest.approx(9.0)  # all runs of the configuration
+    assert (base["gpu_energy_wh_min"], base["gpu_energy_wh_max"]) == (2.0, 4.0)
+    assert base["gpu_energy_wh_per_sample"] == pytest.approx(3.0 / 4000)
+    assert base["gpu_utilization_pct"] == 92.0
+    assert not any("GPU" in n for n in report.notes)
+
+
+def test_cpu_runs_note_missing_gpu_and_single_world_size(tmp_path):
+    write_run(tmp_path, "a", "single", 1, [3.0, 1.0, 1.2])
+    write_run(tmp_path, "b", "single", 1, [3.0, 1.1, 1.1], seed=1)
+    report = summarize(load_files([tmp_path])[0])
+    text = " ".join(report.notes)
+    assert "GPU utilisation and energy: not measured in any experiment" in text
+    assert "'single' ran at one world size only (1)" in text
+    only = group(report, "single", 1)
+    assert only["n_runs"] == 2 and only["epoch_time_s"] == pytest.approx(1.1)
+    assert only["speedup_vs_single"] == 1.0
+    out = write_report(report, tmp_path / "report")
+    names = {p.name for p in out.iterdir()}
+    assert {"epoch_time.png", "throughput.png", "computation.png", "index.html"} <= names
+    assert not names & {"speedup.png", "efficiency.png", "gpu_energy.png", "gpu_utilization.png"}
+    page = (out / "index.html").read_text()
+    assert "every strategy ran at a single world size, so there is no speedup to show" in page
+    assert "no experiment measured GPU energy" in page
+    skipped = json.loads((out / "scalability.json").read_text())["skipped_plots"]
+    assert set(skipped) == {"Speedup", "Parallel efficiency", "GPU energy", "GPU utilisation"}
+
+
+def test_partial_gpu_data_and_missing_profiler(tmp_path):
+    write_run(tmp_path, "gpu", "ddp", 1, [3.0, 2.0, 2.0], energy_wh=1.0, util=50.0, computation=None)
+    write_run(tmp_path, "cpu", "ddp", 2, [3.0, 1.0, 1.0], computation=None)
+    report = summarize(load_files([tmp_path])[0])
+    assert "GPU utilisation and energy: not measured for ddp @ 2" in report.notes
+    assert any(n.startswith("computation fraction: not measured") for n in report.notes)
+    out = write_report(report, tmp_path / "report")
+    assert (out / "gpu_energy.png").is_file() and not (out / "computation.png").exists()
+
+
+def test_one_timed_epoch_has_no_spread_and_says_so(tmp_path):
+    write_run(tmp_path, "x", "ddp", 1, [3.0, 2.0])
+    write_run(tmp_path, "y", "ddp", 2, [3.0, 1.0])
+    report = summarize(load_files([tmp_path])[0])
+    row = group(report, "ddp", 2)
+    assert row["spread_over"] == "none" and row["epoch_time_s_min"] == row["epoch_time_s_max"] == 1.0
+    assert row["speedup"] == row["speedup_lo"] == row["speedup_hi"] == 2.0
+    assert any(n.startswith("no spread for ddp @ 1, ddp @ 2") for n in report.notes)
+
+
+def test_mixed_workload_params_are_flagged_and_by_separates_them(tmp_path):
+    write_run(tmp_path, "d1", "ddp", 1, [3.0, 2.0, 2.0])
+    write_run(tmp_path, "d2", "ddp", 2, [3.0, 1.0, 1.0])
+    write_run(tmp_path, "u1", "ddp", 1, [9.0, 8.0, 8.0], extra_params={"model": "unet"})
+    write_run(tmp_path, "u2", "ddp", 2, [9.0, 5.0, 5.0], extra_params={"model": "unet"})
+    runs = load_files([tmp_path])[0]
+    mixed = summarize(runs)
+    assert any("train.model (decoder, unet)" in n for n in mixed.notes)
+    assert group(mixed, "ddp", 1)["n_runs"] == 2
+    split = summarize(runs, by=["train.model"])
+    assert not any("train.model" in n for n in split.notes)
+    assert group(split, "ddp, model=unet", 2)["speedup"] == pytest.approx(1.6)
+    assert group(split, "ddp, model=decoder", 2)["speedup"] == pytest.approx(2.0)
+
+
+def test_two_layouts_of_one_world_size_are_separate_groups(tmp_path):
+    write_run(tmp_path, "a", "ddp", 2, [3.0, 4.0, 4.0])
+    write_run(tmp_path, "b", "ddp", 4, [3.0, 1.2, 1.2])
+    write_run(tmp_path, "c", "ddp", 2, [3.0, 1.5, 1.5], nodes=2)
+    report = summarize(load_files([tmp_path])[0])
+    fours = report.groups[report.groups["world_size"] == 4]
+    assert sorted(zip(fours["nodes"], fours["procs_per_node"])) == [(1, 4), (2, 2)]
+    assert set(fours["baseline"]) == {"ddp @ 2 (1x2)"}
+    write_report(report, tmp_path / "report")  # the plots cope with two points at one world size
+
+
+# -- dvc exp show parsing ---------------------------------------------------------
+
+def _rev(name, metrics, params=None, state=None):
+    data = {"metrics": {"results/metrics.json": {"data": metrics}},
+            "params": {"params.yaml": {"data": params or {"train": {"seed": 0}}}}}
+    return {"revs": [{"rev": "0" * 40, "name": name, "data": data, "error": None, "experiments": None}],
+            "executor": {"state": state} if state else None, "name": name}
+
+
+def test_exp_show_counts_the_applied_workspace_once_and_notes_unfinished():
+    m1 = {"strategy": "single", "nodes": 1, "procs_per_node": 1, "world_size": 1, "epoch_time_s_median": 2.0}
+    m2 = {**m1, "strategy": "ddp", "procs_per_node": 2, "world_size": 2, "epoch_time_s_median": 1.0}
+    missing = {"results/metrics.json": {"error": {"type": "FileNotFoundError", "msg": "no file"}}}
+    shown = [
+        {"rev": "workspace", "name": None, "data": {"metrics": {"results/metrics.json": {"data": m2}},
+                                                    "params": {}}, "error": None, "experiments": None},
+        {"rev": "a" * 40, "name": "main", "data": {"metrics": missing, "params": {}}, "error": None,
+         "experiments": [_rev("exp-one", m1), _rev("exp-two", m2, {"train": {"strategy": "ddp"}}),
+                         _rev("exp-queued", {}, state="queued")]},
+    ]
+    runs, notes = parse_exp_show(shown)
+    assert [r.name for r in runs] == ["exp-one", "exp-two"]
+    assert runs[1].params == {"train.strategy": "ddp"}
+    assert notes == ["experiment exp-queued left out (queued)"]
+    # A workspace with results of its own (edited and run with `dvc repro`) does count.
+    shown[0]["data"]["metrics"]["results/metrics.json"]["data"] = {**m2, "epoch_time_s_median": 0.9}
+    runs, _ = parse_exp_show(shown)
+    assert [r.name for r in runs] == ["exp-one", "exp-two", "workspace"]
+
+
+# -- files -----------------------------------------------------------------------
+
+def _png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L"), dtype=float)
+        assert arr.std() > 5, f"{path.name} looks blank"
+        return im.size
+
+
+def test_pngs_html_csv_json_render(ddp_sweep, tmp_path):
+    report = summarize(load_files([ddp_sweep])[0], sources=["hand-built"])
+    out = tmp_path / "scal"
+    (out).mkdir()
+    (out / "stale.png").write_bytes(b"old")  # replaced as a whole, atomically
+    write_report(report, out, title="Test scalability")
+    assert not (out / "stale.png").exists()
+    assert not list(tmp_path.glob(".scal.*")), "temporary folders left behind"
+    expected = ["epoch_time.png", "speedup.png", "efficiency.png", "throughput.png", "computation.png",
+                "gpu_energy.png", "gpu_utilization.png"]
+    for name in expected:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000, name
+        w, h = _png_size(out / name)
+        assert 500 <= w <= 2500 and 300 <= h <= 1500, (name, w, h)
+    page = (out / "index.html").read_text()
+    for name in expected:
+        assert f'<img src="{name}"' in page
+    for label in ("Test scalability", "Speedup", "Parallel efficiency", "Computation vs other", "GPU energy",
+                  "<b>horovod</b> &rarr; 2 (1x2)", "ddp1-b", "train.seed", "Parameters shared by all experiments"):
+        assert label in page, label
+    rows = list(csv.DictReader(open(out / "scalability.csv")))
+    assert len(rows) == 5 and {"speedup", "efficiency", "baseline", "epoch_time_s_min"} <= set(rows[0])
+    doc = json.loads((out / "scalability.json").read_text())
+    assert len(doc["groups"]) == 5 and len(doc["experiments"]) == 7
+    assert "epoch_time_s" in doc["definitions"] and doc["skipped_plots"] == {}
+    console = (out / "console.txt").read_text()
+    assert "Speedup baselines (smallest world size of each strategy): ddp -> 1 (1x1); horovod -> 2 (1x2)" in console
+
+
+def test_plot_axes_are_log_log_with_an_ideal_line(ddp_sweep, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from virgo_exps import scalability_plots
+
+    seen = {}
+
+    def keep(fig, path):
+        ax = fig.axes[0]
+        seen[Path(path).name] = (ax.get_xscale(), ax.get_yscale(), " ".join(a.get_xlabel() for a in fig.axes),
+                                 " ".join(a.get_ylabel() for a in fig.axes),
+                                 [t.get_text() for t in (ax.get_legend().get_texts() if ax.get_legend() else [])])
+        plt.close(fig)
+
+    monkeypatch.setattr(scalability_plots, "_save", keep)
+    scalability_plots.make_plots(summarize(load_files([ddp_sweep])[0]), tmp_path)
+    assert seen["epoch_time.png"][:2] == ("log", "log")
+    # ddp starts at 1 process, horovod at 2: one ideal line from each baseline.
+    assert seen["speedup.png"][:2] == ("log", "log")
+    assert {"ideal ddp (from world 1)", "ideal horovod (from world 2)"} <= set(seen["speedup.png"][4])
+    assert seen["efficiency.png"][1] == "linear" and "ideal (100%)" in seen["efficiency.png"][4]
+    assert {"ddp", "horovod"} <= set(seen["epoch_time.png"][4])
+    assert all(v[2] and v[3] for v in seen.values()), seen
+
+
+def test_cli_with_metrics_files(ddp_sweep, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    scalability_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["scalability", "--metrics-files", str(ddp_sweep), "--out", str(tmp_path / "o")])
+    assert scalability_cli.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "efficiency" in printed and (tmp_path / "o" / "index.html").is_file()
+    bad = parser.parse_args(["scalability", "--metrics-files", str(tmp_path / "nowhere")])
+    assert scalability_cli.run(bad) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+# -- end to end: real `dvc exp run` experiments ---------------------------------------
+
+@pytest.mark.slow
+def test_report_over_real_dvc_experiments(tmp_path):
+    repo = make_repo(tmp_path / "repo", {"train": {"epochs": 3}})
+    dvc = str(BIN / "dvc")
+    # single twice (seeds 0 and 1), ddp at 1 and 2 processes. `-S` edits params.yaml
+    # for good, so every run names all three keys.
+    sweep = [("single", 1, 0), ("ddp", 1, 0), ("ddp", 2, 0), ("single", 1, 1)]
+    for strategy, procs, seed in sweep:
+        sh([dvc, "exp", "run", "-S", f"train.strategy={strategy}", "-S", f"train.procs_per_node={procs}",
+            "-S", f"train.seed={seed}"], repo)
+    cli = [str(BIN / "python"), "-m", "virgo_exps.scalability_cli"]
+    proc = sh(cli, repo)
+    assert "Speedup baselines" in proc.stdout
+    out = repo / "results" / "scalability"
+    doc = json.loads((out / "scalability.json").read_text())
+    groups = {(g["series"], g["world_size"]): g for g in doc["groups"]}
+    assert set(groups) == {("single", 1), ("ddp", 1), ("ddp", 2)}
+    assert len(doc["experiments"]) == 4  # the workspace (= last experiment) is not counted twice
+    assert groups[("single", 1)]["n_runs"] == 2 and groups[("single", 1)]["spread_over"] == "2 runs"
+    ddp1, ddp2 = groups[("ddp", 1)], groups[("ddp", 2)]
+    assert ddp2["baseline"] == "ddp @ 1 (1x1)"
+    assert ddp2["speedup"] == pytest.approx(ddp1["epoch_time_s"] / ddp2["epoch_time_s"])
+    assert ddp2["efficiency"] == pytest.approx(ddp2["speedup"] / 2)
+    assert ddp2["spread_over"] == "2 epochs (1 run)"  # 3 epochs, the first one is warm-up
+    assert all(g["speedup_vs_single"] > 0 for g in doc["groups"])
+    for name in ("epoch_time.png", "speedup.png", "efficiency.png", "throughput.png", "computation.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert any("GPU utilisation and energy: not measured" in n for n in doc["notes"])
+
+    # Named experiments only.
+    names = sorted(e["name"] for e in doc["experiments"] if e["series"] == "ddp")
+    sh(cli + ["--exp", *names, "--out", "ddp-only"], repo)
+    only = json.loads((repo / "ddp-only" / "scalability.json").read_text())
+    assert {g["series"] for g in only["groups"]} == {"ddp"} and len(only["experiments"]) == 2
+
+    # The same runs from MLflow (local store of this checkout) give the same groups and times.
+    sh(cli + ["--mlflow", "--out", "from-mlflow"], repo, env=tool_env())
+    via = json.loads((repo / "from-mlflow" / "scalability.json").read_text())
+    assert {(g["series"], g["world_size"]): g["n_runs"] for g in via["groups"]} == {
+        k: g["n_runs"] for k, g in groups.items()}
+    for g in via["groups"]:
+        mine = groups[(g["series"], g["world_size"])]
+        assert g["epoch_time_s"] == pytest.approx(mine["epoch_time_s"], rel=1e-9)
+        assert g["samples_per_s"] == pytest.approx(mine["samples_per_s"], rel=1e-9)
+    assert sorted(e["name"] for e in via["experiments"]) == sorted(e["name"] for e in doc["experiments"])
