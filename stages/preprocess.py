@@ -19,7 +19,7 @@ def run() -> int:
     cfg = load_params(args.params).preprocess
     from virgo_exps.data.preprocess import preprocess
 
-    summary = preprocess(args.source, cfg, args.out)
+    summary = preprocess(args.source, cfg, args.out, workers=cfg.workers or None, device=cfg.device)
     print(f"preprocess: {summary}", flush=True)
     return 0
 

@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 # Small enough that a whole pipeline run takes well under a minute on 2 cores.
 TINY = {
     "generate": {"n_samples": 40, "duration": 4.0, "sample_rate": 256, "chunk_size": 16, "workers": 2},
-    "preprocess": {"fmax": 100.0, "patch_size": 16, "val_fraction": 0.2, "batch_size": 16},
+    "preprocess": {"fmax": 80.0, "patch_size": 16, "val_fraction": 0.2, "batch_size": 16},
     "train": {"epochs": 2, "global_batch_size": 8, "warmup_steps": 2, "profile_steps": 2},
 }
 

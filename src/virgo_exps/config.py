@@ -69,6 +69,8 @@ class PreprocessConfig:
     val_fraction: float = _spec(0.2, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1", "share of samples held out for validation")
     split_seed: int = _spec(0, _non_negative, "an integer >= 0", "seed of the train/validation split")
     batch_size: int = _spec(32, _positive, "an integer > 0", "samples transformed at once")
+    workers: int = _spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes")
+    device: str = _spec("cpu", *_choice("cpu", "cuda"), doc="where the Q-transforms run")
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,14 @@ def _cross_checks(p: Params) -> None:
         raise ConfigError(
             f"preprocess.fmax: {p.preprocess.fmax} Hz must be below the Nyquist frequency "
             f"({nyquist} Hz for generate.sample_rate={p.generate.sample_rate})"
+        )
+    from .data.qtransform import max_frequency
+
+    ceiling = max_frequency(p.generate.sample_rate)
+    if p.preprocess.fmax > ceiling:
+        raise ConfigError(
+            f"preprocess.fmax: {p.preprocess.fmax} Hz is above the highest frequency the Q-transform resolves "
+            f"at generate.sample_rate={p.generate.sample_rate} ({ceiling:.1f} Hz); lower fmax or raise the rate"
         )
     n_val = int(round(p.generate.n_samples * p.preprocess.val_fraction))
     n_train = p.generate.n_samples - n_val

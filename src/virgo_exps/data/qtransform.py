@@ -89,6 +89,12 @@ def _q_values(qrange: tuple[float, float], mismatch: float) -> list[float]:
     return [qlo * math.exp(_SQRT2 * step * (i + 0.5)) for i in range(nplanes)]
 
 
+def max_frequency(sample_rate: float, qrange: tuple[float, float] = (4.0, 64.0), mismatch: float = 0.2) -> float:
+    """The highest frequency the Q tiling can analyse at this sampling rate (gwpy's cap)."""
+    qs = _q_values(qrange, mismatch)
+    return sample_rate / 2.0 / (1.0 + _SQRT11 / min(qs))
+
+
 def _frequency_range(
     frange: tuple[float, float],
     qs: Sequence[float],
