@@ -61,7 +61,11 @@ def run_pipeline(dvc_args: list[str]) -> int:
     dvc = str(Path(sys.executable).parent / "dvc")
     cmd = [dvc, "exp", "run", *dvc_args]
     print("$ " + " ".join(["dvc", "exp", "run", *dvc_args]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    # Stage commands say `python`: make it the venv's, as after `source .venv/bin/activate`.
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     ran: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
