@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
@@ -27,6 +28,7 @@ def _plot(df: pd.DataFrame, columns: list[str], ylabel: str, title: str, path: P
     for col in columns:
         ax.plot(df["epoch"], df[col], marker="o", label=col)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if log:
