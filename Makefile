@@ -39,6 +39,11 @@ run: $(STAMP) ## run the whole pipeline with `dvc exp run` on the active machine
 report: $(STAMP) ## scalability report over all experiments into results/scalability (ARGS: --exp/--mlflow/--metrics-files ...)
 	$(VENV)/bin/virgo-exps scalability $(ARGS)
 
+.PHONY: share
+share: $(STAMP) ## create or join the team's shared experiment store: make share SHARED=/path GROUP=unixgroup
+	@test -n "$(SHARED)" -a -n "$(GROUP)" || { echo "usage: make share SHARED=/path/to/shared GROUP=group"; exit 2; }
+	$(VENV)/bin/virgo-exps share --dir "$(SHARED)" --group "$(GROUP)" $(ARGS)
+
 .PHONY: tmux
 tmux: $(STAMP) ## start `make run` in a tmux session named $(TMUX_SESSION) (survives logout)
 	@bash scripts/tmux_run.sh $(TMUX_SESSION) $(ARGS)

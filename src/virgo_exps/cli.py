@@ -67,8 +67,10 @@ def run_pipeline(dvc_args: list[str]) -> int:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     ran: list[str] = []
+    lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
+        lines.append(line)
         sys.stdout.write(line)
         sys.stdout.flush()
         m = re.match(r"Running stage '([^']+)'", line.strip())
@@ -76,7 +78,13 @@ def run_pipeline(dvc_args: list[str]) -> int:
             ran.append(m.group(1))
     rc = proc.wait()
     if rc != 0:
-        print(f"\npipeline failed (dvc exit code {rc}); stage logs are in logs/<stage>/", file=sys.stderr)
+        from .failures import record
+
+        text = "".join(lines)
+        m = re.search(r"Reproducing experiment '([^']+)'", text)
+        kept = record(text, m.group(1) if m else "workspace")
+        print(f"\npipeline failed (dvc exit code {rc}); output kept in {kept}; stage logs in logs/<stage>/",
+              file=sys.stderr)
         return rc
     root = main_checkout()
     work = [s for s in ran if s != "environment"]
@@ -144,10 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     preset.add_argument("--params", default="params.yaml")
     run = sub.add_parser("run", help="run the pipeline with `dvc exp run` (extra arguments go to dvc)")
     run.add_argument("dvc_args", nargs=argparse.REMAINDER)
-    from . import scalability_cli
+    from . import scalability_cli, share_cli
 
     scalability_cli.add_parser(sub)
+    share_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command in share_cli.COMMANDS:
+        sys.exit(share_cli.run(args))
     if args.command == "scalability":
         sys.exit(scalability_cli.run(args))
     if args.command == "run":

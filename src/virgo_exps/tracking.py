@@ -71,10 +71,12 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         self._mlflow = mlflow
+        # Decide before set_tracking_uri(), which exports MLFLOW_TRACKING_URI itself.
+        local_store = not os.environ.get("MLFLOW_TRACKING_URI")
         uri = tracking_uri()
         mlflow.set_tracking_uri(uri)
         artifact_location = None
-        if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        if local_store:
             artifact_location = (main_checkout() / "mlflow" / "artifacts").as_uri()
         try:
             if mlflow.get_experiment_by_name(EXPERIMENT) is None:

@@ -1,0 +1,373 @@
+"""Team exchange through a shared folder, with real Unix users in one group.
+
+Two users (``useradd``), each with a clone they own, share experiments through
+``virgo-exps share``: a bare git repository for experiment refs, a DVC remote
+and a shared DVC cache. Needs root (to create the users); they are removed,
+homes included, at the end. The permission helpers have quick tests of their
+own that need no root.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, make_repo, sh, tool_env
+from virgo_exps import share
+
+PARAMS = {"preprocess": {"fmax": 64.0}}
+N_EXPS = 10
+
+
+# -- quick tests of the permission logic (no root, no users) ------------------
+
+def _own_group() -> str:
+    return grp.getgrgid(os.getgid()).gr_name
+
+
+def test_check_path_names_each_wrong_permission_and_its_fix(tmp_path):
+    group = _own_group()
+    gid = os.getgid()
+    good = tmp_path / "good"
+    good.mkdir()
+    os.chmod(good, 0o2770)
+    assert share.check_path(good, gid, group) == []
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    os.chmod(bad, 0o757)  # no setgid, group r-x only, world-writable
+    problems = share.check_path(bad, gid, group)
+    text = "\n".join(str(p) for p in problems)
+    assert "is world-writable (mode 0757)" in text
+    assert "folder lacks group w" in text
+    assert "lacks the setgid bit" in text
+    assert {p.fix for p in problems} == {f"chmod o-w '{bad}'", f"chmod g+rwx '{bad}'", f"chmod g+s '{bad}'"}
+    f = tmp_path / "f"
+    f.write_text("x")
+    os.chmod(f, 0o600)
+    assert [p.what for p in share.check_path(f, gid, group)] == ["file is not group-readable (mode 0600)"]
+    explained = share.explain(problems, tmp_path, group)
+    assert f"chmod -R o-w '{tmp_path}'" in explained
+    assert f"find '{tmp_path}' -type d -exec chmod g+rwxs {{}} +" in explained
+    rest, done = share.fix_own(problems, group)
+    assert rest == [] and len(done) == len(problems)
+    assert share.check_path(bad, gid, group) == []
+
+
+def test_world_writable_finds_every_such_path(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_text("")
+    os.chmod(tmp_path / "a" / "b" / "f", 0o666)
+    os.chmod(tmp_path / "a", 0o777)
+    assert set(share.world_writable(tmp_path)) == {tmp_path / "a", tmp_path / "a" / "b" / "f"}
+
+
+def test_unknown_group_and_hard_links_are_refused(tmp_path):
+    with pytest.raises(share.ShareError, match="group 'no-such-group-vx' does not exist.*groupadd"):
+        share.group_id("no-such-group-vx")
+    layout = share.Layout(tmp_path / "s", _own_group())
+    with pytest.raises(share.ShareError, match="hard links are refused"):
+        share.configure_clone(tmp_path, layout, link_type="hardlink")
+
+
+def test_default_acl_makes_new_folders_group_writable_despite_umask(tmp_path):
+    if not share.set_default_acl(tmp_path):
+        pytest.skip("this file system has no POSIX ACLs")
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "x" / "y").mkdir(parents=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "x" / "y").st_mode) & 0o070 == 0o070
+    assert share.has_default_acl(tmp_path / "x" / "y")
+
+
+def test_migrate_cache_copies_objects_read_only_into_the_shared_cache(tmp_path):
+    old = tmp_path / "old"
+    (old / "files" / "md5" / "ab").mkdir(parents=True)
+    (old / "files" / "md5" / "ab" / "cdef").write_text("data")
+    (old / "tmp").mkdir()
+    (old / "tmp" / "junk").write_text("x")
+    new = tmp_path / "new"
+    new.mkdir()
+    assert share.migrate_cache(old, new, os.getgid()) == 1
+    obj = new / "files" / "md5" / "ab" / "cdef"
+    assert obj.read_text() == "data" and stat.S_IMODE(obj.stat().st_mode) == 0o444
+    assert not (new / "tmp").exists()
+    assert share.migrate_cache(old, new, os.getgid()) == 0
+
+
+# -- real users -----------------------------------------------------------------
+
+def _can_run_as(user: str, python: str) -> bool:
+    proc = subprocess.run(["runuser", "-u", user, "--", python, "-c", "import dvc, virgo_exps, torch"],
+                          capture_output=True, cwd="/")
+    return proc.returncode == 0
+
+
+def _user_python(base: Path, user: str) -> Path:
+    """A Python the test users can run that sees this environment's packages.
+
+    The venv's own interpreter may live where other users cannot go (a
+    pyenv build under root's home); then a venv-shaped folder around a system
+    Python of the same version adds the venv's site-packages (and its .pth
+    files, so the editable install works) and gets a `dvc` launcher.
+    """
+    mine = BIN / "python"
+    if _can_run_as(user, str(mine)):
+        return BIN
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    system = next((Path(d) / f"python{version}" for d in ("/usr/bin", "/usr/local/bin")
+                   if (Path(d) / f"python{version}").exists()), None)
+    if system is None:
+        pytest.skip(f"the venv's Python is not executable by other users and there is no system python{version}")
+    venv = base / "uvenv"
+    site = venv / "lib" / f"python{version}" / "site-packages"
+    (venv / "bin").mkdir(parents=True)
+    site.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text(f"home = {system.parent}\ninclude-system-site-packages = false\n")
+    os.symlink(system, venv / "bin" / "python")
+    os.symlink("python", venv / "bin" / "python3")
+    ours = next(p for p in map(Path, sys.path) if p.name == "site-packages" and str(p).startswith(sys.prefix))
+    (site / "virgo-venv.pth").write_text(f"import site; site.addsitedir({str(ours)!r})\n")
+    launcher = venv / "bin" / "dvc"
+    launcher.write_text('#!/bin/sh\nexec "$(dirname "$0")/python" -m dvc "$@"\n')
+    launcher.chmod(0o755)
+    if not _can_run_as(user, str(venv / "bin" / "python")):
+        pytest.skip(f"user {user} can read neither the venv nor its packages (check the permissions of {ours})")
+    return venv / "bin"
+
+
+class User:
+    def __init__(self, name: str, home: Path, repo: Path, bin_dir: Path):
+        self.name, self.home, self.repo, self.bin = name, home, repo, bin_dir
+
+    def env(self) -> dict:
+        return {
+            "HOME": str(self.home), "USER": self.name, "LOGNAME": self.name, "LANG": "C.UTF-8",
+            "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": self.name, "GIT_AUTHOR_EMAIL": f"{self.name}@example.invalid",
+            "GIT_COMMITTER_NAME": self.name, "GIT_COMMITTER_EMAIL": f"{self.name}@example.invalid",
+        }
+
+    def argv(self, cmd: list[str] | str) -> list[str]:
+        env = [f"{k}={v}" for k, v in self.env().items()]
+        tail = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
+        return ["runuser", "-u", self.name, "--", "env", "-i", *env, *tail]
+
+    def run(self, cmd, check=True, timeout=900) -> subprocess.CompletedProcess:
+        return sh(self.argv(cmd), self.repo, env=dict(os.environ), check=check, timeout=timeout)
+
+    def popen(self, cmd) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(cmd), cwd=self.repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    def vx(self, *args, check=True):
+        return self.run(["python", "-m", "virgo_exps.share_cli", *args], check=check)
+
+
+@pytest.fixture(scope="module")
+def team():
+    if os.geteuid() != 0:
+        pytest.skip("creating Unix users (useradd) needs root")
+    if not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.skip("useradd/runuser are not installed")
+    tag = f"{os.getpid() % 100000}"
+    group, names = f"vx_team{tag}", [f"vx_alice{tag}", f"vx_bob{tag}"]
+    base = Path(tempfile.mkdtemp(prefix="vx-share-"))
+    created_users: list[str] = []
+    created_group = False
+    try:
+        os.chmod(base, 0o755)
+        sh(["groupadd", group], base, env=dict(os.environ))
+        created_group = True
+        for name in names:
+            sh(["useradd", "--create-home", "--shell", "/bin/bash", "--groups", group, name], base,
+               env=dict(os.environ))
+            created_users.append(name)
+        origin = make_repo(base / "origin", PARAMS)
+        bin_dir = _user_python(base, names[0])
+        users = []
+        for name in names:
+            repo = base / name / "repo"
+            repo.parent.mkdir()
+            sh(["git", "clone", "-q", str(origin), str(repo)], base)
+            pw = pwd.getpwnam(name)
+            sh(["chown", "-R", f"{name}:", str(repo.parent)], base, env=dict(os.environ))
+            users.append(User(name, Path(pw.pw_dir), repo, bin_dir))
+        # The project folder an administrator made for the team.
+        project = base / "project"
+        project.mkdir()
+        os.chown(project, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(project, 0o2770)
+        yield {"group": group, "alice": users[0], "bob": users[1], "store": project / "store", "base": base}
+    finally:
+        for name in created_users:
+            subprocess.run(["userdel", "--remove", name], capture_output=True)
+        if created_group:
+            subprocess.run(["groupdel", group], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shared(team):
+    """Alice creates the store, runs the pipeline and pushes the experiment."""
+    alice, store, group = team["alice"], team["store"], team["group"]
+    first = alice.vx("share", "--dir", str(store), "--group", group)
+    alice.run(["dvc", "exp", "run", "-n", "alice-base"])
+    pushed = alice.run(["dvc", "exp", "push", "team", "alice-base"])
+    return {**team, "first_share": first, "pushed": pushed}
+
+
+def _modes(store: Path, group: str) -> list[str]:
+    gid = grp.getgrnam(group).gr_gid
+    bad = []
+    for dirpath, dirnames, filenames in os.walk(store):
+        for name in (".", *dirnames, *filenames):
+            path = Path(dirpath) / name if name != "." else Path(dirpath)
+            st = os.lstat(path)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            if mode & stat.S_IWOTH or st.st_gid != gid or not mode & stat.S_IRGRP:
+                bad.append(f"{path} {mode:04o} gid={st.st_gid}")
+            if stat.S_ISDIR(st.st_mode) and (mode & 0o2070) != 0o2070:
+                bad.append(f"{path} {mode:04o} (dir)")
+    return bad
+
+
+@pytest.mark.slow
+def test_share_creates_the_store_and_a_second_call_or_a_teammate_joins(shared):
+    store, group, alice, bob = shared["store"], shared["group"], shared["alice"], shared["bob"]
+    out = shared["first_share"].stdout
+    assert f"created shared folder {store} for group '{group}'" in out and "permissions: ok" in out
+    for sub in ("experiments.git", "dvc-remote", "dvc-cache", "virgo-share.json"):
+        assert (store / sub).exists(), sub
+    assert stat.S_IMODE(store.stat().st_mode) == 0o2770
+    assert "sharedrepository = 1" in (store / "experiments.git" / "config").read_text()
+    local = (alice.repo / ".dvc" / "config.local").read_text()
+    for line in (f"dir = {store / 'dvc-cache'}", "shared = group", 'type = "reflink,copy"', "remote = team",
+                 "git_remote = team", f"url = {store / 'dvc-remote'}"):
+        assert line in local, (line, local)
+    # Nothing committed changed: the configuration is the clone's own.
+    assert alice.run(["git", "status", "--porcelain", "--untracked-files=no", ".dvc"]).stdout == ""
+    again = alice.vx("share", "--dir", str(store), "--group", group)
+    assert f"joined shared folder {store}" in again.stdout and "this clone was already configured" in again.stdout
+    joined = bob.vx("share", "--dir", str(store), "--group", group)
+    assert f"joined shared folder {store}" in joined.stdout and "permissions: ok" in joined.stdout
+    assert f"git remote 'team' -> {store / 'experiments.git'}" in joined.stdout
+    assert bob.vx("share", "--dir", str(store), "--group", group, "--check").returncode == 0
+
+
+@pytest.mark.slow
+def test_share_says_which_path_and_permission_is_wrong_and_how_to_fix_it(shared):
+    store, group, bob = shared["store"], shared["group"], shared["bob"]
+    outsider = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "env", "-i", f"PATH={bob.bin}:/usr/bin:/bin", "HOME=/tmp",
+         "python", "-m", "virgo_exps.share_cli", "share", "--dir", str(store), "--group", group, "--check"],
+        cwd="/", capture_output=True, text=True)
+    assert outsider.returncode == 1
+    assert f"user 'nobody' is not in group '{group}': ask an administrator to run `usermod -aG {group} nobody`" \
+        in outsider.stderr
+    # Made by hand by someone else (root here), the wrong way.
+    wrong = store / "dvc-cache" / "by-hand"
+    wrong.mkdir()
+    os.chown(wrong, 0, 0)
+    os.chmod(wrong, 0o757)
+    try:
+        proc = bob.vx("share", "--dir", str(store), "--group", group, "--check", "--fix", check=False)
+        assert proc.returncode == 1
+        err = proc.stderr
+        assert f"{wrong}: is world-writable (mode 0757) (owner: root)" in err
+        assert f"{wrong}: belongs to group 'root', not '{group}'" in err
+        assert f"{wrong}: folder lacks the setgid bit" in err
+        assert "Fix (run by the owner of those paths: root, or an administrator):" in err
+        assert f"chgrp -R {group} '{store}'" in err and f"chmod -R o-w '{store}'" in err
+    finally:
+        wrong.rmdir()
+    assert share.world_writable(store) == []
+
+
+@pytest.mark.slow
+def test_teammate_pulls_applies_and_reproduces_nothing(shared):
+    alice, bob = shared["alice"], shared["bob"]
+    assert "Pushed experiment alice-base to Git remote 'team'" in shared["pushed"].stdout
+    assert "alice-base" in bob.run(["dvc", "exp", "list", "team"]).stdout
+    bob.run(["dvc", "exp", "pull", "team", "alice-base"])
+    bob.run(["dvc", "exp", "apply", "alice-base"])
+    for rel in ("results/model.pt", "results/metrics.json", "results/report/report.md", "checkpoints/snapshot.pt",
+                "data/images.zarr"):
+        assert (bob.repo / rel).exists(), rel
+    assert (bob.repo / "results/model.pt").read_bytes() == (alice.repo / "results/model.pt").read_bytes()
+    assert json.loads((bob.repo / "results/metrics.json").read_text()) == json.loads(
+        (alice.repo / "results/metrics.json").read_text())
+    # The durable copy: every output of the experiment is in the DVC remote, not only in the shared cache.
+    import yaml
+
+    lock = yaml.safe_load((bob.repo / "dvc.lock").read_text())
+    spec = yaml.safe_load((bob.repo / "dvc.yaml").read_text())
+    uncached = {path for st in spec["stages"].values() for kind in ("outs", "metrics", "plots")
+                for entry in st.get(kind, []) if isinstance(entry, dict)
+                for path, opts in entry.items() if (opts or {}).get("cache") is False}
+    hashes = [o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+              if o.get("md5") and o["path"] not in uncached]
+    assert hashes
+    for h in hashes:
+        assert (shared["store"] / "dvc-remote" / "files" / "md5" / h[:2] / h[2:]).is_file(), h
+    status = bob.run(["dvc", "status"]).stdout
+    assert status.split() == ["environment:", "always", "changed"], status
+    rerun = bob.run(["dvc", "exp", "run"])
+    ran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"environment"}, rerun.stdout
+    # Bob's files are copies: changing one cannot reach the shared cache Alice's clone uses.
+    assert os.stat(bob.repo / "results/model.pt").st_ino != os.stat(alice.repo / "results/model.pt").st_ino
+    assert os.stat(bob.repo / "results/model.pt").st_nlink == 1
+
+
+@pytest.mark.slow
+def test_both_push_ten_experiments_at_once_and_all_twenty_arrive(shared):
+    store, group, alice, bob = shared["store"], shared["group"], shared["alice"], shared["bob"]
+    if not (bob.repo / "results" / "model.pt").exists():  # run alone: Bob starts from Alice's experiment
+        bob.run(["dvc", "exp", "pull", "team", "alice-base"])
+        bob.run(["dvc", "exp", "apply", "alice-base"])
+    names = {u.name: [f"{u.name.split('_')[1].rstrip('0123456789')}-{i}" for i in range(N_EXPS)]
+             for u in (alice, bob)}
+
+    def both(script_for):
+        procs = {u.name: u.popen(script_for(u)) for u in (alice, bob)}
+        outs = {n: p.communicate(timeout=900)[0] for n, p in procs.items()}
+        for n, p in procs.items():
+            assert p.returncode == 0, f"{n}:\n{outs[n][-4000:]}"
+        return outs
+
+    # Cheap experiments: only the report stage runs (-s: this stage alone).
+    both(lambda u: "set -e; " + "; ".join(
+        f"dvc exp run -s report -S 'report.title={e}' -n {e}" for e in names[u.name]))
+    start = time.monotonic()
+    outs = both(lambda u: "set -e; " + "; ".join(f"dvc exp push team {e}" for e in names[u.name]))
+    pushed = sum(o.count("Pushed experiment") for o in outs.values())
+    assert pushed == 2 * N_EXPS, outs
+    # As Bob, who does not own the bare repository (share marked it safe for him).
+    remote = bob.run(["git", "ls-remote", str(store / "experiments.git"), "refs/exps/*"]).stdout
+    on_remote = {line.rsplit("/", 1)[-1] for line in remote.splitlines()}
+    expected = {e for n in names.values() for e in n}
+    assert expected <= on_remote, sorted(expected - on_remote)
+    listed = alice.run(["dvc", "exp", "list", "team", "--all-commits", "--name-only"]).stdout.split()
+    assert expected | {"alice-base"} <= set(listed)
+    # Every file in the store is the group's, group-readable; folders setgid and
+    # group-writable; nothing anywhere is world-writable.
+    assert _modes(store, group) == []
+    assert share.world_writable(store) == []
+    assert share.check_tree(store, group) == []
+    assert bob.vx("share", "--dir", str(store), "--group", group, "--check").returncode == 0
+    print(f"20 concurrent pushes took {time.monotonic() - start:.1f}s")
