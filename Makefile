@@ -39,6 +39,14 @@ run: $(STAMP) ## run the whole pipeline with `dvc exp run` on the active machine
 report: $(STAMP) ## scalability report over all experiments into results/scalability (ARGS: --exp/--mlflow/--metrics-files ...)
 	$(VENV)/bin/virgo-exps scalability $(ARGS)
 
+.PHONY: slurm-script
+slurm-script: $(STAMP) ## print the SLURM batch script of the train stage on the active machine (submits nothing)
+	$(PY) -m virgo_exps.slurm train
+
+.PHONY: bench-slurm
+bench-slurm: $(STAMP) ## submission overhead of a SLURM stage vs running it directly (JSON; root for a local cluster)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/slurm_overhead.py
+
 .PHONY: share
 share: $(STAMP) ## create or join the team's shared experiment store: make share SHARED=/path GROUP=unixgroup
 	@test -n "$(SHARED)" -a -n "$(GROUP)" || { echo "usage: make share SHARED=/path/to/shared GROUP=group"; exit 2; }

@@ -142,6 +142,11 @@ def apply_preset(preset_file: str, params_file: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        # Everything after `run` belongs to dvc, options included (argparse's
+        # REMAINDER would reject a leading `-S`).
+        sys.exit(run_pipeline(argv[1:]))
     parser = argparse.ArgumentParser(prog="virgo-exps", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="list every key of params.yaml with its default and allowed values")

@@ -151,6 +151,10 @@ def run(stage: str, argv: list[str], cfg: TrainConfig | None = None, machine: Ma
         # comparisons measure thread counts, not parallelism.
         threads = max(1, (machine.max_procs or os.cpu_count() or 1) // cfg.procs_per_node)
         env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads)}
+        if os.environ.get("VIRGO_DRY_RUN", "").strip().lower() not in ("", "0", "false", "no"):
+            print(f"# dry run (VIRGO_DRY_RUN): nothing started; on machine '{machine.name}' the launcher would run:\n"
+                  f"{shlex.join(local_command(cfg, argv))}", flush=True)
+            return 0
         return run_local(stage, local_command(cfg, argv), machine, cfg.procs_per_node, env)
     from .slurm import submit
 

@@ -42,6 +42,8 @@ class Machine:
     setup: str | None = None  # script sourced at job start, relative to the profile folder
     sbatch_extra: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    gpu_option: str = "gpus-per-node"  # how GPUs are requested: --gpus-per-node=N or --gres=gpu:N
+    srun_extra: tuple[str, ...] = ()  # options added to every srun of a job (e.g. --cpu-bind=none)
 
     def lock_entry(self) -> dict[str, Any]:
         """What version.lock records about the machine."""
@@ -56,7 +58,9 @@ _FIELDS = {
     "description": str, "kind": str, "max_procs": int, "partition": (str, type(None)),
     "account": (str, type(None)), "gpus_per_node": int, "cpus_per_task": int, "mem": (str, type(None)),
     "time": str, "signal_seconds": int, "setup": (str, type(None)), "sbatch_extra": list, "env": dict,
+    "gpu_option": str, "srun_extra": list,
 }
+GPU_OPTIONS = ("gpus-per-node", "gres")
 
 
 def machines_dir() -> Path:
@@ -96,11 +100,16 @@ def load_machine(name: str | None = None) -> Machine:
         if key not in _FIELDS:
             raise ConfigError(f"{spec_file}: unknown key {key!r}; allowed: {', '.join(sorted(_FIELDS))}")
         if not isinstance(value, _FIELDS[key]):
-            raise ConfigError(f"{spec_file}: {key}: wrong type {type(value).__name__}")
+            hint = (' (quote it, e.g. "2:00:00": YAML reads 2:00:00 unquoted as the number 7200)'
+                    if key == "time" else "")
+            raise ConfigError(f"{spec_file}: {key}: wrong type {type(value).__name__}{hint}")
     kind = raw.get("kind")
     if kind not in KINDS:
         raise ConfigError(f"{spec_file}: kind: {kind!r}; expected one of {', '.join(KINDS)}")
+    if raw.get("gpu_option", "gpus-per-node") not in GPU_OPTIONS:
+        raise ConfigError(f"{spec_file}: gpu_option: {raw['gpu_option']!r}; expected one of {', '.join(GPU_OPTIONS)}")
     raw["sbatch_extra"] = tuple(str(x) for x in raw.get("sbatch_extra", []))
+    raw["srun_extra"] = tuple(str(x) for x in raw.get("srun_extra", []))
     raw["env"] = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}
     machine = Machine(name=name, path=path, **raw)
     if machine.setup_script is not None and not machine.setup_script.exists():
