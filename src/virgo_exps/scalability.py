@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .scalability_sources import Run
+from .scalability_sources import _number as _num
 
 GROUP_PARAMS = ("train.strategy", "train.nodes", "train.procs_per_node")
 # Parameters that leave the time of a training epoch alone: runs that differ
@@ -85,16 +86,6 @@ def _param(run: Run, key: str):
 
 def series_of(run: Run, by: tuple[str, ...] = ()) -> str:
     return run.strategy + "".join(f", {k.split('.')[-1]}={_param(run, k)}" for k in by)
-
-
-def _num(v) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def _median(values) -> float | None:

@@ -83,7 +83,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m virgo_exps.scalability_cli``) until the subcommand is wired in."""
+    """Stand-alone entry (``python -m ...``), the same as the ``virgo-exps`` subcommand."""
     parser = argparse.ArgumentParser(prog="virgo-exps")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)

@@ -121,7 +121,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m virgo_exps.share_cli share ...``) until the CLI is wired in."""
+    """Stand-alone entry (``python -m ...``), the same as the ``virgo-exps`` subcommand."""
     parser = argparse.ArgumentParser(prog="virgo-exps")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
