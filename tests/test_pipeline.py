@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sqlite3
 
 import pytest
 import yaml
 
-from conftest import BIN, make_repo, sh, tool_env
+from conftest import BIN, make_repo, sh
 
 pytestmark = pytest.mark.slow
 

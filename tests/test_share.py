@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, make_repo, sh, tool_env
+from conftest import BIN, make_repo, sh
 from virgo_exps import share
 
 PARAMS = {"preprocess": {"fmax": 64.0}}

@@ -16,6 +16,7 @@ nodes and node failures in test_slurm_multinode.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -114,8 +115,8 @@ class Running:
             self.proc.wait()
 
 
-def job_id_of(output: str) -> str:
-    m = re.search(r"(?:submitted|attaching to) job (\d+)", output)
+def job_id_of(output: str, stage: str = "train") -> str:
+    m = re.search(rf"(?:submitted|attaching to) job (\d+) \(virgo-{stage}-", output)
     assert m, f"no job id in:\n{output[-3000:]}"
     return m.group(1)
 
@@ -240,22 +241,78 @@ def test_single_strategy_on_several_nodes_is_refused(monkeypatch):
         slurm.batch_script(FAKE, TrainConfig(strategy="single", nodes=2), ARGV, load_machine("slurm"))
 
 
+def test_generate_array_script_matches_golden_file(monkeypatch):
+    from virgo_exps.machines import load_machine
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    ctx = dataclasses.replace(FAKE, stage="generate")
+    argv = ["stages/generate.py", "--params", "params.yaml", "--out", "data/raw.zarr"]
+    script = slurm.batch_script(ctx, TrainConfig(), argv, load_machine("slurm"), array=2).replace(str(ROOT), CHECKOUT)
+    golden = GOLDEN / "slurm-generate-array-2.sbatch"
+    if os.environ.get("VIRGO_UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert script == golden.read_text(), "generate array script changed; review, then VIRGO_UPDATE_GOLDEN=1"
+    for line in ("#SBATCH --array=0-1", f"#SBATCH --output={CHECKOUT}/logs/generate/exp-golden-%A_%a.out",
+                 "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=1",
+                 '--part "$SLURM_ARRAY_TASK_ID" --parts 2 --workers "$SLURM_CPUS_PER_TASK"'):
+        assert line in script
+    # GPUs are never asked for data generation, even on a GPU machine.
+    gpu = slurm.batch_script(ctx, TrainConfig(), argv, load_machine("juwels-booster"), array=4)
+    assert "#SBATCH --array=0-3" in gpu and "--gres" not in gpu
+
+
+def test_job_array_state_is_the_whole_arrays():
+    running = slurm.parse_show_job(
+        "JobId=11 ArrayJobId=10 ArrayTaskId=1 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n1\n"
+        "JobId=10 ArrayJobId=10 ArrayTaskId=0 JobState=RUNNING Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n2\n")
+    assert not running.final and running.state == "RUNNING" and running.nodes == "n1,n2"
+    failed = slurm.parse_show_job(
+        "JobId=11 ArrayJobId=10 ArrayTaskId=1 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n1 "
+        "StdOut=/l/e-10_1.out\n"
+        "JobId=10 ArrayJobId=10 ArrayTaskId=0 JobState=FAILED Requeue=1 Restarts=1 ExitCode=3:0 NodeList=n2 "
+        "StdOut=/l/e-10_0.out\n")
+    assert failed.final and failed.stage_exit_code() == 3 and failed.stdout == "/l/e-10_0.out"
+    assert failed.restarts == 1
+    done = slurm.parse_show_job(
+        "JobId=11 ArrayJobId=10 ArrayTaskId=1 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n1\n"
+        "JobId=10 ArrayJobId=10 ArrayTaskId=0 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n1\n")
+    assert done.final and done.stage_exit_code() == 0
+
+
 def test_profile_fields_are_checked(tmp_path, monkeypatch):
     from virgo_exps.machines import load_machine
 
-    for name, text, message in (
-        ("bad-gpu", "kind: slurm\ngpu_option: gpus\n", "gpu_option"),
-        ("bad-time", "kind: slurm\ntime: 2:00:00\n", "quote it"),
+    for name, text in (
+        ("bad-gpu", "kind: slurm\ngpu_option: gpus\n"),
+        ("bad-time", "kind: slurm\ntime: 2:00:00\n"),
+        ("bad-tasks", "kind: slurm\ngenerate_tasks: -2\n"),
+        ("bad-cpus", "kind: slurm\ncpus_per_task: 0\n"),
+        ("conf", "kind: slurm\nslurm_conf: cluster/slurm.conf\n"),
     ):
         (tmp_path / "machines" / name).mkdir(parents=True)
         (tmp_path / "machines" / name / "machine.yaml").write_text(text)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    with pytest.raises(ConfigError, match="gpu_option"):
-        load_machine("bad-gpu")
-    with pytest.raises(ConfigError, match="quote it"):
-        load_machine("bad-time")
+    for name, message in (("bad-gpu", "gpu_option"), ("bad-time", "quote it"),
+                          ("bad-tasks", "generate_tasks: -2; expected a whole number >= 0"),
+                          ("bad-cpus", "cpus_per_task: 0; expected a whole number >= 1")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_machine(name)
+    # slurm_conf: relative to the checkout; a missing file says how to start the cluster.
+    conf = load_machine("conf")
+    assert conf.slurm_conf_path() == tmp_path / "cluster" / "slurm.conf"
+    monkeypatch.setenv("SLURM_CONF", "")  # unset for the launcher; restored after the test
+    with pytest.raises(ConfigError, match=r"slurm_conf cluster/slurm.conf does not exist .*make cluster"):
+        slurm.use_slurm_conf(conf)
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "cluster" / "slurm.conf").write_text("# test\n")
+    slurm.use_slurm_conf(conf)
+    assert os.environ["SLURM_CONF"] == str(tmp_path / "cluster" / "slurm.conf")
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/other.conf")  # the user's own setting wins
+    slurm.use_slurm_conf(conf)
+    assert os.environ["SLURM_CONF"] == "/etc/slurm/other.conf"
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +420,30 @@ def test_pipeline_runs_train_as_a_slurm_job(slurm_cluster, pipeline):
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_generate_runs_as_a_job_array_and_writes_the_same_store(slurm_cluster, pipeline, tmp_path):
+    """The `slurm` profile has generate_tasks: 2; the store equals one generated on one machine."""
+    repo, env, first = pipeline
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-6000:]
+    m = re.search(r"submitted job (\d+) \(virgo-generate-[^,]+, array of 2 tasks\)", out)
+    assert m, out[-6000:]
+    logs = sorted((repo / "logs" / "generate").glob(f"*-{m.group(1)}_*.out"))
+    assert [p.name.rsplit("_", 1)[1] for p in logs] == ["0.out", "1.out"], logs
+    # 40 samples in chunks of 16: 3 chunks, split 1 + 2
+    assert "part 0 of 2 wrote chunks 0..0" in logs[0].read_text()
+    assert "part 1 of 2 wrote chunks 1..2" in logs[1].read_text()
+    assert "generate: 2 array tasks done" in out and not (repo / "data" / "raw.zarr.parts").exists()
+    sh([str(BIN / "python"), "stages/generate.py", "--out", str(tmp_path / "raw.zarr")], repo,
+       tool_env({"VIRGO_MACHINE": "local"}))
+    ours = {p.relative_to(repo / "data" / "raw.zarr"): p.read_bytes()
+            for p in (repo / "data" / "raw.zarr").rglob("*") if p.is_file()}
+    local = {p.relative_to(tmp_path / "raw.zarr"): p.read_bytes() for p in (tmp_path / "raw.zarr").rglob("*") if p.is_file()}
+    assert len(ours) > 3 and ours.keys() == local.keys()
+    assert [k for k in ours if ours[k] != local[k]] == []
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_experiment_in_a_dvc_temporary_workspace_logs_to_the_main_checkout(slurm_cluster, pipeline):
     repo, env, first = pipeline
     assert first.returncode == 0
@@ -423,7 +504,7 @@ def test_failing_job_gives_its_exit_code_and_log_tail(slurm_cluster, repo):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     job = job_id_of(out)
-    assert re.search(rf"ended FAILED with exit code {proc.returncode} on nodes", out)
+    assert re.search(rf"job {job} \(virgo-train-fail\) ended FAILED with exit code {proc.returncode} on nodes", out)
     assert "its last 30 lines:" in out and "missing.zarr" in out.split("its last 30 lines:")[1]
 
 

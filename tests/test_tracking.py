@@ -76,7 +76,6 @@ def test_runs_go_to_the_server_and_the_password_goes_nowhere(tmp_path, server):
            "DVC_EXP_NAME": "served-exp"}
     proc = run_train(repo, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}

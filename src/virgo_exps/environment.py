@@ -1,9 +1,14 @@
 """``version.lock``: the exact environment that produced a result.
 
-It holds only what can change results (package versions, CUDA/cuDNN/NCCL,
-GPU model, the machine profile) and nothing that changes between identical
-runs (no timestamps, no host names), so an unchanged environment gives a
-byte-identical file and DVC reruns nothing downstream.
+It holds only what can change results (Python, package versions, the CUDA,
+cuDNN and NCCL that torch was built with) and nothing that changes between
+identical runs (no timestamps, no host names), so an unchanged environment
+gives a byte-identical file and DVC reruns nothing downstream.
+
+The machine profile is validated here but not recorded: switching between
+machines must not invalidate DVC's cache. The trainer records the machine,
+the hosts and the devices a run used in its metrics and in MLflow, where they
+are known (the login node that runs this stage may have no GPU at all).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def _version(dist: str) -> str:
 def collect(machine_name: str | None = None) -> dict:
     import torch
 
-    machine = load_machine(machine_name)
+    load_machine(machine_name)  # a broken profile stops the pipeline before any stage runs
     info: dict = {
         "python": platform.python_version(),
         "implementation": sys.implementation.name,
@@ -40,15 +45,12 @@ def collect(machine_name: str | None = None) -> dict:
             "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
             "nccl": "none",
         },
-        "gpu": {"count": 0, "model": "none"},
-        "machine": machine.lock_entry(),
     }
-    if torch.cuda.is_available():
+    if torch.version.cuda:
         try:
             info["torch_build"]["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
-        except Exception:
+        except Exception:  # a CUDA build on a node without a driver
             pass
-        info["gpu"] = {"count": torch.cuda.device_count(), "model": torch.cuda.get_device_name(0)}
     return info
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -44,10 +43,15 @@ class Machine:
     env: dict[str, str] = field(default_factory=dict)
     gpu_option: str = "gpus-per-node"  # how GPUs are requested: --gpus-per-node=N or --gres=gpu:N
     srun_extra: tuple[str, ...] = ()  # options added to every srun of a job (e.g. --cpu-bind=none)
+    slurm_conf: str | None = None  # slurm.conf of this cluster, when it is not the system's default
+    generate_tasks: int = 0  # slurm: the generate stage as a job array of this many tasks (0: on the login node)
 
-    def lock_entry(self) -> dict[str, Any]:
-        """What version.lock records about the machine."""
-        return {"name": self.name, "kind": self.kind, "gpus_per_node": self.gpus_per_node}
+    def slurm_conf_path(self) -> Path | None:
+        """``slurm_conf`` resolved: ``~`` and ``$VARS`` expanded, relative paths from the main checkout."""
+        if not self.slurm_conf:
+            return None
+        path = Path(os.path.expandvars(os.path.expanduser(self.slurm_conf)))
+        return path if path.is_absolute() else main_checkout() / path
 
     @property
     def setup_script(self) -> Path | None:
@@ -58,7 +62,8 @@ _FIELDS = {
     "description": str, "kind": str, "max_procs": int, "partition": (str, type(None)),
     "account": (str, type(None)), "gpus_per_node": int, "cpus_per_task": int, "mem": (str, type(None)),
     "time": str, "signal_seconds": int, "setup": (str, type(None)), "sbatch_extra": list, "env": dict,
-    "gpu_option": str, "srun_extra": list,
+    "gpu_option": str, "srun_extra": list, "slurm_conf": (str, type(None)),
+    "generate_tasks": int,
 }
 GPU_OPTIONS = ("gpus-per-node", "gres")
 
@@ -108,6 +113,11 @@ def load_machine(name: str | None = None) -> Machine:
         raise ConfigError(f"{spec_file}: kind: {kind!r}; expected one of {', '.join(KINDS)}")
     if raw.get("gpu_option", "gpus-per-node") not in GPU_OPTIONS:
         raise ConfigError(f"{spec_file}: gpu_option: {raw['gpu_option']!r}; expected one of {', '.join(GPU_OPTIONS)}")
+    for key in ("generate_tasks", "gpus_per_node", "max_procs", "signal_seconds"):
+        if isinstance(raw.get(key), bool) or raw.get(key, 0) < 0:
+            raise ConfigError(f"{spec_file}: {key}: {raw[key]!r}; expected a whole number >= 0")
+    if raw.get("cpus_per_task", 1) < 1 or isinstance(raw.get("cpus_per_task"), bool):
+        raise ConfigError(f"{spec_file}: cpus_per_task: {raw['cpus_per_task']!r}; expected a whole number >= 1")
     raw["sbatch_extra"] = tuple(str(x) for x in raw.get("sbatch_extra", []))
     raw["srun_extra"] = tuple(str(x) for x in raw.get("srun_extra", []))
     raw["env"] = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}

@@ -34,6 +34,11 @@ snapshot and exits 85; the batch script then requeues the job with ``scontrol
 requeue`` until ``train.max_requeues`` is used up, and the requeued run resumes
 from the snapshot. SIGTERM (``scancel``, the time limit itself) never requeues.
 
+Job arrays: the generate stage on a profile with ``generate_tasks: N`` is one
+array of N single-task jobs (``--array=0-<N-1>``, logs
+``logs/generate/<experiment>-<jobid>_<task>.out``); the stage fails unless every
+task completed. The same watcher follows the whole array.
+
 ``VIRGO_DRY_RUN=1`` prints the batch script and the ``sbatch`` command and
 submits nothing.
 """
@@ -109,6 +114,10 @@ class JobContext:
         return self.log_dir / f"{self.experiment}-%j.out"
 
     @property
+    def array_log_pattern(self) -> Path:
+        return self.log_dir / f"{self.experiment}-%A_%a.out"
+
+    @property
     def script_path(self) -> Path:
         return self.log_dir / f"{self.experiment}.sbatch"
 
@@ -130,11 +139,18 @@ def tasks_per_node(cfg: TrainConfig) -> int:
     return cfg.procs_per_node if cfg.strategy == "horovod" else 1
 
 
-def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine) -> str:
-    """The job step that starts every training process (a line of the batch script)."""
+def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0) -> str:
+    """The job step that starts every training process (a line of the batch script).
+
+    ``array``: a job array of that many tasks, each running ``argv`` once with
+    ``--part $SLURM_ARRAY_TASK_ID --parts <array> --workers $SLURM_CPUS_PER_TASK``.
+    """
     script = shlex.join(argv)
     extra = "".join(f" {shlex.quote(x)}" for x in machine.srun_extra)
     common = f'--cpus-per-task="$SLURM_CPUS_PER_TASK"{extra}'
+    if array:
+        return (f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script} '
+                f'--part "$SLURM_ARRAY_TASK_ID" --parts {array} --workers "$SLURM_CPUS_PER_TASK"')
     if cfg.strategy == "single":
         return f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script}'
     if cfg.strategy in ("ddp", "deepspeed"):
@@ -153,18 +169,23 @@ def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine) -> str:
     raise ConfigError(f"train.strategy: unknown strategy {cfg.strategy!r}")
 
 
-def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine) -> list[str]:
-    if cfg.strategy == "single" and cfg.nodes != 1:
-        raise ConfigError("train.nodes: strategy 'single' runs one process on one node; use ddp, deepspeed or horovod")
-    tasks = tasks_per_node(cfg)
-    # CPUs of one Slurm task: torchrun's task holds all processes of its node.
-    cpus = machine.cpus_per_task * (cfg.procs_per_node if tasks == 1 else 1)
+def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine, array: int = 0) -> list[str]:
+    if array:  # independent CPU tasks of one core set each (data generation)
+        nodes, tasks, cpus = 1, 1, machine.cpus_per_task
+    else:
+        if cfg.strategy == "single" and cfg.nodes != 1:
+            raise ConfigError("train.nodes: strategy 'single' runs one process on one node; "
+                              "use ddp, deepspeed or horovod")
+        nodes, tasks = cfg.nodes, tasks_per_node(cfg)
+        # CPUs of one Slurm task: torchrun's task holds all processes of its node.
+        cpus = machine.cpus_per_task * (cfg.procs_per_node if tasks == 1 else 1)
     opts = [
         f"--job-name={ctx.job_name}",
-        f"--output={ctx.log_pattern}",
+        f"--output={ctx.array_log_pattern if array else ctx.log_pattern}",
         "--open-mode=append",  # a requeued run appends to the same log
         f"--chdir={ctx.workdir}",
-        f"--nodes={cfg.nodes}",
+        *([f"--array=0-{array - 1}"] if array else []),
+        f"--nodes={nodes}",
         f"--ntasks-per-node={tasks}",
         f"--cpus-per-task={cpus}",
         f"--time={machine.time}",
@@ -175,7 +196,7 @@ def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine) -> list
         opts.append(f"--partition={machine.partition}")
     if machine.account:
         opts.append(f"--account={machine.account}")
-    if machine.gpus_per_node:
+    if machine.gpus_per_node and not array:
         opts.append(f"--gres=gpu:{machine.gpus_per_node}" if machine.gpu_option == "gres"
                     else f"--gpus-per-node={machine.gpus_per_node}")
     if machine.mem:
@@ -261,9 +282,9 @@ exit "$rc"
 '''
 
 
-def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine) -> str:
+def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0) -> str:
     """The complete batch script (deterministic for a given context, config and profile)."""
-    opts = _sbatch_options(ctx, cfg, machine)
+    opts = _sbatch_options(ctx, cfg, machine, array)
     checkpoints = _argv_value(argv, "--checkpoints")
     status_file = f"{checkpoints}/status.json" if checkpoints else ""
     q = shlex.quote
@@ -291,18 +312,18 @@ def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Ma
     if machine.setup_script is not None:
         # module systems often read unset variables: no `set -u` while sourcing
         lines += ["set +u", f"source {q(str(machine.setup_script))}", "set -u"]
-    body = _BODY.replace("__SRUN__", srun_command(cfg, argv, machine))
+    body = _BODY.replace("__SRUN__", srun_command(cfg, argv, machine, array))
     return "\n".join(lines) + "\n" + body
 
 
-def fingerprint(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine) -> str:
+def fingerprint(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0) -> str:
     """Identifies what a job computes: its batch script and the params file the stage reads.
 
     The experiment name is left out: `dvc exp run` names every run afresh, and a
     re-run after a lost login session must still recognise the job it started.
     """
     anonymous = dataclasses.replace(ctx, experiment="*")
-    h = hashlib.sha256(batch_script(anonymous, cfg, argv, machine).encode())
+    h = hashlib.sha256(batch_script(anonymous, cfg, argv, machine, array).encode())
     params = _argv_value(argv, "--params")
     if params and Path(params).is_file():
         h.update(Path(params).read_bytes())
@@ -359,6 +380,21 @@ _FIELD = re.compile(r"(?:^|\s)(\w[\w/:]*)=(\S*)")
 
 
 def parse_show_job(text: str) -> JobInfo | None:
+    """The job of ``scontrol show job -o`` output; for a job array (one line a task or
+    group of pending tasks) the whole array: unfinished while any task is, else the
+    first task that did not complete (its state, exit code and log), else COMPLETED."""
+    records = [r for r in (_parse_record(line) for line in text.splitlines() if line.strip()) if r is not None]
+    if len(records) <= 1:
+        return records[0] if records else None
+    running = [r for r in records if not r.final]
+    chosen = next((r for r in running if r.state == "RUNNING"), None) or (running[0] if running else None)
+    if chosen is None:
+        chosen = next((r for r in records if r.stage_exit_code() != 0), records[0])
+    nodes = ",".join(dict.fromkeys(r.nodes for r in records if r.nodes and r.nodes != "(null)"))
+    return dataclasses.replace(chosen, restarts=max(r.restarts for r in records), nodes=nodes or chosen.nodes)
+
+
+def _parse_record(text: str) -> JobInfo | None:
     fields = dict(_FIELD.findall(text))
     if "JobState" not in fields:
         return None
@@ -430,7 +466,8 @@ def find_active_jobs(ctx: JobContext) -> list[tuple[str, str, str, str]]:
         if len(parts) != 5:
             continue
         job_id, state, comment, name, workdir = (p.strip() for p in parts)
-        if not name.startswith(prefix) or state in FINAL_STATES:
+        job_id = job_id.split("_")[0]  # a task of a job array ("123_4", "123_[5-7]"): the array
+        if not name.startswith(prefix) or state in FINAL_STATES or any(f[0] == job_id for f in found):
             continue
         try:
             same_dir = Path(workdir).resolve() == ctx.workdir.resolve()
@@ -705,12 +742,33 @@ def _finish(job_id: str, ctx: JobContext, info: JobInfo | None, rc: int, followe
 # the entry point used by the launcher
 # --------------------------------------------------------------------------
 
+def use_slurm_conf(machine: Machine) -> None:
+    """Point every Slurm command of this process (and of the job) at the profile's ``slurm_conf``.
+
+    A ``SLURM_CONF`` already in the environment wins: it is the user's explicit choice.
+    """
+    path = machine.slurm_conf_path()
+    if path is None or os.environ.get("SLURM_CONF"):
+        return
+    if not path.is_file():
+        raise ConfigError(
+            f"machine '{machine.name}': slurm_conf {machine.slurm_conf} does not exist ({path}); start that "
+            "cluster first (for machines/simcluster: `make cluster` as root), or set SLURM_CONF"
+        )
+    os.environ["SLURM_CONF"] = str(path)
+
+
 def submit(stage: str, argv: list[str], cfg: TrainConfig, machine: Machine,
-           ctx: JobContext | None = None) -> int:
-    """Run ``argv`` (a python script and its arguments) as a SLURM job; return its exit code."""
+           ctx: JobContext | None = None, array: int = 0) -> int:
+    """Run ``argv`` (a python script and its arguments) as a SLURM job; return its exit code.
+
+    ``array``: submit a job array of that many tasks instead (see :func:`srun_command`);
+    the exit code is then 0 only when every task completed.
+    """
     ctx = ctx or JobContext.current(stage)
-    script = batch_script(ctx, cfg, argv, machine)
-    comment = f"virgo:{fingerprint(ctx, cfg, argv, machine)}"
+    use_slurm_conf(machine)
+    script = batch_script(ctx, cfg, argv, machine, array)
+    comment = f"virgo:{fingerprint(ctx, cfg, argv, machine, array)}"
     cmd = sbatch_command(ctx.script_path, comment)
     if dry_run_requested():
         print(f"# dry run (VIRGO_DRY_RUN): nothing submitted; on machine '{machine.name}' the launcher would "
@@ -775,7 +833,8 @@ def submit(stage: str, argv: list[str], cfg: TrainConfig, machine: Machine,
             err = sbatch.stderr.read() if sbatch.stderr else ""
             _write(f"launch: error: sbatch failed (exit code {rc}): {first} {err.strip()}\n")
             return rc or 1
-        _say(f"submitted job {job_id} ({ctx.job_name}); log {ctx.log_file(job_id)}")
+        where = (ctx.log_dir / f"{ctx.experiment}-{job_id}_<task>.out") if array else ctx.log_file(job_id)
+        _say(f"submitted job {job_id} ({ctx.job_name}{f', array of {array} tasks' if array else ''}); log {where}")
         try:
             return watch(job_id, ctx, sbatch, signals, follow)
         finally:
@@ -785,8 +844,8 @@ def submit(stage: str, argv: list[str], cfg: TrainConfig, machine: Machine,
 def dry_run_stage(stage: str = "train", dvc_file: str = "dvc.yaml") -> int:
     """Print the batch script of a DVC stage on the active machine, submitting nothing.
 
-    Only stages that go through the launcher (their deps list
-    ``src/virgo_exps/launch.py``) are allowed: the stage command is run with
+    Only stages that may be submitted (their deps list ``src/virgo_exps/slurm.py``:
+    train, and generate on profiles with ``generate_tasks``) are allowed: the stage command is run with
     ``VIRGO_DRY_RUN=1``, which stops it before any work.
     """
     import yaml
@@ -795,7 +854,7 @@ def dry_run_stage(stage: str = "train", dvc_file: str = "dvc.yaml") -> int:
     if stage not in stages:
         raise ConfigError(f"{dvc_file}: no stage {stage!r}")
     spec = stages[stage]
-    if "src/virgo_exps/launch.py" not in (spec.get("deps") or []):
+    if "src/virgo_exps/slurm.py" not in (spec.get("deps") or []):
         raise ConfigError(f"stage {stage!r} does not go through the launcher; it always runs on the login node")
     argv = shlex.split(spec["cmd"])
     if argv and argv[0] in ("python", "python3"):

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from .config import Params, as_flat_dict
+from .machines import active_machine_name
 from .dataset import ImageDataset, ShardSampler, eval_shard
 from .models import build_model, count_parameters
 from .monitoring import GpuMonitor, computation_fraction
@@ -89,6 +91,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _device_name(device: torch.device) -> str:
+    """``cpu``, or the GPU's model name (e.g. ``NVIDIA H100 80GB HBM3``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -125,6 +134,7 @@ class Trainer:
         self.step_in_epoch = 0  # steps completed in the current epoch
         self.global_step = 0
         self.computation: dict | None = None
+        self.placement: list[dict] = []  # host and device of every rank
         # Partial sums of the current epoch, kept in the snapshot so a resumed
         # epoch reports the same loss as an uninterrupted one.
         self._loss_sum = torch.zeros(1, dtype=torch.float64)
@@ -350,10 +360,15 @@ class Trainer:
         resumed = self._load_snapshot()
         gpu = GpuMonitor(local_rank=s.local_rank)
         gpu.start()
+        # Where each rank runs: recorded, never part of what DVC hashes.
+        self.placement = s.all_gather_object({"host": socket.gethostname(), "device": _device_name(s.device)})
         if s.is_main and self.tracker is not None:
+            hosts = sorted({p["host"] for p in self.placement})
             self.tracker.start(
                 as_flat_dict(self.params),
-                {"strategy": self.cfg.strategy, "world_size": str(s.world_size), "resumed": str(resumed)},
+                {"strategy": self.cfg.strategy, "world_size": str(s.world_size), "resumed": str(resumed),
+                 "machine": active_machine_name(), "hosts": ",".join(hosts),
+                 "device": self.placement[0]["device"]},
                 [Path("version.lock")],
             )
         status = "FAILED"
@@ -431,6 +446,9 @@ class Trainer:
             "samples_per_s": float(np.median([r.samples_per_s for r in timed])),
             "timed_epochs": len(timed),
             "computation_fraction": (self.computation or {}).get("computation_fraction"),
+            "machine": active_machine_name(),
+            "hosts": len({p["host"] for p in self.placement}),
+            "device": self.placement[0]["device"],
         }
         energies = [g.get("energy_wh") for g in per_rank_gpu if g.get("energy_wh") is not None]
         utils = [g.get("utilization_pct") for g in per_rank_gpu if g.get("utilization_pct") is not None]
@@ -462,7 +480,7 @@ class Trainer:
         ranks = []
         comp = (self.computation or {}).get("per_rank") or [{}] * len(per_rank_gpu)
         for rank, (c, g) in enumerate(zip(comp, per_rank_gpu)):
-            ranks.append({"rank": rank, **{f"compute_{k}": v for k, v in c.items()}, **g})
+            ranks.append({"rank": rank, **self.placement[rank], **{f"compute_{k}": v for k, v in c.items()}, **g})
         _atomic_write_text(self.out.ranks, json.dumps(ranks, indent=2) + "\n")
         if self.tracker is not None:
             per_epoch = {f.name for f in dataclasses.fields(EpochRecord)}
