@@ -482,12 +482,28 @@ def test_crash_of_one_rank_fails_dvc_with_the_jobs_message(slurm_cluster, pipeli
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed",
                                       pytest.param("horovod", marks=[pytest.mark.horovod, needs_horovod])])
 def test_two_processes_per_strategy(slurm_cluster, repo, strategy):
+    """DDP through torchrun, DeepSpeed through its own runner (a profile's choice), Horovod one task a rank.
+
+    (DeepSpeed through torchrun on Slurm: test_slurm_multinode.py.)"""
     name = f"two-{strategy}"
-    proc = sh(train_cmd(repo, name, strategy, procs=2), repo, cluster_env(slurm_cluster, extra={"DVC_EXP_NAME": name}),
-              check=False, timeout=600)
+    machine = "slurm"
+    if strategy == "deepspeed":
+        machine = "slurm-deepspeed-runner"
+        folder = repo / "machines" / machine
+        if not folder.exists():
+            shutil.copytree(repo / "machines" / "slurm", folder)
+            spec = yaml.safe_load((folder / "machine.yaml").read_text())
+            (folder / "machine.yaml").write_text(yaml.safe_dump({**spec, "deepspeed_launcher": "deepspeed"}))
+    proc = sh(train_cmd(repo, name, strategy, procs=2), repo,
+              cluster_env(slurm_cluster, machine=machine, extra={"DVC_EXP_NAME": name}), check=False, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     job = job_id_of(out)
+    if strategy == "deepspeed":
+        script = (repo / "logs" / "train" / f"{name}.sbatch").read_text()
+        assert "-m deepspeed.launcher.runner --node_rank=\"$SLURM_NODEID\"" in script
+        hostfile = repo / "logs" / "train" / f"{name}-{job}.hostfile"
+        assert hostfile.read_text() == f"{slurm_cluster.node_names[0]} slots=2\n"
     metrics = json.loads((repo / "out" / name / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["strategy"] == strategy and metrics["epochs"] == EPOCHS
     log = (repo / "logs" / "train" / f"{name}-{job}.out").read_text()

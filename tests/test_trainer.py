@@ -99,6 +99,21 @@ def test_two_processes_follow_the_single_process_trajectory(workdir, baseline, s
 
 
 @pytest.mark.slow
+def test_deepspeed_own_launcher_follows_the_same_trajectory(workdir, baseline):
+    """A profile with `deepspeed_launcher: deepspeed` starts the ranks with DeepSpeed's runner."""
+    profile = workdir / "machines" / "local-deepspeed"
+    profile.mkdir(exist_ok=True)
+    (profile / "machine.yaml").write_text("kind: local\ndeepspeed_launcher: deepspeed\n")
+    proc, out = train(workdir, "ds-runner", "deepspeed", procs=2, env={"VIRGO_MACHINE": "local-deepspeed"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "-m deepspeed.launcher.runner --num_nodes=1 --num_gpus=2" in proc.stderr
+    ref, got = losses(baseline), losses(out)
+    np.testing.assert_allclose(got["train_loss"], ref["train_loss"], rtol=RTOL)
+    np.testing.assert_allclose(got["val_loss"], ref["val_loss"], rtol=RTOL)
+    assert [r["rank"] for r in yaml.safe_load((out / "ranks.json").read_text())] == [0, 1]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,procs", [("single", 1), ("ddp", 2), ("deepspeed", 2),
                                             pytest.param("horovod", 2, marks=[pytest.mark.horovod, needs_horovod])])
 def test_interrupted_then_resumed_run_is_bit_identical(workdir, strategy, procs):

@@ -39,7 +39,16 @@ def _python() -> str:
     return sys.executable
 
 
-def local_command(cfg: TrainConfig, argv: list[str], python: str | None = None) -> list[str]:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_command(cfg: TrainConfig, argv: list[str], python: str | None = None,
+                  deepspeed_launcher: str = "torchrun") -> list[str]:
     """The command that starts all training processes on this machine."""
     python = python or _python()
     procs = cfg.procs_per_node
@@ -50,6 +59,10 @@ def local_command(cfg: TrainConfig, argv: list[str], python: str | None = None) 
         )
     if cfg.strategy == "single":
         return [python, *argv]
+    if cfg.strategy == "deepspeed" and deepspeed_launcher == "deepspeed":
+        # DeepSpeed's runner; it sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* as torchrun does.
+        return [python, "-m", "deepspeed.launcher.runner", "--num_nodes=1", f"--num_gpus={procs}",
+                f"--master_port={_free_port()}", "--no_local_rank", *argv]
     if cfg.strategy in ("ddp", "deepspeed"):
         return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                 f"--nproc_per_node={procs}", *argv]
@@ -153,9 +166,9 @@ def run(stage: str, argv: list[str], cfg: TrainConfig | None = None, machine: Ma
         env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads)}
         if os.environ.get("VIRGO_DRY_RUN", "").strip().lower() not in ("", "0", "false", "no"):
             print(f"# dry run (VIRGO_DRY_RUN): nothing started; on machine '{machine.name}' the launcher would run:\n"
-                  f"{shlex.join(local_command(cfg, argv))}", flush=True)
+                  f"{shlex.join(local_command(cfg, argv, deepspeed_launcher=machine.deepspeed_launcher))}", flush=True)
             return 0
-        return run_local(stage, local_command(cfg, argv), machine, cfg.procs_per_node, env)
+        return run_local(stage, local_command(cfg, argv, deepspeed_launcher=machine.deepspeed_launcher), machine, cfg.procs_per_node, env)
     from .slurm import submit
 
     return submit(stage, argv, cfg, machine)

@@ -44,6 +44,7 @@ class Machine:
     gpu_option: str = "gpus-per-node"  # how GPUs are requested: --gpus-per-node=N or --gres=gpu:N
     srun_extra: tuple[str, ...] = ()  # options added to every srun of a job (e.g. --cpu-bind=none)
     slurm_conf: str | None = None  # slurm.conf of this cluster, when it is not the system's default
+    deepspeed_launcher: str = "torchrun"  # how DeepSpeed runs start: torchrun, or DeepSpeed's own `deepspeed`
     generate_tasks: int = 0  # slurm: the generate stage as a job array of this many tasks (0: on the login node)
 
     def slurm_conf_path(self) -> Path | None:
@@ -63,8 +64,9 @@ _FIELDS = {
     "account": (str, type(None)), "gpus_per_node": int, "cpus_per_task": int, "mem": (str, type(None)),
     "time": str, "signal_seconds": int, "setup": (str, type(None)), "sbatch_extra": list, "env": dict,
     "gpu_option": str, "srun_extra": list, "slurm_conf": (str, type(None)),
-    "generate_tasks": int,
+    "generate_tasks": int, "deepspeed_launcher": str,
 }
+DEEPSPEED_LAUNCHERS = ("torchrun", "deepspeed")
 GPU_OPTIONS = ("gpus-per-node", "gres")
 
 
@@ -118,6 +120,9 @@ def load_machine(name: str | None = None) -> Machine:
             raise ConfigError(f"{spec_file}: {key}: {raw[key]!r}; expected a whole number >= 0")
     if raw.get("cpus_per_task", 1) < 1 or isinstance(raw.get("cpus_per_task"), bool):
         raise ConfigError(f"{spec_file}: cpus_per_task: {raw['cpus_per_task']!r}; expected a whole number >= 1")
+    if raw.get("deepspeed_launcher", "torchrun") not in DEEPSPEED_LAUNCHERS:
+        raise ConfigError(f"{spec_file}: deepspeed_launcher: {raw['deepspeed_launcher']!r}; "
+                          f"expected one of {', '.join(DEEPSPEED_LAUNCHERS)}")
     raw["sbatch_extra"] = tuple(str(x) for x in raw.get("sbatch_extra", []))
     raw["srun_extra"] = tuple(str(x) for x in raw.get("srun_extra", []))
     raw["env"] = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}

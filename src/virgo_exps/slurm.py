@@ -153,6 +153,14 @@ def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine, array: int
                 f'--part "$SLURM_ARRAY_TASK_ID" --parts {array} --workers "$SLURM_CPUS_PER_TASK"')
     if cfg.strategy == "single":
         return f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script}'
+    if cfg.strategy == "deepspeed" and machine.deepspeed_launcher == "deepspeed":
+        # DeepSpeed's runner once per node, without ssh: the node's rank is read on the node.
+        return (
+            f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 {common} '
+            'bash -c \'exec "$0" -m deepspeed.launcher.runner --node_rank="$SLURM_NODEID" "$@"\' "$VIRGO_PYTHON" '
+            '--no_ssh --hostfile="$VIRGO_HOSTFILE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" '
+            f'--num_nodes="$SLURM_JOB_NUM_NODES" --num_gpus={cfg.procs_per_node} --no_local_rank {script}'
+        )
     if cfg.strategy in ("ddp", "deepspeed"):
         return (
             f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 {common} '
@@ -308,6 +316,11 @@ def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Ma
         "MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))",
         "export MASTER_ADDR MASTER_PORT",
     ]
+    if cfg.strategy == "deepspeed" and machine.deepspeed_launcher == "deepspeed" and not array:
+        hostfile = f'{q(str(ctx.log_dir / ctx.experiment))}-"$SLURM_JOB_ID".hostfile'
+        lines += [f"VIRGO_HOSTFILE={hostfile}  # the nodes of this job, {cfg.procs_per_node} slots each",
+                  f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={cfg.procs_per_node}/" '
+                  '> "$VIRGO_HOSTFILE"']
     lines += [f"export {key}={q(value)}" for key, value in machine.env.items()]
     if machine.setup_script is not None:
         # module systems often read unset variables: no `set -u` while sourcing

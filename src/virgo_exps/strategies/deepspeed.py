@@ -31,6 +31,10 @@ class DeepSpeedStrategy(TorchDistStrategy):
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
+            # No clipping, as in every other strategy. Set explicitly: this DeepSpeed
+            # clips at norm 1.0 when the key is absent, which silently changes the
+            # loss trajectory whenever a gradient norm exceeds 1.
+            "gradient_clipping": 0.0,
             "zero_optimization": {"stage": int(os.environ.get("VIRGO_ZERO_STAGE", "0"))},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
