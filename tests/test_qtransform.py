@@ -242,6 +242,20 @@ def test_small_batch_size_and_torch_input_give_same_result():
         assert pearson(got, want) >= 0.9999
 
 
+@pytest.mark.parametrize("whiten", [False, True])
+def test_gpu_code_path_gives_the_same_images(whiten, monkeypatch):
+    """The torch-only path a GPU takes (torch gather and median, device output buffer), run on
+    the CPU with the numpy fast paths off, against the default CPU path."""
+    from virgo_exps.data import qtransform
+
+    batch = np.stack([signal(name) for name in CASES])
+    monkeypatch.setattr(qtransform, "CPU_NUMPY_PATHS", False)
+    torch_path = q_transform(batch, SAMPLE_RATE, frange=FRANGE, whiten=whiten, device="cpu")
+    monkeypatch.setattr(qtransform, "CPU_NUMPY_PATHS", True)
+    for got, want in zip(torch_path, ours(whiten)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
 def test_out_argument_is_filled_in_place():
     x = np.stack([signal("white"), signal("blip")])
     buf = np.full((2, 1000, 280), np.nan, dtype=np.float32)

@@ -479,12 +479,12 @@ def test_crash_of_one_rank_fails_dvc_with_the_jobs_message(slurm_cluster, pipeli
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed",
-                                      pytest.param("horovod", marks=[pytest.mark.horovod, needs_horovod])])
+@pytest.mark.parametrize("strategy", ["deepspeed", pytest.param("horovod", marks=[pytest.mark.horovod, needs_horovod])])
 def test_two_processes_per_strategy(slurm_cluster, repo, strategy):
-    """DDP through torchrun, DeepSpeed through its own runner (a profile's choice), Horovod one task a rank.
+    """DeepSpeed through its own runner (a profile's choice), Horovod one task a rank.
 
-    (DeepSpeed through torchrun on Slurm: test_slurm_multinode.py.)"""
+    (DDP with 2 processes: the `pipeline` fixture; DDP and DeepSpeed through torchrun on
+    several nodes: test_slurm_multinode.py.)"""
     name = f"two-{strategy}"
     machine = "slurm"
     if strategy == "deepspeed":

@@ -83,8 +83,18 @@ STRATEGIES = ["ddp", "deepspeed", pytest.param("horovod", marks=[pytest.mark.hor
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_two_processes_follow_the_single_process_trajectory(workdir, baseline, strategy):
-    proc, out = train(workdir, f"{strategy}-2", strategy, procs=2)
+    """DDP under torchrun, Horovod under horovodrun, DeepSpeed under DeepSpeed's own runner (a
+    profile with `deepspeed_launcher: deepspeed`; DeepSpeed under torchrun: the resume tests)."""
+    env = None
+    if strategy == "deepspeed":
+        profile = workdir / "machines" / "local-deepspeed"
+        profile.mkdir(exist_ok=True)
+        (profile / "machine.yaml").write_text("kind: local\ndeepspeed_launcher: deepspeed\n")
+        env = {"VIRGO_MACHINE": "local-deepspeed"}
+    proc, out = train(workdir, f"{strategy}-2", strategy, procs=2, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    if strategy == "deepspeed":
+        assert "-m deepspeed.launcher.runner --num_nodes=1 --num_gpus=2" in proc.stderr
     ref, got = losses(baseline), losses(out)
     assert len(got) == EPOCHS
     np.testing.assert_allclose(got["train_loss"], ref["train_loss"], rtol=RTOL)
@@ -96,21 +106,6 @@ def test_two_processes_follow_the_single_process_trajectory(workdir, baseline, s
     assert 0.0 < metrics["computation_fraction"] <= 1.0
     ranks = yaml.safe_load((out / "ranks.json").read_text())
     assert [r["rank"] for r in ranks] == [0, 1]
-
-
-@pytest.mark.slow
-def test_deepspeed_own_launcher_follows_the_same_trajectory(workdir, baseline):
-    """A profile with `deepspeed_launcher: deepspeed` starts the ranks with DeepSpeed's runner."""
-    profile = workdir / "machines" / "local-deepspeed"
-    profile.mkdir(exist_ok=True)
-    (profile / "machine.yaml").write_text("kind: local\ndeepspeed_launcher: deepspeed\n")
-    proc, out = train(workdir, "ds-runner", "deepspeed", procs=2, env={"VIRGO_MACHINE": "local-deepspeed"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "-m deepspeed.launcher.runner --num_nodes=1 --num_gpus=2" in proc.stderr
-    ref, got = losses(baseline), losses(out)
-    np.testing.assert_allclose(got["train_loss"], ref["train_loss"], rtol=RTOL)
-    np.testing.assert_allclose(got["val_loss"], ref["val_loss"], rtol=RTOL)
-    assert [r["rank"] for r in yaml.safe_load((out / "ranks.json").read_text())] == [0, 1]
 
 
 @pytest.mark.slow
