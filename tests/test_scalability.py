@@ -265,7 +265,14 @@ def test_plot_axes_are_log_log_with_an_ideal_line(ddp_sweep, tmp_path, monkeypat
 
     seen = {}
 
-    def keep(fig, path):
+    # The stamp (where the figures come from) is drawn on every figure.
+    fig = plt.figure()
+    scalability_plots._save(fig, tmp_path / "stamped.png", "CPU, simulated cluster")
+    assert "CPU, simulated cluster" in [t.get_text() for t in fig.texts]
+    stamps = []
+
+    def keep(fig, path, stamp=None):
+        stamps.append(stamp)
         ax = fig.axes[0]
         seen[Path(path).name] = (ax.get_xscale(), ax.get_yscale(), " ".join(a.get_xlabel() for a in fig.axes),
                                  " ".join(a.get_ylabel() for a in fig.axes),
@@ -273,7 +280,7 @@ def test_plot_axes_are_log_log_with_an_ideal_line(ddp_sweep, tmp_path, monkeypat
         plt.close(fig)
 
     monkeypatch.setattr(scalability_plots, "_save", keep)
-    scalability_plots.make_plots(summarize(load_files([ddp_sweep])[0]), tmp_path)
+    scalability_plots.make_plots(summarize(load_files([ddp_sweep])[0]), tmp_path, stamp="CPU, simulated cluster")
     assert seen["epoch_time.png"][:2] == ("log", "log")
     # ddp starts at 1 process, horovod at 2: one ideal line from each baseline.
     assert seen["speedup.png"][:2] == ("log", "log")
@@ -281,6 +288,7 @@ def test_plot_axes_are_log_log_with_an_ideal_line(ddp_sweep, tmp_path, monkeypat
     assert seen["efficiency.png"][1] == "linear" and "ideal (100%)" in seen["efficiency.png"][4]
     assert {"ddp", "horovod"} <= set(seen["epoch_time.png"][4])
     assert all(v[2] and v[3] for v in seen.values()), seen
+    assert len(stamps) == len(seen) and set(stamps) == {"CPU, simulated cluster"}
 
 
 def test_cli_with_metrics_files(ddp_sweep, tmp_path, capsys):

@@ -306,8 +306,11 @@ def _records(df: pd.DataFrame) -> list[dict]:
     return [_jsonable(row) for row in df.astype(object).where(df.notna(), None).to_dict(orient="records")]
 
 
-def write_report(report: Report, out: str | os.PathLike, title: str = "Scalability") -> Path:
-    """Write console.txt, scalability.csv/.json, the PNGs and index.html into ``out`` atomically."""
+def write_report(report: Report, out: str | os.PathLike, title: str = "Scalability",
+                 stamp: str | None = None) -> Path:
+    """Write console.txt, scalability.csv/.json, the PNGs and index.html into ``out`` atomically.
+
+    ``stamp``: where the figures come from (e.g. "CPU, simulated cluster"), printed on each PNG."""
     from .scalability_html import render
     from .scalability_plots import make_plots
 
@@ -317,11 +320,11 @@ def write_report(report: Report, out: str | os.PathLike, title: str = "Scalabili
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        plots, skipped = make_plots(report, tmp) if not report.groups.empty else ([], [])
+        plots, skipped = make_plots(report, tmp, stamp) if not report.groups.empty else ([], [])
         (tmp / "console.txt").write_text(console_text(report))
         report.groups.to_csv(tmp / "scalability.csv", index=False)
         doc = {
-            "title": title, "sources": report.sources, "group_by": ["train.strategy", *report.by,
+            "title": title, "stamp": stamp, "sources": report.sources, "group_by": ["train.strategy", *report.by,
                                                                     "train.nodes", "train.procs_per_node"],
             "definitions": DEFINITIONS, "notes": report.notes,
             "groups": _records(report.groups), "experiments": _records(report.experiments),
@@ -329,7 +332,7 @@ def write_report(report: Report, out: str | os.PathLike, title: str = "Scalabili
             "plots": {p.file: p.title for p in plots}, "skipped_plots": {t: why for t, why in skipped},
         }
         (tmp / "scalability.json").write_text(json.dumps(doc, indent=2) + "\n")
-        (tmp / "index.html").write_text(render(report, plots, skipped, title, display_table(report), DEFINITIONS))
+        (tmp / "index.html").write_text(render(report, plots, skipped, f"{title} ({stamp})" if stamp else title, display_table(report), DEFINITIONS))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repo", default=".", help="DVC repository to read (default: the current directory)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--title", default="Scalability report", help="heading of index.html")
+    p.add_argument("--stamp", metavar="TEXT", help="a line printed on every figure saying where the figures come "
+                   "from, e.g. 'CPU, simulated 2-node cluster'")
     p.add_argument("--quiet", action="store_true", help="do not print the table")
     return p
 
@@ -75,7 +77,7 @@ def run(args) -> int:
     if report.groups.empty:
         print(console_text(report), end="", file=sys.stderr)
         return 1
-    out = write_report(report, args.out, args.title)
+    out = write_report(report, args.out, args.title, args.stamp)
     if not args.quiet:
         print(console_text(report), end="")
     print(f"\nwrote {out}/index.html (figures, table, experiments), scalability.csv, scalability.json")

@@ -71,14 +71,16 @@ def _log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, stamp: str | None = None) -> None:
     fig.tight_layout()
+    if stamp:  # e.g. "CPU figures from a simulated cluster": it travels with the image
+        fig.text(0.995, 0.005, stamp, ha="right", va="bottom", fontsize=7, color="0.35")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
 def _scaling_plot(groups, column, lo_col, hi_col, ylabel, title, path, ideal: str | None, colors,
-                  only_scaling: bool = False) -> None:
+                  only_scaling: bool = False, stamp: str | None = None) -> None:
     fig, ax = plt.subplots(figsize=(6.6, 4.6))
     worlds, shared_ideal = [], {}
     for label, series, g in _lines(groups):
@@ -119,7 +121,7 @@ def _scaling_plot(groups, column, lo_col, hi_col, ylabel, title, path, ideal: st
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    _save(fig, path)
+    _save(fig, path, stamp)
 
 
 def _labels(groups: pd.DataFrame) -> list[str]:
@@ -131,7 +133,7 @@ def _bar_fig(n: int, rows: int = 1):
     return plt.subplots(rows, 1, figsize=(max(6.4, 0.9 * n + 2.0), 3.9 * rows + 0.4), squeeze=False)
 
 
-def _computation_plot(groups, path, colors) -> None:
+def _computation_plot(groups, path, colors, stamp: str | None = None) -> None:
     fig, axes = _bar_fig(len(groups))
     ax = axes[0, 0]
     frac = groups["computation_fraction"].to_numpy(dtype=float)
@@ -147,10 +149,10 @@ def _computation_plot(groups, path, colors) -> None:
     ax.set_xlabel("strategy, world size (nodes x processes per node)")
     ax.set_title("Computation vs other time per training step")
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=2, frameon=False)
-    _save(fig, path)
+    _save(fig, path, stamp)
 
 
-def _energy_plot(groups, path, colors) -> None:
+def _energy_plot(groups, path, colors, stamp: str | None = None) -> None:
     fig, axes = _bar_fig(len(groups), rows=2)
     x = np.arange(len(groups))
     c = [colors[s] for s in groups["series"]]
@@ -166,10 +168,10 @@ def _energy_plot(groups, path, colors) -> None:
         ax.set_xticks(x, _labels(groups), fontsize="small")
         ax.grid(True, axis="y", alpha=0.3)
     axes[1, 0].set_xlabel("strategy, world size (nodes x processes per node)")
-    _save(fig, path)
+    _save(fig, path, stamp)
 
 
-def _utilization_plot(groups, path, colors) -> None:
+def _utilization_plot(groups, path, colors, stamp: str | None = None) -> None:
     fig, axes = _bar_fig(len(groups))
     ax = axes[0, 0]
     x = np.arange(len(groups))
@@ -180,11 +182,13 @@ def _utilization_plot(groups, path, colors) -> None:
     ax.set_xlabel("strategy, world size (nodes x processes per node)")
     ax.set_title("GPU utilisation")
     ax.grid(True, axis="y", alpha=0.3)
-    _save(fig, path)
+    _save(fig, path, stamp)
 
 
-def make_plots(report, out: Path) -> tuple[list[Plot], list[tuple[str, str]]]:
-    """Draw every figure the data allows into ``out``; return (drawn, [(skipped title, why)])."""
+def make_plots(report, out: Path, stamp: str | None = None) -> tuple[list[Plot], list[tuple[str, str]]]:
+    """Draw every figure the data allows into ``out``; return (drawn, [(skipped title, why)]).
+
+    ``stamp``: a line printed in the corner of every figure (where the figures come from)."""
     g = report.groups
     colors = _colors(g)
     plots: list[Plot] = []
@@ -192,7 +196,8 @@ def make_plots(report, out: Path) -> tuple[list[Plot], list[tuple[str, str]]]:
     out = Path(out)
 
     _scaling_plot(g, "epoch_time_s", "epoch_time_s_min", "epoch_time_s_max", "training time per epoch (s)",
-                  "Epoch time (warm-up epoch and validation excluded)", out / "epoch_time.png", "per-series", colors)
+                  "Epoch time (warm-up epoch and validation excluded)", out / "epoch_time.png", "per-series", colors,
+                  stamp=stamp)
     plots.append(Plot("epoch_time.png", "Epoch time",
                       "Median training time per epoch against world size (log-log), one line per strategy; "
                       "dashed: ideal scaling from each strategy's smallest world size. Error bars: see 'spread over'."))
@@ -203,13 +208,13 @@ def make_plots(report, out: Path) -> tuple[list[Plot], list[tuple[str, str]]]:
         extra = f" Not shown (one world size only): {', '.join(left_out)}." if left_out else ""
         _scaling_plot(g, "speedup", "speedup_lo", "speedup_hi", "speedup (baseline epoch time / epoch time)",
                       "Speedup vs the smallest world size of each strategy", out / "speedup.png", "speedup", colors,
-                      only_scaling=True)
+                      only_scaling=True, stamp=stamp)
         plots.append(Plot("speedup.png", "Speedup",
                           "Speedup against the smallest world size of the same strategy (log-log); dashed: ideal "
                           "linear speedup. Error bars pair the extremes of both groups." + extra))
         _scaling_plot(g, "efficiency", "efficiency_lo", "efficiency_hi", "parallel efficiency",
                       "Parallel efficiency (speedup / relative world size)", out / "efficiency.png", "efficiency",
-                      colors, only_scaling=True)
+                      colors, only_scaling=True, stamp=stamp)
         plots.append(Plot("efficiency.png", "Parallel efficiency",
                           "Speedup divided by world size / baseline world size; 100% is perfect scaling." + extra))
     else:
@@ -218,7 +223,8 @@ def make_plots(report, out: Path) -> tuple[list[Plot], list[tuple[str, str]]]:
 
     if g["samples_per_s"].notna().any():
         _scaling_plot(g.dropna(subset=["samples_per_s"]), "samples_per_s", "samples_per_s_min", "samples_per_s_max",
-                      "training samples / s", "Training throughput", out / "throughput.png", "per-series", colors)
+                      "training samples / s", "Training throughput", out / "throughput.png", "per-series", colors,
+                      stamp=stamp)
         plots.append(Plot("throughput.png", "Throughput",
                           "Training samples per second against world size (log-log); dashed: ideal linear growth "
                           "from each strategy's smallest world size."))
@@ -227,7 +233,7 @@ def make_plots(report, out: Path) -> tuple[list[Plot], list[tuple[str, str]]]:
 
     comp = g.dropna(subset=["computation_fraction"])
     if not comp.empty:
-        _computation_plot(comp, out / "computation.png", colors)
+        _computation_plot(comp, out / "computation.png", colors, stamp)
         missing = len(g) - len(comp)
         plots.append(Plot("computation.png", "Computation vs other",
                           "Share of profiled training-step time in computation kernels (torch profiler) and the rest "
@@ -238,7 +244,7 @@ def make_plots(report, out: Path) -> tuple[list[Plot], list[tuple[str, str]]]:
 
     energy = g.dropna(subset=["gpu_energy_wh"])
     if not energy.empty:
-        _energy_plot(energy, out / "gpu_energy.png", colors)
+        _energy_plot(energy, out / "gpu_energy.png", colors, stamp)
         plots.append(Plot("gpu_energy.png", "GPU energy",
                           "Top: GPU energy of a run summed over ranks (median over runs, bars min-max). "
                           "Bottom: energy per training sample."))
@@ -246,7 +252,7 @@ def make_plots(report, out: Path) -> tuple[list[Plot], list[tuple[str, str]]]:
         skipped.append(("GPU energy", "no experiment measured GPU energy (no NVIDIA GPU was used)"))
     util = g.dropna(subset=["gpu_utilization_pct"])
     if not util.empty:
-        _utilization_plot(util, out / "gpu_utilization.png", colors)
+        _utilization_plot(util, out / "gpu_utilization.png", colors, stamp)
         plots.append(Plot("gpu_utilization.png", "GPU utilisation", "Mean GPU utilisation over ranks and run time."))
     else:
         skipped.append(("GPU utilisation", "no experiment measured GPU utilisation (no NVIDIA GPU was used)"))
