@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, make_repo, sh
+from conftest import BIN, ROOT, make_repo, sh
 from virgo_exps import share
 
 PARAMS = {"preprocess": {"fmax": 64.0}}
@@ -115,6 +115,24 @@ def _can_run_as(user: str, python: str) -> bool:
     return proc.returncode == 0
 
 
+def _open_for_traversal(paths) -> list[tuple[Path, int]]:
+    """Give others search (x) permission on every ancestor of ``paths`` that lacks it, so the
+    teammates can reach the venv and the checkout (a clone under a private temporary folder, say);
+    return what to restore. Nothing becomes readable or writable that was not."""
+    changed: list[tuple[Path, int]] = []
+    seen: set[Path] = set()
+    for path in paths:
+        for folder in reversed(Path(path).resolve().parents):
+            if folder in seen:
+                continue
+            seen.add(folder)
+            mode = folder.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                os.chmod(folder, stat.S_IMODE(mode) | stat.S_IXOTH)
+                changed.append((folder, stat.S_IMODE(mode)))
+    return changed
+
+
 def _user_python(base: Path, user: str) -> Path:
     """A Python the test users can run that sees this environment's packages.
 
@@ -187,8 +205,10 @@ def team():
     base = Path(tempfile.mkdtemp(prefix="vx-share-"))
     created_users: list[str] = []
     created_group = False
+    opened: list[tuple[Path, int]] = []
     try:
         os.chmod(base, 0o755)
+        opened = _open_for_traversal([sys.prefix, ROOT / "src"])
         sh(["groupadd", group], base, env=dict(os.environ))
         created_group = True
         for name in names:
@@ -212,6 +232,8 @@ def team():
         os.chmod(project, 0o2770)
         yield {"group": group, "alice": users[0], "bob": users[1], "store": project / "store", "base": base}
     finally:
+        for folder, mode in reversed(opened):
+            os.chmod(folder, mode)
         for name in created_users:
             subprocess.run(["userdel", "--remove", name], capture_output=True)
         if created_group:
