@@ -31,7 +31,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, ROOT, make_repo, sh, tool_env, write_images
+from conftest import BIN, ROOT, make_repo, sh, tool_env, wait_until, write_images
 from virgo_exps import hvd_slurm, slurm
 from virgo_exps.config import ConfigError, TrainConfig
 
@@ -129,16 +129,6 @@ def job_fields(cluster, job_id: str) -> dict:
 def active_jobs(cluster, name: str) -> list[str]:
     out = cluster.slurm("squeue", "-h", "-n", name, "-o", "%i").stdout
     return out.split()
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def stray_sbatch(marker: str) -> list:

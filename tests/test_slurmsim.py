@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from virgo_exps import slurmsim
 from virgo_exps.slurmsim import ClusterAlreadyRunning, SimCluster
 
@@ -52,7 +53,7 @@ def sbatch_poll(cluster: SimCluster, tmp_path: Path, body: str, *opts: str,
     out = script.with_suffix(".out")
     job_id = cluster.slurm("sbatch", "--parsable", "-o", str(out), *opts,
                            str(script)).stdout.strip().split(";")[0]
-    state = wait_for(lambda: (lambda s: s if s in FINAL_STATES else None)(
+    state = wait_until(lambda: (lambda s: s if s in FINAL_STATES else None)(
         job_field(cluster, job_id, "JobState")), timeout, f"job {job_id}", 0.2)
     code, sig = (int(x) for x in job_field(cluster, job_id, "ExitCode").split(":"))
     output = out.read_text() if out.exists() else ""
@@ -64,16 +65,6 @@ def job_field(cluster: SimCluster, job_id: str, field: str) -> str:
     match = re.search(rf"\b{field}=(\S+)", text)
     assert match, f"{field} not in scontrol output:\n{text}"
     return match.group(1)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def assert_torn_down(state: dict) -> None:
@@ -246,7 +237,7 @@ def test_lifecycle_four_nodes_kill_restart(tmp_path):
             "sbatch", "--parsable", "--requeue", f"--nodelist={victim}",
             "--open-mode=append", "-o", str(log), "-J", "victim",
             "--wrap", "echo start on $(hostname); exec sleep 600").stdout.strip()
-        wait_for(lambda: log.exists() and "start on" in log.read_text(), 60,
+        wait_until(lambda: log.exists() and "start on" in log.read_text(), 60,
                  "victim job to start")
         assert job_field(cluster, job_id, "JobState") == "RUNNING"
         on_node = cluster.node_pids(victim)
@@ -255,13 +246,13 @@ def test_lifecycle_four_nodes_kill_restart(tmp_path):
         assert cluster.node_pids(victim) == []
         assert not any(slurmsim._alive(p) for p in killed)
 
-        wait_for(lambda: cluster.node_states().get(victim, "").startswith("down"),
+        wait_until(lambda: cluster.node_states().get(victim, "").startswith("down"),
                  cluster.slurmd_timeout * 3 + 60, "slurmctld to mark the node down")
-        wait_for(lambda: int(job_field(cluster, job_id, "Restarts")) >= 1, 30,
+        wait_until(lambda: int(job_field(cluster, job_id, "Restarts")) >= 1, 30,
                  "the job to be requeued")
         cluster.restart_node(victim)
         assert cluster.node_states()[victim] in {"idle", "mixed", "allocated"}
-        wait_for(lambda: log.read_text().count("start on") >= 2, 90,
+        wait_until(lambda: log.read_text().count("start on") >= 2, 90,
                  "the requeued job to run again")
         assert job_field(cluster, job_id, "JobState") == "RUNNING"
     finally:
