@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from conftest import BIN, make_repo, sh, tool_env
 from virgo_exps import scalability_cli
 from virgo_exps.scalability import summarize, write_report
+from virgo_exps.scalability_groups import dedupe
 from virgo_exps.scalability_sources import load_files, parse_exp_show
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -25,10 +27,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def write_run(root: Path, name: str, strategy: str, procs: int, epoch_times: list[float], nodes: int = 1,
               samples: int = 1000, computation: float | None = 0.7, energy_wh: float | None = None,
-              util: float | None = None, seed: int = 0, extra_params: dict | None = None) -> Path:
+              util: float | None = None, seed: int = 0, extra_params: dict | None = None,
+              machine: str | None = None, val_loss: float = 0.6, load: list[float] | None = None,
+              version: str | None = None) -> Path:
     """A run folder like the train stage writes it: metrics.json (+ epochs.csv, params.yaml).
 
-    ``epoch_times`` includes the first (warm-up) epoch, which the metrics leave out.
+    ``epoch_times`` includes the first (warm-up) epoch, which the metrics leave out; ``load`` is the
+    load_avg column of epochs.csv (one value per epoch); ``version`` the content of a version.lock.
     """
     d = root / name
     d.mkdir(parents=True)
@@ -39,15 +44,21 @@ def write_run(root: Path, name: str, strategy: str, procs: int, epoch_times: lis
         "epoch_time_s_median": float(np.median(timed)), "epoch_time_s_mean": float(np.mean(timed)),
         "samples_per_s": float(np.median([samples / t for t in timed])), "timed_epochs": len(timed),
         "computation_fraction": computation, "gpu_energy_wh": energy_wh, "gpu_utilization_pct": util,
+        "val_loss": val_loss,
     }
+    if machine is not None:
+        metrics.update(machine=machine, device="cpu")
     if energy_wh is not None:
         metrics["gpu_energy_wh_per_sample"] = energy_wh / (samples * len(epoch_times))
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(d / "epochs.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["epoch", "step", "train_loss", "val_loss", "train_time_s", "val_time_s", "samples_per_s", "lr"])
+        w.writerow(["epoch", "step", "train_loss", "val_loss", "train_time_s", "val_time_s", "samples_per_s", "lr"]
+                   + (["load_avg"] if load else []))
         for i, t in enumerate(epoch_times, 1):
-            w.writerow([i, i * 10, 0.5, 0.6, t, 0.1, samples / t, 0.001])
+            w.writerow([i, i * 10, 0.5, 0.6, t, 0.1, samples / t, 0.001] + ([load[i - 1]] if load else []))
+    if version is not None:
+        (d / "version.lock").write_text(version)
     params = {"train": {"strategy": strategy, "nodes": nodes, "procs_per_node": procs, "seed": seed,
                         "model": "decoder", **(extra_params or {})}}
     (d / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
@@ -133,10 +144,11 @@ def test_cpu_runs_note_missing_gpu_and_single_world_size(tmp_path):
     assert {"epoch_time.png", "throughput.png", "computation.png", "index.html"} <= names
     assert not names & {"speedup.png", "efficiency.png", "gpu_energy.png", "gpu_utilization.png"}
     page = (out / "index.html").read_text()
-    assert "every strategy ran at a single world size, so there is no speedup to show" in page
+    assert "every group ran at a single world size, so there is no speedup to show" in page
     assert "no experiment measured GPU energy" in page
     skipped = json.loads((out / "scalability.json").read_text())["skipped_plots"]
     assert set(skipped) == {"Speedup", "Parallel efficiency", "GPU energy", "GPU utilisation"}
+    assert (out / "val_loss.png").is_file()
 
 
 def test_partial_gpu_data_and_missing_profiler(tmp_path):
@@ -159,19 +171,22 @@ def test_one_timed_epoch_has_no_spread_and_says_so(tmp_path):
     assert any(n.startswith("no spread for ddp @ 1, ddp @ 2") for n in report.notes)
 
 
-def test_mixed_workload_params_are_flagged_and_by_separates_them(tmp_path):
+def test_different_params_are_separate_groups_labelled_by_what_differs(tmp_path):
     write_run(tmp_path, "d1", "ddp", 1, [3.0, 2.0, 2.0])
     write_run(tmp_path, "d2", "ddp", 2, [3.0, 1.0, 1.0])
     write_run(tmp_path, "u1", "ddp", 1, [9.0, 8.0, 8.0], extra_params={"model": "unet"})
     write_run(tmp_path, "u2", "ddp", 2, [9.0, 5.0, 5.0], extra_params={"model": "unet"})
     runs = load_files([tmp_path])[0]
-    mixed = summarize(runs)
-    assert any("train.model (decoder, unet)" in n for n in mixed.notes)
-    assert group(mixed, "ddp", 1)["n_runs"] == 2
-    split = summarize(runs, by=["train.model"])
-    assert not any("train.model" in n for n in split.notes)
-    assert group(split, "ddp, model=unet", 2)["speedup"] == pytest.approx(1.6)
-    assert group(split, "ddp, model=decoder", 2)["speedup"] == pytest.approx(2.0)
+    report = summarize(runs)
+    assert report.split_on == {"train.model": ["decoder", "unet"]}
+    assert report.notes[0].startswith("not all experiments are comparable: split into separate groups on "
+                                      "train.model (decoder, unet)")
+    assert group(report, "ddp, model=unet", 2)["speedup"] == pytest.approx(1.6)
+    assert group(report, "ddp, model=decoder", 2)["speedup"] == pytest.approx(2.0)
+    assert group(report, "ddp, model=decoder", 1)["n_runs"] == 1
+    # --by only names a key in every label; the groups are the same.
+    named = summarize(runs, by=["train.model", "train.seed"])
+    assert set(named.groups["series"]) == {"ddp, model=decoder, seed=0", "ddp, model=unet, seed=0"}
 
 
 def test_two_layouts_of_one_world_size_are_separate_groups(tmp_path):
@@ -190,7 +205,8 @@ def test_two_layouts_of_one_world_size_are_separate_groups(tmp_path):
 def _rev(name, metrics, params=None, state=None):
     data = {"metrics": {"results/metrics.json": {"data": metrics}},
             "params": {"params.yaml": {"data": params or {"train": {"seed": 0}}}}}
-    return {"revs": [{"rev": "0" * 40, "name": name, "data": data, "error": None, "experiments": None}],
+    rev = hashlib.sha1(name.encode()).hexdigest()  # every experiment is its own commit
+    return {"revs": [{"rev": rev, "name": name, "data": data, "error": None, "experiments": None}],
             "executor": {"state": state} if state else None, "name": name}
 
 
@@ -205,14 +221,17 @@ def test_exp_show_counts_the_applied_workspace_once_and_notes_unfinished():
          "experiments": [_rev("exp-one", m1), _rev("exp-two", m2, {"train": {"strategy": "ddp"}}),
                          _rev("exp-queued", {}, state="queued")]},
     ]
+    shown[0]["data"]["params"] = {"params.yaml": {"data": {"train": {"strategy": "ddp"}}}}
     runs, notes = parse_exp_show(shown)
-    assert [r.name for r in runs] == ["exp-one", "exp-two"]
+    assert [r.name for r in runs] == ["exp-one", "exp-two", "workspace"]
     assert runs[1].params == {"train.strategy": "ddp"}
     assert notes == ["experiment exp-queued left out (queued)"]
+    kept, dropped = dedupe(runs)
+    assert [r.name for r in kept] == ["exp-one", "exp-two"] and dropped == {"workspace": "exp-two"}
     # A workspace with results of its own (edited and run with `dvc repro`) does count.
     shown[0]["data"]["metrics"]["results/metrics.json"]["data"] = {**m2, "epoch_time_s_median": 0.9}
     runs, _ = parse_exp_show(shown)
-    assert [r.name for r in runs] == ["exp-one", "exp-two", "workspace"]
+    assert [r.name for r in dedupe(runs)[0]] == ["exp-one", "exp-two", "workspace"]
 
 
 # -- files -----------------------------------------------------------------------
@@ -255,7 +274,7 @@ def test_pngs_html_csv_json_render(ddp_sweep, tmp_path):
     assert len(doc["groups"]) == 5 and len(doc["experiments"]) == 7
     assert "epoch_time_s" in doc["definitions"] and doc["skipped_plots"] == {}
     console = (out / "console.txt").read_text()
-    assert "Speedup baselines (smallest world size of each strategy): ddp -> 1 (1x1); horovod -> 2 (1x2)" in console
+    assert "Speedup baselines (smallest world size within each group): ddp -> 1 (1x1); horovod -> 2 (1x2)" in console
 
 
 def test_plot_axes_are_log_log_with_an_ideal_line(ddp_sweep, tmp_path, monkeypatch):
@@ -271,7 +290,7 @@ def test_plot_axes_are_log_log_with_an_ideal_line(ddp_sweep, tmp_path, monkeypat
     assert "CPU, simulated cluster" in [t.get_text() for t in fig.texts]
     stamps = []
 
-    def keep(fig, path, stamp=None):
+    def keep(fig, path, stamp=None, flagged=None):
         stamps.append(stamp)
         ax = fig.axes[0]
         seen[Path(path).name] = (ax.get_xscale(), ax.get_yscale(), " ".join(a.get_xlabel() for a in fig.axes),

@@ -18,8 +18,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "scalability",
         help="scalability report over experiments: epoch time, speedup, efficiency, throughput, energy",
-        description="Group experiments by strategy, nodes and processes per node; write a table, CSV, JSON, "
-                    "PNG figures and index.html into --out.",
+        description="Count each result once, pool runs that differ only in seed and scaling axis (nodes, "
+                    "processes per node) on the same machine, device, software and data, and write a table, CSV, "
+                    "JSON, PNG figures and index.html into --out.",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--exp", nargs="+", metavar="NAME", help="only these DVC experiments (default: all of the "
@@ -32,12 +33,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           "them are used when present)")
     p.add_argument("--all-commits", action="store_true", help="with DVC: experiments of every commit, not only HEAD")
     p.add_argument("--by", action="append", default=[], metavar="KEY",
-                   help="also separate configurations by this parameter (e.g. train.model); repeatable")
+                   help="name this parameter in every group label (groups are always separated by every "
+                        "parameter that differs); repeatable")
     p.add_argument("--repo", default=".", help="DVC repository to read (default: the current directory)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--title", default="Scalability report", help="heading of index.html")
-    p.add_argument("--stamp", metavar="TEXT", help="a line printed on every figure saying where the figures come "
-                   "from, e.g. 'CPU, simulated 2-node cluster'")
+    p.add_argument("--stamp", metavar="TEXT", help="text added to the origin line (machine, device, commit, date) "
+                   "printed on every figure and the page, e.g. 'CPU, simulated 2-node cluster'")
     p.add_argument("--quiet", action="store_true", help="do not print the table")
     return p
 
@@ -73,13 +75,14 @@ def run(args) -> int:
         for n in notes:
             print(f"  - {n}", file=sys.stderr)
         return 1
-    report = summarize(runs, by=args.by, source_notes=notes, sources=[what])
+    report = summarize(runs, by=args.by, source_notes=notes, sources=[what],
+                       repo=args.repo if not (args.metrics_files or args.mlflow is not None) else None)
     if report.groups.empty:
-        print(console_text(report), end="", file=sys.stderr)
+        print(console_text(report, args.stamp), end="", file=sys.stderr)
         return 1
     out = write_report(report, args.out, args.title, args.stamp)
     if not args.quiet:
-        print(console_text(report), end="")
+        print(console_text(report, args.stamp), end="")
     print(f"\nwrote {out}/index.html (figures, table, experiments), scalability.csv, scalability.json")
     return 0
 

@@ -22,6 +22,10 @@ figcaption { font-size: 0.85em; color: #444; }
 .notes li { margin: 0.3em 0; }
 dt { font-weight: bold; font-family: monospace; }
 dd { margin: 0 0 0.5em 1.5em; }
+tr.flagged td { background: #fff0e0; }
+td.flag { color: #b00; font-weight: bold; }
+.origin { color: #555; font-size: 0.9em; }
+.split { background: #fff8d0; padding: 0.4em 0.6em; border-left: 4px solid #d8b400; }
 """
 
 
@@ -33,9 +37,14 @@ def _table(df: pd.DataFrame) -> str:
     if df.empty:
         return "<p>(none)</p>"
     head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
-    body = "\n".join(
-        "<tr>" + "".join(f"<td>{_e(_cell(v))}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False)
-    )
+    flag_col = list(df.columns).index("flags") if "flags" in df.columns else None
+    rows = []
+    for row in df.itertuples(index=False):
+        flagged = flag_col is not None and bool(row[flag_col])
+        cells = "".join(f'<td class="flag">{_e(_cell(v))}</td>' if flagged and i == flag_col
+                        else f"<td>{_e(_cell(v))}</td>" for i, v in enumerate(row))
+        rows.append(('<tr class="flagged">' if flagged else "<tr>") + cells + "</tr>")
+    body = "\n".join(rows)
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
 
 
@@ -47,23 +56,38 @@ def _cell(v):
     return v
 
 
-def render(report, plots, skipped, title: str, summary: pd.DataFrame, definitions: dict[str, str]) -> str:
+def render(report, plots, skipped, title: str, summary: pd.DataFrame, definitions: dict[str, str],
+           origin: str = "") -> str:
+    n_groups = report.groups["series"].nunique() if not report.groups.empty else 0
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
+        f'<p class="origin">From: {_e(origin)}</p>',
         f"<p>Source: {_e(', '.join(report.sources) or 'runs given')}. "
-        f"{len(report.experiments)} experiment(s) in {len(report.groups)} configuration(s), grouped by "
-        f"{_e(', '.join(['strategy', *report.by, 'nodes', 'processes per node']))}.</p>",
-        "<h2>Summary</h2>",
-        _table(summary),
+        f"{len(report.experiments)} experiment(s) in {n_groups} group(s) and {len(report.groups)} configuration(s). "
+        "Runs are pooled only when everything but the seed and the scaling axis (nodes, processes per node) is "
+        "equal: parameters, machine, device, software (version.lock) and data.</p>",
     ]
+    if report.split_on:
+        parts.append('<p class="split">Not all experiments are comparable; separate groups on: '
+                     + "; ".join(f"<b>{_e(k)}</b> ({_e(', '.join(v))})" for k, v in report.split_on.items())
+                     + ".</p>")
+    if not report.groups.empty:
+        modes = dict(zip(report.groups["series"], report.groups["scaling"]))
+        parts.append("<p>Scaling: " + "; ".join(f"<b>{_e(s)}</b>: {_e(m)}" for s, m in modes.items()) + ".</p>")
+    parts += ["<h2>Summary</h2>", _table(summary)]
     if not report.groups.empty:
         bases = dict(zip(report.groups["series"], report.groups["baseline"]))
-        parts.append("<p>Speedup baselines (smallest world size of each strategy): "
+        parts.append("<p>Speedup baselines (smallest world size within each group): "
                      + "; ".join(f"<b>{_e(s)}</b> &rarr; {_e(b.split(' @ ', 1)[1])}" for s, b in bases.items())
                      + "</p>")
+        flagged = [n for n in report.notes if n.startswith("FLAG ")]
+        if flagged:
+            parts += ["<h2>Flags</h2>", '<ul class="notes">']
+            parts += [f'<li class="flag">{_e(n[5:])}</li>' for n in flagged]
+            parts.append("</ul>")
     if report.notes:
         parts += ["<h2>Notes</h2>", '<ul class="notes">']
         parts += [f"<li>{_e(n)}</li>" for n in report.notes]

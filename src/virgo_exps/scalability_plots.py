@@ -71,26 +71,59 @@ def _log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
 
 
-def _save(fig, path: Path, stamp: str | None = None) -> None:
+def _save(fig, path: Path, stamp: str | None = None, flagged: list[str] | None = None) -> None:
+    """Save with the origin line (machine, device, commit, date, --stamp) and the flagged figures, if any,
+    written on the image: they travel with it."""
     fig.tight_layout()
-    if stamp:  # e.g. "CPU figures from a simulated cluster": it travels with the image
+    bottom = 0.0
+    if flagged:
+        fig.text(0.005, 0.03 if stamp else 0.005, "FLAGGED: " + "; ".join(flagged), ha="left", va="bottom",
+                 fontsize=7, color="#b00000", wrap=True)
+        bottom += 0.04
+    if stamp:
         fig.text(0.995, 0.005, stamp, ha="right", va="bottom", fontsize=7, color="0.35")
+        bottom += 0.03
+    if bottom:
+        fig.subplots_adjust(bottom=min(0.45, fig.subplotpars.bottom + bottom))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
+def _flag_text(groups: pd.DataFrame, codes: tuple[str, ...]) -> list[str]:
+    out = []
+    for _, r in groups.iterrows():
+        mine = [f for f in str(r.get("flags") or "").split("; ") if f and f in codes]
+        if mine:
+            out.append(f"{r['series']} @ {r['world_size']}: {', '.join(mine)}")
+    return out
+
+
+def _mark_flags(ax, g: pd.DataFrame, column: str, codes: tuple[str, ...], labelled: list) -> None:
+    """A red ring around every point whose row carries one of ``codes``; one legend entry per axes."""
+    hit = g[[any(c in str(f or "") for c in codes) for f in g.get("flags", pd.Series([""] * len(g)))]]
+    if hit.empty:
+        return
+    ax.scatter(hit["world_size"].to_numpy(dtype=float), hit[column].to_numpy(dtype=float), s=220,
+               facecolors="none", edgecolors="#d00000", linewidths=2, zorder=5,
+               label=None if labelled else "flagged (see table)")
+    labelled.append(True)
+
+
 def _scaling_plot(groups, column, lo_col, hi_col, ylabel, title, path, ideal: str | None, colors,
-                  only_scaling: bool = False, stamp: str | None = None) -> None:
+                  only_scaling: bool = False, stamp: str | None = None, flags: tuple[str, ...] = (),
+                  log: bool = True) -> None:
     fig, ax = plt.subplots(figsize=(6.6, 4.6))
-    worlds, shared_ideal = [], {}
+    worlds, shared_ideal, labelled, shown = [], {}, [], []
     for label, series, g in _lines(groups):
         if only_scaling and g["world_size"].nunique() < 2:
             continue
         w = g["world_size"].to_numpy(dtype=float)
         y = g[column].to_numpy(dtype=float)
         worlds += list(w)
+        shown.append(g)
         ax.errorbar(w, y, yerr=_yerr(y, g[lo_col], g[hi_col]), marker="o", capsize=3, color=colors[series],
                     label=label, linewidth=1.6)
+        _mark_flags(ax, g, column, flags, labelled)
         if ideal == "per-series" and len(w) > 1:
             base = g.iloc[0]
             ideal_y = base[column] * (w / base["world_size"]) ** (-1 if column == "epoch_time_s" else 1)
@@ -112,7 +145,7 @@ def _scaling_plot(groups, column, lo_col, hi_col, ylabel, title, path, ideal: st
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * 100:.0f}%"))
         top = max(1.1, float(np.nanmax(groups[hi_col].to_numpy(dtype=float))) * 1.05)
         ax.set_ylim(0, top)
-    else:
+    elif log:
         _log_y(ax)
     if ideal == "per-series":
         ax.plot([], [], linestyle="--", color="grey", label="ideal (dashed, from each baseline)")
@@ -121,11 +154,11 @@ def _scaling_plot(groups, column, lo_col, hi_col, ylabel, title, path, ideal: st
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    _save(fig, path, stamp)
+    _save(fig, path, stamp, _flag_text(pd.concat(shown), flags) if shown and flags else None)
 
 
 def _labels(groups: pd.DataFrame) -> list[str]:
-    return [f"{s}\n{w} ({n}x{p})" for s, w, n, p in
+    return [f"{s.replace(', ', chr(10))}\n{w} ({n}x{p})" for s, w, n, p in
             zip(groups["series"], groups["world_size"], groups["nodes"], groups["procs_per_node"])]
 
 
@@ -140,13 +173,19 @@ def _computation_plot(groups, path, colors, stamp: str | None = None) -> None:
     x = np.arange(len(groups))
     ax.bar(x, frac, color="tab:blue", label="computation")
     ax.bar(x, 1 - frac, bottom=frac, color="tab:orange", alpha=0.7, label="other (communication, waiting, data)")
-    for xi, f in zip(x, frac):
-        ax.text(xi, f / 2, f"{f * 100:.0f}%", ha="center", va="center", color="white", fontsize="small")
+    comp_s = groups["compute_s_per_epoch"].to_numpy(dtype=float)
+    other_s = groups["other_s_per_epoch"].to_numpy(dtype=float)
+    for xi, f, cs, os_ in zip(x, frac, comp_s, other_s):
+        # Percentages alone hide how much time it is: the seconds per epoch beside them.
+        ax.text(xi, f / 2, f"{f * 100:.0f}%\n{cs:.3g} s", ha="center", va="center", color="white",
+                fontsize="small")
+        ax.text(xi, min(0.985, f + (1 - f) / 2) if f < 0.9 else 0.985, f"{(1 - f) * 100:.0f}%, {os_:.3g} s",
+                ha="center", va="center" if f < 0.9 else "top", color="black", fontsize="x-small")
     ax.set_xticks(x, _labels(groups), fontsize="small")
     ax.set_ylim(0, 1)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * 100:.0f}%"))
-    ax.set_ylabel("share of profiled step time")
-    ax.set_xlabel("strategy, world size (nodes x processes per node)")
+    ax.set_ylabel("share of profiled step time\n(label: seconds per epoch)")
+    ax.set_xlabel("group, world size (nodes x processes per node)")
     ax.set_title("Computation vs other time per training step")
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=2, frameon=False)
     _save(fig, path, stamp)
@@ -167,7 +206,7 @@ def _energy_plot(groups, path, colors, stamp: str | None = None) -> None:
     for ax in axes[:, 0]:
         ax.set_xticks(x, _labels(groups), fontsize="small")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[1, 0].set_xlabel("strategy, world size (nodes x processes per node)")
+    axes[1, 0].set_xlabel("group, world size (nodes x processes per node)")
     _save(fig, path, stamp)
 
 
@@ -179,55 +218,80 @@ def _utilization_plot(groups, path, colors, stamp: str | None = None) -> None:
     ax.set_xticks(x, _labels(groups), fontsize="small")
     ax.set_ylim(0, 100)
     ax.set_ylabel("GPU utilisation (%), mean over ranks")
-    ax.set_xlabel("strategy, world size (nodes x processes per node)")
+    ax.set_xlabel("group, world size (nodes x processes per node)")
     ax.set_title("GPU utilisation")
     ax.grid(True, axis="y", alpha=0.3)
     _save(fig, path, stamp)
 
 
+SPREAD = ("spread>difference",)
+SPEED = ("efficiency>100%", "speedup>world")
+
+
+def _mode(g: pd.DataFrame) -> str:
+    """'strong scaling' / 'weak scaling' for the title when every group shares it."""
+    modes = {str(m).split(" ")[0] for m in g.get("scaling", pd.Series(dtype=str))}
+    return f", {modes.pop()} scaling" if len(modes) == 1 else ""
+
+
 def make_plots(report, out: Path, stamp: str | None = None) -> tuple[list[Plot], list[tuple[str, str]]]:
     """Draw every figure the data allows into ``out``; return (drawn, [(skipped title, why)]).
 
-    ``stamp``: a line printed in the corner of every figure (where the figures come from)."""
+    ``stamp``: a line printed in the corner of every figure (where the figures come from); flagged figures
+    are ringed in red and listed on the image."""
     g = report.groups
     colors = _colors(g)
     plots: list[Plot] = []
     skipped: list[tuple[str, str]] = []
     out = Path(out)
+    mode = _mode(g)
 
     _scaling_plot(g, "epoch_time_s", "epoch_time_s_min", "epoch_time_s_max", "training time per epoch (s)",
-                  "Epoch time (warm-up epoch and validation excluded)", out / "epoch_time.png", "per-series", colors,
-                  stamp=stamp)
+                  f"Epoch time (warm-up and validation excluded{mode})", out / "epoch_time.png", "per-series",
+                  colors, stamp=stamp, flags=SPREAD)
     plots.append(Plot("epoch_time.png", "Epoch time",
-                      "Median training time per epoch against world size (log-log), one line per strategy; "
-                      "dashed: ideal scaling from each strategy's smallest world size. Error bars: see 'spread over'."))
+                      "Median training time per epoch against world size (log-log), one line per group; "
+                      "dashed: ideal scaling from each group's smallest world size. Error bars: see 'spread over'. "
+                      "Red rings: spread wider than the differences it should resolve."))
 
     scaling = [s for s, part in g.groupby("series", sort=False) if part["world_size"].nunique() >= 2]
     if scaling:
         left_out = [s for s in dict.fromkeys(g["series"]) if s not in scaling]
         extra = f" Not shown (one world size only): {', '.join(left_out)}." if left_out else ""
         _scaling_plot(g, "speedup", "speedup_lo", "speedup_hi", "speedup (baseline epoch time / epoch time)",
-                      "Speedup vs the smallest world size of each strategy", out / "speedup.png", "speedup", colors,
-                      only_scaling=True, stamp=stamp)
+                      f"Speedup vs the smallest world size of each group{mode}", out / "speedup.png", "speedup",
+                      colors, only_scaling=True, stamp=stamp, flags=SPEED)
         plots.append(Plot("speedup.png", "Speedup",
-                          "Speedup against the smallest world size of the same strategy (log-log); dashed: ideal "
-                          "linear speedup. Error bars pair the extremes of both groups." + extra))
+                          "Speedup against the smallest world size of the same group (log-log); dashed: ideal "
+                          "linear speedup. Error bars pair the extremes of both groups. Red rings: above the "
+                          "world size or above 100% efficiency." + extra))
         _scaling_plot(g, "efficiency", "efficiency_lo", "efficiency_hi", "parallel efficiency",
-                      "Parallel efficiency (speedup / relative world size)", out / "efficiency.png", "efficiency",
-                      colors, only_scaling=True, stamp=stamp)
+                      f"Parallel efficiency (speedup / relative world size{mode})", out / "efficiency.png",
+                      "efficiency", colors, only_scaling=True, stamp=stamp, flags=SPEED)
         plots.append(Plot("efficiency.png", "Parallel efficiency",
-                          "Speedup divided by world size / baseline world size; 100% is perfect scaling." + extra))
+                          "Speedup divided by world size / baseline world size; 100% is perfect scaling; red "
+                          "rings: above 100%, a figure to check." + extra))
     else:
-        why = "every strategy ran at a single world size, so there is no speedup to show"
+        why = "every group ran at a single world size, so there is no speedup to show"
         skipped += [("Speedup", why), ("Parallel efficiency", why)]
+
+    if "val_loss" in g and g["val_loss"].notna().any():
+        _scaling_plot(g.dropna(subset=["val_loss"]), "val_loss", "val_loss_min", "val_loss_max",
+                      "final validation loss", "Final validation loss vs world size", out / "val_loss.png", None,
+                      colors, stamp=stamp, log=False)
+        plots.append(Plot("val_loss.png", "Final validation loss",
+                          "Validation loss after the last epoch against world size (bars: min-max over runs): "
+                          "adding processes must not change convergence."))
+    else:
+        skipped.append(("Final validation loss", "no experiment recorded val_loss"))
 
     if g["samples_per_s"].notna().any():
         _scaling_plot(g.dropna(subset=["samples_per_s"]), "samples_per_s", "samples_per_s_min", "samples_per_s_max",
-                      "training samples / s", "Training throughput", out / "throughput.png", "per-series", colors,
-                      stamp=stamp)
+                      "training samples / s", f"Training throughput{mode.replace(', ', ' (', 1) + ')' if mode else ''}",
+                      out / "throughput.png", "per-series", colors, stamp=stamp)
         plots.append(Plot("throughput.png", "Throughput",
                           "Training samples per second against world size (log-log); dashed: ideal linear growth "
-                          "from each strategy's smallest world size."))
+                          "from each group's smallest world size."))
     else:
         skipped.append(("Throughput", "no experiment recorded samples_per_s"))
 
@@ -237,7 +301,8 @@ def make_plots(report, out: Path, stamp: str | None = None) -> tuple[list[Plot],
         missing = len(g) - len(comp)
         plots.append(Plot("computation.png", "Computation vs other",
                           "Share of profiled training-step time in computation kernels (torch profiler) and the rest "
-                          "(communication, synchronisation, data loading)."
+                          "(communication, synchronisation, data loading), each with the seconds per epoch it "
+                          "stands for (share x epoch time)."
                           + (f" {missing} configuration(s) without profiler data are not shown." if missing else "")))
     else:
         skipped.append(("Computation vs other", "no experiment has a computation fraction (profiler off)"))

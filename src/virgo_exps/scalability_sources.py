@@ -32,6 +32,12 @@ from typing import Any
 
 METRICS_FILE = "results/metrics.json"
 EPOCHS_FILE = "results/epochs.csv"
+SOFTWARE_FILE = "version.lock"
+DATA_FILE = "data/images.zarr"
+MODEL_FILE = "results/model.pt"
+# An epoch timed while the host's load average exceeded its cores by this
+# factor shared the CPUs with something else: its time is not the run's own.
+LOAD_LIMIT = 1.0
 # Logged once per epoch to MLflow (step = epoch); their "latest" value is the
 # last epoch's, not the run's summary.
 PER_EPOCH = ("train_time_s", "val_time_s", "samples_per_s", "train_loss", "val_loss", "lr", "step")
@@ -52,6 +58,13 @@ class Run:
     epoch_times: list[float] | None = None  # timed epochs only (warm-up epoch dropped)
     epoch_throughput: list[float] | None = None
     rev: str | None = None
+    # Content hashes where the source has them (path -> hash): the train
+    # stage's inputs (version.lock, data/images.zarr) and outputs (the model).
+    deps: dict[str, str] = field(default_factory=dict)
+    outs: dict[str, str] = field(default_factory=dict)
+    commit: str | None = None  # the git commit the run was made from (DVC baseline, MLflow tag)
+    tags: dict[str, str] = field(default_factory=dict)
+    epoch_load: list[float | None] | None = None  # host load / cores of the timed epochs, where recorded
 
     def _value(self, metric: str, param: str, default=None):
         v = self.metrics.get(metric)
@@ -74,8 +87,62 @@ class Run:
         w = self.metrics.get("world_size")
         return int(w) if w is not None else self.nodes * self.procs_per_node
 
+    def _text(self, metric: str, tag: str) -> str | None:
+        v = self.metrics.get(metric)
+        if v is None:
+            v = self.tags.get(tag)
+        return None if v is None or v == "" else str(v)
+
+    @property
+    def machine(self) -> str | None:
+        return self._text("machine", "machine")
+
+    @property
+    def device(self) -> str | None:
+        return self._text("device", "device")
+
+    @property
+    def software(self) -> str | None:
+        """Hash of version.lock (what changes results in the environment), where known."""
+        return self.deps.get(SOFTWARE_FILE)
+
+    @property
+    def data(self) -> str | None:
+        """Hash of the training data (the train stage's data dependency), where known."""
+        return self.deps.get(DATA_FILE)
+
+    @property
+    def model_hash(self) -> str | None:
+        return self.outs.get(MODEL_FILE)
+
+    @property
+    def contaminated(self) -> list[int]:
+        """Indices (into the timed epochs) of epochs timed while the host was loaded beyond its cores."""
+        if not self.epoch_load or not self.epoch_times or len(self.epoch_load) != len(self.epoch_times):
+            return []
+        return [i for i, v in enumerate(self.epoch_load) if v is not None and v > LOAD_LIMIT]
+
+    def _clean(self, values: list[float] | None) -> list[float] | None:
+        bad = set(self.contaminated)
+        if not bad or not values or len(values) != len(self.epoch_times or []):
+            return values
+        kept = [v for i, v in enumerate(values) if i not in bad]
+        return kept or None
+
+    @property
+    def clean_epoch_times(self) -> list[float] | None:
+        return self._clean(self.epoch_times)
+
+    @property
+    def clean_epoch_throughput(self) -> list[float] | None:
+        return self._clean(self.epoch_throughput)
+
     @property
     def epoch_time(self) -> float | None:
+        """Median time of the timed epochs; epochs timed under foreign load are left out when others remain."""
+        clean = self.clean_epoch_times
+        if self.contaminated and clean:
+            return float(_median(clean))
         v = _number(self.metrics.get("epoch_time_s_median"))
         if v is None and self.epoch_times:
             v = float(_median(self.epoch_times))
@@ -83,6 +150,9 @@ class Run:
 
     @property
     def throughput(self) -> float | None:
+        clean = self.clean_epoch_throughput
+        if self.contaminated and clean and self.clean_epoch_times:
+            return float(_median(clean))
         v = _number(self.metrics.get("samples_per_s"))
         if v is None and self.epoch_throughput:
             v = float(_median(self.epoch_throughput))
@@ -116,8 +186,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def parse_epochs_csv(text: str) -> tuple[list[float] | None, list[float] | None]:
-    """Training time and throughput of the timed epochs (all but the first) from epochs.csv text."""
+def parse_epochs_csv(text: str) -> tuple[list[float] | None, list[float] | None, list[float | None] | None]:
+    """Training time, throughput and host load of the timed epochs (all but the first) from epochs.csv text.
+
+    The load (``load_avg``: the host's 1-minute load average over its cores when the epoch ended) is None
+    when the file has no such column (older runs)."""
     rows = list(csv.DictReader(io.StringIO(text)))
     rows.sort(key=lambda r: int(float(r.get("epoch") or 0)))
     timed = rows[1:] if len(rows) > 1 else rows
@@ -127,7 +200,11 @@ def parse_epochs_csv(text: str) -> tuple[list[float] | None, list[float] | None]
         vals = [v for v in vals if v is not None]
         return vals or None
 
-    return column("train_time_s"), column("samples_per_s")
+    times = column("train_time_s")
+    load = None
+    if times and rows and "load_avg" in rows[0] and all(_number(r.get("train_time_s")) is not None for r in timed):
+        load = [_number(r.get("load_avg")) for r in timed]
+    return times, column("samples_per_s"), load
 
 
 # -- DVC ---------------------------------------------------------------------
@@ -152,37 +229,55 @@ def _params_of(data: dict) -> dict:
     return flatten(entry.get("data") or {})
 
 
-def _git_epochs(repo: Path, rev: str) -> tuple[list[float] | None, list[float] | None]:
+NO_EPOCHS = (None, None, None)
+
+
+def _git_epochs(repo: Path, rev: str) -> tuple:
     try:
         proc = subprocess.run(["git", "show", f"{rev}:./{EPOCHS_FILE}"], cwd=repo, capture_output=True,
                               text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return None, None
-    return parse_epochs_csv(proc.stdout) if proc.returncode == 0 else (None, None)
+        return NO_EPOCHS
+    return parse_epochs_csv(proc.stdout) if proc.returncode == 0 else NO_EPOCHS
 
 
-def _file_epochs(path: Path) -> tuple[list[float] | None, list[float] | None]:
-    return parse_epochs_csv(path.read_text()) if path.is_file() else (None, None)
+def _file_epochs(path: Path) -> tuple:
+    return parse_epochs_csv(path.read_text()) if path.is_file() else NO_EPOCHS
+
+
+def _hashes(entries: dict | None) -> dict[str, str]:
+    """{path: hash} out of the deps/outs of ``dvc exp show --json``."""
+    out = {}
+    for path, entry in (entries or {}).items():
+        h = (entry or {}).get("hash") if isinstance(entry, dict) else None
+        if h:
+            out[path] = str(h)
+    return out
 
 
 def parse_exp_show(shown: list[dict], repo: Path | None = None) -> tuple[list[Run], list[str]]:
-    """Runs out of ``dvc exp show --json`` (DVC 3): experiments first, then workspace/baseline if new."""
+    """Runs out of ``dvc exp show --json`` (DVC 3): experiments first, then the workspace and the baseline
+    commits when they carry results. Duplicates (the workspace after ``dvc exp run`` holds the last
+    experiment's results) are removed later, by :func:`virgo_exps.scalability_groups.dedupe`."""
     runs: list[Run] = []
     extra: list[Run] = []
     notes: list[str] = []
+    head = next((e.get("rev") for e in shown if e.get("rev") not in (None, "workspace")), None)
     for entry in shown:
         rev = entry.get("rev")
         data = entry.get("data") or {}
         if rev == "workspace":
             metrics = _metrics_of(data)
             if metrics is not None:
-                t, s = _file_epochs(repo / EPOCHS_FILE) if repo else (None, None)
-                extra.append(Run("workspace", "workspace", metrics, _params_of(data), t, s, None))
+                t, s, load = _file_epochs(repo / EPOCHS_FILE) if repo else NO_EPOCHS
+                extra.append(Run("workspace", "workspace", metrics, _params_of(data), t, s, None,
+                                 _hashes(data.get("deps")), _hashes(data.get("outs")), head, epoch_load=load))
             continue
         metrics = _metrics_of(data)
         if metrics is not None:
-            t, s = _git_epochs(repo, rev) if repo else (None, None)
-            extra.append(Run(entry.get("name") or str(rev)[:7], "commit", metrics, _params_of(data), t, s, rev))
+            t, s, load = _git_epochs(repo, rev) if repo else NO_EPOCHS
+            extra.append(Run(entry.get("name") or str(rev)[:7], "commit", metrics, _params_of(data), t, s, rev,
+                             _hashes(data.get("deps")), _hashes(data.get("outs")), rev, epoch_load=load))
         for exp in entry.get("experiments") or []:
             revs = exp.get("revs") or []
             if not revs:
@@ -190,24 +285,17 @@ def parse_exp_show(shown: list[dict], repo: Path | None = None) -> tuple[list[Ru
             tip = revs[0]
             name = exp.get("name") or tip.get("name") or str(tip.get("rev"))[:7]
             state = (exp.get("executor") or {}).get("state")
-            metrics = _metrics_of(tip.get("data") or {})
+            tip_data = tip.get("data") or {}
+            metrics = _metrics_of(tip_data)
             if state in ("queued", "running", "failed") or tip.get("error") or metrics is None:
                 why = state or ("error: " + str((tip.get("error") or {}).get("msg", ""))[:80] if tip.get("error")
                                 else "no results/metrics.json")
                 notes.append(f"experiment {name} left out ({why})")
                 continue
-            t, s = _git_epochs(repo, tip["rev"]) if repo else (None, None)
-            runs.append(Run(name, "experiment", metrics, _params_of(tip.get("data") or {}), t, s, tip.get("rev")))
-    # The workspace after `dvc exp run` (and a commit made from it) holds the
-    # last experiment's results: count each distinct result once.
-    seen = {json.dumps(r.metrics, sort_keys=True) for r in runs}
-    for r in extra:
-        key = json.dumps(r.metrics, sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
-        runs.append(r)
-    return runs, notes
+            t, s, load = _git_epochs(repo, tip["rev"]) if repo else NO_EPOCHS
+            runs.append(Run(name, "experiment", metrics, _params_of(tip_data), t, s, tip.get("rev"),
+                            _hashes(tip_data.get("deps")), _hashes(tip_data.get("outs")), rev, epoch_load=load))
+    return runs + extra, notes
 
 
 def load_dvc(repo: str | os.PathLike = ".", names: list[str] | None = None,
@@ -293,6 +381,8 @@ def load_mlflow(experiment: str | None = None, tracking_uri: str | None = None,
                    for k in ("train_time_s", "samples_per_s")}
         timed = {k: [m.value for m in (v[1:] if len(v) > 1 else v)] for k, v in history.items()}
         metrics = {k: v for k, v in r.data.metrics.items() if k not in PER_EPOCH}
+        if "val_loss" in r.data.metrics:  # the latest value is the last epoch's: the final loss
+            metrics["val_loss"] = r.data.metrics["val_loss"]
         for key in ("strategy", "nodes", "procs_per_node"):
             if f"train.{key}" in params:
                 metrics[key] = params[f"train.{key}"]
@@ -306,7 +396,8 @@ def load_mlflow(experiment: str | None = None, tracking_uri: str | None = None,
             notes.append(f"MLflow run {name} left out (no epoch times)")
             continue
         runs.append(Run(name, "mlflow", metrics, params, timed["train_time_s"] or None,
-                        timed["samples_per_s"] or None, r.info.run_id))
+                        timed["samples_per_s"] or None, r.info.run_id, commit=tags.get("git.revision"),
+                        tags={k: tags[k] for k in ("machine", "device", "hosts") if k in tags}))
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.name] = counts.get(r.name, 0) + 1
@@ -339,6 +430,32 @@ def _run_dir(f: Path) -> Path:
     return f.parent.parent if f.parent.name == "results" else f.parent
 
 
+def _lock_hashes(d: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Hashes of the train stage's deps and outs from a dvc.lock in the run folder, and of a version.lock
+    there (its content decides, as DVC's own hash would)."""
+    import hashlib
+
+    import yaml
+
+    deps: dict[str, str] = {}
+    outs: dict[str, str] = {}
+    lock = d / "dvc.lock"
+    if lock.is_file():
+        try:
+            stage = ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get("train") or {}
+        except yaml.YAMLError:
+            stage = {}
+        for key, target in (("deps", deps), ("outs", outs)):
+            for entry in stage.get(key) or []:
+                h = entry.get("md5") or entry.get("hash") if isinstance(entry, dict) else None
+                if isinstance(entry, dict) and entry.get("path") and h and h != "md5":
+                    target[str(entry["path"])] = str(h)
+    version = d / SOFTWARE_FILE
+    if version.is_file():
+        deps.setdefault(SOFTWARE_FILE, hashlib.md5(version.read_bytes()).hexdigest())
+    return deps, outs
+
+
 def load_files(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
     """metrics.json files (or folders searched for them), with epochs.csv and params.yaml nearby if present."""
     import yaml
@@ -364,6 +481,7 @@ def load_files(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
             if candidate.is_file():
                 params = flatten(yaml.safe_load(candidate.read_text()) or {})
                 break
-        t, s = _file_epochs(f.parent / "epochs.csv")
-        runs.append(Run(name, "file", metrics, params, t, s, None))
+        t, s, load = _file_epochs(f.parent / "epochs.csv")
+        deps, outs = _lock_hashes(d)
+        runs.append(Run(name, "file", metrics, params, t, s, None, deps, outs, epoch_load=load))
     return runs, notes
