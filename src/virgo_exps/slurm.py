@@ -110,12 +110,13 @@ class JobContext:
         return self.home / "logs" / self.stage
 
     @property
-    def log_pattern(self) -> Path:
-        return self.log_dir / f"{self.experiment}-%j.out"
+    def log_pattern(self) -> str:
+        """The ``--output`` pattern: the log's folder and experiment name taken literally (``%%``)."""
+        return f"{slurm_filename(str(self.log_dir / self.experiment))}-%j.out"
 
     @property
-    def array_log_pattern(self) -> Path:
-        return self.log_dir / f"{self.experiment}-%A_%a.out"
+    def array_log_pattern(self) -> str:
+        return f"{slurm_filename(str(self.log_dir / self.experiment))}-%A_%a.out"
 
     @property
     def script_path(self) -> Path:
@@ -123,6 +124,66 @@ class JobContext:
 
     def log_file(self, job_id: str) -> Path:
         return self.log_dir / f"{self.experiment}-{job_id}.out"
+
+    def log_of(self, info: "JobInfo") -> Path:
+        """Where Slurm writes the log of ``info`` (a job, or a task of an array): known from
+        the ids, since ``scontrol`` shows a wrong ``StdOut`` for a pattern with ``%%``."""
+        if info.array_task_id.isdigit() and info.array_job_id:
+            return self.log_file(f"{info.array_job_id}_{info.array_task_id}")
+        return self.log_file(info.job_id)
+
+
+# sbatch reads `#SBATCH` lines with its own rules: white space ends an argument unless
+# quoted, quotes group and are removed, an unquoted `#` starts a comment, a backslash
+# keeps the next character (also inside quotes) but cannot keep white space outside them.
+_SBATCH_PLAIN = re.compile(r"""[^'"#\\\s]*""")
+
+
+def sbatch_arg(value: str) -> str:
+    """``value`` as one argument of an ``#SBATCH`` line, reaching sbatch unchanged:
+    as it is when it holds nothing special to sbatch, else in double quotes."""
+    if _SBATCH_PLAIN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def slurm_filename(text: str) -> str:
+    """``text`` taken literally in a Slurm file name pattern (``--output``): ``%`` doubled."""
+    return text.replace("%", "%%")
+
+
+def check_job_text(ctx: "JobContext", machine_name: str = "") -> None:
+    """Refuse names and paths that cannot reach a batch script and Slurm unchanged.
+
+    Quotes, ``%``, ``$``, ``#``, spaces and other characters are escaped where
+    they are written; what remains impossible: a control character (a line break
+    would end an ``#SBATCH`` line or a comment), a backslash in the log's path
+    (Slurm then stops expanding ``%j`` in it), and ``/`` in the experiment name
+    (the log would go to another folder). DVC's own names never contain these.
+    """
+    def bad(text: str, backslash: bool = False, slash: bool = False) -> str:
+        for ch in text:
+            if ord(ch) < 32 or ord(ch) == 127:
+                return f"a control character ({ch!r})"
+            if backslash and ch == "\\":
+                return "a backslash"
+            if slash and ch == "/":
+                return "a '/'"
+        return ""
+
+    if problem := bad(ctx.experiment, backslash=True, slash=True):
+        raise ConfigError(
+            f"experiment name {ctx.experiment!r}: contains {problem}, which cannot be passed safely to "
+            "a SLURM batch script and its log file name; choose another name (`dvc exp run -n <name>` "
+            "with letters, digits, '-', '_' or '.')"
+        )
+    for what, text, backslash in (("checkout path", str(ctx.home), True), ("workspace path", str(ctx.workdir), False),
+                                  ("machine name", machine_name, False), ("stage name", ctx.stage, True)):
+        if problem := bad(text, backslash=backslash):
+            raise ConfigError(
+                f"{what} {text!r}: contains {problem}, which cannot be passed safely to a SLURM "
+                "batch script; rename or move it"
+            )
 
 
 def _argv_value(argv: list[str], flag: str) -> str | None:
@@ -188,10 +249,10 @@ def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine, array: 
         # CPUs of one Slurm task: torchrun's task holds all processes of its node.
         cpus = machine.cpus_per_task * (cfg.procs_per_node if tasks == 1 else 1)
     opts = [
-        f"--job-name={ctx.job_name}",
-        f"--output={ctx.array_log_pattern if array else ctx.log_pattern}",
+        f"--job-name={sbatch_arg(ctx.job_name)}",
+        f"--output={sbatch_arg(ctx.array_log_pattern if array else ctx.log_pattern)}",
         "--open-mode=append",  # a requeued run appends to the same log
-        f"--chdir={ctx.workdir}",
+        f"--chdir={sbatch_arg(str(ctx.workdir))}",
         *([f"--array=0-{array - 1}"] if array else []),
         f"--nodes={nodes}",
         f"--ntasks-per-node={tasks}",
@@ -201,9 +262,9 @@ def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine, array: 
         "--requeue",
     ]
     if machine.partition:
-        opts.append(f"--partition={machine.partition}")
+        opts.append(f"--partition={sbatch_arg(machine.partition)}")
     if machine.account:
-        opts.append(f"--account={machine.account}")
+        opts.append(f"--account={sbatch_arg(machine.account)}")
     if machine.gpus_per_node and not array:
         opts.append(f"--gres=gpu:{machine.gpus_per_node}" if machine.gpu_option == "gres"
                     else f"--gpus-per-node={machine.gpus_per_node}")
@@ -292,6 +353,7 @@ exit "$rc"
 
 def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0) -> str:
     """The complete batch script (deterministic for a given context, config and profile)."""
+    check_job_text(ctx, machine.name)
     opts = _sbatch_options(ctx, cfg, machine, array)
     checkpoints = _argv_value(argv, "--checkpoints")
     status_file = f"{checkpoints}/status.json" if checkpoints else ""
@@ -373,6 +435,8 @@ class JobInfo:
     num_nodes: str
     reason: str
     stdout: str
+    array_job_id: str = ""
+    array_task_id: str = ""
 
     @property
     def final(self) -> bool:
@@ -411,6 +475,8 @@ def _parse_record(text: str) -> JobInfo | None:
     fields = dict(_FIELD.findall(text))
     if "JobState" not in fields:
         return None
+    # A log path may contain spaces: it runs up to the next field.
+    stdout = re.search(r"(?:^|\s)StdOut=(.*?)(?=\s+[A-Z][A-Za-z]*=|\s*$)", text)
     code, _, sig = fields.get("ExitCode", "0:0").partition(":")
     return JobInfo(
         job_id=fields.get("JobId", ""),
@@ -423,7 +489,9 @@ def _parse_record(text: str) -> JobInfo | None:
         nodes=fields.get("NodeList", ""),
         num_nodes=fields.get("NumNodes", ""),
         reason=fields.get("Reason", ""),
-        stdout=fields.get("StdOut", ""),
+        stdout=stdout.group(1) if stdout else "",
+        array_job_id=fields.get("ArrayJobId", ""),
+        array_task_id=fields.get("ArrayTaskId", ""),
     )
 
 
@@ -469,7 +537,8 @@ def find_active_jobs(ctx: JobContext) -> list[tuple[str, str, str, str]]:
     DVC gives each ``dvc exp run`` a new experiment name, but only one can run
     in a workspace at a time, so an unfinished job there is a previous run's.
     """
-    proc = _slurm("squeue", "-h", "-u", current_user(), "-o", "%i|%T|%k|%j|%Z")
+    # the job name last: an experiment name may contain '|'
+    proc = _slurm("squeue", "-h", "-u", current_user(), "-o", "%i|%T|%k|%Z|%j")
     if proc.returncode != 0:
         raise ConfigError(f"squeue failed: {proc.stderr.strip()}")
     found = []
@@ -478,7 +547,7 @@ def find_active_jobs(ctx: JobContext) -> list[tuple[str, str, str, str]]:
         parts = line.split("|", 4)
         if len(parts) != 5:
             continue
-        job_id, state, comment, name, workdir = (p.strip() for p in parts)
+        job_id, state, comment, workdir, name = (p.strip() for p in parts)
         job_id = job_id.split("_")[0]  # a task of a job array ("123_4", "123_[5-7]"): the array
         if not name.startswith(prefix) or state in FINAL_STATES or any(f[0] == job_id for f in found):
             continue
@@ -684,8 +753,7 @@ def watch(job_id: str, ctx: JobContext, sbatch: subprocess.Popen | None, signals
                 _say(f"job {job_id} is no longer known to Slurm; its outcome is lost (see its log)")
                 return _finish(job_id, ctx, None, 1, follower)
             if info is not None:
-                if info.stdout and info.stdout != "(null)":
-                    follower.set_path(Path(info.stdout))
+                follower.set_path(ctx.log_of(info))
                 key = (info.state, info.restarts, info.nodes, info.reason)
                 if key != last:
                     _report_change(info, last)
