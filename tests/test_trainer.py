@@ -119,11 +119,19 @@ def test_interrupted_then_resumed_run_is_bit_identical(workdir, strategy, procs)
     first, out = train(workdir, name, strategy, procs, env={"VIRGO_FAULT_STOP_AT_STEP": "11"})
     assert first.returncode != 0
     status = yaml.safe_load((out / "checkpoints" / "status.json").read_text())
+    live = Path(status.pop("snapshot"))
     assert status == {"status": "interrupted", "epoch": 1, "step_in_epoch": 3, "global_step": 11}
+    # The running state is kept outside the output folder, in the checkout's .virgo/snapshots.
+    assert live.parent.parent == workdir / ".virgo" / "snapshots" and live.is_file()
+    assert not (out / "checkpoints" / "snapshot.pt").exists()
     assert not (out / "model.pt").exists()
     second, _ = train(workdir, name, strategy, procs, fresh=False)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from" in second.stderr + second.stdout
+    assert f"train: resuming from {live.relative_to(workdir)} at epoch 2, step 3 (status interrupted)" in second.stderr
+    # Complete: the final snapshot is the output, the running state is gone.
+    assert not live.parent.exists()
+    final = yaml.safe_load((out / "checkpoints" / "status.json").read_text())
+    assert final["status"] == "complete" and final["epoch"] == EPOCHS
     a, b = weights(full_out), weights(out)
     assert a.keys() == b.keys()
     for key in a:

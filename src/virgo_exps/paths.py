@@ -41,6 +41,16 @@ def main_checkout(start: str | os.PathLike | None = None) -> Path:
     return root
 
 
+def snapshot_root(start: str | os.PathLike | None = None) -> Path:
+    """Where running trainings keep the snapshot they resume from: ``.virgo/snapshots`` of the main checkout.
+
+    Outside every DVC output (DVC restores outputs from its cache before it
+    reproduces an experiment) and outside the temporary workspaces of queued
+    experiments (deleted when they end); git-ignored.
+    """
+    return main_checkout(start) / ".virgo" / "snapshots"
+
+
 def experiment_name() -> str:
     """DVC's experiment name when DVC runs us, else 'workspace'."""
     return os.environ.get("DVC_EXP_NAME") or "workspace"

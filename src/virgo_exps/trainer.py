@@ -7,28 +7,54 @@ Launch (from the repository root; ``stages/train.py`` builds these for you):
         stages/train.py --worker ...                                      # DDP / DeepSpeed, 2 ranks
     horovodrun --gloo -np 2 -H localhost:2 python stages/train.py --worker ...  # Horovod
 
-Resume: when the checkpoint directory holds a snapshot of the same
-configuration (only ``train.epochs`` and ``train.max_requeues`` may differ),
-training continues from it: weights, optimiser, scheduler, epoch, step within
-the epoch and every rank's RNG state. The data order depends only on
-(seed, epoch), so an interrupted-then-resumed run computes exactly what an
-uninterrupted one does.
+Resume: rank 0 keeps a snapshot (weights, optimiser, scheduler, epoch, step
+within the epoch, every rank's RNG state) after every epoch and when asked to
+stop, in a folder of the main checkout that DVC never touches:
+``.virgo/snapshots/<key>/`` (see :func:`virgo_exps.paths.snapshot_root`). The
+key is a hash of everything that determines the trajectory: the ``train.*``
+params except ``train.epochs`` and ``train.max_requeues``, the world size, the
+contents of the training data, the code that computes a step (this module,
+dataset, models, strategies) and the ``--checkpoints`` path, so two outputs
+never share a folder. Before DVC reproduces an experiment it restores every
+output from its cache; a snapshot inside an output would be overwritten by the
+committed one, which is why the running state lives outside.
+
+When the run completes, the final snapshot goes to the ``--checkpoints``
+folder (the DVC output an extension with more epochs continues from, see
+:mod:`virgo_exps.resume`) and the folder under ``.virgo/snapshots`` is removed.
+``<checkpoints>/status.json`` always shows the latest state (what the SLURM
+batch script reads to decide on a requeue).
+
+A snapshot is used only when it is a prefix of the requested run: same key
+(checked again from its contents), and no further than ``train.epochs``. A
+completed snapshot of exactly ``train.epochs`` epochs is reused as is (nothing
+to train; the outputs are written again from it). Otherwise training starts
+afresh and one line says why. Of the two candidates (the running state and the
+final snapshot in ``--checkpoints``) the one further along wins. The data order
+depends only on (seed, epoch), so an interrupted-then-resumed run computes
+exactly what an uninterrupted one does. Two trainings with the same key at the
+same time are refused (a lock in the folder), as they would overwrite each
+other's snapshots.
 
 Interruption: SIGUSR1 or SIGTERM sets a flag; at the next step boundary all
 ranks agree to stop (one tiny all-reduce), rank 0 writes a snapshot and every
 rank exits with :data:`EXIT_INTERRUPTED`, which the SLURM launcher takes as
-"requeue me".
+"requeue me". The local launcher turns Ctrl-C into SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import csv
+import fcntl
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -43,16 +69,64 @@ from torch import nn
 
 from .config import Params, as_flat_dict
 from .machines import active_machine_name
+from .paths import repo_root, snapshot_root
 from .dataset import ImageDataset, ShardSampler, eval_shard
-from .models import build_model, count_parameters
+from .models import build_model, count_parameters, model_file_content
 from .monitoring import GpuMonitor, computation_fraction
 from .strategies import Strategy
 
 EXIT_INTERRUPTED = 85
 SNAPSHOT = "snapshot.pt"
-STATUS = "status.json"  # {"status": running|interrupted|complete, "epoch", "step_in_epoch"}
-# Keys that may change between a snapshot and the run that resumes from it.
+STATUS = "status.json"  # {"status": running|interrupted|complete, "epoch", "step_in_epoch", ...}
+LOCK = "lock"
+# Train keys that may change between a snapshot and the run that resumes from it.
 RESUMABLE_KEYS = {"train.epochs", "train.max_requeues"}
+# The code that computes a step (relative to the package): part of the snapshot key.
+TRAJECTORY_CODE = ("trainer.py", "dataset.py", "models.py", "strategies")
+
+
+def tree_digest(path: Path) -> str:
+    """SHA-256 of a file or of a folder's files (relative names, sizes and bytes)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        h.update(f"{rel}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def code_digest() -> str:
+    """SHA-256 of the package's source that determines the trajectory (:data:`TRAJECTORY_CODE`)."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in TRAJECTORY_CODE:
+        p = here / name
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            h.update(f.relative_to(here).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def snapshot_refusal(snap: dict, config: dict, epochs: int) -> str | None:
+    """Why ``snap`` is not a prefix of a run of ``epochs`` epochs with ``config``; None when it is."""
+    theirs = snap.get("config") or {}
+    changed = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k))
+    if changed:
+        names = {"data": "training data", "code": "trainer code", "world_size": "world size",
+                 "checkpoints": "--checkpoints path"}
+        shown = [names.get(k, k) for k in changed]
+        more = f", {len(shown) - 5} more" if len(shown) > 5 else ""
+        return f"configuration changed ({', '.join(shown[:5])}{more})"
+    done, step = int(snap.get("epoch", 0)), int(snap.get("step_in_epoch", 0))
+    if done > epochs or (done == epochs and step > 0):
+        where = f"epoch {done + 1}, step {step}" if step else f"{done} epoch(s)"
+        return (f"it is at {where} (status {snap.get('status')}), past the {epochs} epoch(s) "
+                f"requested, so it is not a prefix of this run")
+    return None
 
 
 @dataclass
@@ -139,6 +213,11 @@ class Trainer:
         # epoch reports the same loss as an uninterrupted one.
         self._loss_sum = torch.zeros(1, dtype=torch.float64)
         self._epoch_steps = 0
+        self._digests: dict = {}
+        self.live_dir: Path | None = None
+        self._lock = None
+        self._complete = False
+        self._final_written = False  # the final snapshot is in --checkpoints
 
     # -- set-up -----------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -175,14 +254,70 @@ class Trainer:
 
     # -- snapshots ----------------------------------------------------------
     def _config_key(self) -> dict:
-        return {k: v for k, v in as_flat_dict(self.params).items() if k not in RESUMABLE_KEYS}
+        """Everything that determines the trajectory (its hash names the snapshot folder)."""
+        key = {k: v for k, v in as_flat_dict(self.params).items()
+               if k.startswith("train.") and k not in RESUMABLE_KEYS}
+        key["world_size"] = self.strategy.world_size
+        key.update(self._digests)
+        return key
+
+    def _compute_digests(self) -> None:
+        """Data and code digests and the checkpoints path, computed by rank 0 and shared."""
+        mine = None
+        if self.strategy.is_main:
+            ckpt = self.out.checkpoints.resolve()
+            with contextlib.suppress(ValueError):
+                ckpt = ckpt.relative_to(repo_root())
+            mine = {"data": tree_digest(self.data), "code": code_digest(), "checkpoints": ckpt.as_posix()}
+        self._digests = self.strategy.all_gather_object(mine)[0]
+        blob = json.dumps(self._config_key(), sort_keys=True, default=str).encode()
+        self.live_dir = snapshot_root() / hashlib.sha256(blob).hexdigest()[:20]
+
+    def _lock_live_dir(self) -> None:
+        """Rank 0 holds a lock on the snapshot folder for the whole run."""
+        if not self.strategy.is_main:
+            return
+        self.live_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.live_dir / LOCK, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise RuntimeError(
+                f"another training of the same configuration is running ({holder}) and uses "
+                f"{self.live_dir}; wait until it ends, or stop it (the next run resumes from its snapshot)"
+            ) from None
+        except OSError:
+            pass  # a file system without locks: run unguarded
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        self._lock = fh
+
+    def _release_live_dir(self, remove: bool) -> None:
+        """Drop the lock; remove the folder once the run is complete (its final snapshot is in --checkpoints)."""
+        if not self.strategy.is_main:
+            return
+        if remove:
+            shutil.rmtree(self.live_dir, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _save_snapshot(self, status: str) -> None:
         rng = self.strategy.all_gather_object(
             {"rng": _rng_state(), "loss_sum": self._loss_sum.clone(), "epoch_steps": self._epoch_steps}
         )
+        self._final_written = status == "complete"
         if not self.strategy.is_main:
             return
+        # Running and interrupted states stay outside DVC's outputs; the final
+        # one is the --checkpoints output (what a longer run continues from).
+        folder = self.out.checkpoints if status == "complete" else self.live_dir
+        folder.mkdir(parents=True, exist_ok=True)
         self.out.checkpoints.mkdir(parents=True, exist_ok=True)
         snapshot = {
             "model": self.strategy.unwrap(self.model).state_dict(),
@@ -199,31 +334,47 @@ class Trainer:
             "computation": self.computation,
             "status": status,
         }
-        _atomic_torch_save(snapshot, self.out.checkpoints / SNAPSHOT)
-        _atomic_write_text(
-            self.out.checkpoints / STATUS,
-            json.dumps({"status": status, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                        "global_step": self.global_step}) + "\n",
-        )
+        _atomic_torch_save(snapshot, folder / SNAPSHOT)
+        state = json.dumps({"status": status, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                            "global_step": self.global_step, "snapshot": str(folder / SNAPSHOT)}) + "\n"
+        if folder != self.out.checkpoints:
+            _atomic_write_text(folder / STATUS, state)
+        _atomic_write_text(self.out.checkpoints / STATUS, state)
+
+    @staticmethod
+    def _shown(path: Path) -> str:
+        with contextlib.suppress(ValueError):
+            return str(path.resolve().relative_to(Path.cwd()))
+        return str(path)
+
+    def _choose_snapshot(self) -> Path | None:
+        """Rank 0: the snapshot to resume from (the candidate furthest along), or None; says why not."""
+        config, best, best_pos = self._config_key(), None, None
+        for path in (self.live_dir / SNAPSHOT, self.out.checkpoints / SNAPSHOT):
+            if not path.exists():
+                continue
+            try:
+                snap = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as exc:  # noqa: BLE001 - a damaged snapshot is reported and skipped
+                print(f"train: not resuming from {self._shown(path)}: cannot read it ({type(exc).__name__}: "
+                      f"{exc}); starting afresh", file=sys.stderr)
+                continue
+            reason = snapshot_refusal(snap, config, self.cfg.epochs)
+            if reason:
+                print(f"train: not resuming from {self._shown(path)}: {reason}; starting afresh", file=sys.stderr)
+                continue
+            pos = (snap["epoch"], snap["step_in_epoch"])
+            if best_pos is None or pos > best_pos:
+                best, best_pos = path, pos
+        return best
 
     def _load_snapshot(self) -> bool:
-        path = self.out.checkpoints / SNAPSHOT
-        if not path.exists():
+        chosen = self._choose_snapshot() if self.strategy.is_main else None
+        chosen = self.strategy.all_gather_object(None if chosen is None else str(chosen))[0]
+        if chosen is None:
             return False
+        path = Path(chosen)
         snap = torch.load(path, map_location="cpu", weights_only=False)
-        reason = None
-        if snap.get("config") != self._config_key():
-            changed = sorted(
-                k for k in set(snap.get("config", {})) | set(self._config_key())
-                if snap.get("config", {}).get(k) != self._config_key().get(k)
-            )
-            reason = f"configuration changed ({', '.join(changed[:5])})"
-        elif snap.get("world_size") != self.strategy.world_size:
-            reason = f"world size changed ({snap.get('world_size')} -> {self.strategy.world_size})"
-        if reason:
-            if self.strategy.is_main:
-                print(f"train: not resuming from {path}: {reason}; starting afresh", file=sys.stderr)
-            return False
         self.strategy.unwrap(self.model).load_state_dict(snap["model"])
         self.strategy.load_optimizer_state(self.optimizer, snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
@@ -236,9 +387,14 @@ class Trainer:
         _set_rng_state(mine["rng"])
         self._loss_sum = mine["loss_sum"].clone()
         self._epoch_steps = mine["epoch_steps"]
-        if self.strategy.is_main:
+        done = snap.get("status") == "complete" and self.epoch == self.cfg.epochs
+        self._final_written = done and path == self.out.checkpoints / SNAPSHOT
+        if self.strategy.is_main and done:
+            print(f"train: reusing {self._shown(path)}: all {self.epoch} epoch(s) of this configuration are done "
+                  f"(status complete); writing the outputs from it", file=sys.stderr)
+        elif self.strategy.is_main:
             print(
-                f"train: resuming from {path} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+                f"train: resuming from {self._shown(path)} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
                 f"(status {snap.get('status')})",
                 file=sys.stderr,
             )
@@ -250,7 +406,11 @@ class Trainer:
 
         VIRGO_FAULT_STOP_AT_STEP=k   rank 0 behaves as if signalled after global step k
         VIRGO_FAULT_CRASH=r:k        rank r raises an error at global step k
+        VIRGO_FAULT_STEP_SLEEP=s     sleep s seconds before every step (to interrupt a short run)
         """
+        pause = os.environ.get("VIRGO_FAULT_STEP_SLEEP")
+        if pause:
+            time.sleep(float(pause))
         stop_at = os.environ.get("VIRGO_FAULT_STOP_AT_STEP")
         if stop_at and self.strategy.is_main and self.global_step == int(stop_at):
             self._stop = True
@@ -357,6 +517,15 @@ class Trainer:
         s = self.strategy
         self._install_signal_handlers()
         self._setup()
+        self._compute_digests()
+        self._lock_live_dir()
+        try:
+            return self._fit()
+        finally:
+            self._release_live_dir(remove=self._complete)
+
+    def _fit(self) -> dict:
+        s = self.strategy
         resumed = self._load_snapshot()
         gpu = GpuMonitor(local_rank=s.local_rank)
         gpu.start()
@@ -371,6 +540,9 @@ class Trainer:
                  "device": self.placement[0]["device"]},
                 [Path("version.lock")],
             )
+            # The epochs of the snapshot belong to this run's record as well.
+            for rec in self.history:
+                self.tracker.log_metrics({k: v for k, v in asdict(rec).items() if k != "epoch"}, rec.epoch)
         status = "FAILED"
         try:
             self._profile()
@@ -409,8 +581,12 @@ class Trainer:
             gpu_stats = gpu.stop()
             per_rank_gpu = s.all_gather_object(gpu_stats)
             metrics = self._final_metrics(per_rank_gpu)
+            if not self._final_written:  # all epochs came from a running snapshot
+                self._save_snapshot("complete")
             if s.is_main:
                 self._write_outputs(metrics, per_rank_gpu)
+            s.barrier()
+            self._complete = True
             status = "FINISHED"
             return metrics
         except Interrupted:
@@ -460,14 +636,20 @@ class Trainer:
         return m
 
     def _write_outputs(self, metrics: dict, per_rank_gpu: list[dict]) -> None:
+        from . import provenance
+
         model = self.strategy.unwrap(self.model)
         self.out.model.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(
-            {"model": model.state_dict(), "model_args": {"name": self.cfg.model, "in_channels": self.train_set.n_channels},
-             "norm": self.train_set.attrs.get("norm")},
+        # The params and data these outputs were made with (checked by the report stage and `virgo-exps verify`).
+        stamp = provenance.stamp("train", as_flat_dict(self.params), inputs={str(self.data): self.data},
+                                 upstream=self.train_set.attrs.get(provenance.KEY))
+        _atomic_torch_save(  # with the sha256 that models.load_model verifies
+            model_file_content(model.state_dict(), {"name": self.cfg.model, "in_channels": self.train_set.n_channels},
+                               self.train_set.attrs.get("norm"), **{provenance.KEY: stamp}),
             self.out.model,
         )
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        clean[provenance.KEY] = provenance.metrics_stamp(stamp)
         _atomic_write_text(self.out.metrics, json.dumps(clean, indent=2, sort_keys=True) + "\n")
         rows = [asdict(r) for r in self.history]
         self.out.epochs.parent.mkdir(parents=True, exist_ok=True)
