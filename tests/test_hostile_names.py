@@ -16,6 +16,7 @@ from a checkout whose own path is hostile, and one name goes through
 from __future__ import annotations
 
 import dataclasses
+import html as html_module
 import re
 import subprocess
 from pathlib import Path
@@ -241,7 +242,8 @@ def cluster_jobs(cluster) -> int:
 def test_dvc_exp_run_with_a_quote_and_percent_in_the_name(slurm_cluster, tmp_path):
     """The reported cases, `-n "a'b"` (sbatch: Unmatched ') and `-n 'x%jy'` (log moved by %j), in
     one name through the whole pipeline: generate as a job array, train as a job."""
-    repo = make_repo(tmp_path / "repo", {"train": {"epochs": 1, "profile_steps": 0}})
+    repo = make_repo(tmp_path / "repo", {"train": {"epochs": 1, "profile_steps": 0},
+                                         "report": {"title": "<script>alert(1)</script> #1 | *x*"}})
     name = "a'b%jy$x"
     env = slurm_env(slurm_cluster, "")
     env.pop("DVC_EXP_NAME")
@@ -261,7 +263,8 @@ def test_dvc_exp_run_with_a_quote_and_percent_in_the_name(slurm_cluster, tmp_pat
     assert sorted(p.name for p in log.parent.glob("*.out")) == [log.name]
     assert f"virgo: job {train.group(1)} (virgo-train-{name})" in log.read_text()
     assert job_name_of(slurm_cluster, train.group(1)) == f"virgo-train-{name}"
-    assert (repo / "results" / "report" / "report.md").is_file()
+    report = (repo / "results" / "report" / "report.md").read_text()
+    assert report.startswith("# &lt;script&gt;alert(1)&lt;/script&gt; \\#1 \\| \\*x\\*\n"), report[:200]
     assert injected(repo) == []
 
 
@@ -272,3 +275,38 @@ def test_the_log_followed_comes_from_the_job_ids():
     assert ctx.log_of(job) == Path("/h/100%j/logs/train/x%jy-2.out")
     task = slurm.parse_show_job("JobId=11 ArrayJobId=10 ArrayTaskId=1 JobState=RUNNING StdOut=/wrong Power=")
     assert ctx.log_of(task) == Path("/h/100%j/logs/train/x%jy-10_1.out")
+
+
+# --------------------------------------------------------------------------
+# text from params in the report
+# --------------------------------------------------------------------------
+
+HOSTILE_TITLE = "Study\n# Second heading\n<script>alert(1)</script> *bold* [link](http://x) | &amp; `code`"
+
+
+def test_report_title_and_names_are_literal_text_in_markdown(tmp_path):
+    """A title with line breaks, '#', HTML and Markdown markup is one heading of literal text."""
+    markdown_it = pytest.importorskip("markdown_it")
+    repo = make_repo(tmp_path / "repo", {"report": {"title": HOSTILE_TITLE}})
+    results = repo / "results"
+    results.mkdir()
+    (results / "metrics.json").write_text(
+        '{"strategy": "single", "world_size": 1, "machine": "m|<b>x</b>", "val_loss": 0.5}')
+    (results / "epochs.csv").write_text(
+        "epoch,train_loss,val_loss,train_time_s,val_time_s,samples_per_s\n1,1.0,0.9,2.0,0.5,10\n2,0.8,0.7,2.0,0.5,11\n")
+    name = "a`b<i>x</i>"
+    proc = sh([str(BIN / "python"), "stages/report.py", "--params", "params.yaml", "--metrics", "results/metrics.json",
+               "--epochs", "results/epochs.csv", "--out", "results/report"], repo, tool_env({"DVC_EXP_NAME": name}),
+              check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (results / "report" / "report.md").read_text()
+    assert "<script" not in text and "<b>" not in text  # (the name's <i> is in a code span: literal)
+    assert [line for line in text.splitlines() if line.startswith("#")] == [text.splitlines()[0], "## Per epoch"]
+    page = markdown_it.MarkdownIt("commonmark").enable("table").render(text)
+    assert page.count("<h1>") == 1 and "<script" not in page and "<b>" not in page and "<i>" not in page
+    assert "<a " not in page and "<em>" not in page
+    heading = re.search(r"<h1>(.*)</h1>", page).group(1)
+    # the title as one line of text: the renderer shows exactly the characters of the title
+    assert html_module.unescape(heading) == " ".join(HOSTILE_TITLE.split())
+    assert f"<code>{html_module.escape(name, quote=False)}</code>" in page
+    assert "<td>m|&lt;b&gt;x&lt;/b&gt;</td>" in page  # a '|' in a value stays in its cell

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +15,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
+
+
+def _one_line(value) -> str:
+    """``value`` as one line of printable text: line breaks and other control characters become spaces."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(value))
+    return " ".join(text.split())
+
+
+def md_text(value) -> str:
+    """Text from params or a run as literal Markdown: one line, HTML escaped, markup characters backslashed.
+
+    A line break in ``report.title`` would start a new block (a second heading, a raw
+    ``<script>`` line); ``<``, ``>`` and ``&`` would be read as HTML.
+    """
+    text = html.escape(_one_line(value), quote=False)
+    return re.sub(r"([\\`*_\[\]{}#|!~])", r"\\\1", text)
+
+
+def md_code(value) -> str:
+    """``value`` as a Markdown code span (literal, also for ``<``): fenced by more backticks than it holds."""
+    text = _one_line(value)
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _fmt(v) -> str:
@@ -55,11 +81,11 @@ def build(metrics_path: Path, epochs_path: Path, out: Path, title: str, experime
         if metrics.get("gpu_energy_wh") is None
         else f"GPU energy: {_fmt(metrics['gpu_energy_wh'])} Wh, utilisation {_fmt(metrics.get('gpu_utilization_pct'))} %."
     )
-    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()))
+    rows = "\n".join(f"| {md_text(k)} | {md_text(_fmt(v))} |" for k, v in sorted(metrics.items()))
     table = df.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else df.to_string(index=False)
-    text = f"""# {title}
+    text = f"""# {md_text(title)}
 
-Experiment: `{experiment}`; strategy `{metrics.get('strategy')}` on {metrics.get('world_size')} process(es).
+Experiment: {md_code(experiment)}; strategy {md_code(metrics.get('strategy'))} on {md_text(metrics.get('world_size'))} process(es).
 The epoch time and throughput figures exclude the first (warm-up) epoch and validation.
 
 | metric | value |
