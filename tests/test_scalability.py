@@ -19,8 +19,8 @@ import pytest
 from conftest import BIN, make_repo, sh, tool_env
 from virgo_exps import scalability_cli
 from virgo_exps.scalability import summarize, write_report
-from virgo_exps.scalability_groups import dedupe
-from virgo_exps.scalability_sources import load_files, parse_exp_show
+from virgo_exps.scalability_groups import assign, dedupe
+from virgo_exps.scalability_sources import Run, load_files, parse_exp_show
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -40,11 +40,10 @@ def write_run(root: Path, name: str, strategy: str, procs: int, epoch_times: lis
     timed = epoch_times[1:]
     metrics = {
         "strategy": strategy, "nodes": nodes, "procs_per_node": procs, "world_size": nodes * procs,
-        "epochs": len(epoch_times), "parameters": 1000, "train_loss": 0.5, "val_loss": 0.6,
+        "epochs": len(epoch_times), "parameters": 1000, "train_loss": 0.5, "val_loss": val_loss,
         "epoch_time_s_median": float(np.median(timed)), "epoch_time_s_mean": float(np.mean(timed)),
         "samples_per_s": float(np.median([samples / t for t in timed])), "timed_epochs": len(timed),
         "computation_fraction": computation, "gpu_energy_wh": energy_wh, "gpu_utilization_pct": util,
-        "val_loss": val_loss,
     }
     if machine is not None:
         metrics.update(machine=machine, device="cpu")
@@ -198,6 +197,168 @@ def test_two_layouts_of_one_world_size_are_separate_groups(tmp_path):
     assert sorted(zip(fours["nodes"], fours["procs_per_node"])) == [(1, 4), (2, 2)]
     assert set(fours["baseline"]) == {"ddp @ 2 (1x2)"}
     write_report(report, tmp_path / "report")  # the plots cope with two points at one world size
+
+
+# -- what is pooled, what is counted once, what is flagged ------------------------------
+
+def _run(name, strategy="ddp", procs=1, time=2.0, seed=0, lr=0.001, batch=8, machine="local", rev=None,
+         software="v1", data="d1", metrics=None) -> Run:
+    m = {"strategy": strategy, "nodes": 1, "procs_per_node": procs, "world_size": procs,
+         "epoch_time_s_median": time, "machine": machine, "device": "cpu", **(metrics or {})}
+    params = {"train.strategy": strategy, "train.nodes": 1, "train.procs_per_node": procs, "train.seed": seed,
+              "train.lr": lr, "train.global_batch_size": batch, "train.max_requeues": 3,
+              "generate.workers": 2}
+    return Run(name, "experiment", m, params, rev=rev or hashlib.sha1(name.encode()).hexdigest(),
+               deps={"version.lock": software, "data/images.zarr": data})
+
+
+def test_pooled_only_when_all_but_seed_and_axis_are_equal():
+    runs = [_run("a"), _run("b", seed=1), _run("c", procs=2), _run("d", lr=0.0003),
+            _run("e", machine="cluster", procs=2), _run("f", software="v2"), _run("g", data="d2")]
+    g = assign(runs)
+    assert g.of(runs[0]) == g.of(runs[1]) == g.of(runs[2])  # seed and processes: one group
+    assert len({g.of(r) for r in runs}) == 5
+    assert list(g.split_on) == ["train.lr", "machine", "software", "data"]
+    assert g.label[g.of(runs[3])] == "ddp, lr=0.0003, machine=local, software=v1, data=d1"
+    assert g.label[g.of(runs[4])] == "ddp, lr=0.001, machine=cluster, software=v1, data=d1"
+    assert g.scaling[g.of(runs[0])] == "strong (fixed global batch 8)"
+    # Operational settings (requeues, loader workers when the data hash is known) do not split.
+    other = _run("h", seed=2)
+    other.params.update({"train.max_requeues": 0, "generate.workers": 0})
+    assert assign([runs[0], other]).split_on == {}
+
+
+def test_weak_scaling_is_recognised_and_named():
+    weak = [_run("w1", procs=1, batch=8), _run("w2", procs=2, batch=16), _run("w4", procs=4, batch=32)]
+    g = assign(weak)
+    assert len({g.of(r) for r in weak}) == 1 and g.split_on == {}
+    assert g.scaling[g.of(weak[0])] == "weak (global batch grows: 8 per process)"
+    # Batches that are neither fixed nor proportional: separate strong groups, split on the batch.
+    mixed = [_run("m1", procs=1, batch=8), _run("m2", procs=2, batch=8), _run("m3", procs=2, batch=32)]
+    g = assign(mixed)
+    assert g.of(mixed[0]) == g.of(mixed[1]) != g.of(mixed[2])
+    assert g.split_on == {"train.global_batch_size": ["8", "32"]}
+
+
+def test_same_result_counted_once():
+    a = _run("exp-a", metrics={"val_loss": 0.4})
+    noop = _run("exp-noop", metrics={"val_loss": 0.4})  # re-run that trained nothing: other commit, same result
+    same_rev = _run("main", rev=a.rev, metrics={"val_loss": 0.4, "note": "baseline"})
+    other_seed = _run("exp-s1", seed=1, metrics={"val_loss": 0.4})  # same numbers by chance, other params
+    other_model = _run("exp-m", metrics={"val_loss": 0.4})
+    other_model.outs = {"results/model.pt": "x"}
+    kept, dropped = dedupe([a, noop, same_rev, other_seed, other_model])
+    assert [r.name for r in kept] == ["exp-a", "exp-s1", "exp-m"]
+    assert dropped == {"exp-noop": "exp-a", "main": "exp-a"}
+    report = summarize([a, noop, same_rev, other_seed])
+    assert group(report, "ddp", 1)["n_runs"] == 2
+    assert any(n.startswith("2 duplicate result(s) counted once") and "exp-noop = exp-a" in n
+               for n in report.notes)
+
+
+def test_baseline_never_borrowed_from_another_machine(tmp_path):
+    """The case of a 2-node run on a cluster measured against a local 1-process run (efficiency 420%)."""
+    write_run(tmp_path, "local1", "ddp", 1, [9.0, 8.4, 8.4], machine="local")
+    write_run(tmp_path, "local2", "ddp", 2, [6.0, 4.4, 4.4], machine="local")
+    write_run(tmp_path, "cluster2", "ddp", 1, [2.0, 1.0, 1.0], nodes=2, machine="simcluster")
+    write_run(tmp_path, "single", "single", 1, [9.0, 8.0, 8.0], machine="local")
+    report = summarize(load_files([tmp_path])[0])
+    assert report.split_on == {"machine": ["local", "simcluster"]}
+    cluster = group(report, "ddp, machine=simcluster", 2)
+    assert cluster["baseline"] == "ddp, machine=simcluster @ 2 (2x1)" and cluster["speedup"] == 1.0
+    assert np.isnan(cluster["speedup_vs_single"]) and cluster["flags"] == ""
+    assert any(n.startswith("'ddp, machine=simcluster' has no 1-process run of its own") for n in report.notes)
+    local = group(report, "ddp, machine=local", 2)
+    assert local["baseline"] == "ddp, machine=local @ 1 (1x1)"
+    assert local["speedup"] == pytest.approx(8.4 / 4.4)
+    assert local["speedup_vs_single"] == pytest.approx(8.0 / 4.4)
+    assert report.provenance["machines"] == ["local", "simcluster"]
+
+
+def test_suspicious_figures_are_flagged_in_table_json_html_and_pngs(tmp_path, monkeypatch):
+    from virgo_exps import scalability_plots
+
+    write_run(tmp_path / "runs", "d1", "ddp", 1, [9.0, 8.4, 8.4], machine="local")
+    write_run(tmp_path / "runs", "d2", "ddp", 2, [3.0, 2.0, 2.0], machine="local")  # 4.2x on 2 processes
+    write_run(tmp_path / "runs", "d4", "ddp", 4, [3.0, 1.6, 3.6], machine="local")  # spread 2 s, step 0.6 s
+    report = summarize(load_files([tmp_path / "runs"])[0])
+    two, four = group(report, "ddp", 2), group(report, "ddp", 4)
+    assert two["efficiency"] == pytest.approx(2.1) and two["flags"] == "efficiency>100%; speedup>world"
+    assert four["flags"] == "spread>difference"
+    assert group(report, "ddp", 1)["flags"] == ""
+    assert "FLAG ddp @ 2: efficiency 210% above 100%; speedup 4.2 above the world size 2" in report.notes
+    flagged = {}
+    real_save = scalability_plots._save
+
+    def keep(fig, path, stamp=None, flags=None):
+        flagged[Path(path).name] = (flags, [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+                                    if fig.axes[0].get_legend() else [])
+        real_save(fig, path, stamp, flags)
+
+    monkeypatch.setattr(scalability_plots, "_save", keep)
+    out = write_report(report, tmp_path / "report", stamp="CPU test")
+    assert flagged["efficiency.png"][0] == ["ddp @ 2: efficiency>100%, speedup>world"]
+    assert "flagged (see table)" in flagged["efficiency.png"][1]
+    assert flagged["epoch_time.png"][0] == ["ddp @ 4: spread>difference"]
+    console = (out / "console.txt").read_text()
+    assert "! efficiency>100%; speedup>world" in console
+    page = (out / "index.html").read_text()
+    assert '<tr class="flagged">' in page and '<h2>Flags</h2>' in page
+    assert "ddp @ 2: efficiency 210% above 100%" in page
+    doc = json.loads((out / "scalability.json").read_text())
+    assert [g["flags"] for g in doc["groups"]] == ["", "efficiency>100%; speedup>world", "spread>difference"]
+    # The PNG itself carries the flag line (drawn in red): compare with an unflagged rendering.
+    assert _png_size(out / "efficiency.png")
+
+
+def test_origin_line_on_every_figure_and_the_page(tmp_path, monkeypatch):
+    from virgo_exps import scalability_plots
+
+    write_run(tmp_path / "runs", "a", "ddp", 1, [3.0, 2.0, 2.0], machine="local", computation=0.75)
+    write_run(tmp_path / "runs", "b", "ddp", 2, [3.0, 1.2, 1.2], machine="local", computation=0.5, val_loss=0.7)
+    report = summarize(load_files([tmp_path / "runs"])[0])
+    report.provenance["commits"] = ["abcdef12"]
+    stamps = {}
+
+    def keep(fig, path, stamp=None, flags=None):
+        stamps[Path(path).name] = stamp
+        plt_close(fig)
+
+    monkeypatch.setattr(scalability_plots, "_save", keep)
+    out = write_report(report, tmp_path / "report", stamp="CPU, simulated cluster")
+    expected = (f"machine local | device cpu | commit abcdef12 | {report.provenance['date']} | "
+                "CPU, simulated cluster")
+    assert set(stamps) >= {"epoch_time.png", "speedup.png", "efficiency.png", "val_loss.png", "computation.png"}
+    assert set(stamps.values()) == {expected}
+    page = (out / "index.html").read_text()
+    assert f"From: {expected}" in page
+    assert "Scaling: <b>ddp</b>: strong (fixed global batch)" in page
+    # Seconds beside the percentages, and the final validation loss.
+    b = group(report, "ddp", 2)
+    assert b["compute_s_per_epoch"] == pytest.approx(0.6) and b["other_s_per_epoch"] == pytest.approx(0.6)
+    table = (out / "console.txt").read_text()
+    assert "50% (0.6 s)" in table and "25% (0.5 s)" in table and "0.7" in table
+    assert group(report, "ddp", 1)["val_loss"] == 0.6
+
+
+def plt_close(fig):
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_epochs_under_host_load_are_left_out_of_medians(tmp_path):
+    write_run(tmp_path, "quiet", "ddp", 1, [5.0, 2.0, 2.0, 2.0], load=[0.3, 0.4, 0.5, 0.4])
+    write_run(tmp_path, "hogged", "ddp", 2, [5.0, 1.0, 3.5, 1.0], load=[0.3, 0.5, 2.1, 0.5], seed=1)
+    write_run(tmp_path, "old", "ddp", 4, [5.0, 0.6, 0.6])  # no load column: taken as it is
+    runs = {r.name: r for r in load_files([tmp_path])[0]}
+    assert runs["hogged"].contaminated == [1] and runs["hogged"].epoch_time == 1.0
+    assert runs["quiet"].contaminated == [] and runs["old"].epoch_load is None
+    report = summarize(list(runs.values()))
+    two = group(report, "ddp", 2)
+    assert two["epoch_time_s"] == 1.0 and two["excluded_epochs"] == 1 and two["spread_over"] == "2 epochs (1 run)"
+    assert any(n.startswith("hogged: epoch(s) 3 ran while the host's load exceeded its cores") for n in report.notes)
+    assert not any("host load per epoch not recorded" in n for n in report.notes)
 
 
 # -- dvc exp show parsing ---------------------------------------------------------

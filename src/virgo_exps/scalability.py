@@ -77,7 +77,8 @@ DEFINITIONS = {
                 "should not change it",
     "flags": "figures to check before use: efficiency above 100 %, speedup above the world size (superlinear: "
              "usually a baseline measured under other conditions), spread wider than the median difference to "
-             "the neighbouring world sizes of the group (the difference is not resolved)",
+             "the neighbouring world sizes of the group, or for a group of one world size to the other groups "
+             "at that world size (the difference is not resolved)",
     "gpu_energy_wh": "GPU energy of a whole run summed over ranks (Wh), median over runs; gpu_energy_wh_total sums "
                      "the group's runs",
     "gpu_energy_wh_per_sample": "GPU energy per training sample processed (Wh), median over runs",
@@ -242,7 +243,8 @@ def _git_head(repo: str | os.PathLike | None) -> str | None:
     if repo is None:
         return None
     try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=30,
+                              check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() or None if proc.returncode == 0 else None
@@ -261,7 +263,7 @@ def provenance(runs: list[Run], repo: str | os.PathLike | None = None, now: _dt.
     }
 
 
-def stamp_text(report: "Report", stamp: str | None = None) -> str:
+def stamp_text(report: Report, stamp: str | None = None) -> str:
     """One line for every figure and the page: machine, device, commit, date, and ``stamp`` when given."""
     p = report.provenance or {}
     parts = [f"machine {', '.join(p.get('machines') or ['unknown'])}",

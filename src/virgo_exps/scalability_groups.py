@@ -78,6 +78,13 @@ class Grouping:
         return self.key[id(run)]
 
 
+def _order(text: str):
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
 def _batch(run: Run):
     v = run.params.get(BATCH_KEY)
     try:
@@ -119,7 +126,7 @@ def assign(runs: list[Run]) -> Grouping:
     all_keys = list(dict.fromkeys(k for cfg in config.values() for k in cfg))
     split_on = {}
     for k in all_keys:
-        values = list(dict.fromkeys(cfg.get(k, "-") for cfg in config.values()))
+        values = sorted({cfg.get(k, "-") for cfg in config.values()}, key=_order)
         if len(values) > 1:
             split_on[k] = values
     labels = {}

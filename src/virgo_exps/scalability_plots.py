@@ -163,7 +163,7 @@ def _labels(groups: pd.DataFrame) -> list[str]:
 
 
 def _bar_fig(n: int, rows: int = 1):
-    return plt.subplots(rows, 1, figsize=(max(6.4, 0.9 * n + 2.0), 3.9 * rows + 0.4), squeeze=False)
+    return plt.subplots(rows, 1, figsize=(max(6.4, 1.3 * n + 2.0), 3.9 * rows + 0.4), squeeze=False)
 
 
 def _computation_plot(groups, path, colors, stamp: str | None = None) -> None:
@@ -172,7 +172,7 @@ def _computation_plot(groups, path, colors, stamp: str | None = None) -> None:
     frac = groups["computation_fraction"].to_numpy(dtype=float)
     x = np.arange(len(groups))
     ax.bar(x, frac, color="tab:blue", label="computation")
-    ax.bar(x, 1 - frac, bottom=frac, color="tab:orange", alpha=0.7, label="other (communication, waiting, data)")
+    ax.bar(x, 1 - frac, bottom=frac, color="tab:orange", alpha=0.7, label="other\n(communication,\nwaiting, data)")
     comp_s = groups["compute_s_per_epoch"].to_numpy(dtype=float)
     other_s = groups["other_s_per_epoch"].to_numpy(dtype=float)
     for xi, f, cs, os_ in zip(x, frac, comp_s, other_s):
@@ -187,7 +187,7 @@ def _computation_plot(groups, path, colors, stamp: str | None = None) -> None:
     ax.set_ylabel("share of profiled step time\n(label: seconds per epoch)")
     ax.set_xlabel("group, world size (nodes x processes per node)")
     ax.set_title("Computation vs other time per training step")
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=2, frameon=False)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _save(fig, path, stamp)
 
 
