@@ -349,7 +349,7 @@ def plt_close(fig):
 
 def test_epochs_under_host_load_are_left_out_of_medians(tmp_path):
     write_run(tmp_path, "quiet", "ddp", 1, [5.0, 2.0, 2.0, 2.0], load=[0.3, 0.4, 0.5, 0.4])
-    write_run(tmp_path, "hogged", "ddp", 2, [5.0, 1.0, 3.5, 1.0], load=[0.3, 0.5, 2.1, 0.5], seed=1)
+    write_run(tmp_path, "hogged", "ddp", 2, [5.0, 1.0, 3.5, 1.0], load=[0.3, 1.2, 2.1, 0.5], seed=1)
     write_run(tmp_path, "old", "ddp", 4, [5.0, 0.6, 0.6])  # no load column: taken as it is
     runs = {r.name: r for r in load_files([tmp_path])[0]}
     assert runs["hogged"].contaminated == [1] and runs["hogged"].epoch_time == 1.0
