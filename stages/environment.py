@@ -2,16 +2,21 @@
 
     python stages/environment.py --params params.yaml --out version.lock
 
-It also validates params.yaml and the machine profile, so that a bad value
-stops the pipeline before any other stage writes anything.
+It runs first and checks, before any other stage writes or deletes anything,
+everything about the run that can be known up front (virgo_exps.preflight,
+the same checks as `virgo-exps check`): params.yaml, the params against the
+active machine (nodes, processes, GPUs, the strategy's software, the device)
+and the disk and memory the data needs. A refusal is one `error:` line,
+followed by how to restore params.yaml when `dvc exp run -S` changed it.
 """
 
 import argparse
 import os
 from pathlib import Path
 
+from virgo_exps import preflight
 from virgo_exps.cli import stage_main
-from virgo_exps.config import load_params
+from virgo_exps.config import ConfigError
 from virgo_exps.environment import collect, render
 
 
@@ -20,7 +25,10 @@ def run() -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    load_params(args.params)
+    try:
+        preflight.check(args.params)
+    except ConfigError as exc:
+        return preflight.refuse(exc, args.params)
     text = render(collect())
     if args.out.exists() and args.out.read_text() == text:
         print(f"environment: {args.out} unchanged")

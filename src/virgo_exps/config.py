@@ -37,6 +37,19 @@ def _non_negative(v) -> bool:
     return v >= 0
 
 
+# Seeds go to numpy (SeedSequence, default_rng) and torch (manual_seed, and
+# the sampler's seed * 1_000_003 + epoch, which must stay below 2**64): the
+# 32-bit range every one of them accepts.
+SEED_MAX = 2**32 - 1
+SEED_RANGE = f"an integer from 0 to {SEED_MAX} (2**32 - 1)"
+# Every other integer reaches numpy or torch as a 64-bit integer.
+INT_MAX = 2**63 - 1
+
+
+def _seed(v) -> bool:
+    return 0 <= v <= SEED_MAX
+
+
 def _choice(*options):
     return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
 
@@ -49,7 +62,7 @@ MODELS = ("decoder", "unet")
 class GenerateConfig:
     """Synthetic main + auxiliary channels (see virgo_exps.data.generate)."""
 
-    seed: int = _spec(42, _non_negative, "an integer >= 0", "seed of the whole data set; sample i depends only on (seed, i)")
+    seed: int = _spec(42, _seed, SEED_RANGE, "seed of the whole data set; sample i depends only on (seed, i)")
     n_samples: int = _spec(256, _positive, "an integer > 0", "number of samples (each: 1 main + n_aux channels)")
     n_aux: int = _spec(3, lambda v: 1 <= v <= 64, "an integer from 1 to 64", "auxiliary channels per sample")
     duration: float = _spec(16.0, lambda v: 1.0 <= v <= 600.0, "seconds, from 1 to 600", "length of each series")
@@ -67,7 +80,7 @@ class PreprocessConfig:
     whiten: bool = _spec(False, None, "true or false", "whiten each channel before the Q-transform (as gwpy does)")
     patch_size: int = _spec(64, lambda v: 8 <= v <= 512, "an integer from 8 to 512", "side of the square patch cut around the main channel's peak")
     val_fraction: float = _spec(0.2, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1", "share of samples held out for validation")
-    split_seed: int = _spec(0, _non_negative, "an integer >= 0", "seed of the train/validation split")
+    split_seed: int = _spec(0, _seed, SEED_RANGE, "seed of the train/validation split")
     batch_size: int = _spec(32, _positive, "an integer > 0", "samples transformed at once")
     workers: int = _spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes")
     device: str = _spec("cpu", *_choice("cpu", "cuda"), doc="where the Q-transforms run")
@@ -86,7 +99,7 @@ class TrainConfig:
     lr: float = _spec(1e-3, lambda v: 0.0 < v < 10.0, "a number between 0 and 10 (exclusive)", "learning rate")
     lr_scaling: str = _spec("none", *_choice("none", "linear"), doc="multiply lr by world size ('linear') or not")
     weight_decay: float = _spec(0.0, _non_negative, "a number >= 0", "AdamW weight decay")
-    seed: int = _spec(0, _non_negative, "an integer >= 0", "seed of weights init and shuffling")
+    seed: int = _spec(0, _seed, SEED_RANGE, "seed of weights init and shuffling")
     warmup_steps: int = _spec(20, _non_negative, "an integer >= 0", "steps of linear learning-rate warm-up")
     profile_steps: int = _spec(5, _non_negative, "an integer >= 0 (0: off)", "steps profiled with the torch profiler")
     max_requeues: int = _spec(3, _non_negative, "an integer >= 0", "time-outs/preemptions tolerated before failing")
@@ -96,7 +109,8 @@ class TrainConfig:
 class ReportConfig:
     """Per-experiment report."""
 
-    title: str = _spec("Virgo synthetic study", lambda v: len(v) > 0, "a non-empty string", "heading of report.md")
+    title: str = _spec("Virgo synthetic study", lambda v: v.strip() != "", "a string with at least one visible character",
+                       "heading of report.md")
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,10 @@ def _build(cls, section: str, raw: Any):
         check = f.metadata.get("check")
         if check is not None and not check(value):
             raise ConfigError(f"{key}: {value!r} is not allowed; expected {f.metadata['allowed']}")
+        if hints[f.name] is int and not -INT_MAX - 1 <= value <= INT_MAX:
+            raise ConfigError(
+                f"{key}: {value!r} is out of range; numpy and torch take 64-bit integers, at most {INT_MAX}"
+            )
         values[f.name] = value
     return cls(**values)
 

@@ -1,0 +1,304 @@
+"""Everything about a run that can be known before it starts, checked before it starts.
+
+:func:`check` is what the first stage (``stages/environment.py``) and
+``virgo-exps check`` run, so both refuse exactly the same things, with the
+same one line, before any stage has written or deleted an output:
+
+1. ``params.yaml`` itself: types, allowed values and ranges, cross-field rules
+   (:func:`virgo_exps.config.load_params`);
+2. the params against the active machine (:mod:`virgo_exps.machines`): nodes
+   and processes the machine can run, GPUs per node, the strategy's software
+   installed, the preprocessing device present;
+3. a size budget: disk and memory estimated from the params against what is
+   free on the file system of ``data/`` (and of DVC's cache) and in memory.
+
+A rule that the launcher already enforces (e.g. several nodes on the local
+machine, Horovod not built) is checked by calling the launcher's own code.
+
+Nothing here imports torch unless a check needs it (a CUDA device, GPUs for
+several processes), so validating params stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, Params, load_params
+from .machines import Machine, load_machine
+from .paths import main_checkout, repo_root
+
+# What each strategy needs beyond torch, as an importable module.
+STRATEGY_MODULES = {"deepspeed": "deepspeed", "horovod": "horovod"}
+# Per chunk of the generated store, the generate stage keeps a few Python
+# objects (chunk index, task bookkeeping): counted generously.
+BYTES_PER_CHUNK = 200
+# Per sample, preprocessing keeps the split permutation, both index arrays
+# and a validation mask (3 x int64 + 1 bool) plus a window per sample.
+BYTES_PER_SAMPLE_PREPROCESS = 3 * 8 + 1 + 2 * 8
+
+
+def _fmt(n: float) -> str:
+    from .data.store import format_bytes
+
+    return format_bytes(n)
+
+
+# -- the params against the machine ------------------------------------------
+
+
+def check_machine(params: Params, machine: Machine) -> None:
+    """Nodes, processes, GPUs and the strategy's software on ``machine``; raise ConfigError."""
+    cfg = params.train
+    module = STRATEGY_MODULES.get(cfg.strategy)
+    if machine.kind == "local":
+        # The launcher's own refusals (several nodes here, horovodrun missing).
+        from .launch import local_command
+
+        local_command(cfg, ["stages/train.py"], python=sys.executable,
+                      deepspeed_launcher=machine.deepspeed_launcher)
+        total = machine.max_procs or os.cpu_count() or 1
+        if cfg.procs_per_node > total:
+            raise ConfigError(
+                f"train.procs_per_node: {cfg.procs_per_node} processes do not fit the {total} cores of machine "
+                f"'{machine.name}'; lower it or run on a cluster"
+            )
+        if cfg.procs_per_node > 1:
+            gpus = _visible_gpus()
+            if gpus and cfg.procs_per_node > gpus:
+                raise ConfigError(
+                    f"train.procs_per_node: {cfg.procs_per_node} processes but machine '{machine.name}' has "
+                    f"{gpus} GPU(s), one per process; set train.procs_per_node to at most {gpus}"
+                )
+    else:
+        from .slurm import use_slurm_conf
+
+        use_slurm_conf(machine)  # the profile's cluster must exist
+        if machine.gpus_per_node and cfg.procs_per_node > machine.gpus_per_node:
+            raise ConfigError(
+                f"train.procs_per_node: {cfg.procs_per_node} processes per node but machine '{machine.name}' "
+                f"requests {machine.gpus_per_node} GPU(s) per node, one per process; set train.procs_per_node "
+                f"to at most {machine.gpus_per_node} or raise gpus_per_node in machines/{machine.name}/machine.yaml"
+            )
+    if module and importlib.util.find_spec(module) is None:
+        if module == "horovod":
+            raise ConfigError(
+                "train.strategy: 'horovod' needs Horovod, which is not built in this environment; "
+                "run `make horovod` (a few minutes) or choose 'ddp' or 'deepspeed'"
+            )
+        raise ConfigError(
+            f"train.strategy: {cfg.strategy!r} needs the Python package '{module}', which is not installed in "
+            f"this environment ({sys.prefix}); install it (`pip install -e .`) or choose another strategy"
+        )
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_device(params: Params) -> None:
+    """``preprocess.device`` exists here (preprocessing runs on this machine, also on SLURM machines)."""
+    if params.preprocess.device != "cuda":
+        return
+    import torch
+
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is built without CUDA"
+    elif not torch.cuda.is_available():
+        why = "torch finds no CUDA GPU on this machine"
+    else:
+        return
+    raise ConfigError(f"preprocess.device: 'cuda' is not available: {why}; set preprocess.device=cpu")
+
+
+# -- the size budget -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Sizes estimated from the params, in bytes, and what this machine has free."""
+
+    raw: int  # data/raw.zarr, uncompressed (an upper bound: noise hardly compresses)
+    images: int  # data/images.zarr
+    disk: int  # what the data outputs add on the file system of data/
+    disk_free: int  # free there, plus what the current outputs occupy (they are replaced)
+    copies: int  # 2 when DVC's cache is on the same file system as data/ (a copy in each)
+    cache_disk: int  # what DVC's cache needs on its own file system (0: same as data/)
+    cache_free: int
+    memory: int  # peak memory of the stages that run on this machine
+    memory_what: str  # which stage sets that peak
+    memory_free: int
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (a file system question, before the folder exists)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size_of(path: Path) -> int:
+    if not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def dvc_cache_dir() -> Path:
+    """DVC's cache folder: ``cache.dir`` of ``.dvc/config(.local)``, else ``.dvc/cache`` of the main checkout."""
+    import configparser
+
+    dvc_dir = main_checkout() / ".dvc"
+    found = dvc_dir / "cache"
+    for name in ("config", "config.local"):
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        try:
+            parser.read(dvc_dir / name)
+        except configparser.Error:
+            continue
+        for section in parser.sections():
+            if section.strip().strip("'\"") == "cache" and parser.get(section, "dir", fallback=None):
+                value = Path(os.path.expanduser(parser.get(section, "dir").strip().strip("'\"")))
+                found = value if value.is_absolute() else dvc_dir / value
+    return found
+
+
+def estimate(params: Params, machine: Machine) -> Budget:
+    """Disk and memory a run of these params needs here, and what is free."""
+    import psutil
+
+    from .data.generate import n_chunks_of, n_time_of, resolve_workers
+
+    g, p = params.generate, params.preprocess
+    channels = 1 + g.n_aux
+    raw = g.n_samples * channels * n_time_of(g) * 4
+    images = g.n_samples * channels * p.patch_size ** 2 * 4
+    outputs = raw + images
+
+    data = repo_root() / "data"
+    data_fs = _existing(data)
+    cache_fs = _existing(dvc_cache_dir())
+    same = os.stat(data_fs).st_dev == os.stat(cache_fs).st_dev
+    copies = 2 if same else 1
+    current = _size_of(data / "raw.zarr") + _size_of(data / "images.zarr")
+    disk_free = shutil.disk_usage(data_fs).free + current
+
+    # Peak memory of what runs on this machine.
+    peaks: list[tuple[int, str]] = []
+    generate_here = machine.kind == "local" or not machine.generate_tasks
+    if generate_here:
+        chunk = min(g.chunk_size, g.n_samples) * channels * n_time_of(g) * 4
+        workers = max(1, min(resolve_workers(None, g.workers), n_chunks_of(g)))
+        peaks.append((n_chunks_of(g) * BYTES_PER_CHUNK + 2 * workers * chunk, "generate: chunk index and buffers"))
+    peaks.append((g.n_samples * BYTES_PER_SAMPLE_PREPROCESS, "preprocess: split indices"))
+    if machine.kind == "local":
+        # Every training process reads the whole preprocessed store into memory.
+        peaks.append((params.train.procs_per_node * images,
+                      f"train: {params.train.procs_per_node} process(es) holding data/images.zarr in memory"))
+    memory, what = max(peaks)
+    return Budget(
+        raw=raw, images=images, disk=copies * outputs, disk_free=disk_free, copies=copies,
+        cache_disk=0 if same else outputs, cache_free=0 if same else shutil.disk_usage(cache_fs).free,
+        memory=memory, memory_what=what, memory_free=psutil.virtual_memory().available,
+    )
+
+
+def check_budget(params: Params, budget: Budget) -> None:
+    """Refuse params whose outputs do not fit the disk, or whose stages do not fit in memory."""
+    n = params.generate.n_samples
+    lower = ("lower generate.n_samples (or generate.n_aux, generate.duration, generate.sample_rate, "
+             "preprocess.patch_size)")
+    sizes = f"raw series {_fmt(budget.raw)} + images {_fmt(budget.images)}"
+    if budget.disk > budget.disk_free:
+        where = ", once in data/ and once in DVC's cache" if budget.copies == 2 else " in data/"
+        raise ConfigError(
+            f"generate.n_samples: {n} samples need up to {_fmt(budget.disk)} on disk ({sizes}{where}) but "
+            f"{_fmt(budget.disk_free)} are free on the file system of data/; {lower} or free space"
+        )
+    if budget.cache_disk > budget.cache_free:
+        raise ConfigError(
+            f"generate.n_samples: {n} samples need up to {_fmt(budget.cache_disk)} in DVC's cache ({sizes}) but "
+            f"{_fmt(budget.cache_free)} are free on its file system ({dvc_cache_dir()}); {lower} or free space"
+        )
+    if budget.memory > budget.memory_free:
+        raise ConfigError(
+            f"generate.n_samples: {n} samples need ~{_fmt(budget.memory)} of memory ({budget.memory_what}) but "
+            f"{_fmt(budget.memory_free)} are available on this machine; {lower}"
+            + (", or use fewer train.procs_per_node" if budget.memory_what.startswith("train") else "")
+        )
+
+
+# -- all together ----------------------------------------------------------------
+
+
+def check(params_path: str | os.PathLike = "params.yaml", machine: Machine | None = None
+          ) -> tuple[Params, Machine, Budget]:
+    """Every check, in order; raise ConfigError (one line) at the first problem."""
+    params = load_params(params_path)
+    machine = machine or load_machine()
+    check_machine(params, machine)
+    check_device(params)
+    budget = estimate(params, machine)
+    check_budget(params, budget)
+    return params, machine, budget
+
+
+def summary(params_path: str | os.PathLike, machine: Machine, budget: Budget) -> str:
+    """The line ``virgo-exps check`` prints when everything passed."""
+    return (f"{params_path}: valid; machine: {machine.name} ({machine.kind}); data needs up to "
+            f"{_fmt(budget.disk)} on disk ({_fmt(budget.disk_free)} free), ~{_fmt(budget.memory)} of memory "
+            f"({_fmt(budget.memory_free)} available)")
+
+
+def recovery_hint(params_path: str | os.PathLike = "params.yaml") -> str | None:
+    """How to get the committed params back, when the file on disk differs from them.
+
+    ``dvc exp run -S key=value`` writes the value into params.yaml before any
+    stage runs, so a refused value stays in the file (and ``git status`` may
+    not show it when the file keeps its length and timestamp granularity hides
+    the change). Compared by content; None outside a git checkout, in DVC's
+    temporary workspaces (the user's file was not touched) or when equal.
+    """
+    path = Path(params_path)
+    if main_checkout() != repo_root():
+        return None
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        proc = subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=folder, capture_output=True, timeout=20)
+        current = path.read_bytes()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0 or proc.stdout == current:
+        return None
+    return (f"{path} differs from the last commit (`dvc exp run -S` writes its values there before any stage "
+            f"runs): `git checkout {path}` restores the committed values")
+
+
+def refuse(exc: ConfigError, params_path: str | os.PathLike = "params.yaml") -> int:
+    """Print the refusal (one ``error:`` line, then how to get back) to stderr; return the exit code 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    hint = recovery_hint(params_path)
+    if hint:
+        print(hint, file=sys.stderr)
+    sys.stderr.flush()
+    return 2
+
+
+__all__ = ["Budget", "check", "check_budget", "check_device", "check_machine", "estimate", "recovery_hint",
+           "refuse", "summary", "dvc_cache_dir"]
