@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="virgo-exps", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="list every key of params.yaml with its default and allowed values")
-    check = sub.add_parser("check", help="validate params.yaml and the machine profile, write nothing")
+    check = sub.add_parser("check", help="run the first stage's checks (params, machine, disk and memory), write nothing")
     check.add_argument("--params", default="params.yaml")
     preset = sub.add_parser("preset", help="merge a preset (e.g. presets/paper.yaml) into params.yaml, validated")
     preset.add_argument("file")
@@ -173,12 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "params":
         print(describe())
     elif args.command == "check":
-        from .config import load_params
-        from .machines import load_machine
+        from . import preflight
 
         def body():
-            load_params(args.params)
-            machine = load_machine()
-            print(f"{args.params}: valid; machine: {machine.name} ({machine.kind})")
+            # exactly the checks of the pipeline's first stage (stages/environment.py)
+            try:
+                _params, machine, budget = preflight.check(args.params)
+            except ConfigError as exc:
+                return preflight.refuse(exc, args.params)
+            print(preflight.summary(args.params, machine, budget))
 
         stage_main(body)
