@@ -487,46 +487,89 @@ def test_cli_with_metrics_files(ddp_sweep, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_report_over_real_dvc_experiments(tmp_path):
+    """A mixed set made by the real pipeline: `single` at two learning rates (seeds 0 and 1 at 0.001), `ddp`
+    at 1 and 2 processes, a no-op `dvc exp run` (a second experiment with the same result), and a second
+    machine. Only the machine is not real: the workspace gets the 2-process ddp experiment's results with
+    `dvc exp apply`, and the machine field of its results/metrics.json is rewritten to "simcluster"
+    (everything else is as trained here), as if that run had been made on the cluster."""
     repo = make_repo(tmp_path / "repo", {"train": {"epochs": 3}})
     dvc = str(BIN / "dvc")
-    # single twice (seeds 0 and 1), ddp at 1 and 2 processes. `-S` edits params.yaml
-    # for good, so every run names all three keys.
+    # `-S` edits params.yaml for good, so every run names all three keys.
     sweep = [("single", 1, 0), ("ddp", 1, 0), ("ddp", 2, 0), ("single", 1, 1)]
     for strategy, procs, seed in sweep:
         sh([dvc, "exp", "run", "-S", f"train.strategy={strategy}", "-S", f"train.procs_per_node={procs}",
             "-S", f"train.seed={seed}"], repo)
+    sh([dvc, "exp", "run", "-S", "train.lr=0.0003"], repo)  # single, seed 1, another learning rate
+    sh([dvc, "exp", "run"], repo)  # nothing changed: trains nothing, one more experiment all the same
+    shown = json.loads(sh([dvc, "exp", "show", "--json"], repo).stdout)
+    exps = {e["name"]: e["revs"][0]["data"] for e in shown[1]["experiments"]}
+    assert len(exps) == 6, sorted(exps)
+    ddp2 = next(n for n, d in exps.items() if d["params"]["params.yaml"]["data"]["train"]["strategy"] == "ddp"
+                and d["params"]["params.yaml"]["data"]["train"]["procs_per_node"] == 2)
+    sh([dvc, "exp", "apply", ddp2], repo)
+    metrics_path = repo / "results" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["machine"] == "local"
+    metrics_path.write_text(json.dumps({**metrics, "machine": "simcluster"}, indent=2, sort_keys=True) + "\n")
+
     cli = [str(BIN / "python"), "-m", "virgo_exps.scalability_cli"]
     proc = sh(cli, repo)
-    assert "Speedup baselines" in proc.stdout
+    head = sh(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert "Speedup baselines" in proc.stdout and "Split on: train.lr (0.0003, 0.001); machine (local, simcluster)" \
+        in proc.stdout
     out = repo / "results" / "scalability"
     doc = json.loads((out / "scalability.json").read_text())
     groups = {(g["series"], g["world_size"]): g for g in doc["groups"]}
-    assert set(groups) == {("single", 1), ("ddp", 1), ("ddp", 2)}
-    assert len(doc["experiments"]) == 4  # the workspace (= last experiment) is not counted twice
-    assert groups[("single", 1)]["n_runs"] == 2 and groups[("single", 1)]["spread_over"] == "2 runs"
-    ddp1, ddp2 = groups[("ddp", 1)], groups[("ddp", 2)]
-    assert ddp2["baseline"] == "ddp @ 1 (1x1)"
-    assert ddp2["speedup"] == pytest.approx(ddp1["epoch_time_s"] / ddp2["epoch_time_s"])
-    assert ddp2["efficiency"] == pytest.approx(ddp2["speedup"] / 2)
-    assert ddp2["spread_over"] == "2 epochs (1 run)"  # 3 epochs, the first one is warm-up
-    assert all(g["speedup_vs_single"] > 0 for g in doc["groups"])
-    for name in ("epoch_time.png", "speedup.png", "efficiency.png", "throughput.png", "computation.png"):
+    single, slow_lr = "single, lr=0.001, machine=local", "single, lr=0.0003, machine=local"
+    ddp, cluster = "ddp, lr=0.001, machine=local", "ddp, lr=0.001, machine=simcluster"
+    assert set(groups) == {(single, 1), (slow_lr, 1), (ddp, 1), (ddp, 2), (cluster, 2)}
+    assert doc["split_on"] == {"train.lr": ["0.0003", "0.001"], "machine": ["local", "simcluster"]}
+    # 6 experiments and the workspace: the no-op experiment is the lr=0.0003 one counted once.
+    assert len(doc["experiments"]) == 6 and len(doc["duplicates"]) == 1
+    (dup, kept), = doc["duplicates"].items()
+    assert {dup, kept} <= set(exps) and groups[(slow_lr, 1)]["runs"] == kept
+    assert groups[(slow_lr, 1)]["n_runs"] == 1
+    assert groups[(single, 1)]["n_runs"] == 2 and groups[(single, 1)]["spread_over"] == "2 runs"
+    ddp1, ddp2g, sim = groups[(ddp, 1)], groups[(ddp, 2)], groups[(cluster, 2)]
+    assert ddp2g["baseline"] == f"{ddp} @ 1 (1x1)" and ddp2g["runs"] == ddp2
+    assert ddp2g["speedup"] == pytest.approx(ddp1["epoch_time_s"] / ddp2g["epoch_time_s"])
+    assert ddp2g["efficiency"] == pytest.approx(ddp2g["speedup"] / 2)
+    assert ddp2g["spread_over"] == "2 epochs (1 run)"  # 3 epochs, the first one is warm-up
+    # The cluster run is not measured against a local baseline: its own group, and it says so.
+    assert sim["runs"] == "workspace" and sim["baseline"] == f"{cluster} @ 2 (1x2)" and sim["speedup"] == 1.0
+    assert sim["speedup_vs_single"] is None and ddp2g["speedup_vs_single"] > 0
+    assert any(n.startswith(f"'{cluster}' has no 1-process run of its own") for n in doc["notes"])
+    assert all(g["scaling"] == "strong (fixed global batch 8)" for g in doc["groups"])
+    assert all(g["val_loss"] > 0 for g in doc["groups"])
+    # Where it comes from, by default.
+    assert doc["provenance"]["machines"] == ["local", "simcluster"] and doc["provenance"]["commits"] == [head[:8]]
+    assert f"machine local, simcluster | device cpu | commit {head[:8]} |" in doc["origin"]
+    assert f"From: {doc['origin']}" in (out / "index.html").read_text()
+    # The trainer records the host's load per epoch.
+    assert not any("host load per epoch not recorded" in n for n in doc["notes"])
+    for name in ("epoch_time.png", "speedup.png", "efficiency.png", "throughput.png", "computation.png",
+                 "val_loss.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert any("GPU utilisation and energy: not measured" in n for n in doc["notes"])
 
     # Named experiments only.
-    names = sorted(e["name"] for e in doc["experiments"] if e["series"] == "ddp")
+    names = sorted(e["name"] for e in doc["experiments"] if e["series"] == ddp)
     sh(cli + ["--exp", *names, "--out", "ddp-only"], repo)
     only = json.loads((repo / "ddp-only" / "scalability.json").read_text())
     assert {g["series"] for g in only["groups"]} == {"ddp"} and len(only["experiments"]) == 2
+    assert only["split_on"] == {}
 
-    # The same runs from MLflow (local store of this checkout) give the same groups and times.
+    # The runs that trained, from MLflow (local store of this checkout): the same groups and times. MLflow
+    # knows no data or software hash and holds no workspace copy; the no-op run logged nothing.
     sh(cli + ["--mlflow", "--out", "from-mlflow"], repo, env=tool_env())
     via = json.loads((repo / "from-mlflow" / "scalability.json").read_text())
+    assert via["split_on"] == {"train.lr": ["0.0003", "0.001"]} and via["duplicates"] == {}
+    local = {(s.replace(", machine=local", ""), w): g for (s, w), g in groups.items() if "simcluster" not in s}
     assert {(g["series"], g["world_size"]): g["n_runs"] for g in via["groups"]} == {
-        k: g["n_runs"] for k, g in groups.items()}
+        k: g["n_runs"] for k, g in local.items()}
     for g in via["groups"]:
-        mine = groups[(g["series"], g["world_size"])]
+        mine = local[(g["series"], g["world_size"])]
         assert g["epoch_time_s"] == pytest.approx(mine["epoch_time_s"], rel=1e-9)
         assert g["samples_per_s"] == pytest.approx(mine["samples_per_s"], rel=1e-9)
-    assert sorted(e["name"] for e in via["experiments"]) == sorted(e["name"] for e in doc["experiments"])
+    assert sorted(e["name"] for e in via["experiments"]) == sorted(
+        e["name"] for e in doc["experiments"] if e["source"] == "experiment")

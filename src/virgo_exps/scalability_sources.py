@@ -262,6 +262,7 @@ def parse_exp_show(shown: list[dict], repo: Path | None = None) -> tuple[list[Ru
     commits when they carry results. Duplicates (the workspace after ``dvc exp run`` holds the last
     experiment's results) are removed later, by :func:`virgo_exps.scalability_groups.dedupe`."""
     runs: list[Run] = []
+    times: list[str] = []
     extra: list[Run] = []
     notes: list[str] = []
     head = next((e.get("rev") for e in shown if e.get("rev") not in (None, "workspace")), None)
@@ -295,8 +296,12 @@ def parse_exp_show(shown: list[dict], repo: Path | None = None) -> tuple[list[Ru
                 notes.append(f"experiment {name} left out ({why})")
                 continue
             t, s, load = _git_epochs(repo, tip["rev"]) if repo else NO_EPOCHS
+            times.append(str(tip_data.get("timestamp") or ""))
             runs.append(Run(name, "experiment", metrics, _params_of(tip_data), t, s, tip.get("rev"),
                             _hashes(tip_data.get("deps")), _hashes(tip_data.get("outs")), rev, epoch_load=load))
+    # Oldest first, so that of two experiments with the same result the one that trained is kept.
+    stamp = {id(r): t for r, t in zip(runs, times)}
+    runs.sort(key=lambda r: stamp[id(r)] or "")
     return runs + extra, notes
 
 
