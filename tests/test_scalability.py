@@ -332,7 +332,7 @@ def test_origin_line_on_every_figure_and_the_page(tmp_path, monkeypatch):
     assert set(stamps.values()) == {expected}
     page = (out / "index.html").read_text()
     assert f"From: {expected}" in page
-    assert "Scaling: <b>ddp</b>: strong (fixed global batch)" in page
+    assert "Scaling: strong (fixed global batch) in every group." in page
     # Seconds beside the percentages, and the final validation loss.
     b = group(report, "ddp", 2)
     assert b["compute_s_per_epoch"] == pytest.approx(0.6) and b["other_s_per_epoch"] == pytest.approx(0.6)

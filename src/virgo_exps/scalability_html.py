@@ -76,7 +76,11 @@ def render(report, plots, skipped, title: str, summary: pd.DataFrame, definition
                      + ".</p>")
     if not report.groups.empty:
         modes = dict(zip(report.groups["series"], report.groups["scaling"]))
-        parts.append("<p>Scaling: " + "; ".join(f"<b>{_e(s)}</b>: {_e(m)}" for s, m in modes.items()) + ".</p>")
+        if len(set(modes.values())) == 1:
+            parts.append(f"<p>Scaling: {_e(next(iter(modes.values())))} in every group.</p>")
+        else:
+            parts.append("<p>Scaling: " + "; ".join(f"<b>{_e(s)}</b>: {_e(m)}" for s, m in modes.items())
+                         + ".</p>")
     parts += ["<h2>Summary</h2>", _table(summary)]
     if not report.groups.empty:
         bases = dict(zip(report.groups["series"], report.groups["baseline"]))
