@@ -4,7 +4,10 @@ By default the runs go to a SQLite store in the main checkout
 (``mlflow/mlflow.db``, git-ignored), which needs no server. Set
 ``MLFLOW_TRACKING_URI`` (and ``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` for a
 server with basic auth) to use a team server instead. Credentials are read by
-MLflow from the environment and never written by us anywhere.
+MLflow from the environment and never written by us anywhere. A user name or
+password inside ``MLFLOW_TRACKING_URI`` is refused (:func:`check_tracking_uri`):
+MLflow prints that URI in its ``View run ... at:`` lines, which end up in the
+stage logs.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
 from .paths import experiment_name, main_checkout
 
 EXPERIMENT = os.environ.get("VIRGO_MLFLOW_EXPERIMENT", "virgo-exps")
@@ -30,12 +35,50 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def _userinfo(uri: str) -> tuple[str, str, str] | None:
+    """(scheme://, user:password, the rest) of a URI whose address holds credentials, else None.
+
+    Everything up to the last '@' counts: a password typed without percent-encoding
+    may itself contain '@', '/', '?' or '#'. URIs without an address (``sqlite:///``,
+    ``file:///``) have none.
+    """
+    if "://" not in uri:
+        return None
+    scheme, rest = uri.split("://", 1)
+    if rest.startswith("/") or "@" not in rest:
+        return None
+    user, host = rest.rsplit("@", 1)
+    return f"{scheme}://", user, host
+
+
 def redact(uri: str) -> str:
-    """A URI safe to print: user:password@ removed."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
+    """A URI safe to print: user:password@ replaced by ***@."""
+    parts = _userinfo(uri)
+    return f"{parts[0]}***@{parts[2]}" if parts else uri
+
+
+def check_tracking_uri(uri: str | None = None) -> None:
+    """Refuse credentials inside the tracking URI (``MLFLOW_TRACKING_URI`` by default).
+
+    MLflow prints the tracking URI in its own ``View run ... at: <uri>`` lines,
+    which the launcher copies into ``logs/<stage>/*.out``; a password there
+    would be in every log. Credentials belong in MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, which MLflow reads and nothing prints.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "") if uri is None else uri
+    if _userinfo(uri) is None:
+        return
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        what = ("set MLFLOW_TRACKING_URI to the address alone and the credentials in MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD")
+    else:
+        what = ("set MLFLOW_TRACKING_URI without them and give the password the database client's own way "
+                "(for PostgreSQL: ~/.pgpass or PGPASSWORD)")
+    raise ConfigError(
+        f"MLFLOW_TRACKING_URI: holds a user name or password ({redact(uri)}), which MLflow would print "
+        f"into the training logs; {what}"
+    )
 
 
 def git_revision(cwd: Path | None = None) -> str:
@@ -66,6 +109,7 @@ class Tracker:
     def start(self, params: dict[str, Any], tags: dict[str, str], artifacts: list[Path]) -> None:
         if not self.enabled:
             return
+        check_tracking_uri()
         import mlflow
 
         from mlflow.exceptions import MlflowException

@@ -1,0 +1,103 @@
+"""A tracking server's password reaches no log, file or param (real `mlflow server` with basic auth).
+
+The pipeline runs through ``dvc exp run`` with the credentials in
+MLFLOW_TRACKING_USERNAME/PASSWORD; then the train stage is run again with them
+inside MLFLOW_TRACKING_URI, which is refused with one line before MLflow is
+used (MLflow prints that URI in its ``View run ... at:`` lines, which the
+launcher copies into the stage log). After each run every file the run could
+write is searched for the password: the checkout (logs, results, checkpoints,
+version.lock, DVC's cache and temporary files, git), the server's store and
+artifacts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, make_repo, sh, tool_env
+from test_tracking import PASSWORD, server  # noqa: F401 - `server` is the module's MLflow server fixture
+from virgo_exps.config import ConfigError
+from virgo_exps.tracking import check_tracking_uri, redact
+
+pytestmark = pytest.mark.slow
+
+
+def leaks(*roots: Path) -> list[Path]:
+    """Every file under ``roots`` that holds the password (as text or inside binary data)."""
+    found = []
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and PASSWORD.encode() in path.read_bytes():
+                found.append(path)
+    return found
+
+
+def runs_named(url: str, name: str, monkeypatch) -> list:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name("virgo-exps")
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+
+
+@pytest.fixture(scope="module")
+def served(server, tmp_path_factory):
+    """The whole pipeline on the local machine, tracked on the server, credentials in the environment."""
+    url, home = server
+    repo = make_repo(tmp_path_factory.mktemp("secrets") / "repo", {"train": {"epochs": 1, "profile_steps": 0}})
+    env = tool_env({"VIRGO_MACHINE": "local", "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin",
+                    "MLFLOW_TRACKING_PASSWORD": PASSWORD})
+    proc = sh([str(BIN / "dvc"), "exp", "run", "-n", "served"], repo, env, check=False)
+    return url, home, repo, proc
+
+
+def test_password_from_the_environment_is_in_no_file_of_the_run(served, monkeypatch):
+    url, home, repo, proc = served
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "View run served at:" in out and f"{url}/#/experiments/" in out  # MLflow's own line, as it is
+    [run] = runs_named(url, "served", monkeypatch)
+    assert "val_loss" in run.data.metrics
+    assert PASSWORD not in repr(run.data.params) + repr(run.data.tags)
+    assert list((repo / "logs" / "train").glob("served-local-*.out")), "the stage log is among the files searched"
+    assert (repo / ".dvc" / "cache").is_dir()
+    assert leaks(repo, home) == []
+    assert PASSWORD not in out
+
+
+def test_password_in_the_tracking_uri_is_refused_and_in_no_file(served, monkeypatch):
+    url, home, repo, first = served
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    host = url.split("://", 1)[1]
+    env = tool_env({"VIRGO_MACHINE": "local", "MLFLOW_TRACKING_URI": f"http://admin:{PASSWORD}@{host}"})
+    proc = sh([str(BIN / "dvc"), "exp", "run", "-n", "in-uri", "-f", "-s", "train"], repo, env, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    line = (f"error: MLFLOW_TRACKING_URI: holds a user name or password (http://***@{host}), which MLflow would "
+            "print into the training logs; set MLFLOW_TRACKING_URI to the address alone and the credentials in "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    assert line in out.splitlines(), out[-3000:]
+    [log] = (repo / "logs" / "train").glob("in-uri-local-*.out")
+    assert line in log.read_text().splitlines()
+    assert "View run" not in log.read_text()
+    assert runs_named(url, "in-uri", monkeypatch) == []
+    assert leaks(repo, home) == []
+    assert PASSWORD not in out
+
+
+def test_credentials_are_found_wherever_they_are_in_the_uri():
+    for uri in ("http://u:p@h:5000", "https://token@h", "http://u:p@ss/w?rd#x@h:5000/path",
+                "postgresql://u:pw@db:5432/mlflow"):
+        with pytest.raises(ConfigError, match=r"^MLFLOW_TRACKING_URI: holds a user name or password") as err:
+            check_tracking_uri(uri)
+        assert "p@ss" not in str(err.value) and "pw@" not in str(err.value) and ":p@" not in str(err.value)
+    for uri in ("http://127.0.0.1:5000", "sqlite:////home/a@b/mlflow.db", "file:///x@y/mlruns", "databricks", ""):
+        check_tracking_uri(uri)
+        assert redact(uri) == uri
+    assert redact("http://u:p@ss@h:5000/x") == "http://***@h:5000/x"
