@@ -17,6 +17,9 @@ def run() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cfg = load_params(args.params).preprocess
+    from virgo_exps.provenance import check_input
+
+    check_input(args.source, args.params)  # the store was made with the generate params we were given
     from virgo_exps.data.preprocess import preprocess
 
     summary = preprocess(args.source, cfg, args.out, workers=cfg.workers or None, device=cfg.device)

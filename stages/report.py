@@ -19,6 +19,9 @@ def run() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cfg = load_params(args.params).report
+    from virgo_exps.provenance import check_metrics
+
+    check_metrics(args.metrics, args.params)  # the metrics were made with the train params we were given
     from virgo_exps.paths import experiment_name
     from virgo_exps.report import build
 

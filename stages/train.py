@@ -34,6 +34,9 @@ def launch(args) -> int:
     from virgo_exps import launch as launcher
 
     params = load_params(args.params)
+    from virgo_exps.provenance import check_input
+
+    check_input(args.data, args.params)  # the data was made with the params we were given
     # The workers run this same script, from the same directory, with --worker.
     argv = [sys.argv[0], *sys.argv[1:], "--worker"]
     return launcher.run("train", argv, params.train)

@@ -60,11 +60,18 @@ def run_pipeline(dvc_args: list[str]) -> int:
 
     dvc = str(Path(sys.executable).parent / "dvc")
     cmd = [dvc, "exp", "run", *dvc_args]
-    print("$ " + " ".join(["dvc", "exp", "run", *dvc_args]), flush=True)
     # Stage commands say `python`: make it the venv's, as after `source .venv/bin/activate`.
     import os
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # `dvc exp run` records an experiment even when nothing changed; such a row
+    # would count as a repeated run. Ask DVC first, and record nothing then.
+    if _plain_run(dvc_args) and _up_to_date(dvc, env):
+        print("Pipeline is up to date, no experiment recorded (`dvc status`: nothing to reproduce; "
+              "the environment was checked and is unchanged).")
+        _print_results(main_checkout(), redact(tracking_uri()))
+        return 0
+    print("$ " + " ".join(["dvc", "exp", "run", *dvc_args]), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     ran: list[str] = []
     lines: list[str] = []
@@ -93,14 +100,73 @@ def run_pipeline(dvc_args: list[str]) -> int:
         print("Pipeline is up to date: no stage reran (the environment was checked and is unchanged).")
     else:
         print(f"Stages run: {', '.join(ran)}")
+    _print_results(root, redact(tracking_uri()))
+    return 0
+
+
+# Options of `dvc exp run` that do not change what runs; with any other
+# argument (-S, --queue, --force, targets, ...) DVC alone decides.
+_PLAIN_OPTIONS = {"-n", "--name", "-m", "--message"}
+_PLAIN_FLAGS = {"-q", "--quiet", "-v", "--verbose"}
+
+
+def _plain_run(dvc_args: list[str]) -> bool:
+    i = 0
+    while i < len(dvc_args):
+        arg = dvc_args[i]
+        if arg in _PLAIN_FLAGS:
+            i += 1
+        elif arg in _PLAIN_OPTIONS:
+            i += 2
+        elif arg.split("=", 1)[0] in _PLAIN_OPTIONS and "=" in arg:
+            i += 1
+        else:
+            return False
+    return True
+
+
+def _dvc_status(dvc: str, env: dict) -> dict | None:
+    import json
+    import subprocess
+
+    proc = subprocess.run([dvc, "status", "--json"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return None
+    try:
+        return json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        return None
+
+
+def _up_to_date(dvc: str, env: dict) -> bool:
+    """True when no stage would rerun: ``dvc status`` is clean but for the always-changed
+    environment stage, which is then run on its own; it rewrites ``version.lock`` only when
+    the environment changed, and ``dvc status`` is asked again."""
+    import subprocess
+
+    def pending(status: dict) -> list[str]:
+        return [stage for stage, changes in status.items() if [c for c in changes if c != "always changed"]]
+
+    status = _dvc_status(dvc, env)
+    if status is None or pending(status):
+        return False
+    always = [stage for stage in status]
+    for stage in always:
+        proc = subprocess.run([dvc, "repro", "--single-item", stage], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            return False  # let `dvc exp run` show the failure
+    status = _dvc_status(dvc, env)
+    return status is not None and not pending(status)
+
+
+def _print_results(root, mlflow_uri: str) -> None:
     print("Results:")
     for what, rel in RESULTS.items():
         mark = "" if (root / rel).exists() else "  (missing)"
         print(f"  {what:28s} {rel}{mark}")
-    print(f"  {'MLflow store':28s} {redact(tracking_uri())}")
+    print(f"  {'MLflow store':28s} {mlflow_uri}")
     print("Next: `dvc exp show`, `dvc plots show`, `dvc exp run -S train.lr=0.0003`, "
-          "`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`")
-    return 0
+          "`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`, `virgo-exps verify`")
 
 
 def apply_preset(preset_file: str, params_file: str) -> int:
@@ -157,11 +223,14 @@ def main(argv: list[str] | None = None) -> None:
     preset.add_argument("--params", default="params.yaml")
     run = sub.add_parser("run", help="run the pipeline with `dvc exp run` (extra arguments go to dvc)")
     run.add_argument("dvc_args", nargs=argparse.REMAINDER)
-    from . import scalability_cli, share_cli
+    from . import scalability_cli, share_cli, verify
 
     scalability_cli.add_parser(sub)
     share_cli.add_parser(sub)
+    verify.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        sys.exit(verify.run(args))
     if args.command in share_cli.COMMANDS:
         sys.exit(share_cli.run(args))
     if args.command == "scalability":

@@ -103,6 +103,7 @@ import numpy as np
 
 from ..config import GenerateConfig
 from . import store as _store
+from .. import provenance as _provenance
 
 FORMAT_VERSION = 1
 ARRAY = "strain"
@@ -418,6 +419,8 @@ def store_attrs(cfg: GenerateConfig) -> dict:
         "generator": "virgo_exps.data.generate",
         "format_version": FORMAT_VERSION,
         "array": ARRAY,
+        # the params this store was made with (see virgo_exps.provenance)
+        "provenance": _provenance.stamp("generate", {f"generate.{k}": v for k, v in params_of(cfg).items()}),
     }
 
 

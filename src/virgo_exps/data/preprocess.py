@@ -60,6 +60,7 @@ import numpy as np
 
 from ..config import PreprocessConfig
 from . import store as _store
+from .. import provenance as _provenance
 
 FORMAT_VERSION = 1
 # Samples per chunk along axis 0 of every output array. Training reads whole
@@ -477,6 +478,10 @@ def preprocess(
             "n_train": int(train_idx.size),
             "n_val": int(val_idx.size),
             "format_version": FORMAT_VERSION,
+            # the params and input data this store was made with (see virgo_exps.provenance)
+            "provenance": _provenance.stamp(
+                "preprocess", {f"preprocess.{k}": v for k, v in dataclasses.asdict(cfg).items()},
+                inputs={str(gen_store): gen_store}, upstream=gen_attrs.get("provenance")),
         })
         group.attrs["complete"] = True  # last write
         _store.publish(partial, out)

@@ -1,0 +1,226 @@
+"""Provenance stamps: every output says which params and which input data made it.
+
+A stamp is a small mapping written into the output itself (zarr root
+attributes, the model file, ``metrics.json``)::
+
+    {"stage": "train",
+     "params": {"train.seed": 0, ...},          # the stage's keys of dvc.yaml, as used
+     "params_sha256": "3f1c...",                 # digest of that mapping
+     "inputs": {"data/images.zarr": "9ab0..."},  # digest of every input data file/folder
+     "upstream": {...}}                          # the input's own stamp, when it has one
+
+``metrics.json`` carries only the two digests (``provenance.params`` and
+``provenance.data``), so that ``dvc exp show`` gains two columns, not one per
+param. A stage that reads an output checks its stamp against the params it
+was given (:func:`check_input`); ``virgo-exps verify`` checks every output of
+a workspace or an experiment.
+
+Only the keys a stage lists under ``params:`` in ``dvc.yaml`` are stamped:
+those are the keys whose change makes DVC rerun the stage, so a stamp and a
+consistent ``dvc.lock`` always agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import ConfigError
+
+KEY = "provenance"
+DIGEST_CHARS = 16
+
+
+def stage_keys(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> list[str] | None:
+    """The params keys ``stage`` lists in ``dvc.yaml`` (None when there is no such file or stage)."""
+    import yaml
+
+    path = Path(dvc_yaml)
+    if not path.is_file():
+        return None
+    spec = ((yaml.safe_load(path.read_text()) or {}).get("stages") or {}).get(stage)
+    if spec is None:
+        return None
+    keys: list[str] = []
+    for entry in spec.get("params") or []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict):  # {other_file.yaml: [keys]}: not ours to stamp
+            continue
+    return keys
+
+
+def select(flat: dict[str, Any], stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> dict[str, Any]:
+    """The stage's keys out of a flat ``{"section.key": value}`` mapping.
+
+    A key naming a whole section selects every key of it. Without ``dvc.yaml``
+    the stage's own section is taken.
+    """
+    keys = stage_keys(stage, dvc_yaml)
+    if keys is None:
+        keys = [stage]
+    out = {}
+    for key in keys:
+        if key in flat:
+            out[key] = flat[key]
+        else:
+            out.update({k: v for k, v in flat.items() if k.startswith(key + ".")})
+    return dict(sorted(out.items()))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (tree or {}).items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def used_params(params_file: str | os.PathLike = "params.yaml", text: str | None = None) -> dict[str, Any]:
+    """Every param as a stage uses it (validated, defaults filled in), flat."""
+    import yaml
+
+    from .config import as_flat_dict, params_from_dict
+
+    raw = yaml.safe_load(Path(params_file).read_text() if text is None else text) or {}
+    return as_flat_dict(params_from_dict(raw))
+
+
+def params_digest(params: dict[str, Any]) -> str:
+    text = json.dumps(_normal(params), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_CHARS]
+
+
+def _normal(params: dict[str, Any]) -> dict[str, Any]:
+    # 16 and 16.0 are the same param value: YAML gives either, config widens ints.
+    return {k: (float(v) if isinstance(v, int) and not isinstance(v, bool) else v) for k, v in params.items()}
+
+
+def files_of(path: Path) -> Iterable[tuple[str, Path]]:
+    """(relative path, file) for a file or every file under a folder, sorted."""
+    path = Path(path)
+    if path.is_file():
+        yield "", path
+        return
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = Path(root) / name
+            yield full.relative_to(path).as_posix(), full
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_files(entries: Iterable[tuple[str, Path]]) -> str:
+    """Digest of a file tree given as (relative path, file on disk); the order is normalised."""
+    h = hashlib.sha256()
+    for rel, path in sorted(entries, key=lambda e: e[0]):
+        h.update(f"{rel}\0{_file_sha256(path)}\n".encode())
+    return h.hexdigest()[:DIGEST_CHARS]
+
+
+def data_digest(path: str | os.PathLike) -> str:
+    """Digest of the bytes of a data file or folder (a zarr store): what the stage read."""
+    return digest_files(files_of(Path(path)))
+
+
+def stamp(stage: str, flat_params: dict[str, Any], inputs: dict[str, str | os.PathLike] | None = None,
+          upstream: dict | None = None, dvc_yaml: str | os.PathLike = "dvc.yaml") -> dict:
+    """The stamp of an output of ``stage`` made with ``flat_params`` from ``inputs`` (name -> path)."""
+    params = select(flat_params, stage, dvc_yaml)
+    out = {"stage": stage, "params": params, "params_sha256": params_digest(params),
+           "inputs": {str(name): data_digest(path) for name, path in (inputs or {}).items()}}
+    if upstream:
+        out["upstream"] = upstream
+    return out
+
+
+def metrics_stamp(full: dict) -> dict:
+    """The short form for ``metrics.json``: two digests."""
+    data = list(full.get("inputs", {}).values())
+    return {"params": full["params_sha256"], "data": data[0] if len(data) == 1 else params_digest(full["inputs"])}
+
+
+def read_store_stamp(path: str | os.PathLike) -> dict | None:
+    """The stamp in a zarr v3 store's root attributes (read from ``zarr.json``, no zarr needed)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return None
+    return (json.loads(meta.read_text()).get("attributes") or {}).get(KEY)
+
+
+def differences(stamped: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, stamped value, given value) for every stamped key the given params set otherwise.
+
+    A key the given params do not have (defaults apply) is not compared.
+    """
+    out = []
+    a, b = _normal(stamped), _normal(given)
+    for key in sorted(a):
+        if key in b and a[key] != b[key]:
+            out.append((key, stamped[key], given[key]))
+    return out
+
+
+def fix_hint(stage: str) -> str:
+    return f"rebuild it with `dvc repro --force --single-item {stage}` then `dvc repro`"
+
+
+def chain_problems(what: str, st: dict | None, flat_given: dict[str, Any], params_file: str,
+                   dvc_yaml: str | os.PathLike = "dvc.yaml") -> list[str]:
+    """One line per stamp in the chain of ``st`` whose params differ from ``flat_given``."""
+    lines = []
+    while st:
+        stage = st.get("stage", "?")
+        given = select(flat_given, stage, dvc_yaml)
+        for key, was, now in differences(st.get("params") or {}, given):
+            lines.append(f"{what}: made with {key}={was!r} but {params_file} has {key}={now!r}; "
+                         f"the output does not match its params: {fix_hint(stage)}")
+        st = st.get("upstream")
+        if st:
+            what = f"{what.split(' (')[0]} (its input, made by stage '{st.get('stage', '?')}')"
+    return lines
+
+
+def check_input(path: str | os.PathLike, params_file: str | os.PathLike = "params.yaml",
+                dvc_yaml: str | os.PathLike = "dvc.yaml") -> None:
+    """Refuse an input store whose stamp disagrees with the params this stage was given.
+
+    A store without a stamp (made by an older version) passes.
+    """
+    st = read_store_stamp(path)
+    if not st:
+        return
+    flat = used_params(params_file)
+    problems = chain_problems(str(path), st, flat, str(params_file), dvc_yaml)
+    if problems:
+        more = f" (and {len(problems) - 1} more; `virgo-exps verify` lists them)" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+
+
+def check_metrics(path: str | os.PathLike, params_file: str | os.PathLike = "params.yaml",
+                  dvc_yaml: str | os.PathLike = "dvc.yaml", stage: str = "train") -> None:
+    """Refuse a ``metrics.json`` whose params digest is not that of the params this stage was given."""
+    st = (json.loads(Path(path).read_text()) or {}).get(KEY)
+    if not isinstance(st, dict) or "params" not in st:
+        return
+    flat = used_params(params_file)
+    expected = params_digest(select(flat, stage, dvc_yaml))
+    if st["params"] != expected:
+        raise ConfigError(
+            f"{path}: made with other {stage} params than {params_file} gives (params digest {st['params']}, "
+            f"expected {expected}); the output does not match its params: `virgo-exps verify` names the key; "
+            f"{fix_hint(stage)}"
+        )
