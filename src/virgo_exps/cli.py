@@ -11,7 +11,15 @@ from .config import ConfigError, describe
 
 
 def stage_main(run: Callable[[], int | None]) -> None:
-    """Run a stage body; turn configuration errors into one clear line and exit 2."""
+    """Run a stage body; turn configuration errors into one clear line and exit 2.
+
+    The stage ends, with every process it started, when the process that
+    started it (DVC) ends or on SIGINT/SIGTERM/SIGHUP (see
+    :func:`virgo_exps.launch.bind_stage_to_starter`).
+    """
+    from .launch import bind_stage_to_starter
+
+    bind_stage_to_starter()
     try:
         code = run()
     except ConfigError as exc:

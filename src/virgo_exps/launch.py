@@ -21,12 +21,168 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
 from .machines import Machine, load_machine
 from .paths import experiment_name, main_checkout
+
+
+# --------------------------------------------------------------------------
+# a stage lives only as long as the process that started it
+# --------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_GRACE_S = 5.0  # a process asked to stop (SIGTERM) is killed after this long
+TRAIN_STOP_GRACE_S = 30.0  # ... a training, which first finishes its step and writes its snapshot
+_starter: int | None = None  # pid of the process that started this stage
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent ends (``prctl(PR_SET_PDEATHSIG)``).
+
+    False where the kernel cannot do it (not Linux). The request holds across
+    ``exec`` and is not inherited by children: each process asks for itself.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _child_dies_with_parent() -> None:  # preexec_fn of the processes the launcher starts
+    die_with_parent(signal.SIGTERM)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first level first), read from /proc; [] elsewhere."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+def end_processes(pids: list[int], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM each process, then SIGKILL whatever is still there after ``grace`` seconds."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _starter_ended(signum: int) -> bool:
+    """Whether ``signum`` came because the stage's starter ended (for the message only)."""
+    if _starter is None or signum != signal.SIGTERM:
+        return False
+    # The kernel signals as soon as the starting thread exits; the rest of the process may
+    # take a moment longer to go.
+    deadline = time.monotonic() + 0.5
+    while True:
+        if os.getppid() != _starter or not _alive(_starter):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _stop_reason(signum: int) -> str:
+    if _starter_ended(signum):
+        return f"the process that started this stage (pid {_starter}) ended"
+    return f"{signal.Signals(signum).name} received"
+
+
+def _stop_stage(signum, frame) -> None:
+    """Signal handler of a stage process: end everything it started, then exit 128 + signal."""
+    why = _stop_reason(signum)
+    with contextlib.suppress(OSError, ValueError, RuntimeError):  # RuntimeError: reentrant write
+        print(f"stage: {why}; stopping its processes", file=sys.stderr, flush=True)
+    me = os.getpid()
+    for _ in range(3):  # a process may start another while the first ones end
+        pids = descendants(me)
+        if not pids:
+            break
+        end_processes(pids)
+    with contextlib.suppress(OSError, ValueError, RuntimeError):  # RuntimeError: reentrant write
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def bind_stage_to_starter() -> None:
+    """Make this stage process end, with everything it started, when its starter ends.
+
+    DVC runs a stage as a child (``$SHELL -c <cmd>``, which bash replaces by
+    the command). When DVC dies (TERM, HUP, KILL) Linux sends this process
+    SIGTERM; SIGINT, SIGTERM and SIGHUP end every descendant (SIGTERM, then
+    SIGKILL after :data:`STOP_GRACE_S`) and exit 128 + signal. While the
+    launcher runs a training, its own handlers take over (forward to the
+    training processes, or cancel the SLURM job) and restore these after.
+    """
+    global _starter
+    _starter = os.getppid()
+    for s in STOP_SIGNALS:
+        with contextlib.suppress(ValueError):  # not in the main thread
+            signal.signal(s, _stop_stage)
+    if die_with_parent(signal.SIGTERM) and _orphaned():
+        # the starter ended before the kernel watched it: nobody waits for this stage
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _orphaned() -> bool:
+    """Whether the starter already ended before :func:`die_with_parent` took effect."""
+    if os.getppid() != _starter:
+        return True
+    # Ended even before Python ran this code: reparented to init, and the process group
+    # the starter led (DVC run from a shell leads its own) is gone. DVC running as the
+    # container's process 1 keeps its group, so it is not taken for dead.
+    pgid = os.getpgid(0)
+    return _starter == 1 and pgid not in (1, os.getpid()) and not _alive(pgid)
 
 
 def log_path(stage: str, suffix: str) -> Path:
@@ -129,12 +285,29 @@ def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dic
     print(f"launch: log {log}", file=sys.stderr, flush=True)
     full_env = {**os.environ, **machine.env, **(env or {})}
     with core_slots(procs, machine), open(log, "ab") as out:
+        # Own session: a terminal's Ctrl-C reaches the training through `forward` only (once).
+        # The child also ends when this launcher dies, even by SIGKILL.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_child_dies_with_parent)
+        killer: list[threading.Timer] = []
+
+        def kill_group() -> None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
         def forward(signum, frame):
-            with contextlib.suppress(ProcessLookupError):
+            # SIGTERM: the trainer writes its snapshot at the next step and exits; a process
+            # group still there after TRAIN_STOP_GRACE_S is killed.
+            if not killer:
+                why = _stop_reason(signum)
+                with contextlib.suppress(OSError, ValueError, RuntimeError):  # RuntimeError: reentrant write
+                    print(f"launch: {why}: stopping the training", file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGTERM)
+            if not killer:
+                killer.append(threading.Timer(TRAIN_STOP_GRACE_S, kill_group))
+                killer[0].daemon = True
+                killer[0].start()
 
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
@@ -148,6 +321,10 @@ def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dic
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            for timer in killer:
+                timer.cancel()
+        if killer:
+            kill_group()  # the workers torchrun left behind, if any
     if rc != 0:
         print(f"launch: {stage} failed with exit code {rc}; log: {log}", file=sys.stderr, flush=True)
     return rc
