@@ -20,6 +20,8 @@ import psutil
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .data.store import read
+
 
 def _open_group(path: Path):
     import zarr
@@ -51,8 +53,9 @@ class ImageDataset(Dataset):
                 f"{path}/{split}: {need / 2**30:.1f} GiB does not fit in memory "
                 f"({avail / 2**30:.1f} GiB available); use more nodes or a smaller data set"
             )
-        self.x = torch.from_numpy(np.asarray(xa[:], dtype=np.float32))
-        self.y = torch.from_numpy(np.asarray(ya[:], dtype=np.float32))
+        # checksummed reads: a damaged chunk stops training with the store, the chunk and the fix
+        self.x = torch.from_numpy(np.asarray(read(xa, path, stage="preprocess"), dtype=np.float32))
+        self.y = torch.from_numpy(np.asarray(read(ya, path, stage="preprocess"), dtype=np.float32))
         self.attrs = dict(group.attrs)
 
     def __len__(self) -> int:

@@ -118,16 +118,128 @@ def fsync_tree(root: Path) -> None:
 
 
 def compressors():
-    """The codec used for every array we write.
+    """The codecs of every array we write: compression, then a checksum.
 
     Blosc with zstd and byte shuffle: float32 noise is close to incompressible
     (the low mantissa bits are random), but shuffling groups the exponent and
     high mantissa bytes, which zstd does compress, at a speed that keeps the
-    codec far from being the bottleneck.
+    codec far from being the bottleneck. Then zarr's ``crc32c`` codec appends
+    a CRC-32C of the compressed bytes to every chunk file and checks it on
+    every read, so a damaged chunk fails loudly instead of decoding into wrong
+    numbers (see :func:`read`).
     """
-    from zarr.codecs import BloscCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4)]
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=4), Crc32cCodec()]
+
+
+# --------------------------------------------------------------------------
+# Integrity on read
+# --------------------------------------------------------------------------
+
+
+class CorruptStoreError(RuntimeError):
+    """A chunk of one of our stores does not match its checksum."""
+
+
+def restore_hint(store: Path | str, damaged: Path | str | None = None, stage: str | None = None) -> str:
+    """How to repair the DVC-tracked output ``store`` whose file ``damaged`` is
+    corrupt; ``stage`` is the stage that writes it."""
+    rerun = f"'dvc repro --force --single-item {stage}'" if stage else "'dvc repro --force' of the stage that writes it"
+    if damaged is not None and Path(damaged).is_symlink():
+        target = Path(os.path.realpath(damaged))
+        if ".dvc" in target.parts and "cache" in target.parts:
+            return (f"the file is a link to DVC's cache object {target}, so the cache itself is damaged: delete that "
+                    f"object, then 'dvc pull {store}' (from a remote) or rerun {rerun}")
+    return (f"restore it from DVC's cache with 'dvc checkout --relink {store}' or from a remote with "
+            f"'dvc pull {store}' (if the copy in .dvc/cache is damaged too, delete it and rerun {rerun})")
+
+
+def _has_checksum(array) -> bool:
+    return any(type(c).__name__ == "Crc32cCodec" for c in array.metadata.codecs)
+
+
+def _chunk_file(root: Path, array, coords: tuple[int, ...]) -> tuple[str, Path]:
+    key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}" if array.path else \
+        array.metadata.encode_chunk_key(coords)
+    return key, Path(root) / key
+
+
+def chunk_ok(path: Path) -> bool:
+    """Whether a chunk file written with the ``crc32c`` codec carries a matching checksum."""
+    import google_crc32c
+
+    data = Path(path).read_bytes()
+    if len(data) < 4:
+        return False
+    return google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
+
+
+def damaged_chunks(root: Path | str, array, rows: tuple[int, int] | None = None) -> list[str]:
+    """Keys (``<array>/c/...``) of the chunk files of ``array`` in the store at
+    ``root`` whose crc32c checksum does not match their bytes; only chunks
+    holding rows ``[start, stop)`` along the first axis when ``rows`` is given.
+    (A chunk file that does not exist is not reported: zarr leaves chunks that
+    hold only the fill value unwritten.)"""
+    import itertools
+
+    if not _has_checksum(array):
+        return []
+    grid = [-(-s // c) for s, c in zip(array.shape, array.chunks)]
+    if rows is not None and grid:
+        grid_first = range(rows[0] // array.chunks[0], -(-rows[1] // array.chunks[0]))
+    else:
+        grid_first = range(grid[0]) if grid else range(1)
+    bad = []
+    for coords in itertools.product(grid_first, *(range(g) for g in grid[1:])):
+        key, path = _chunk_file(Path(root), array, coords)
+        if path.is_file() and not chunk_ok(path):
+            bad.append(key)
+    return bad
+
+
+def damage_error(root: Path | str, bad: list[str], stage: str | None = None) -> CorruptStoreError:
+    """The error for damaged chunks ``bad`` of the store at ``root``: one line
+    naming the store, the chunk(s) and how to restore them."""
+    if len(bad) == 1:
+        what = f"chunk {bad[0]} is"
+    else:
+        what = f"{len(bad)} chunks ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) are"
+    return CorruptStoreError(
+        f"{root}: {what} damaged (the crc32c checksum does not match the bytes on disk); "
+        f"{restore_hint(root, Path(root) / bad[0], stage)}"
+    )
+
+
+def read(array, root: Path | str, start: int | None = None, stop: int | None = None, stage: str | None = None):
+    """``array[start:stop]`` (rows along the first axis) as a numpy array,
+    refusing damaged data: a chunk whose checksum does not match raises
+    :class:`CorruptStoreError` naming the store ``root``, the chunk and the fix
+    (``stage``: the stage that writes the store, for the message)."""
+    import numpy as np
+
+    try:
+        return np.asarray(array[start:stop])
+    except Exception as exc:
+        n = array.shape[0]
+        rows = (0 if start is None else start, n if stop is None else min(stop, n))
+        bad = damaged_chunks(root, array, rows)
+        if bad:
+            raise damage_error(root, bad, stage) from exc
+        raise
+
+
+def verify_store(root: Path | str) -> list[str]:
+    """Keys of every chunk of every array of the zarr group at ``root`` whose
+    checksum does not match (empty: the store is intact)."""
+    import zarr
+
+    group = zarr.open_group(str(root), mode="r")
+    bad: list[str] = []
+    for _, member in sorted(group.members(max_depth=None), key=lambda kv: kv[0]):
+        if isinstance(member, zarr.Array):
+            bad += damaged_chunks(root, member)
+    return bad
 
 
 def format_seconds(s: float) -> str:

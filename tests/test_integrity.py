@@ -1,0 +1,153 @@
+"""Damaged data is refused loudly: every zarr chunk and the model file carry a checksum.
+
+One real pipeline run (TINY params) in a temporary repository; then, for a chunk
+of data/raw.zarr, a chunk of data/images.zarr and results/model.pt, one byte of
+the object in .dvc/cache is flipped the way bit rot does it (same size, same
+modification time, so DVC's own bookkeeping trusts it), the workspace file is
+checked out again from that object, and the next reader must fail with a message
+naming the store, the chunk and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import zarr
+
+from conftest import make_repo, sh
+from virgo_exps.data.store import CorruptStoreError, compressors, read, verify_store
+from virgo_exps.models import CorruptModelError, load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    repo = make_repo(tmp_path_factory.mktemp("integrity") / "repo", {"train": {"epochs": 1}})
+    sh(["dvc", "exp", "run"], repo)
+    sh("git add -A && git commit -q -m 'pipeline run'", repo)
+    return repo
+
+
+def _cache_object(repo: Path, data: bytes) -> Path:
+    md5 = hashlib.md5(data).hexdigest()
+    obj = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    assert obj.is_file(), f"no cache object {obj}"
+    return obj
+
+
+def _rewrite_keeping_stat(path: Path, data: bytes) -> None:
+    """Write ``data`` into ``path`` in place and give it back its mode and mtime."""
+    st = path.stat()
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.chmod(path, st.st_mode)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _flip_offset(rel: str, data: bytes) -> int:
+    if rel.endswith(".pt"):  # a byte inside the weights of the largest tensor
+        state = torch.load(_io(data), map_location="cpu", weights_only=True)["model"]
+        big = max(state.values(), key=lambda t: t.numel()).numpy().tobytes()
+        start = data.find(big)
+        assert start > 0
+        return start + len(big) // 2
+    return len(data) // 2
+
+
+def _io(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+CASES = [
+    # (workspace file, store, stage that writes it, the next command that reads it)
+    ("results/model.pt", "results/model.pt", "train", None),
+    ("data/images.zarr/train/x/c/0/0/0/0", "data/images.zarr", "preprocess", ["-S", "train.seed=1"]),
+    ("data/raw.zarr/strain/c/1/0/0", "data/raw.zarr", "generate", ["-S", "preprocess.split_seed=1"]),
+]
+
+
+@pytest.mark.parametrize("rel, store, stage, exp_args", CASES, ids=["model", "images-chunk", "raw-chunk"])
+def test_flipped_byte_in_the_cache_fails_the_next_reader(pipeline, rel, store, stage, exp_args):
+    repo = pipeline
+    target = repo / rel
+    good = target.read_bytes()
+    if rel.endswith(".pt"):
+        assert load_model(target)["sha256"]  # the intact file loads
+    else:
+        assert verify_store(repo / store) == []
+        assert '"crc32c"' in (repo / rel.split("/c/")[0] / "zarr.json").read_text()
+    obj = _cache_object(repo, good)
+    lock = (repo / "dvc.lock").read_bytes()
+    bad = bytearray(good)
+    bad[_flip_offset(rel, good)] ^= 0x01
+    try:
+        _rewrite_keeping_stat(obj, bytes(bad))
+        # a fresh checkout of the output takes the damaged object; DVC notices nothing
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        sh(["dvc", "checkout"], repo)
+        assert target.read_bytes() == bytes(bad)
+        assert store not in sh(["dvc", "status"], repo).stdout
+
+        if exp_args is None:  # no stage reads the model: its loader must refuse it
+            with pytest.raises(CorruptModelError) as err:
+                load_model(repo / rel)
+            msg = str(err.value)
+            assert msg.startswith(f"{repo / rel}: the model file is damaged (its content does not match its sha256")
+        else:
+            key = rel[len(store) + 1:]
+            assert verify_store(repo / store) == [key]
+            proc = sh(["dvc", "exp", "run", *exp_args], repo, check=False)
+            assert proc.returncode != 0
+            out = proc.stdout + proc.stderr
+            msg = next((line for line in out.splitlines() if f"CorruptStoreError: {store}: chunk" in line), "")
+            assert f"{store}: chunk {key} is damaged (the crc32c checksum does not match the bytes on disk)" in msg, out
+            # the stage that read it wrote no result: the lock file still describes the intact run
+            assert (repo / "dvc.lock").read_bytes() == lock
+            assert not list((repo / "data").glob("*.partial-*"))
+        # the fix is named: the damaged file is DVC's cache object here (or a copy of it)
+        assert f"'dvc pull {store if exp_args else repo / rel}'" in msg
+        assert f"'dvc repro --force --single-item {stage}'" in msg
+        if target.is_symlink():
+            assert f"link to DVC's cache object {os.path.realpath(obj)}" in msg
+        else:
+            assert "'dvc checkout --relink" in msg
+    finally:
+        _rewrite_keeping_stat(obj, good)
+        sh(["git", "checkout", "--", "params.yaml"], repo)
+        sh(["dvc", "checkout", "--force"], repo, check=False)
+    assert target.read_bytes() == good
+
+
+def test_a_flipped_byte_raises_on_read_and_names_the_chunk(tmp_path):
+    """Unit check of the codec itself: zarr's crc32c raises on one flipped bit, and
+    read() turns that into one line naming store, chunk and fix."""
+    import numpy as np
+
+    root = tmp_path / "s.zarr"
+    group = zarr.open_group(str(root), mode="w", zarr_format=3)
+    arr = group.create_array("a/x", shape=(8, 3), chunks=(4, 3), dtype="float32", compressors=compressors())
+    arr[:] = np.arange(24, dtype=np.float32).reshape(8, 3)
+    chunk = root / "a" / "x" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    chunk.write_bytes(bytes(data))
+    arr = zarr.open_group(str(root), mode="r")["a/x"]
+    np.testing.assert_array_equal(read(arr, root, 0, 4), np.arange(12, dtype=np.float32).reshape(4, 3))
+    with pytest.raises(ValueError, match="checksum"):
+        arr[4:8]
+    with pytest.raises(CorruptStoreError) as err:
+        read(arr, root, 2, 8, stage="generate")
+    assert str(err.value).startswith(f"{root}: chunk a/x/c/1/0 is damaged")
+    assert "'dvc checkout --relink" in str(err.value) and "dvc repro --force --single-item generate" in str(err.value)
+    assert verify_store(root) == ["a/x/c/1/0"]
+    shutil.rmtree(root)
