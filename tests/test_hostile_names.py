@@ -242,7 +242,8 @@ def cluster_jobs(cluster) -> int:
 def test_dvc_exp_run_with_a_quote_and_percent_in_the_name(slurm_cluster, tmp_path):
     """The reported cases, `-n "a'b"` (sbatch: Unmatched ') and `-n 'x%jy'` (log moved by %j), in
     one name through the whole pipeline: generate as a job array, train as a job."""
-    repo = make_repo(tmp_path / "repo", {"train": {"epochs": 1, "profile_steps": 0},
+    repo = make_repo(tmp_path / "repo", {"generate": {"n_samples": 20, "chunk_size": 10},
+                                         "train": {"epochs": 1, "profile_steps": 0},
                                          "report": {"title": "<script>alert(1)</script> #1 | *x*"}})
     name = "a'b%jy$x"
     env = slurm_env(slurm_cluster, "")
