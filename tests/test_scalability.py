@@ -351,6 +351,7 @@ def test_epochs_under_host_load_are_left_out_of_medians(tmp_path):
     write_run(tmp_path, "quiet", "ddp", 1, [5.0, 2.0, 2.0, 2.0], load=[0.3, 0.4, 0.5, 0.4])
     write_run(tmp_path, "hogged", "ddp", 2, [5.0, 1.0, 3.5, 1.0], load=[0.3, 1.2, 2.1, 0.5], seed=1)
     write_run(tmp_path, "old", "ddp", 4, [5.0, 0.6, 0.6])  # no load column: taken as it is
+    write_run(tmp_path, "busy", "ddp", 8, [5.0, 0.5, 0.3], load=[3.0, 3.0, 3.0])  # nothing left: kept, said
     runs = {r.name: r for r in load_files([tmp_path])[0]}
     assert runs["hogged"].contaminated == [1] and runs["hogged"].epoch_time == 1.0
     assert runs["quiet"].contaminated == [] and runs["old"].epoch_load is None
@@ -359,6 +360,11 @@ def test_epochs_under_host_load_are_left_out_of_medians(tmp_path):
     assert two["epoch_time_s"] == 1.0 and two["excluded_epochs"] == 1 and two["spread_over"] == "2 epochs (1 run)"
     assert any(n.startswith("hogged: epoch(s) 3 ran while the host's load exceeded its cores") for n in report.notes)
     assert not any("host load per epoch not recorded" in n for n in report.notes)
+    busy = group(report, "ddp", 8)
+    assert busy["epoch_time_s"] == pytest.approx(0.4) and busy["spread_over"] == "2 epochs (1 run)"
+    assert busy["excluded_epochs"] == 0
+    assert any(n.startswith("every timed epoch of busy ran while the host's load per core exceeded 1.25")
+               for n in report.notes)
 
 
 # -- dvc exp show parsing ---------------------------------------------------------

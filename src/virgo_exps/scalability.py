@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from . import scalability_groups as grouping
-from .scalability_sources import Run
+from .scalability_sources import LOAD_LIMIT, Run
 from .scalability_sources import _number as _num
 
 GROUP_PARAMS = ("train.strategy", "train.nodes", "train.procs_per_node")
@@ -151,7 +151,7 @@ def _group_row(series: str, scaling: str, runs: list[Run]) -> dict:
         "gpu_energy_wh_max": max(energies) if energies else None,
         "gpu_energy_wh_total": float(sum(energies)) if energies else None,
         "gpu_energy_wh_per_sample": _median(r.metrics.get("gpu_energy_wh_per_sample") for r in runs),
-        "excluded_epochs": sum(len(r.contaminated) for r in runs if r.clean_epoch_times),
+        "excluded_epochs": sum(len(r.excluded) for r in runs),
     }
     return row
 
@@ -224,15 +224,18 @@ def _flag(rows: list[dict]) -> list[str]:
 
 def _load_notes(usable: list[Run]) -> list[str]:
     notes = []
-    loaded = [r for r in usable if r.contaminated]
-    for r in loaded:
+    all_loaded = []
+    for r in (r for r in usable if r.contaminated):
         epochs = ", ".join(str(i + 2) for i in r.contaminated)  # timed epochs start at epoch 2
-        if r.clean_epoch_times:
+        if r.excluded:
             notes.append(f"{r.name}: epoch(s) {epochs} ran while the host's load exceeded its cores (another "
                          "process competed for the CPUs) and are left out of its medians")
         else:
-            notes.append(f"{r.name}: every timed epoch ran while the host's load exceeded its cores; its times "
-                         "are kept but are not the run's own: repeat it on a quiet machine")
+            all_loaded.append(r.name)
+    if all_loaded:
+        notes.append(f"every timed epoch of {', '.join(all_loaded)} ran while the host's load per core exceeded "
+                     f"{LOAD_LIMIT:g}: their times are kept but are not the runs' own; repeat them on a quiet "
+                     "machine")
     if usable and all(r.epoch_load is None for r in usable):
         notes.append("host load per epoch not recorded (no load_avg column in epochs.csv): epochs timed while "
                      "other work ran on the machine cannot be recognised")
@@ -346,7 +349,7 @@ def summarize(runs: list[Run], by: tuple[str, ...] | list[str] = (), source_note
             "name": r.name, "source": r.source, "series": label[groups_of.of(r)], "nodes": r.nodes,
             "procs_per_node": r.procs_per_node, "world_size": r.world_size, "epoch_time_s": r.epoch_time,
             "samples_per_s": r.throughput, "timed_epochs": r.metrics.get("timed_epochs"),
-            "excluded_epochs": len(r.contaminated) if r.clean_epoch_times else 0,
+            "excluded_epochs": len(r.excluded),
             "val_loss": _num(r.metrics.get("val_loss")),
             "computation_fraction": _num(r.metrics.get("computation_fraction")),
             "gpu_energy_wh": _num(r.metrics.get("gpu_energy_wh")),

@@ -124,12 +124,17 @@ class Run:
             return []
         return [i for i, v in enumerate(self.epoch_load) if v is not None and v > LOAD_LIMIT]
 
+    @property
+    def excluded(self) -> list[int]:
+        """The contaminated epochs that are left out: all of them, unless no epoch would remain."""
+        bad = self.contaminated
+        return bad if len(bad) < len(self.epoch_times or []) else []
+
     def _clean(self, values: list[float] | None) -> list[float] | None:
-        bad = set(self.contaminated)
+        bad = set(self.excluded)
         if not bad or not values or len(values) != len(self.epoch_times or []):
             return values
-        kept = [v for i, v in enumerate(values) if i not in bad]
-        return kept or None
+        return [v for i, v in enumerate(values) if i not in bad]
 
     @property
     def clean_epoch_times(self) -> list[float] | None:
@@ -142,9 +147,8 @@ class Run:
     @property
     def epoch_time(self) -> float | None:
         """Median time of the timed epochs; epochs timed under foreign load are left out when others remain."""
-        clean = self.clean_epoch_times
-        if self.contaminated and clean:
-            return float(_median(clean))
+        if self.excluded:
+            return float(_median(self.clean_epoch_times))
         v = _number(self.metrics.get("epoch_time_s_median"))
         if v is None and self.epoch_times:
             v = float(_median(self.epoch_times))
@@ -153,7 +157,7 @@ class Run:
     @property
     def throughput(self) -> float | None:
         clean = self.clean_epoch_throughput
-        if self.contaminated and clean and self.clean_epoch_times:
+        if self.excluded and clean:
             return float(_median(clean))
         v = _number(self.metrics.get("samples_per_s"))
         if v is None and self.epoch_throughput:
