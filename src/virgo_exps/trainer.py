@@ -150,6 +150,9 @@ class EpochRecord:
     val_time_s: float
     samples_per_s: float
     lr: float
+    # The host's 1-minute load average over its cores when the epoch ended:
+    # above 1, other work competed for the CPUs while the epoch was timed.
+    load_avg: float | None = None
 
 
 class Interrupted(Exception):
@@ -170,6 +173,14 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
+
+
+def _host_load() -> float | None:
+    """1-minute load average divided by the cores this process may use (None where not available)."""
+    try:
+        return os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -562,6 +573,7 @@ class Trainer:
                     val_time_s=val_time,
                     samples_per_s=steps_run * self.cfg.global_batch_size / train_time if train_time > 0 else 0.0,
                     lr=self.scheduler.get_last_lr()[0],
+                    load_avg=_host_load(),
                 )
                 self.history.append(rec)
                 self.epoch += 1
