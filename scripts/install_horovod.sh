@@ -30,6 +30,8 @@
 #   INSTALL_HOROVOD_LOG=FILE       where to write the full build log
 #                                  (default: ${TMPDIR:-/tmp}/horovod-install-<date>-<pid>.log)
 #   MAKEFLAGS                      default -j$(nproc); set e.g. MAKEFLAGS=-j4 if memory is short
+#   INSTALL_HOROVOD_CACHE=DIR      where built wheels are kept, keyed by their inputs
+#                                  (default ~/.cache/virgo-exps/wheels; empty: no cache)
 #
 # Horovod is optional: the other strategies (single, ddp, deepspeed) work without it.
 set -euo pipefail
@@ -379,43 +381,71 @@ fi
 log "patched CMake files to C++17"
 
 # ---------------------------------------------------------------------------
-# 7. Build + install, with progress
+# 7. Build a wheel (or take it from the cache), then install it
 # ---------------------------------------------------------------------------
-log "building with $JOBS cores (takes minutes: the CPU build takes about 6 min on 2 cores; GPU builds longer; progress every 30 s)"
-START=$(date +%s)
-# The build gets its own process group so that cleanup() can stop all of it.
-SETSID=
-command -v setsid >/dev/null 2>&1 && SETSID=setsid
-# --no-deps: the dependencies were checked above; pip must not touch torch or other pins.
-# --force-reinstall: replace a broken or mismatched horovod of the same version.
-$SETSID "$PY" -m pip install -v --no-build-isolation --no-deps --force-reinstall --no-cache-dir "$SRC" \
-    >>"$LOG" 2>&1 </dev/null &
-BUILD_PID=$!
-
-last_report=$START
-while kill -0 "$BUILD_PID" 2>/dev/null; do
-    sleep 2
-    now=$(date +%s)
-    if (( now - last_report >= 30 )); then
-        last_report=$now
-        progress=$(grep -Eo '\[ *[0-9]+%\] [A-Za-z]+.*' "$LOG" | tail -n1 | cut -c1-110 || true)
-        [[ -n $progress ]] || progress=$(tail -n1 "$LOG" | cut -c1-110)
-        log "$(printf '%4ds' $((now - START))) $progress"
-    fi
-done
-if wait "$BUILD_PID"; then rc=0; else rc=$?; fi
-BUILD_PID=
-ELAPSED=$(( $(date +%s) - START ))
-echo "# build finished with rc=$rc after ${ELAPSED}s" >>"$LOG"
-
-if (( rc != 0 )); then
-    fail "building horovod $HVD_VERSION (pip exit code $rc, after ${ELAPSED}s)" \
-        "check the compiler and CMake: cmake >= 3.13 and g++ >= 9 (apt-get install cmake g++), and Python headers (apt-get install python3-dev)" \
-        "look for the first 'error:' in the log: grep -n 'error:' $LOG | head" \
-        "out of memory (g++ killed)? retry with fewer jobs: MAKEFLAGS=-j$(( JOBS > 1 ? JOBS / 2 : 1 )) $0 $PY" \
-        "GPU build: check nvcc/CUDA_HOME and NCCL (HOROVOD_NCCL_HOME), or build CPU-only: HOROVOD_GPU_OPERATIONS= $0 $PY"
+# The wheel is kept outside the checkout, keyed by everything that goes into
+# it: the sdist, this script (the patches), Python, torch, the compiler, the
+# machine and the build settings. A second install on the same machine (a new
+# clone, CI) then takes seconds instead of minutes.
+# INSTALL_HOROVOD_CACHE=DIR chooses the folder; INSTALL_HOROVOD_CACHE= (empty) disables it.
+CACHE_ROOT=${INSTALL_HOROVOD_CACHE-${XDG_CACHE_HOME:-$HOME/.cache}/virgo-exps/wheels}
+KEY=$(
+    {
+        sha256sum "$SDIST" "$0" | cut -d' ' -f1
+        "$PY" -c 'import sys, platform; from importlib import metadata; print(sys.version, platform.machine(), metadata.version("torch"))'
+        "${CXX:-g++}" --version 2>/dev/null | head -n1
+        env | grep -E '^(HOROVOD_|CUDA_HOME=|CC=|CXX=)' | sort
+    } | sha256sum | cut -c1-20
+)
+CACHED=
+if [[ -n $CACHE_ROOT ]]; then
+    CACHED=$(ls "$CACHE_ROOT/horovod-$KEY"/horovod-"$HVD_VERSION"-*.whl 2>/dev/null | head -n1 || true)
 fi
-log "build + install finished in ${ELAPSED}s"
+if [[ -n $CACHED ]]; then
+    log "using the cached wheel $CACHED (key $KEY)"
+    "$PY" -m pip install --no-deps --force-reinstall --no-cache-dir "$CACHED" >>"$LOG" 2>&1 \
+        || fail "installing the cached wheel $CACHED" "remove $CACHE_ROOT/horovod-$KEY and rerun to build it again"
+else
+    log "building with $JOBS cores (takes minutes: the CPU build takes about 6 min on 2 cores; GPU builds longer; progress every 30 s)"
+    START=$(date +%s)
+    # The build gets its own process group so that cleanup() can stop all of it.
+    SETSID=
+    command -v setsid >/dev/null 2>&1 && SETSID=setsid
+    # --no-deps: the dependencies were checked above; pip must not touch torch or other pins.
+    $SETSID "$PY" -m pip wheel -v --no-build-isolation --no-deps --no-cache-dir -w "$WORK/wheel" "$SRC" \
+        >>"$LOG" 2>&1 </dev/null &
+    BUILD_PID=$!
+
+    last_report=$START
+    while kill -0 "$BUILD_PID" 2>/dev/null; do
+        sleep 2
+        now=$(date +%s)
+        if (( now - last_report >= 30 )); then
+            last_report=$now
+            progress=$(grep -Eo '\[ *[0-9]+%\] [A-Za-z]+.*' "$LOG" | tail -n1 | cut -c1-110 || true)
+            [[ -n $progress ]] || progress=$(tail -n1 "$LOG" | cut -c1-110)
+            log "$(printf '%4ds' $((now - START))) $progress"
+        fi
+    done
+    if wait "$BUILD_PID"; then rc=0; else rc=$?; fi
+    BUILD_PID=
+    ELAPSED=$(( $(date +%s) - START ))
+    echo "# build finished with rc=$rc after ${ELAPSED}s" >>"$LOG"
+
+    if (( rc != 0 )); then
+        fail "building horovod $HVD_VERSION (pip exit code $rc, after ${ELAPSED}s)" \
+            "check the compiler and CMake: cmake >= 3.13 and g++ >= 9 (apt-get install cmake g++), and Python headers (apt-get install python3-dev)" \
+            "look for the first 'error:' in the log: grep -n 'error:' $LOG | head" \
+            "out of memory (g++ killed)? retry with fewer jobs: MAKEFLAGS=-j$(( JOBS > 1 ? JOBS / 2 : 1 )) $0 $PY" \
+            "GPU build: check nvcc/CUDA_HOME and NCCL (HOROVOD_NCCL_HOME), or build CPU-only: HOROVOD_GPU_OPERATIONS= $0 $PY"
+    fi
+    WHEEL=$(ls "$WORK/wheel"/horovod-*.whl 2>/dev/null | head -n1 || true)
+    [[ -n $WHEEL ]] || fail "pip wheel finished but left no horovod wheel in $WORK/wheel"
+    # --force-reinstall: replace a broken or mismatched horovod of the same version.
+    "$PY" -m pip install --no-deps --force-reinstall --no-cache-dir "$WHEEL" >>"$LOG" 2>&1 \
+        || fail "installing the built wheel $WHEEL"
+    log "build + install finished in ${ELAPSED}s"
+fi
 
 # ---------------------------------------------------------------------------
 # 8. Verify
@@ -427,6 +457,16 @@ if ! status_line=$(check_installed full 2>>"$LOG"); then
         "a torch upgrade after building breaks the extension: rerun with INSTALL_HOROVOD_FORCE=1"
 fi
 log "OK: $status_line"
+if [[ -z $CACHED && -n $CACHE_ROOT ]]; then
+    # Only a verified wheel goes into the cache; copy then rename, so a reader never sees half a file.
+    if mkdir -p "$CACHE_ROOT/horovod-$KEY" 2>/dev/null \
+        && cp "$WHEEL" "$CACHE_ROOT/horovod-$KEY/.$(basename "$WHEEL").tmp-$$" \
+        && mv "$CACHE_ROOT/horovod-$KEY/.$(basename "$WHEEL").tmp-$$" "$CACHE_ROOT/horovod-$KEY/$(basename "$WHEEL")"; then
+        log "wheel cached in $CACHE_ROOT/horovod-$KEY (the next install with the same inputs skips the build)"
+    else
+        log "warning: could not cache the wheel in $CACHE_ROOT (the install itself is fine)"
+    fi
+fi
 if [[ -x $VENV_BIN/horovodrun ]]; then
     log "launcher: $VENV_BIN/horovodrun (e.g. $VENV_BIN/horovodrun --gloo -np 2 -H localhost:2 $PY train.py)"
     "$VENV_BIN/horovodrun" --check-build 2>&1 | sed 's/^/    /' || true
