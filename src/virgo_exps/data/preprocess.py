@@ -140,9 +140,56 @@ def cut_patches(images: np.ndarray, windows: np.ndarray, patch: int) -> np.ndarr
     return out
 
 
+# Distance (in float64 units in the last place) from a float32 rounding
+# midpoint below which a float64 log1p is not trusted to round the right way:
+# libm and numpy's SIMD kernels are within a few ulp of the exact value.
+_MIDPOINT_ULPS = 64.0
+
+
+def log1p_float32(x: np.ndarray) -> np.ndarray:
+    """``log1p(x)`` of float32 values, correctly rounded to float32.
+
+    numpy picks its ``log1p`` kernel at run time from the CPU's features, and
+    the kernels differ in the last bit (AVX-512 vs AVX2: about 15 % of float32
+    results, 8 % of float64 ones), which would make the stored images depend on
+    the machine. Here the float64 result is rounded to float32, which is right
+    unless it lies within a few float64 ulp of the midpoint between two float32
+    values; those rare elements (about one in 10^7) are decided exactly with
+    ``decimal`` (correctly rounded ``ln``). The result is the same bits on every
+    CPU.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    y64 = np.log1p(x.astype(np.float64))
+    y32 = y64.astype(np.float32)
+    finite = np.isfinite(y64) & np.isfinite(y32)
+    # the float32 neighbour on the other side of y64, and the midpoint between
+    toward = np.where(y64 >= y32, np.float32(np.inf), np.float32(-np.inf))
+    other = np.nextafter(y32, toward)
+    mid = 0.5 * (y32.astype(np.float64) + other)  # exact in float64
+    # (an ulp of a float64 y is at most |y| * 2**-52)
+    close = finite & (np.abs(y64 - mid) <= (_MIDPOINT_ULPS * 2.0**-52) * np.abs(y64))
+    if close.any():
+        import decimal
+
+        ctx = decimal.Context(prec=60)
+        flat_x, flat_y, flat_o, flat_m = x[close], y32[close], other[close], mid[close]
+        fixed = np.empty(flat_x.shape, dtype=np.float32)
+        for i in range(flat_x.size):
+            exact = ctx.ln(ctx.add(decimal.Decimal(1), decimal.Decimal(float(flat_x[i]))))
+            m = decimal.Decimal(float(flat_m[i]))
+            lo, hi = sorted((flat_y[i], flat_o[i]))
+            if exact == m:  # only possible for x == 0 (log1p(0) = 0 is exact); keep
+                fixed[i] = flat_y[i]
+            else:
+                fixed[i] = hi if exact > m else lo
+        y32[close] = fixed
+    return y32
+
+
 def log_energy(e: np.ndarray) -> np.ndarray:
-    """The log scaling applied to Q energies before normalisation."""
-    return np.log1p(np.maximum(e, 0.0, dtype=np.float32))
+    """The log scaling applied to Q energies before normalisation (the same
+    bits on every CPU: see :func:`log1p_float32`)."""
+    return log1p_float32(np.maximum(e, 0.0, dtype=np.float32))
 
 
 def transform_samples(
@@ -240,7 +287,7 @@ def grid_of(n_time: int, sample_rate: float, cfg: PreprocessConfig) -> dict:
 
 
 def _transform_block(path: str, start: int, stop: int, sample_rate: float, cfg: PreprocessConfig, device=None):
-    block = np.asarray(_strain(path)[start:stop])
+    block = _store.read(_strain(path), path, start, stop, stage="generate")
     patches, windows = transform_samples(block, sample_rate, cfg, device=device)
     return start, patches, windows, grid_of(block.shape[-1], sample_rate, cfg)
 
@@ -416,7 +463,8 @@ def preprocess(
         if nw == 1:
             for s in starts:
                 e = min(s + block, n)
-                consume(s, *transform_samples(np.asarray(strain[s:e]), sample_rate, cfg, device=device),
+                block_data = _store.read(strain, gen_store, s, e, stage="generate")  # checksummed
+                consume(s, *transform_samples(block_data, sample_rate, cfg, device=device),
                         grid_of(n_time, sample_rate, cfg))
         else:
             import multiprocessing as mp
@@ -522,6 +570,7 @@ __all__ = [
     "find_windows",
     "cut_patches",
     "log_energy",
+    "log1p_float32",
     "transform_samples",
     "Moments",
     "open_images",

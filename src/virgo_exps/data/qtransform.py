@@ -662,8 +662,11 @@ def _plane_energies(
         tiles.mul_(g["weight"])
         z = torch.view_as_real(torch.fft.ifft(tiles, dim=-1))
         re, im = z[..., 0], z[..., 1]
-        energy = torch.empty(re.shape, dtype=re.dtype, device=re.device)
-        torch.mul(re, re, out=energy).addcmul_(im, im)
+        # re^2 + im^2 as two separately rounded steps: a fused multiply-add
+        # (which vectorised CPU kernels use and scalar ones do not) would make
+        # the last bit depend on the CPU
+        energy = torch.mul(re, re)
+        energy.add_(torch.mul(im, im))
         if norm:
             if norm is True or norm == "median":
                 scale = _median(energy, dim=-1)
