@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, replace
 
 import pytest
@@ -97,24 +98,25 @@ def _cases() -> list[Case]:
 CASES = _cases()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_refused_in_the_first_stage_with_outputs_untouched(ran, case):
-    if case.skip:
-        pytest.skip(case.skip)
-    repo, before = ran
+def without_free_space(line: str) -> str:
+    """The line without what is free or available: that changes from one moment to the next."""
+    return re.sub(r"[\d.]+ [kMGT]?B are (free|available)", r"... are \1", line)
+
+
+def assert_refused(repo, before: dict, sets: tuple[str, ...], line: str, pattern: str = "") -> None:
+    """``dvc exp run -S <sets>`` fails in the first stage with ``line``; nothing else changes."""
     committed = (repo / "params.yaml").read_bytes()
     lock = (repo / "version.lock").read_bytes()
-    args = [a for value in case.sets for a in ("-S", value)]
+    args = [a for value in sets for a in ("-S", value)]
     proc = sh([str(BIN / "dvc"), "exp", "run", *args], repo, check=False)
     text = proc.stdout + proc.stderr
     try:
         assert proc.returncode == 255, text
         assert "failed to reproduce 'environment'" in text, text
         assert "Running stage 'generate'" not in text and "Running stage 'train'" not in text, text
-        errors = [line for line in text.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and errors[0].startswith(case.line), text
-        assert re.search(case.pattern, errors[0]), errors[0]
+        errors = [row for row in text.splitlines() if row.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(line), text
+        assert re.search(pattern, errors[0]), errors[0]
         assert f"params.yaml differs from the last commit (`dvc exp run -S` writes its values there before " \
                f"any stage runs): {HINT}" in text.splitlines(), text
         assert outputs_hashes(repo) == before
@@ -123,12 +125,40 @@ def test_refused_in_the_first_stage_with_outputs_untouched(ran, case):
         assert (repo / "params.yaml").read_bytes() != committed
         check = sh([str(BIN / "virgo-exps"), "check"], repo, check=False)
         assert check.returncode == 2, check.stdout + check.stderr
-        assert check.stderr.splitlines()[0] == errors[0]
+        assert without_free_space(check.stderr.splitlines()[0]) == without_free_space(errors[0])
         assert HINT in check.stderr.splitlines()[1]
         assert check.stdout == ""
     finally:
         sh(["git", "checkout", "params.yaml"], repo)  # what the hint tells the user to do
     assert (repo / "params.yaml").read_bytes() == committed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_refused_in_the_first_stage_with_outputs_untouched(ran, case):
+    if case.skip:
+        pytest.skip(case.skip)
+    repo, before = ran
+    assert_refused(repo, before, case.sets, case.line, case.pattern)
+
+
+@pytest.mark.slow
+def test_data_over_memory_refused_with_the_numbers(ran):
+    """Big patches make the images, held in memory by training, outgrow memory before the disk."""
+    import psutil
+
+    from virgo_exps.data.store import format_bytes
+
+    repo, before = ran
+    patch, per_sample = 128, 4 * 128 * 128 * 4  # images of 1 main + 3 aux channels, float32
+    n = math.ceil(0.75 * psutil.virtual_memory().available / per_sample)  # 2 x images = 1.5 x memory
+    raw = n * 4 * 1024 * 4  # TINY: 4 s at 256 Hz
+    if 2 * (raw + n * per_sample) > 0.8 * shutil.disk_usage(repo).free:
+        pytest.skip(f"{format_bytes(2 * (raw + n * per_sample))} of data would not fit the disk either")
+    assert_refused(repo, before, (f"generate.n_samples={n}", f"preprocess.patch_size={patch}"),
+                   f"error: generate.n_samples: {n} samples need ~",
+                   r"of memory \(train: 1 process\(es\) holding data/images.zarr in memory, with as much again "
+                   r"left free\) but [\d.]+ GB are available on this machine; lower generate.n_samples")
 
 
 @pytest.mark.slow
@@ -169,6 +199,30 @@ def test_memory_budget_names_the_numbers():
         "train.procs_per_node")
     with pytest.raises(ConfigError, match=r"in DVC's cache .* but 1.0 kB are free on its file system"):
         check_budget(params, replace(fits, copies=1, cache_disk=10**6, cache_free=1000))
+
+
+@pytest.mark.parametrize("dvc_config,copies", [("", 2), ('[cache]\n    type = "reflink,symlink"\n', 1)],
+                         ids=["copies", "links-only"])
+def test_estimate_counts_the_stores_per_copy_and_each_training_process(tmp_path, monkeypatch, dvc_config, copies):
+    from pathlib import Path
+
+    from virgo_exps.machines import Machine
+    from virgo_exps.preflight import estimate
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text(dvc_config)
+    monkeypatch.chdir(tmp_path)
+    for name in ("DVC_ROOT", "VIRGO_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    params = _params(strategy="ddp", procs_per_node=2)
+    g = params.generate
+    budget = estimate(params, Machine(name="local", kind="local", path=Path(tmp_path)))
+    assert budget.raw == g.n_samples * (1 + g.n_aux) * int(round(g.duration * g.sample_rate)) * 4
+    assert budget.images == g.n_samples * (1 + g.n_aux) * params.preprocess.patch_size ** 2 * 4
+    assert (budget.copies, budget.cache_disk) == (copies, 0)  # the cache is beside data/
+    assert budget.disk == copies * (budget.raw + budget.images)
+    assert budget.memory == 2 * 2 * budget.images and budget.memory_what.startswith("train: 2 process(es)")
 
 
 def test_slurm_profile_refuses_more_processes_than_gpus(monkeypatch):

@@ -41,6 +41,9 @@ BYTES_PER_CHUNK = 200
 # Per sample, preprocessing keeps the split permutation, both index arrays
 # and a validation mask (3 x int64 + 1 bool) plus a window per sample.
 BYTES_PER_SAMPLE_PREPROCESS = 3 * 8 + 1 + 2 * 8
+# A training process reads the preprocessed store into memory and leaves as
+# much again free (ImageDataset's max_fraction=0.5).
+TRAIN_HEADROOM = 2
 
 
 def _fmt(n: float) -> str:
@@ -129,7 +132,7 @@ class Budget:
     images: int  # data/images.zarr
     disk: int  # what the data outputs add on the file system of data/
     disk_free: int  # free there, plus what the current outputs occupy (they are replaced)
-    copies: int  # 2 when DVC's cache is on the same file system as data/ (a copy in each)
+    copies: int  # 2 when DVC's cache is on the file system of data/ and DVC may copy (a copy in each)
     cache_disk: int  # what DVC's cache needs on its own file system (0: same as data/)
     cache_free: int
     memory: int  # peak memory of the stages that run on this machine
@@ -160,12 +163,15 @@ def _size_of(path: Path) -> int:
     return total
 
 
-def dvc_cache_dir() -> Path:
-    """DVC's cache folder: ``cache.dir`` of ``.dvc/config(.local)``, else ``.dvc/cache`` of the main checkout."""
+def dvc_cache() -> tuple[Path, tuple[str, ...]]:
+    """DVC's cache folder and link types (``cache.dir``, ``cache.type`` of ``.dvc/config(.local)``).
+
+    Defaults: ``.dvc/cache`` of the main checkout, and DVC's ``reflink,copy``.
+    """
     import configparser
 
     dvc_dir = main_checkout() / ".dvc"
-    found = dvc_dir / "cache"
+    folder, types = dvc_dir / "cache", ("reflink", "copy")
     for name in ("config", "config.local"):
         parser = configparser.ConfigParser(strict=False, interpolation=None)
         try:
@@ -173,10 +179,16 @@ def dvc_cache_dir() -> Path:
         except configparser.Error:
             continue
         for section in parser.sections():
-            if section.strip().strip("'\"") == "cache" and parser.get(section, "dir", fallback=None):
-                value = Path(os.path.expanduser(parser.get(section, "dir").strip().strip("'\"")))
-                found = value if value.is_absolute() else dvc_dir / value
-    return found
+            if section.strip().strip("'\"") != "cache":
+                continue
+            value = parser.get(section, "dir", fallback="").strip().strip("'\"")
+            if value:
+                path = Path(os.path.expanduser(value))
+                folder = path if path.is_absolute() else dvc_dir / path
+            value = parser.get(section, "type", fallback="").strip().strip("'\"")
+            if value:
+                types = tuple(t.strip() for t in value.split(",") if t.strip())
+    return folder, types
 
 
 def estimate(params: Params, machine: Machine) -> Budget:
@@ -193,9 +205,12 @@ def estimate(params: Params, machine: Machine) -> Budget:
 
     data = repo_root() / "data"
     data_fs = _existing(data)
-    cache_fs = _existing(dvc_cache_dir())
+    cache_dir, link_types = dvc_cache()
+    cache_fs = _existing(cache_dir)
     same = os.stat(data_fs).st_dev == os.stat(cache_fs).st_dev
-    copies = 2 if same else 1
+    # The workspace holds a copy of each output unless DVC may only link
+    # (reflink, symlink, hardlink: the bytes are stored once, in the cache).
+    copies = 2 if same and "copy" in link_types else 1
     current = _size_of(data / "raw.zarr") + _size_of(data / "images.zarr")
     disk_free = shutil.disk_usage(data_fs).free + current
 
@@ -208,9 +223,12 @@ def estimate(params: Params, machine: Machine) -> Budget:
         peaks.append((n_chunks_of(g) * BYTES_PER_CHUNK + 2 * workers * chunk, "generate: chunk index and buffers"))
     peaks.append((g.n_samples * BYTES_PER_SAMPLE_PREPROCESS, "preprocess: split indices"))
     if machine.kind == "local":
-        # Every training process reads the whole preprocessed store into memory.
-        peaks.append((params.train.procs_per_node * images,
-                      f"train: {params.train.procs_per_node} process(es) holding data/images.zarr in memory"))
+        # Every training process reads the whole preprocessed store into
+        # memory, and refuses a split above half the available memory
+        # (virgo_exps.dataset.ImageDataset): the same half is kept free here.
+        peaks.append((TRAIN_HEADROOM * params.train.procs_per_node * images,
+                      f"train: {params.train.procs_per_node} process(es) holding data/images.zarr in memory, "
+                      "with as much again left free"))
     memory, what = max(peaks)
     return Budget(
         raw=raw, images=images, disk=copies * outputs, disk_free=disk_free, copies=copies,
@@ -226,7 +244,7 @@ def check_budget(params: Params, budget: Budget) -> None:
              "preprocess.patch_size)")
     sizes = f"raw series {_fmt(budget.raw)} + images {_fmt(budget.images)}"
     if budget.disk > budget.disk_free:
-        where = ", once in data/ and once in DVC's cache" if budget.copies == 2 else " in data/"
+        where = ", once in data/ and once in DVC's cache" if budget.copies == 2 else ""
         raise ConfigError(
             f"generate.n_samples: {n} samples need up to {_fmt(budget.disk)} on disk ({sizes}{where}) but "
             f"{_fmt(budget.disk_free)} are free on the file system of data/; {lower} or free space"
@@ -234,7 +252,7 @@ def check_budget(params: Params, budget: Budget) -> None:
     if budget.cache_disk > budget.cache_free:
         raise ConfigError(
             f"generate.n_samples: {n} samples need up to {_fmt(budget.cache_disk)} in DVC's cache ({sizes}) but "
-            f"{_fmt(budget.cache_free)} are free on its file system ({dvc_cache_dir()}); {lower} or free space"
+            f"{_fmt(budget.cache_free)} are free on its file system ({dvc_cache()[0]}); {lower} or free space"
         )
     if budget.memory > budget.memory_free:
         raise ConfigError(
@@ -270,10 +288,9 @@ def recovery_hint(params_path: str | os.PathLike = "params.yaml") -> str | None:
     """How to get the committed params back, when the file on disk differs from them.
 
     ``dvc exp run -S key=value`` writes the value into params.yaml before any
-    stage runs, so a refused value stays in the file (and ``git status`` may
-    not show it when the file keeps its length and timestamp granularity hides
-    the change). Compared by content; None outside a git checkout, in DVC's
-    temporary workspaces (the user's file was not touched) or when equal.
+    stage runs, so a refused value stays in the file. Compared by content
+    with the committed file; None outside a git checkout, in DVC's temporary
+    workspaces (the user's file was not touched) or when equal.
     """
     path = Path(params_path)
     if main_checkout() != repo_root():
@@ -301,4 +318,4 @@ def refuse(exc: ConfigError, params_path: str | os.PathLike = "params.yaml") -> 
 
 
 __all__ = ["Budget", "check", "check_budget", "check_device", "check_machine", "estimate", "recovery_hint",
-           "refuse", "summary", "dvc_cache_dir"]
+           "refuse", "summary", "dvc_cache"]
