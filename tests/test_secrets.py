@@ -50,7 +50,8 @@ def runs_named(url: str, name: str, monkeypatch) -> list:
 def served(server, tmp_path_factory):
     """The whole pipeline on the local machine, tracked on the server, credentials in the environment."""
     url, home = server
-    repo = make_repo(tmp_path_factory.mktemp("secrets") / "repo", {"train": {"epochs": 1, "profile_steps": 0}})
+    repo = make_repo(tmp_path_factory.mktemp("secrets") / "repo",
+                     {"generate": {"n_samples": 20, "chunk_size": 10}, "train": {"epochs": 1, "profile_steps": 0}})
     env = tool_env({"VIRGO_MACHINE": "local", "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin",
                     "MLFLOW_TRACKING_PASSWORD": PASSWORD})
     proc = sh([str(BIN / "dvc"), "exp", "run", "-n", "served"], repo, env, check=False)
