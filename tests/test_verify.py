@@ -77,10 +77,14 @@ def test_run_with_nothing_changed_records_no_experiment(ran):
     assert "results/metrics.json" in again.stdout and "(missing)" not in again.stdout
     assert "Running stage" not in again.stdout + again.stderr
     assert exp_names(repo) == before
-    # a param change still runs and records an experiment
-    changed = virgo(repo, "run", "-S", "report.title=Other")
-    assert "Stages run: environment, report" in changed.stdout, changed.stdout
-    assert len(exp_names(repo)) == 2
+
+
+def test_only_a_plain_run_is_checked_first():
+    from virgo_exps.cli import _plain_run
+
+    assert _plain_run([]) and _plain_run(["-n", "x", "-q"]) and _plain_run(["--name=x", "-m", "note"])
+    for args in (["-S", "train.lr=0.1"], ["--queue"], ["-f"], ["train"], ["-n", "x", "--run-all"]):
+        assert not _plain_run(args), args  # DVC alone decides
 
 
 def test_verify_passes_on_a_consistent_workspace(ran):
