@@ -125,3 +125,38 @@ def test_log1p_float32_is_correctly_rounded(monkeypatch):
     monkeypatch.setattr(P, "_MIDPOINT_ULPS", 2.0**40)
     assert np.array_equal(P.log1p_float32(x[:500]), y[:500])
     assert np.isnan(P.log1p_float32(np.array([np.nan], dtype=np.float32))[0])
+
+
+def _pins() -> dict[str, str]:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r'"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^"]+)"', text)}
+
+
+def test_version_lock_lists_what_make_run_installs(tmp_path):
+    """version.lock records the packages `make run` installs (Horovod only for the
+    horovod strategy, the one case where `make run` builds it), at their pinned
+    versions, and the stage rewrites nothing when the environment is unchanged."""
+    import yaml
+
+    from conftest import make_repo, sh
+    from virgo_exps.environment import collect, render
+
+    repo = make_repo(tmp_path / "repo")
+    cmd = [sys.executable, "stages/environment.py", "--params", "params.yaml", "--out", "version.lock"]
+    first = sh(cmd, repo)
+    text = (repo / "version.lock").read_text()
+    assert "wrote version.lock" in first.stdout
+    second = sh(cmd, repo)
+    assert "version.lock unchanged" in second.stdout and (repo / "version.lock").read_text() == text
+    packages = yaml.safe_load(text)["packages"]
+    assert "horovod" not in packages  # train.strategy is single: make run does not install it
+    pins = _pins()
+    for name, version in packages.items():
+        if name in pins:  # installed by make run at the pinned version (a local build tag aside)
+            assert version.split("+")[0] == pins[name], (name, version)
+    assert {"torch", "deepspeed", "numpy", "zarr"} <= set(packages) <= set(pins) | {"virgo-exps"}
+    # with the horovod strategy, make run builds Horovod, and the lock names it
+    assert "horovod" in collect(strategy="horovod")["packages"]
+    assert render(collect(strategy="single")) == render(collect(strategy="ddp")) == text

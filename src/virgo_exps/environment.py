@@ -1,6 +1,7 @@
 """``version.lock``: the exact environment that produced a result.
 
-It holds only what can change results (Python, package versions, the CUDA,
+It holds only what can change results (Python, the versions of the packages
+`make run` installs, plus Horovod when train.strategy is horovod, the CUDA,
 cuDNN and NCCL that torch was built with) and nothing that changes between
 identical runs (no timestamps, no host names), so an unchanged environment
 gives a byte-identical file and DVC reruns nothing downstream.
@@ -16,12 +17,29 @@ from __future__ import annotations
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import yaml
 
 from .machines import load_machine
 
-PACKAGES = ("torch", "deepspeed", "horovod", "dvc", "mlflow", "zarr", "numpy", "scipy", "pandas", "virgo-exps")
+# What `make run` installs (pyproject.toml, pinned) and the results depend on.
+PACKAGES = ("torch", "deepspeed", "dvc", "mlflow", "zarr", "numpy", "scipy", "pandas", "virgo-exps")
+# Installed only for the strategy that uses it (`make run` builds Horovod only
+# when train.strategy is horovod): recorded only then, so that a fresh clone and
+# `make run` on another machine write the same version.lock.
+STRATEGY_PACKAGES = {"horovod": ("horovod",)}
+
+
+def _strategy_from(params_path: str | Path) -> str | None:
+    """``train.strategy`` of a params file, or None when there is none to read
+    (the environment stage has validated the file before)."""
+    try:
+        params = yaml.safe_load(Path(params_path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    train = params.get("train") if isinstance(params, dict) else None
+    return train.get("strategy") if isinstance(train, dict) else None
 
 
 def _version(dist: str) -> str:
@@ -31,15 +49,21 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def collect(machine_name: str | None = None) -> dict:
+def collect(machine_name: str | None = None, strategy: str | None = None,
+            params_path: str | Path = "params.yaml") -> dict:
+    """The environment record. ``strategy`` (default: ``train.strategy`` of
+    ``params_path``) adds the packages only that strategy uses."""
     import torch
 
     load_machine(machine_name)  # a broken profile stops the pipeline before any stage runs
+    if strategy is None:
+        strategy = _strategy_from(params_path)
+    names = PACKAGES + STRATEGY_PACKAGES.get(strategy or "", ())
     info: dict = {
         "python": platform.python_version(),
         "implementation": sys.implementation.name,
         "platform": f"{platform.system()}-{platform.machine()}",
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: _version(name) for name in names},
         "torch_build": {
             "cuda": torch.version.cuda or "none",
             "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
