@@ -69,7 +69,7 @@ from torch import nn
 
 from .config import Params, as_flat_dict
 from .machines import active_machine_name
-from .paths import repo_root, snapshot_root
+from .paths import snapshot_root
 from .dataset import ImageDataset, ShardSampler, eval_shard
 from .models import build_model, count_parameters, model_file_content
 from .monitoring import GpuMonitor, computation_fraction
@@ -276,9 +276,10 @@ class Trainer:
         """Data and code digests and the checkpoints path, computed by rank 0 and shared."""
         mine = None
         if self.strategy.is_main:
+            # As DVC names it (relative to the workspace, the same in a queued experiment's copy).
             ckpt = self.out.checkpoints.resolve()
             with contextlib.suppress(ValueError):
-                ckpt = ckpt.relative_to(repo_root())
+                ckpt = ckpt.relative_to(Path.cwd().resolve())
             mine = {"data": tree_digest(self.data), "code": code_digest(), "checkpoints": ckpt.as_posix()}
         self._digests = self.strategy.all_gather_object(mine)[0]
         blob = json.dumps(self._config_key(), sort_keys=True, default=str).encode()
