@@ -4,6 +4,10 @@
         --checkpoints checkpoints --model results/model.pt --metrics results/metrics.json \\
         --epochs results/epochs.csv --ranks results/ranks.json
 
+--checkpoints receives the final snapshot of a completed run; an unfinished
+run keeps its snapshot in .virgo/snapshots/ of the main checkout (see
+virgo_exps.trainer), so DVC restoring its outputs never overwrites it.
+
 Without --worker this validates the configuration and starts the training
 processes on the active machine (directly, torchrun, horovodrun, or a SLURM
 job: see virgo_exps.launch); each process runs this script again with --worker.

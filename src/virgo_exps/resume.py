@@ -7,13 +7,19 @@ What it does, and why it is enough:
 
 1. ``dvc exp apply <exp>``: the workspace gets the experiment's params.yaml and
    dvc.lock, and DVC checks its outputs out of the cache, ``checkpoints/``
-   included (DVC keeps whatever the workspace had in refs/exps/apply/stash).
+   included: the final snapshot of its completed run (DVC keeps whatever the
+   workspace had in refs/exps/apply/stash).
 2. ``dvc exp run -S train.epochs=N [--queue] -n <exp>-e<N>``: only
    ``train.epochs`` changed, so the train stage reruns; ``checkpoints/`` is a
    ``persist: true`` output, which DVC leaves in place, and the trainer finds
-   a snapshot of the same configuration and continues from it. A queued run
-   starts from the stashed workspace, whose dvc.lock names the experiment's
-   checkpoint, so DVC checks it out into the temporary workspace as well.
+   a snapshot of the same configuration that is a prefix of the longer run
+   and continues from it. A queued run starts from the stashed workspace,
+   whose dvc.lock names the experiment's checkpoint, so DVC checks it out
+   into the temporary workspace as well.
+
+An *interrupted* run needs none of this: its snapshot is kept in
+``.virgo/snapshots/`` of the main checkout (see :mod:`virgo_exps.trainer`),
+and running the same command again continues it.
 
 The trainer's resume is exact (weights, optimiser, schedule, RNG, data
 order), so the result equals training N epochs in one go.
