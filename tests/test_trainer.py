@@ -195,3 +195,26 @@ def test_sigterm_checkpoints_and_the_next_run_resumes(workdir, baseline):
     assert second.returncode == 0, second.stderr[-3000:]
     for key, value in weights(baseline).items():
         assert torch.equal(value, weights(out)[key])
+
+
+def test_only_a_prefix_of_the_requested_run_is_resumed():
+    from virgo_exps.trainer import snapshot_refusal
+
+    config = {"train.lr": 0.001, "world_size": 1, "data": "d1", "code": "c1", "checkpoints": "checkpoints"}
+
+    def snap(epoch, step=0, status="complete", **changes):
+        return {"epoch": epoch, "step_in_epoch": step, "status": status, "config": {**config, **changes}}
+
+    assert snapshot_refusal(snap(2), config, 3) is None  # more epochs continue a finished run
+    assert snapshot_refusal(snap(2), config, 2) is None  # the same run: reused as is
+    assert snapshot_refusal(snap(1, 3, "interrupted"), config, 2) is None
+    assert snapshot_refusal(snap(2), config, 1) == (
+        "it is at 2 epoch(s) (status complete), past the 1 epoch(s) requested, so it is not a prefix of this run")
+    assert snapshot_refusal(snap(2, 3, "interrupted"), config, 2) == (
+        "it is at epoch 3, step 3 (status interrupted), past the 2 epoch(s) requested, so it is not a prefix "
+        "of this run")
+    assert snapshot_refusal(snap(1, **{"train.lr": 0.01}), config, 3) == "configuration changed (train.lr)"
+    assert snapshot_refusal(snap(1, data="d2", code="c2"), config, 3) == (
+        "configuration changed (trainer code, training data)")
+    old = {"epoch": 1, "step_in_epoch": 0, "status": "complete", "config": {"train.lr": 0.001}}
+    assert snapshot_refusal(old, config, 3).startswith("configuration changed (--checkpoints path, trainer code")
