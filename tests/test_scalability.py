@@ -546,6 +546,11 @@ def test_report_over_real_dvc_experiments(tmp_path):
     assert sim["speedup_vs_single"] is None and ddp2g["speedup_vs_single"] > 0
     assert any(n.startswith(f"'{cluster}' has no 1-process run of its own") for n in doc["notes"])
     assert all(g["scaling"] == "strong (fixed global batch 8)" for g in doc["groups"])
+    # Measured figures are flagged exactly when they are suspicious (on a loaded 2-core machine the
+    # 2-process run has been seen at 1400% efficiency against 1 process).
+    for g in doc["groups"]:
+        assert ("efficiency>100%" in g["flags"]) == (g["efficiency"] > 1 + 1e-9), g
+        assert ("speedup>world" in g["flags"]) == (g["speedup"] > g["world_size"] + 1e-9), g
     assert all(g["val_loss"] > 0 for g in doc["groups"])
     # Where it comes from, by default.
     assert doc["provenance"]["machines"] == ["local", "simcluster"] and doc["provenance"]["commits"] == [head[:8]]
