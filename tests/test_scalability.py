@@ -18,7 +18,7 @@ import pytest
 
 from conftest import BIN, make_repo, sh, tool_env
 from virgo_exps import scalability_cli
-from virgo_exps.scalability import summarize, write_report
+from virgo_exps.scalability import console_text, summarize, write_report
 from virgo_exps.scalability_groups import assign, dedupe
 from virgo_exps.scalability_sources import Run, load_files, parse_exp_show
 
@@ -273,6 +273,23 @@ def test_baseline_never_borrowed_from_another_machine(tmp_path):
     assert local["speedup"] == pytest.approx(8.4 / 4.4)
     assert local["speedup_vs_single"] == pytest.approx(8.0 / 4.4)
     assert report.provenance["machines"] == ["local", "simcluster"]
+
+
+def test_what_differs_only_with_the_strategy_is_a_column_not_in_labels(tmp_path):
+    """A committed 1-process reference made on the local machine beside a cluster sweep of ddp: the machine
+    separates them but never two groups of one strategy, so labels stay the strategies."""
+    write_run(tmp_path, "reference", "single", 1, [9.0, 8.0, 8.0], machine="local")
+    write_run(tmp_path, "d1", "ddp", 1, [9.0, 8.4, 8.4], machine="simcluster")
+    write_run(tmp_path, "d2", "ddp", 1, [6.0, 4.4, 4.4], nodes=2, machine="simcluster")
+    report = summarize(load_files([tmp_path])[0])
+    assert report.split_on == {"machine": ["local", "simcluster"]}
+    assert set(report.groups["series"]) == {"single", "ddp"}
+    assert group(report, "ddp", 2)["baseline"] == "ddp @ 1 (1x1)"
+    assert np.isnan(group(report, "ddp", 1)["speedup_vs_single"])  # other machine: no common footing
+    assert list(group(report, "single", 1)["differs"].split(", ")) == ["machine=local"]
+    text = console_text(report)
+    assert "also differs" in text and "machine=simcluster" in text
+    assert "Split on: machine (local, simcluster)" in text
 
 
 def test_suspicious_figures_are_flagged_in_table_json_html_and_pngs(tmp_path, monkeypatch):

@@ -303,6 +303,11 @@ def summarize(runs: list[Run], by: tuple[str, ...] | list[str] = (), source_note
         keyed.setdefault((key, r.world_size, r.nodes, r.procs_per_node), []).append(r)
     order = sorted(keyed, key=lambda k: (label[k[0]], k[1], k[2]))
     rows = [_group_row(label[k[0]], groups_of.scaling[k[0]], keyed[k]) for k in order]
+    # What sets groups apart but is not in their labels (it differs only with the strategy): a column.
+    unlabelled = [k for k in groups_of.split_on if k not in groups_of.in_label]
+    for row, k in zip(rows, order):
+        cfg = groups_of.config[k[0]]
+        row["differs"] = ", ".join(f"{grouping._short(x)}={cfg.get(x, '-')}" for x in unlabelled)
     peers = {label[k[0]]: tuple((a, b) for a, b in k[0] if a != "strategy") for k in order}
     if groups_of.split_on:
         detail = "; ".join(f"{k} ({', '.join(v)})" for k, v in groups_of.split_on.items())
@@ -402,6 +407,8 @@ def display_table(report: Report) -> pd.DataFrame:
         "speedup": [_fmt(v, ".3g") for v in g["speedup"]],
         "efficiency": [_pct(v) for v in g["efficiency"]],
     })
+    if g["differs"].astype(bool).any():
+        out.insert(1, "also differs", g["differs"])
     if g["speedup_vs_single"].notna().any():
         out["vs single"] = [_fmt(v, ".3g") for v in g["speedup_vs_single"]]
     if g["computation_fraction"].notna().any():

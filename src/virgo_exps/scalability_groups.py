@@ -73,6 +73,7 @@ class Grouping:
     scaling: dict[tuple, str]  # group key -> "strong (global batch 8)" / "weak (4 per process)"
     config: dict[tuple, dict[str, str]]  # group key -> its configuration (without the scaling axis)
     split_on: dict[str, list[str]] = field(default_factory=dict)  # key -> its values across groups
+    in_label: list[str] = field(default_factory=list)  # the keys of split_on that labels name
 
     def of(self, run: Run) -> tuple:
         return self.key[id(run)]
@@ -129,11 +130,19 @@ def assign(runs: list[Run]) -> Grouping:
         values = sorted({cfg.get(k, "-") for cfg in config.values()}, key=_order)
         if len(values) > 1:
             split_on[k] = values
+    # Labels name the keys that tell groups of one strategy apart; a key that only ever differs together
+    # with the strategy (the software when only Horovod's runs list Horovod, a reference run of
+    # another strategy on another machine) is in split_on and the table, not in every label.
+    by_strategy: dict[str, list[dict[str, str]]] = {}
+    for cfg in config.values():
+        by_strategy.setdefault(cfg["strategy"], []).append(cfg)
+    in_label = [k for k in split_on if k != "strategy" and any(
+        len({c.get(k, "-") for c in cfgs}) > 1 for cfgs in by_strategy.values())]
     labels = {}
     for key, cfg in config.items():
-        parts = [cfg["strategy"]] + [f"{_short(k)}={cfg.get(k, '-')}" for k in split_on if k != "strategy"]
-        labels[key] = ", ".join(parts)
-    return Grouping(keys, labels, scaling, config, {k: v for k, v in split_on.items() if k != "strategy"})
+        labels[key] = ", ".join([cfg["strategy"]] + [f"{_short(k)}={cfg.get(k, '-')}" for k in in_label])
+    return Grouping(keys, labels, scaling, config, {k: v for k, v in split_on.items() if k != "strategy"},
+                    in_label)
 
 
 def identity(run: Run) -> tuple:
