@@ -29,7 +29,6 @@ from .config import ConfigError, TrainConfig
 from .machines import Machine, load_machine
 from .paths import experiment_name, main_checkout
 
-
 # --------------------------------------------------------------------------
 # a stage lives only as long as the process that started it
 # --------------------------------------------------------------------------
@@ -41,25 +40,34 @@ TRAIN_STOP_GRACE_S = 30.0  # ... a training, which first finishes its step and w
 _starter: int | None = None  # pid of the process that started this stage
 
 
+def _prctl():
+    """libc's ``prctl``, or None (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def die_with_parent(signum: int = signal.SIGTERM) -> bool:
     """Ask Linux to send ``signum`` to this process when its parent ends (``prctl(PR_SET_PDEATHSIG)``).
 
     False where the kernel cannot do it (not Linux). The request holds across
     ``exec`` and is not inherited by children: each process asks for itself.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    prctl = _prctl()
+    return prctl is not None and prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
 
 
-def _child_dies_with_parent() -> None:  # preexec_fn of the processes the launcher starts
-    die_with_parent(signal.SIGTERM)
+def _dies_with_parent_hook():
+    """A ``preexec_fn`` that only calls an already resolved ``prctl`` (no import, no lock after fork)."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def descendants(pid: int) -> list[int]:
@@ -288,7 +296,7 @@ def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dic
         # Own session: a terminal's Ctrl-C reaches the training through `forward` only (once).
         # The child also ends when this launcher dies, even by SIGKILL.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True, preexec_fn=_child_dies_with_parent)
+                                start_new_session=True, preexec_fn=_dies_with_parent_hook())  # noqa: PLW1509
         killer: list[threading.Timer] = []
 
         def kill_group() -> None:
