@@ -54,6 +54,7 @@ envfile=$(umask 077 && mktemp "${TMPDIR:-/tmp}/virgo-tmux-env.XXXXXX")
 while IFS= read -r name; do
     case "$name" in
         TMUX | TMUX_PANE | PWD | OLDPWD | SHLVL | _ | BASH_* | SHELLOPTS | BASHOPTS) continue ;;
+        MAKEFLAGS | MFLAGS | MAKELEVEL | MAKEOVERRIDES) continue ;;  # from `make tmux`, not the user's
     esac
     printf 'export %s=%q\n' "$name" "${!name}" >> "$envfile"
 done < <(compgen -e)
