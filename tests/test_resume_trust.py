@@ -11,7 +11,10 @@ copy of the repository with tiny params (3 epochs of 6 steps):
   snapshot is not a prefix) and records 1-epoch metrics, also in MLflow;
 - a completed snapshot of the same configuration is reused (nothing trained),
   and the MLflow run still has every epoch's loss;
-- the same interruption inside a queued experiment (SIGTERM to its stage).
+- the same interruption inside a queued experiment (SIGTERM to its stage);
+- and with train as a job on a real Slurm (Ctrl-C to `dvc exp run` cancels the
+  job, the trainer snapshots on Slurm's SIGTERM, the next `dvc exp run` submits
+  a job that resumes).
 
 ``VIRGO_FAULT_STEP_SLEEP`` slows each step so the signal lands mid-run; it does
 not change what is computed.
@@ -184,3 +187,50 @@ def test_an_interrupted_queued_experiment_resumes_in_the_next_one(repo, tmp_path
     dvc(repo, "exp", "apply", "q-again")
     assert_same_run(json.loads((repo / "results" / "metrics.json").read_text()), repo / "results" / "epochs.csv",
                     repo / "results" / "model.pt", reference(repo, tmp_path, 0.002))
+
+
+@pytest.mark.slurm
+def test_an_interrupted_dvc_exp_run_on_slurm_resumes_where_it_stopped(slurm_cluster, repo, tmp_path):
+    from test_slurm_launch import cluster_env
+
+    wait_workers_gone(repo)
+    job_env = cluster_env(slurm_cluster, extra={"PYTHONPATH": str(repo / "src")})
+    log = tmp_path / "slurm-cut.out"
+    cmd = [str(BIN / "dvc"), "exp", "run", "-S", "train.lr=0.003"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*cmd, "-n", "s-cut"], cwd=repo, env={**job_env, **SLOW}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: any(s["epoch"] >= 1 for s in live_states(repo)), 300, "a snapshot after epoch 1")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the launcher cancels the job, Slurm sends SIGTERM
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc != 0, text[-3000:]
+    job = re.search(r"(?:submitted|attaching to) job (\d+)", text).group(1)
+    wait_until(lambda: live_states(repo) and live_states(repo)[0]["status"] == "interrupted", 60,
+               "the interrupted snapshot")
+    [state] = live_states(repo)
+    job_log = next((repo / "logs" / "train").glob(f"*-{job}.out")).read_text()
+    epoch, step = STOPPED.search(job_log).groups()
+    assert state["epoch"] == int(epoch) - 1 and state["step_in_epoch"] == int(step)
+
+    again = dvc(repo, *cmd[1:], "-n", "s-again", env=job_env)
+    text = again.stdout + again.stderr
+    live = Path(state["snapshot"]).relative_to(repo)
+    assert f"train: resuming from {live} at epoch {epoch}, step {step} (status interrupted)" in text, text[-3000:]
+    assert re.search(r"job \d+ COMPLETED", text) and live_states(repo) == []
+    # The reference with the job's thread count (cluster_env: OMP_NUM_THREADS=1).
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["train"]["lr"] == 0.003
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "params.yaml").write_text(yaml.safe_dump(params))
+    sh([str(BIN / "python"), "stages/train.py", "--worker", "--no-tracking", "--params", str(ref / "params.yaml"),
+        "--data", "data/images.zarr", "--checkpoints", str(ref / "checkpoints"), "--model", str(ref / "model.pt"),
+        "--metrics", str(ref / "metrics.json"), "--epochs", str(ref / "epochs.csv"), "--ranks",
+        str(ref / "ranks.json")], repo, env={**job_env, "VIRGO_MACHINE": "local"})
+    assert_same_run(json.loads((repo / "results" / "metrics.json").read_text()), repo / "results" / "epochs.csv",
+                    repo / "results" / "model.pt", ref)
