@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, make_repo, sh, tool_env, write_images
+from conftest import BIN, make_repo, sh, tool_env, wait_until, write_images
 
 RTOL = 1e-4  # observed: ~1e-6 between DDP/DeepSpeed on 2 ranks and a single process
 EPOCHS = 3
@@ -195,6 +196,21 @@ def test_sigterm_checkpoints_and_the_next_run_resumes(workdir, baseline):
     assert second.returncode == 0, second.stderr[-3000:]
     for key, value in weights(baseline).items():
         assert torch.equal(value, weights(out)[key])
+
+
+@pytest.mark.slow
+def test_a_second_training_of_the_same_output_at_once_is_refused(workdir):
+    first, out = train(workdir, "twice", popen=True, env={"VIRGO_FAULT_STEP_SLEEP": "0.3"})
+    try:
+        wait_until(lambda: (out / "checkpoints" / "status.json").exists() or first.poll() is not None, 300,
+                   "the first run's snapshot")
+        second, _ = train(workdir, "twice", fresh=False)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        rest = first.communicate(timeout=300)[0]
+    assert second.returncode != 0
+    assert re.search(r"another training of the same configuration is running \(pid \d+ on ", second.stderr)
+    assert first.returncode != 0 and "snapshot written at epoch" in rest, rest[-3000:]
 
 
 def test_only_a_prefix_of_the_requested_run_is_resumed():
