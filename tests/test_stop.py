@@ -123,6 +123,16 @@ def stage_children(repo: Path, script: str) -> list:
     return []
 
 
+def stage_parent(repo: Path, stage: str) -> int | None:
+    """Parent pid of the process running ``stages/<stage>.py`` (the launcher, not its workers)."""
+    for p in psutil.process_iter(["cmdline", "cwd", "ppid"]):
+        argv = p.info["cmdline"] or [""]
+        if (p.info["cwd"] == str(repo) and "python" in Path(argv[0]).name
+                and f"stages/{stage}.py" in argv[1:2] and "--worker" not in argv):
+            return p.info["ppid"]
+    return None
+
+
 def signal_dvc(run: DvcRun, sig: signal.Signals, stage: str) -> float:
     """Send ``sig`` to dvc; SIGINT, which dvc ignores while a stage runs, then to its process group.
 
@@ -149,21 +159,28 @@ def local_repo(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_dvc_signalled_during_a_local_run_leaves_nothing_and_reruns(local_repo):
+def test_dvc_signalled_during_a_local_run_leaves_nothing_and_reruns(local_repo, tmp_path):
     repo, env = local_repo, tool_env()
     timings = {}
     # KILL during preprocess (a pool of worker processes), then every other signal during training;
     # each case's run is also the re-run right after the case before.
-    cases = [(signal.SIGKILL, "preprocess"), (signal.SIGTERM, "train"), (signal.SIGHUP, "train"),
-             (signal.SIGINT, "train")]
-    for sig, stage in cases:
-        run = DvcRun(repo, env, LONG)
+    # DVC runs `$SHELL -c <cmd>`; bash replaces itself by the command, some shells stay in between
+    # (tcsh, dash for some commands): `staying` is such a shell.
+    staying = tmp_path / "sh"
+    staying.write_text('#!/bin/bash\n/bin/bash -c "$2"\n')
+    staying.chmod(0o755)
+    cases = [(signal.SIGKILL, "preprocess", "bash"), (signal.SIGTERM, "train", "bash"),
+             (signal.SIGHUP, "train", str(staying)), (signal.SIGINT, "train", "bash")]
+    for sig, stage, shell in cases:
+        run = DvcRun(repo, {**env, "SHELL": shutil.which(shell)}, LONG)
         try:
             if stage == "preprocess":
                 run.wait_for(r"\[preprocess\] \d+ samples")
                 wait_until(lambda: stage_children(repo, "preprocess.py"), 120, "preprocess workers")
             else:
                 run.wait_for(r"epoch \d+/400")
+            parent = stage_parent(repo, stage)
+            assert (parent == run.proc.pid) == (shell == "bash"), (shell, parent, run.proc.pid)
             assert "Directory not empty" not in run.output and "is busy" not in run.output, run.output[-3000:]
             sent = signal_dvc(run, sig, stage)
             rc = run.end()
@@ -173,7 +190,7 @@ def test_dvc_signalled_during_a_local_run_leaves_nothing_and_reruns(local_repo):
         assert rc != 0, f"{sig.name}: dvc ended with 0:\n{run.output[-3000:]}"
         if sig != signal.SIGINT:
             assert rc == -sig, (sig.name, rc)
-            assert re.search(r"the process that started this stage \(pid \d+\) ended", run.output), \
+            assert f"the process that started this stage (pid {run.proc.pid}) ended" in run.output, \
                 run.output[-3000:]
         else:
             assert "ERROR: failed to reproduce 'train'" in run.output, run.output[-3000:]

@@ -165,21 +165,64 @@ def _stop_stage(signum, frame) -> None:
 def bind_stage_to_starter() -> None:
     """Make this stage process end, with everything it started, when its starter ends.
 
-    DVC runs a stage as a child (``$SHELL -c <cmd>``, which bash replaces by
-    the command). When DVC dies (TERM, HUP, KILL) Linux sends this process
-    SIGTERM; SIGINT, SIGTERM and SIGHUP end every descendant (SIGTERM, then
-    SIGKILL after :data:`STOP_GRACE_S`) and exit 128 + signal. While the
-    launcher runs a training, its own handlers take over (forward to the
-    training processes, or cancel the SLURM job) and restore these after.
+    SIGINT, SIGTERM and SIGHUP (those not ignored already, as under ``nohup``)
+    end every descendant (SIGTERM, then SIGKILL after :data:`STOP_GRACE_S`) and
+    exit 128 + signal. While the launcher runs a training, its own handlers
+    take over (forward to the training processes, or cancel the SLURM job) and
+    restore these after.
+
+    Run by DVC (``DVC_STAGE`` is set), the stage also gets SIGTERM when DVC
+    ends, even by SIGKILL: DVC runs ``$SHELL -c <cmd>``; bash and zsh replace
+    themselves by the command, so DVC is the parent and the kernel sends the
+    signal (``prctl(PR_SET_PDEATHSIG)``); a shell that stays in between (dash,
+    tcsh) is looked through: a thread watches DVC instead.
     """
     global _starter
-    _starter = os.getppid()
     for s in STOP_SIGNALS:
         with contextlib.suppress(ValueError):  # not in the main thread
-            signal.signal(s, _stop_stage)
+            if signal.getsignal(s) != signal.SIG_IGN:
+                signal.signal(s, _stop_stage)
+    if not os.environ.get("DVC_STAGE"):
+        return
+    _starter = os.getppid()
+    parent = _proc_stat(_starter)
+    if parent is not None and parent[0] in SHELLS and parent[1] > 1:
+        _starter = parent[1]
+        watched = _proc_stat(_starter)
+        if watched is not None:
+            threading.Thread(target=_watch_starter, args=(_starter, watched[2]), daemon=True,
+                             name="virgo-starter-watch").start()
+        return
     if die_with_parent(signal.SIGTERM) and _orphaned():
         # the starter ended before the kernel watched it: nobody waits for this stage
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+SHELLS = frozenset({"sh", "dash", "ash", "bash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish"})
+WATCH_S = 0.5  # how often the thread looks at a starter behind a shell
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(command name, parent pid, start time in clock ticks) of ``pid``, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    comm = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode(errors="replace")
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    return comm, int(fields[1]), int(fields[19])
+
+
+def _watch_starter(pid: int, started: int) -> None:
+    while True:
+        time.sleep(WATCH_S)
+        now = _proc_stat(pid)
+        if now is None or now[2] != started:  # ended (or its pid taken by another process)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _orphaned() -> bool:
