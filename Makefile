@@ -68,7 +68,7 @@ share: $(STAMP) ## create or join the team's shared experiment store: make share
 	$(VENV)/bin/virgo-exps share --dir "$(SHARED)" --group "$(GROUP)" $(ARGS)
 
 .PHONY: tmux
-tmux: $(STAMP) ## start `make run` in a tmux session named $(TMUX_SESSION) (survives logout)
+tmux: $(STAMP) ## start `make run` in a tmux session named $(TMUX_SESSION) with your environment (survives logout)
 	@bash scripts/tmux_run.sh $(TMUX_SESSION) $(ARGS)
 
 .PHONY: test
