@@ -274,7 +274,8 @@ class Trainer:
 
     def _compute_digests(self) -> None:
         """Data and code digests and the checkpoints path, computed by rank 0 and shared."""
-        mine = None
+        # The same type on every rank: Horovod names a collective after the object's type.
+        mine: dict = {}
         if self.strategy.is_main:
             # As DVC names it (relative to the workspace, the same in a queued experiment's copy).
             ckpt = self.out.checkpoints.resolve()
@@ -382,8 +383,9 @@ class Trainer:
 
     def _load_snapshot(self) -> bool:
         chosen = self._choose_snapshot() if self.strategy.is_main else None
-        chosen = self.strategy.all_gather_object(None if chosen is None else str(chosen))[0]
-        if chosen is None:
+        # A str on every rank ("" for none): Horovod names a collective after the object's type.
+        chosen = self.strategy.all_gather_object("" if chosen is None else str(chosen))[0]
+        if not chosen:
             return False
         path = Path(chosen)
         snap = torch.load(path, map_location="cpu", weights_only=False)
