@@ -178,7 +178,7 @@ def _cross_checks(p: Params) -> None:
             f"preprocess.fmax: {p.preprocess.fmax} Hz must be below the Nyquist frequency "
             f"({nyquist} Hz for generate.sample_rate={p.generate.sample_rate})"
         )
-    from .data.qtransform import max_frequency
+    from .data.qtiling import max_frequency
 
     ceiling = max_frequency(p.generate.sample_rate)
     if p.preprocess.fmax > ceiling:

@@ -54,6 +54,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .qtiling import SQRT11 as _SQRT11
+from .qtiling import q_values as _q_values
+from .qtiling import step_mismatch as _step_mismatch
+
 __all__ = [
     "QTransformPlan",
     "get_plan",
@@ -61,9 +65,6 @@ __all__ = [
     "q_transform_grid",
     "whiten_batch",
 ]
-
-_SQRT2 = math.sqrt(2.0)
-_SQRT11 = math.sqrt(11.0)
 
 # Spline weights smaller than this are dropped from the sparse time maps.
 _SPLINE_TOL = 1e-7
@@ -74,26 +75,6 @@ _CELLS_PER_CHUNK = 24_000_000
 # --------------------------------------------------------------------------
 # Tiling (pure python/numpy; cached)
 # --------------------------------------------------------------------------
-
-def _step_mismatch(mismatch: float) -> float:
-    """Mismatch-derived step between neighbouring tiles (Omega convention)."""
-    return 2.0 * math.sqrt(mismatch / 3.0)
-
-
-def _q_values(qrange: tuple[float, float], mismatch: float) -> list[float]:
-    """Q of every plane: log-uniform, centred inside ``qrange``."""
-    qlo, qhi = float(qrange[0]), float(qrange[1])
-    span = math.log(qhi / qlo) / _SQRT2
-    nplanes = int(max(math.ceil(span / _step_mismatch(mismatch)), 1))
-    step = span / nplanes
-    return [qlo * math.exp(_SQRT2 * step * (i + 0.5)) for i in range(nplanes)]
-
-
-def max_frequency(sample_rate: float, qrange: tuple[float, float] = (4.0, 64.0), mismatch: float = 0.2) -> float:
-    """The highest frequency the Q tiling can analyse at this sampling rate (gwpy's cap)."""
-    qs = _q_values(qrange, mismatch)
-    return sample_rate / 2.0 / (1.0 + _SQRT11 / min(qs))
-
 
 def _frequency_range(
     frange: tuple[float, float],
