@@ -601,3 +601,14 @@ def test_report_over_real_dvc_experiments(tmp_path):
         assert g["samples_per_s"] == pytest.approx(mine["samples_per_s"], rel=1e-9)
     assert sorted(e["name"] for e in via["experiments"]) == sorted(
         e["name"] for e in doc["experiments"] if e["source"] == "experiment")
+
+
+def test_dollar_signs_in_names_and_stamp_are_drawn_as_text(tmp_path):
+    """Names come from params and experiments; matplotlib would read `$...$` as TeX and fail on `\\q`."""
+    write_run(tmp_path / "runs", "x$\\q$y", "ddp", 1, [3.0, 2.0, 2.0], machine="d$HOME${PATH}", computation=0.75)
+    write_run(tmp_path / "runs", "b$", "ddp", 2, [3.0, 1.2, 1.2], machine="d$HOME${PATH}", computation=0.5)
+    report = summarize(load_files([tmp_path / "runs"])[0])
+    out = write_report(report, tmp_path / "report", stamp="cost x$\\q$y")
+    for name in ("epoch_time.png", "speedup.png", "efficiency.png", "computation.png"):
+        assert (out / name).stat().st_size > 0
+    assert "cost x$\\q$y" in (out / "index.html").read_text()

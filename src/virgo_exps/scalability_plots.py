@@ -13,6 +13,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+# Labels, titles and stamps carry names from params and experiments: a `$` in them is text, not TeX math.
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
