@@ -92,6 +92,34 @@ def test_password_in_the_tracking_uri_is_refused_and_in_no_file(served, monkeypa
     assert PASSWORD not in out
 
 
+def _file_digests(*roots: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).digest()
+            for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_password_in_the_tracking_uri_is_refused_by_the_first_stage_before_any_output(served):
+    """The whole pipeline, a changed param: refused before generate runs, outputs byte-identical, no leak."""
+    url, home, repo, first = served
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    host = url.split("://", 1)[1]
+    env = tool_env({"VIRGO_MACHINE": "local", "MLFLOW_TRACKING_URI": f"http://admin:{PASSWORD}@{host}"})
+    before = _file_digests(repo / "data", repo / "results")
+    proc = sh([str(BIN / "dvc"), "exp", "run", "-n", "in-uri-first", "-S", "generate.seed=7"], repo, env, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert f"error: MLFLOW_TRACKING_URI: holds a user name or password (http://***@{host})" in out, out[-3000:]
+    assert "Running stage 'generate'" not in out, out[-3000:]
+    assert _file_digests(repo / "data", repo / "results") == before
+    check = sh([str(BIN / "virgo-exps"), "check"], repo, env, check=False)
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert f"MLFLOW_TRACKING_URI: holds a user name or password (http://***@{host})" in check.stderr
+    sh(["git", "checkout", "params.yaml"], repo)
+    assert PASSWORD not in out + check.stdout + check.stderr
+    assert leaks(repo, home) == []
+
+
 def test_credentials_are_found_wherever_they_are_in_the_uri():
     for uri in ("http://u:p@h:5000", "https://token@h", "http://u:p@ss/w?rd#x@h:5000/path",
                 "postgresql://u:pw@db:5432/mlflow"):

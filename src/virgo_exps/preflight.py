@@ -10,7 +10,10 @@ same one line, before any stage has written or deleted an output:
    and processes the machine can run, GPUs per node, the strategy's software
    installed, the preprocessing device present;
 3. a size budget: disk and memory estimated from the params against what is
-   free on the file system of ``data/`` (and of DVC's cache) and in memory.
+   free on the file system of ``data/`` (and of DVC's cache) and in memory;
+4. the tracking address: no credentials inside ``MLFLOW_TRACKING_URI``
+   (:func:`virgo_exps.tracking.check_tracking_uri`), which MLflow would print
+   into the training logs.
 
 A rule that the launcher already enforces (e.g. several nodes on the local
 machine, Horovod not built) is checked by calling the launcher's own code.
@@ -32,6 +35,7 @@ from pathlib import Path
 from .config import ConfigError, Params, load_params
 from .machines import Machine, load_machine
 from .paths import main_checkout, repo_root
+from .tracking import check_tracking_uri
 
 # What each strategy needs beyond torch, as an importable module.
 STRATEGY_MODULES = {"deepspeed": "deepspeed", "horovod": "horovod"}
@@ -274,6 +278,7 @@ def check(params_path: str | os.PathLike = "params.yaml", machine: Machine | Non
     check_device(params)
     budget = estimate(params, machine)
     check_budget(params, budget)
+    check_tracking_uri()
     return params, machine, budget
 
 

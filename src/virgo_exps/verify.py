@@ -23,7 +23,6 @@ An experiment whose commit has the same tree as its baseline's (a
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import subprocess
@@ -225,10 +224,10 @@ def _read_stamp(src, rel: str) -> tuple[dict | None, str | None]:
             data = json.loads(by_rel[""].read_text())
             return (data.get(provenance.KEY) if isinstance(data, dict) else None), None
         if rel.endswith((".pt", ".pth")) and "" in by_rel:
-            import torch
+            from .models import load_model  # verifies the file's sha256 checksum
 
-            obj = torch.load(io.BytesIO(by_rel[""].read_bytes()), map_location="cpu", weights_only=False)
-            return (obj.get(provenance.KEY) if isinstance(obj, dict) else None), None
+            obj = load_model(by_rel[""])
+            return obj.get(provenance.KEY), None
     except FileNotFoundError:
         return None, None
     except Exception as exc:  # noqa: BLE001 - reported as a problem of this output
