@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import Callable
 
-from .config import ConfigError, describe
+from .config import ConfigError, DamagedInputError, describe
 
 
 def stage_main(run: Callable[[], int | None]) -> None:
@@ -25,6 +25,9 @@ def stage_main(run: Callable[[], int | None]) -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except DamagedInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -38,6 +41,9 @@ def worker_main(run: Callable[[], int | None], rank: Callable[[], int]) -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except DamagedInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported, then re-raised as an exit code

@@ -25,6 +25,13 @@ class ConfigError(ValueError):
     """A value in params.yaml is missing, unknown, of the wrong type or impossible."""
 
 
+class DamagedInputError(RuntimeError):
+    """A file a stage reads (a store chunk, the model) does not match its checksum.
+
+    Its message is one line: which file, what is wrong, and how to restore it.
+    """
+
+
 def _spec(default: Any, check: Callable[[Any], bool] | None = None, allowed: str = "", doc: str = ""):
     return field(default=default, metadata={"check": check, "allowed": allowed, "doc": doc})
 

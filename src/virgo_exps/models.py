@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import DamagedInputError
+
 
 def _norm(channels: int) -> nn.GroupNorm:
     # GroupNorm rather than BatchNorm: its output does not depend on how a
@@ -104,7 +106,7 @@ def count_parameters(model: nn.Module) -> int:
 MODEL_FORMAT = 1
 
 
-class CorruptModelError(RuntimeError):
+class CorruptModelError(DamagedInputError):
     """The model file cannot be read, or its content does not match its checksum."""
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import DamagedInputError
+
 # Suffix of our own temporary siblings: ``.partial-<pid>`` (a local run) and
 # ``.old-<pid>`` (the previous store, moved aside while the new one is renamed
 # into place).
@@ -138,7 +140,7 @@ def compressors():
 # --------------------------------------------------------------------------
 
 
-class CorruptStoreError(RuntimeError):
+class CorruptStoreError(DamagedInputError):
     """A chunk of one of our stores does not match its checksum."""
 
 
