@@ -71,12 +71,18 @@ share: $(STAMP) ## create or join the team's shared experiment store: make share
 tmux: $(STAMP) ## start `make run` in a tmux session named $(TMUX_SESSION) with your environment (survives logout)
 	@bash scripts/tmux_run.sh $(TMUX_SESSION) $(ARGS)
 
+.PHONY: lint
+lint: $(STAMP) ## ruff: lint and formatting check (configured in pyproject.toml)
+	$(VENV)/bin/ruff check src stages tests benchmarks
+	$(VENV)/bin/ruff format --check src stages tests benchmarks
+
 .PHONY: test
-test: $(STAMP) ## install what the tests need (Horovod, Slurm when root) and run the whole suite
+test: $(STAMP) ## install what the tests need (Horovod, Slurm when root), lint, and run the whole suite
+	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory horovod
 	@if [ "$$(id -u)" = 0 ]; then bash scripts/install_slurm.sh; else \
 		echo "not root: Slurm tests will be skipped (they need to install and start slurmctld/slurmd)"; fi
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest --durations=30 $(ARGS)
 
 .PHONY: test-fast
 test-fast: $(STAMP) ## the unit tests only (no dvc, no Slurm, no multi-process runs)

@@ -47,15 +47,17 @@ FMIN, FMAX, PATCH, BATCH = 10.0, 150.0, 64, 32
 def _gen_cfg(n: int, seed: int = 42):
     from virgo_exps.config import GenerateConfig
 
-    return GenerateConfig(seed=seed, n_samples=n, n_aux=N_AUX, duration=DURATION, sample_rate=SAMPLE_RATE,
-                          chunk_size=CHUNK, workers=0)
+    return GenerateConfig(
+        seed=seed, n_samples=n, n_aux=N_AUX, duration=DURATION, sample_rate=SAMPLE_RATE, chunk_size=CHUNK, workers=0
+    )
 
 
 def _pre_cfg(whiten: bool):
     from virgo_exps.config import PreprocessConfig
 
-    return PreprocessConfig(fmin=FMIN, fmax=FMAX, whiten=whiten, patch_size=PATCH, batch_size=BATCH,
-                            val_fraction=0.2, split_seed=0)
+    return PreprocessConfig(
+        fmin=FMIN, fmax=FMAX, whiten=whiten, patch_size=PATCH, batch_size=BATCH, val_fraction=0.2, split_seed=0
+    )
 
 
 def _one_thread() -> None:
@@ -94,9 +96,13 @@ def task_preprocess(args) -> dict:
         q_transform(noise, SAMPLE_RATE, frange=(FMIN, FMAX), whiten=args.whiten)
         warm = time.perf_counter() - t
     t = time.perf_counter()
-    summary = preprocess(Path(args.src), _pre_cfg(args.whiten),
-                         Path(args.dir) / f"img-{args.whiten}-{args.workers}.zarr", progress=False,
-                         workers=args.workers)
+    summary = preprocess(
+        Path(args.src),
+        _pre_cfg(args.whiten),
+        Path(args.dir) / f"img-{args.whiten}-{args.workers}.zarr",
+        progress=False,
+        workers=args.workers,
+    )
     return {"seconds": time.perf_counter() - t, "warmup_seconds": warm, "n": summary["n_samples"]}
 
 
@@ -200,7 +206,8 @@ def main() -> None:
         "preprocess_samples_per_s_by_whiten": {str(k).lower(): round(v, 3) for k, v in pre_all.items()},
         "ours_per_core_samples_per_s_by_whiten": {str(k).lower(): round(v, 3) for k, v in per_core.items()},
         "ours_per_core_samples_per_s_incl_process_warmup_by_whiten": {
-            str(k).lower(): round(v, 3) for k, v in per_core_cold.items()},
+            str(k).lower(): round(v, 3) for k, v in per_core_cold.items()
+        },
         "gwpy_samples_per_s": round(gwpy[True], 3),
         "gwpy_samples_per_s_by_whiten": {str(k).lower(): round(v, 3) for k, v in gwpy.items()},
         "speedup_vs_gwpy_per_core": round(per_core[True] / gwpy[True], 2),
@@ -211,17 +218,26 @@ def main() -> None:
         "load_avg_1m_at_start": round(load, 2),
         "settings": {
             "quick": args.quick,
-            "duration_s": DURATION, "sample_rate": SAMPLE_RATE, "channels": 1 + N_AUX, "chunk_size": CHUNK,
-            "frange": [FMIN, FMAX], "patch_size": PATCH, "batch_size": BATCH,
+            "duration_s": DURATION,
+            "sample_rate": SAMPLE_RATE,
+            "channels": 1 + N_AUX,
+            "chunk_size": CHUNK,
+            "frange": [FMIN, FMAX],
+            "patch_size": PATCH,
+            "batch_size": BATCH,
             "headline_whiten": True,
-            "n_generate": n_gen, "n_generate_per_core": min(n_gen, 512), "n_preprocess": n_gen,
-            "n_per_core": n_core, "n_gwpy": n_gwpy, "rss_sizes": list(rss_sizes),
+            "n_generate": n_gen,
+            "n_generate_per_core": min(n_gen, 512),
+            "n_preprocess": n_gen,
+            "n_per_core": n_core,
+            "n_gwpy": n_gwpy,
+            "rss_sizes": list(rss_sizes),
             "rss_whiten": False,
             "gwpy": f"TimeSeries(x, sample_rate={SAMPLE_RATE}).q_transform(frange=({FMIN}, {FMAX}), whiten=...) "
-                    "per channel, 1 process, 1 thread",
+            "per channel, 1 process, 1 thread",
             "ours_per_core": "preprocess(workers=1) with torch.set_num_threads(1), 1 OpenMP/BLAS thread; "
-                             "store reading/writing, patches, statistics and normalisation included; the "
-                             "per-process warm-up (one q_transform building the cached tiling) excluded",
+            "store reading/writing, patches, statistics and normalisation included; the "
+            "per-process warm-up (one q_transform building the cached tiling) excluded",
             "versions": {"torch": torch.__version__, "gwpy": gwpy_mod.__version__},
         },
     }

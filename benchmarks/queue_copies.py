@@ -52,7 +52,9 @@ def _env() -> dict:
 def _run(cmd: list[str], cwd: Path) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"benchmark: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise SystemExit(
+            f"benchmark: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     return proc.stdout
 
 
@@ -102,8 +104,14 @@ def _queued_experiment(repo: Path) -> tuple[float, int]:
     sampler.start()
     start = time.perf_counter()
     # The workers are daemons that keep stdout open: no pipes.
-    subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=repo, env=_env(),
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(
+        ["dvc", "queue", "start", "-j", "1"],
+        cwd=repo,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
     deadline = time.monotonic() + 1800
     while time.monotonic() < deadline:
         proc = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=_env(), capture_output=True, text=True)
@@ -113,8 +121,10 @@ def _queued_experiment(repo: Path) -> tuple[float, int]:
         if "Success" in line:
             break
         if "Failed" in line:
-            raise SystemExit(f"benchmark: the queued experiment failed:\n{status}\n"
-                             + _run(["dvc", "queue", "logs", "bench-title"], repo)[-3000:])
+            raise SystemExit(
+                f"benchmark: the queued experiment failed:\n{status}\n"
+                + _run(["dvc", "queue", "logs", "bench-title"], repo)[-3000:]
+            )
         time.sleep(0.2)
     else:
         raise SystemExit("benchmark: the queued experiment did not finish within 30 min")
@@ -136,8 +146,11 @@ def measure(n_samples: int, cache_type: str) -> dict:
         _run(["git", "commit", "-q", "-m", "baseline"], repo)
         print(f"[{cache_type} {n_samples}] queued experiment", file=sys.stderr, flush=True)
         seconds, peak = _queued_experiment(repo)
-        return {"experiment_s": round(seconds, 2), "tmp_exps_peak_bytes": peak,
-                "data_bytes": _disk_bytes(repo / "data")}
+        return {
+            "experiment_s": round(seconds, 2),
+            "tmp_exps_peak_bytes": peak,
+            "data_bytes": _disk_bytes(repo / "data"),
+        }
 
 
 def main() -> None:
@@ -150,7 +163,8 @@ def main() -> None:
     for cache_type in args.link_types:
         a, b = measure(small, cache_type), measure(large, cache_type)
         out[cache_type] = {
-            str(small): a, str(large): b,
+            str(small): a,
+            str(large): b,
             "experiment_time_ratio": round(b["experiment_s"] / a["experiment_s"], 3),
             "extra_disk_ratio": round(max(b["tmp_exps_peak_bytes"], 1) / max(a["tmp_exps_peak_bytes"], 1), 3),
         }

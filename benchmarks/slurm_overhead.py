@@ -82,8 +82,12 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
 
 
 def summary(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
-            "max": round(max(values), 3), "runs": [round(v, 3) for v in values]}
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "runs": [round(v, 3) for v in values],
+    }
 
 
 def main() -> int:
@@ -105,7 +109,7 @@ def main() -> int:
             env = {k: v for k, v in env.items() if not k.startswith(("VIRGO_", "DVC_"))}
             env.update(VIRGO_HOME=str(work), DVC_EXP_NAME="bench", PYTHONPATH=str(ROOT / "src"))
             direct, launcher, detect, bare = [], [], [], []
-            for i in range(args.repeat):
+            for _ in range(args.repeat):
                 direct.append(timed([python, "work.py"], work, env)[0])
                 elapsed, out = timed([python, "stage.py"], work, {**env, "VIRGO_MACHINE": "slurm"})
                 end = time.time()

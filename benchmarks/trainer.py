@@ -58,7 +58,7 @@ def bare_loop(x: torch.Tensor, y: torch.Tensor, model_name: str, batch: int, ste
     order = torch.randperm(x.shape[0], generator=g)
     model.train()
     # Two passes, the first untimed: the same warm-up the Trainer's epoch 1 gives it.
-    for timed in (False, True):
+    for _timed in (False, True):
         t0 = time.perf_counter()
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch]
@@ -75,8 +75,7 @@ def trainer_run(store: Path, out: Path, model_name: str, batch: int, n: int) -> 
     raw = {
         "generate": {"n_samples": n + max(8, n // 8)},
         "preprocess": {"val_fraction": 0.1},
-        "train": {"model": model_name, "global_batch_size": batch, "epochs": 2, "profile_steps": 0,
-                  "warmup_steps": 1},
+        "train": {"model": model_name, "global_batch_size": batch, "epochs": 2, "profile_steps": 0, "warmup_steps": 1},
     }
     params = params_from_dict(raw)
     strategy = get_strategy("single")
@@ -149,9 +148,16 @@ def main() -> None:
         "bare_step_s": float(np.median(bare)),
         "samples_per_s_from_store": float(np.median(with_store)),
         "samples_per_s_in_memory": float(np.median(in_memory)),
-        "settings": {"model": args.model, "patch": args.patch, "batch": args.batch, "steps": n // args.batch,
-                     "repeats": repeats, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
-                     "device": "cpu"},
+        "settings": {
+            "model": args.model,
+            "patch": args.patch,
+            "batch": args.batch,
+            "steps": n // args.batch,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+            "device": "cpu",
+        },
     }
     print(json.dumps(result))
 

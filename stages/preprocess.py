@@ -1,6 +1,6 @@
 """Stage 'preprocess': Q-transform images, patches, split and normalisation.
 
-    python stages/preprocess.py --params params.yaml --in data/raw.zarr --out data/images.zarr
+python stages/preprocess.py --params params.yaml --in data/raw.zarr --out data/images.zarr
 """
 
 import argparse

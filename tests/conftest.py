@@ -46,12 +46,19 @@ def tool_env(extra: dict | None = None) -> dict:
 def sh(cmd, cwd, env=None, check=True, timeout=900, **kw) -> subprocess.CompletedProcess:
     """Run a command, capturing output; on failure show it in the assertion message."""
     proc = subprocess.run(
-        cmd, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout,
-        shell=isinstance(cmd, str), **kw,
+        cmd,
+        cwd=cwd,
+        env=env or tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        shell=isinstance(cmd, str),
+        **kw,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"command failed ({proc.returncode}): {cmd}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+            f"command failed ({proc.returncode}): {cmd}\n"
+            f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc
 
@@ -70,7 +77,10 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
 def _project_files() -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split("\n")
     return [f for f in out if f and (ROOT / f).is_file()]
 

@@ -17,8 +17,8 @@ Run Slurm commands with ``env=cluster.command_env()`` (or
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -27,20 +27,21 @@ from virgo_exps.slurmsim import SimCluster, SlurmUnavailable, ensure_installed
 
 def _require_slurm(multinode: bool) -> None:
     if os.geteuid() != 0:
-        pytest.skip("Slurm tests need root (they start slurmctld/slurmd, munged "
-                    "and network namespaces); run pytest as root")
+        pytest.skip(
+            "Slurm tests need root (they start slurmctld/slurmd, munged and network namespaces); run pytest as root"
+        )
     try:
         ensure_installed(multinode=multinode)
     except SlurmUnavailable as exc:
         pytest.skip(f"Slurm is not available: {exc}")
 
 
-def start_cluster(workdir: Path, nodes: int = 1, cpus_per_node: int | None = None,
-                  timeout: float = 60, **kwargs: object) -> SimCluster:
+def start_cluster(
+    workdir: Path, nodes: int = 1, cpus_per_node: int | None = None, timeout: float = 60, **kwargs: object
+) -> SimCluster:
     """Start a SimCluster or skip the test when Slurm cannot run here."""
     _require_slurm(nodes >= 2)
-    cluster = SimCluster(workdir, nodes=nodes, cpus_per_node=cpus_per_node,
-                         **kwargs)  # type: ignore[arg-type]
+    cluster = SimCluster(workdir, nodes=nodes, cpus_per_node=cpus_per_node, **kwargs)  # type: ignore[arg-type]
     try:
         cluster.start(timeout=timeout)
     except SlurmUnavailable as exc:

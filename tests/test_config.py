@@ -7,9 +7,8 @@ import copy
 import pytest
 import yaml
 
-from virgo_exps.config import ConfigError, as_flat_dict, describe, load_params, params_from_dict
-
 from conftest import ROOT
+from virgo_exps.config import ConfigError, as_flat_dict, describe, load_params, params_from_dict
 
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -25,21 +24,25 @@ def with_change(section, key, value):
 
 # (section, key, value, words the message must contain)
 BAD = [
-    ("train", "strategy", "mpi", ["train.strategy", "'ddp'"]),                      # not a choice
-    ("train", "lr", "1e-3", ["train.lr", "expected a number", "str"]),              # string, not number
-    ("train", "epochs", 0, ["train.epochs", "> 0"]),                                # impossible value
-    ("train", "epochs", 2.5, ["train.epochs", "expected an integer"]),              # float for int
-    ("train", "nodes", True, ["train.nodes", "boolean"]),                           # bool for int
-    ("train", "learning_rate", 0.1, ["train.learning_rate", "unknown key"]),        # typo'd key
-    ("train", None, {**DEFAULTS["train"], "strategy": "ddp", "procs_per_node": 2, "global_batch_size": 33},
-     ["train.global_batch_size", "divisible"]),                                     # cross-field
-    ("generate", "n_samples", -5, ["generate.n_samples", "> 0"]),                   # negative
-    ("generate", "sample_rate", 20, ["generate.sample_rate", "64"]),                # out of range
-    ("preprocess", "fmax", 300.0, ["preprocess.fmax", "Nyquist"]),                  # physics
+    ("train", "strategy", "mpi", ["train.strategy", "'ddp'"]),  # not a choice
+    ("train", "lr", "1e-3", ["train.lr", "expected a number", "str"]),  # string, not number
+    ("train", "epochs", 0, ["train.epochs", "> 0"]),  # impossible value
+    ("train", "epochs", 2.5, ["train.epochs", "expected an integer"]),  # float for int
+    ("train", "nodes", True, ["train.nodes", "boolean"]),  # bool for int
+    ("train", "learning_rate", 0.1, ["train.learning_rate", "unknown key"]),  # typo'd key
+    (
+        "train",
+        None,
+        {**DEFAULTS["train"], "strategy": "ddp", "procs_per_node": 2, "global_batch_size": 33},
+        ["train.global_batch_size", "divisible"],
+    ),  # cross-field
+    ("generate", "n_samples", -5, ["generate.n_samples", "> 0"]),  # negative
+    ("generate", "sample_rate", 20, ["generate.sample_rate", "64"]),  # out of range
+    ("preprocess", "fmax", 300.0, ["preprocess.fmax", "Nyquist"]),  # physics
     ("preprocess", "val_fraction", 1.5, ["preprocess.val_fraction", "between 0 and 1"]),
     ("preprocess", "whiten", "yes", ["preprocess.whiten", "true or false"]),
-    ("preprocess", None, [1, 2], ["preprocess", "mapping"]),                        # section not a mapping
-    ("trian", None, {"lr": 1}, ["trian", "unknown section"]),                       # typo'd section
+    ("preprocess", None, [1, 2], ["preprocess", "mapping"]),  # section not a mapping
+    ("trian", None, {"lr": 1}, ["trian", "unknown section"]),  # typo'd section
 ]
 
 

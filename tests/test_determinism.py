@@ -36,7 +36,9 @@ WITHOUT_AVX512 = {  # an AVX2 machine (x86-64-v3)
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
 }
 WITHOUT_AVX2 = {  # an older machine: numpy's baseline kernels, torch's scalar ones, MKL's SSE4.2 code
-    "NPY_DISABLE_CPU_FEATURES": " ".join(["X86_V3", *AVX512_TARGETS] if "X86_V3" in __cpu_dispatch__ else AVX512_TARGETS),
+    "NPY_DISABLE_CPU_FEATURES": " ".join(
+        ["X86_V3", *AVX512_TARGETS] if "X86_V3" in __cpu_dispatch__ else AVX512_TARGETS
+    ),
     "ATEN_CPU_CAPABILITY": "default",
     "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
 }
@@ -69,9 +71,18 @@ np.save(out.with_suffix(".probe.npy"), np.log1p(x))
 
 
 def _run(what: str, out: Path, extra: dict, source: Path | None = None) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES", "ATEN_CPU_CAPABILITY",
-                        "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "NPY_DISABLE_CPU_FEATURES",
+            "NPY_ENABLE_CPU_FEATURES",
+            "ATEN_CPU_CAPABILITY",
+            "MKL_ENABLE_INSTRUCTIONS",
+            "MKL_CBWR",
+        )
+    }
     env.update(extra)
     args = [sys.executable, "-c", SCRIPT, what, str(out)] + ([str(source)] if source else [])
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)

@@ -50,16 +50,31 @@ REFUSED = {
     "sub/dir": "contains a '/'",
 }
 # The checkout's own folder: quotes, %, $, # and a space in the path the logs go to.
-HOSTILE_DIR = "it's \"100%j\" $HOME #1 é"
+HOSTILE_DIR = 'it\'s "100%j" $HOME #1 é'
 
 CHECKOUT = "/home/user/virgo-exps"
-ARGV = ["stages/train.py", "--params", "params.yaml", "--data", "data/images.zarr", "--checkpoints",
-        "checkpoints", "--model", "results/model.pt", "--worker"]
+ARGV = [
+    "stages/train.py",
+    "--params",
+    "params.yaml",
+    "--data",
+    "data/images.zarr",
+    "--checkpoints",
+    "checkpoints",
+    "--model",
+    "results/model.pt",
+    "--worker",
+]
 
 
 def context(name: str, home: str = CHECKOUT) -> slurm.JobContext:
-    return slurm.JobContext(stage="train", experiment=name, workdir=Path(f"{home}/.dvc/tmp/exps/tmpk2x8q1zd"),
-                            home=Path(home), python=f"{home}/.venv/bin/python")
+    return slurm.JobContext(
+        stage="train",
+        experiment=name,
+        workdir=Path(f"{home}/.dvc/tmp/exps/tmpk2x8q1zd"),
+        home=Path(home),
+        python=f"{home}/.venv/bin/python",
+    )
 
 
 def sbatch_words(line: str) -> list[str]:
@@ -99,7 +114,7 @@ def sbatch_options(script: str) -> dict[str, str]:
     options = {}
     for line in script.splitlines():
         if line.startswith("#SBATCH "):
-            words = sbatch_words(line[len("#SBATCH "):])
+            words = sbatch_words(line[len("#SBATCH ") :])
             assert len(words) == 1, f"one option a line, got {words} from {line!r}"
             key, _, value = words[0].partition("=")
             options[key] = value
@@ -116,14 +131,23 @@ def test_script_text_passes_every_name_unchanged(name, home):
     assert options["--chdir"] == f"{home}/.dvc/tmp/exps/tmpk2x8q1zd"
     # the shell part: valid, and every variable holds the value itself
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    exports = "\n".join(line for line in script.splitlines()
-                        if line.startswith(("export DVC_EXP_NAME=", "export VIRGO_HOME=", "VIRGO_PYTHON=")))
-    shown = subprocess.run(["bash", "-c", exports + '\nprintf "%s\\0" "$DVC_EXP_NAME" "$VIRGO_HOME" "$VIRGO_PYTHON"'],
-                           capture_output=True, text=True, check=True).stdout
+    exports = "\n".join(
+        line
+        for line in script.splitlines()
+        if line.startswith(("export DVC_EXP_NAME=", "export VIRGO_HOME=", "VIRGO_PYTHON="))
+    )
+    shown = subprocess.run(
+        ["bash", "-c", exports + '\nprintf "%s\\0" "$DVC_EXP_NAME" "$VIRGO_HOME" "$VIRGO_PYTHON"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert shown.split("\0")[:3] == [name, home, f"{home}/.venv/bin/python"]
     # the job array of generate as well
     ctx = dataclasses.replace(context(name, home), stage="generate")
-    array = sbatch_options(slurm.batch_script(ctx, TrainConfig(), ["stages/generate.py"], load_machine("slurm"), array=2))
+    array = sbatch_options(
+        slurm.batch_script(ctx, TrainConfig(), ["stages/generate.py"], load_machine("slurm"), array=2)
+    )
     assert array["--output"] == f"{home}/logs/generate/{name}".replace("%", "%%") + "-%A_%a.out"
 
 
@@ -145,7 +169,8 @@ def test_job_list_and_log_path_survive_hostile_text():
     info = slurm.parse_show_job(
         "JobId=7 JobName=virgo-train-a|b c JobState=RUNNING Requeue=1 Restarts=0 ExitCode=0:0 "
         "StdErr=/h/it's 100%/logs/train/a|b c-7.out StdIn=/dev/null StdOut=/h/it's 100%/logs/train/a|b c-7.out "
-        "Power= MailUser=(null)")
+        "Power= MailUser=(null)"
+    )
     assert info.stdout == "/h/it's 100%/logs/train/a|b c-7.out" and info.state == "RUNNING"
 
 
@@ -153,17 +178,17 @@ def test_job_list_and_log_path_survive_hostile_text():
 # against the real test Slurm
 # --------------------------------------------------------------------------
 
-PROBE = '''\
+PROBE = """\
 import os, sys
 print("probe: name=" + repr(os.environ["DVC_EXP_NAME"]) + " cwd=" + repr(os.getcwd()), flush=True)
-'''
-LAUNCH = '''\
+"""
+LAUNCH = """\
 import sys
 from virgo_exps.cli import stage_main
 from virgo_exps.config import TrainConfig
 from virgo_exps.launch import run
 stage_main(lambda: run("train", ["probe.py"], TrainConfig()))
-'''
+"""
 
 
 def slurm_env(cluster, name: str) -> dict:
@@ -196,8 +221,9 @@ def test_hostile_names_run_and_log_where_announced(slurm_cluster, hostile_repo):
     logs = repo / "logs" / "train"
     for name in HOSTILE:
         before = set(logs.iterdir()) if logs.exists() else set()
-        proc = sh([str(BIN / "python"), "launch_probe.py"], repo, slurm_env(slurm_cluster, name), check=False,
-                  timeout=300)
+        proc = sh(
+            [str(BIN / "python"), "launch_probe.py"], repo, slurm_env(slurm_cluster, name), check=False, timeout=300
+        )
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{name!r}:\n{out[-4000:]}"
         m = re.search(rf"submitted job (\d+) \({re.escape('virgo-train-' + name)}\); log (.*)\n", out)
@@ -207,8 +233,10 @@ def test_hostile_names_run_and_log_where_announced(slurm_cluster, hostile_repo):
         assert announced == str(expected), (name, announced)
         assert f"job {job} COMPLETED on {slurm_cluster.node_names[0]}; log {expected}" in out, out[-3000:]
         # the log is where it was announced, and nowhere else
-        assert set(logs.iterdir()) - before == {expected, logs / f"{name}.sbatch"} - before, (name, sorted(
-            p.name for p in set(logs.iterdir()) - before))
+        assert set(logs.iterdir()) - before == {expected, logs / f"{name}.sbatch"} - before, (
+            name,
+            sorted(p.name for p in set(logs.iterdir()) - before),
+        )
         log = expected.read_text()
         assert f"probe: name={name!r} cwd={str(repo)!r}" in log, log
         assert f"virgo: job {job} (virgo-train-{name}) on 1 node(s)" in log, log
@@ -225,9 +253,11 @@ def test_a_refused_name_submits_nothing(slurm_cluster, hostile_repo):
     before = cluster_jobs(slurm_cluster)
     proc = sh([str(BIN / "python"), "launch_probe.py"], repo, slurm_env(slurm_cluster, "a\\b"), check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: experiment name 'a\\\\b': contains a backslash, which cannot be passed "
-                                   "safely to a SLURM batch script and its log file name; choose another name "
-                                   "(`dvc exp run -n <name>` with letters, digits, '-', '_' or '.')")
+    assert proc.stderr.strip() == (
+        "error: experiment name 'a\\\\b': contains a backslash, which cannot be passed "
+        "safely to a SLURM batch script and its log file name; choose another name "
+        "(`dvc exp run -n <name>` with letters, digits, '-', '_' or '.')"
+    )
     assert not (repo / "logs" / "train" / "a\\b.sbatch").exists()
     assert cluster_jobs(slurm_cluster) == before
 
@@ -242,9 +272,14 @@ def cluster_jobs(cluster) -> int:
 def test_dvc_exp_run_with_a_quote_and_percent_in_the_name(slurm_cluster, tmp_path):
     """The reported cases, `-n "a'b"` (sbatch: Unmatched ') and `-n 'x%jy'` (log moved by %j), in
     one name through the whole pipeline: generate as a job array, train as a job."""
-    repo = make_repo(tmp_path / "repo", {"generate": {"n_samples": 20, "chunk_size": 10},
-                                         "train": {"epochs": 1, "profile_steps": 0},
-                                         "report": {"title": "<script>alert(1)</script> #1 | *x*"}})
+    repo = make_repo(
+        tmp_path / "repo",
+        {
+            "generate": {"n_samples": 20, "chunk_size": 10},
+            "train": {"epochs": 1, "profile_steps": 0},
+            "report": {"title": "<script>alert(1)</script> #1 | *x*"},
+        },
+    )
     name = "a'b%jy$x"
     env = slurm_env(slurm_cluster, "")
     env.pop("DVC_EXP_NAME")
@@ -252,7 +287,9 @@ def test_dvc_exp_run_with_a_quote_and_percent_in_the_name(slurm_cluster, tmp_pat
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "Unmatched" not in out
-    gen = re.search(rf"submitted job (\d+) \({re.escape('virgo-generate-' + name)}, array of 2 tasks\); log (.*)\n", out)
+    gen = re.search(
+        rf"submitted job (\d+) \({re.escape('virgo-generate-' + name)}, array of 2 tasks\); log (.*)\n", out
+    )
     assert gen, out[-4000:]
     gen_logs = repo / "logs" / "generate"
     assert gen.group(2) == str(gen_logs / f"{name}-{gen.group(1)}_<task>.out")
@@ -292,13 +329,29 @@ def test_report_title_and_names_are_literal_text_in_markdown(tmp_path):
     results = repo / "results"
     results.mkdir()
     (results / "metrics.json").write_text(
-        '{"strategy": "single", "world_size": 1, "machine": "m|<b>x</b>", "val_loss": 0.5}')
+        '{"strategy": "single", "world_size": 1, "machine": "m|<b>x</b>", "val_loss": 0.5}'
+    )
     (results / "epochs.csv").write_text(
-        "epoch,train_loss,val_loss,train_time_s,val_time_s,samples_per_s\n1,1.0,0.9,2.0,0.5,10\n2,0.8,0.7,2.0,0.5,11\n")
+        "epoch,train_loss,val_loss,train_time_s,val_time_s,samples_per_s\n1,1.0,0.9,2.0,0.5,10\n2,0.8,0.7,2.0,0.5,11\n"
+    )
     name = "a`b<i>x</i>"
-    proc = sh([str(BIN / "python"), "stages/report.py", "--params", "params.yaml", "--metrics", "results/metrics.json",
-               "--epochs", "results/epochs.csv", "--out", "results/report"], repo, tool_env({"DVC_EXP_NAME": name}),
-              check=False)
+    proc = sh(
+        [
+            str(BIN / "python"),
+            "stages/report.py",
+            "--params",
+            "params.yaml",
+            "--metrics",
+            "results/metrics.json",
+            "--epochs",
+            "results/epochs.csv",
+            "--out",
+            "results/report",
+        ],
+        repo,
+        tool_env({"DVC_EXP_NAME": name}),
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (results / "report" / "report.md").read_text()
     assert "<script" not in text and "<b>" not in text  # (the name's <i> is in a code span: literal)

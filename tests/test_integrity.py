@@ -104,7 +104,7 @@ def test_flipped_byte_in_the_cache_fails_the_next_reader(pipeline, rel, store, s
             msg = str(err.value)
             assert msg.startswith(f"{repo / rel}: the model file is damaged (its content does not match its sha256")
         else:
-            key = rel[len(store) + 1:]
+            key = rel[len(store) + 1 :]
             assert verify_store(repo / store) == [key]
             proc = sh(["dvc", "exp", "run", *exp_args], repo, check=False)
             assert proc.returncode != 0

@@ -43,6 +43,7 @@ def on_gpu(monkeypatch):
 
     def install(module):
         monkeypatch.setitem(sys.modules, "pynvml", module)
+
     return install
 
 

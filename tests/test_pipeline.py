@@ -47,8 +47,15 @@ def test_first_run_runs_all_stages_and_writes_results(pipeline):
     repo, first = pipeline
     assert stages_run(first) == STAGES
     assert set(lock(repo)["stages"]) == STAGES
-    for rel in ("results/model.pt", "results/metrics.json", "results/epochs.csv", "results/report/report.md",
-                "results/report/loss.png", "version.lock", "checkpoints/snapshot.pt"):
+    for rel in (
+        "results/model.pt",
+        "results/metrics.json",
+        "results/epochs.csv",
+        "results/report/report.md",
+        "results/report/loss.png",
+        "version.lock",
+        "checkpoints/snapshot.pt",
+    ):
         assert (repo / rel).is_file(), rel
     metrics = json.loads((repo / "results/metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["val_loss"] > 0
@@ -121,9 +128,16 @@ def test_bad_params_stop_dvc_before_any_output(tmp_path):
 
 
 BAD_VALUES = [
-    ("train", "epochs", 0), ("train", "lr", "fast"), ("train", "nodes", 2.5), ("train", "unknown_key", 1),
-    ("generate", "n_samples", 0), ("generate", "sample_rate", 10), ("generate", "duration", "16s"),
-    ("preprocess", "fmax", 1000.0), ("preprocess", "patch_size", 4), ("preprocess", "val_fraction", 0),
+    ("train", "epochs", 0),
+    ("train", "lr", "fast"),
+    ("train", "nodes", 2.5),
+    ("train", "unknown_key", 1),
+    ("generate", "n_samples", 0),
+    ("generate", "sample_rate", 10),
+    ("generate", "duration", "16s"),
+    ("preprocess", "fmax", 1000.0),
+    ("preprocess", "patch_size", 4),
+    ("preprocess", "val_fraction", 0),
     ("report", "title", ""),
 ]
 
@@ -139,6 +153,6 @@ def test_each_bad_value_fails_the_first_stage_with_one_clear_line(tmp_path):
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
         proc = sh([str(BIN / "python"), "stages/environment.py", "--out", "version.lock"], repo, check=False)
         assert proc.returncode == 2, (section, key, proc.stderr)
-        lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and f"{section}.{key}" in lines[0], proc.stderr
         assert (repo / "version.lock").read_text() == original_lock

@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 import pytest
 
 from conftest import BIN, ROOT, make_repo, sh
-
 from virgo_exps.config import ConfigError, params_from_dict
 
 HINT = "`git checkout params.yaml` restores the committed values"
@@ -67,31 +66,57 @@ def _cases() -> list[Case]:
     except ImportError:
         gpu = False
     return [
-        Case("nodes-on-local", ("train.strategy=ddp", "train.nodes=2"),
-             "error: train.nodes: 2 nodes need a SLURM machine; the local machine runs one node "
-             "(set VIRGO_MACHINE=<cluster profile> or train.nodes=1)"),
-        Case("procs-over-cores", ("train.strategy=ddp", f"train.procs_per_node={procs}",
-                                  f"train.global_batch_size={procs}"),
-             f"error: train.procs_per_node: {procs} processes do not fit the {cores} cores of machine 'local'; "
-             "lower it or run on a cluster", skip="more than 32 cores" if procs > 32 else ""),
-        Case("horovod-not-built", ("train.strategy=horovod",),
-             "error: train.strategy: 'horovod' needs Horovod, which is not built in this environment; "
-             "run `make horovod`", skip="Horovod is built here" if (BIN / "horovodrun").exists() else ""),
-        Case("cuda-without-gpu", ("preprocess.device=cuda",),
-             "error: preprocess.device: 'cuda' is not available: ", pattern=r"; set preprocess.device=cpu$",
-             skip="this machine has a CUDA GPU" if gpu else ""),
-        Case("seed-too-large", ("train.seed=99999999999999999999999",),
-             "error: train.seed: 99999999999999999999999 is not allowed; expected an integer from 0 to "
-             "4294967295 (2**32 - 1)"),
-        Case("integer-beyond-64-bits", ("train.epochs=100000000000000000000",),
-             "error: train.epochs: 100000000000000000000 is out of range; numpy and torch take 64-bit "
-             "integers, at most 9223372036854775807"),
-        Case("data-over-disk", ("generate.n_samples=100000000000",),
-             "error: generate.n_samples: 100000000000 samples need up to ",
-             pattern=r"need up to [\d.]+ TB on disk \(raw series [\d.]+ TB \+ images [\d.]+ TB.*\) but "
-                     r"[\d.]+ [kMGT]?B are free on the file system of data/; lower generate.n_samples"),
-        Case("blank-title", ("report.title='   '",),
-             "error: report.title: '   ' is not allowed; expected a string with at least one visible character"),
+        Case(
+            "nodes-on-local",
+            ("train.strategy=ddp", "train.nodes=2"),
+            "error: train.nodes: 2 nodes need a SLURM machine; the local machine runs one node "
+            "(set VIRGO_MACHINE=<cluster profile> or train.nodes=1)",
+        ),
+        Case(
+            "procs-over-cores",
+            ("train.strategy=ddp", f"train.procs_per_node={procs}", f"train.global_batch_size={procs}"),
+            f"error: train.procs_per_node: {procs} processes do not fit the {cores} cores of machine 'local'; "
+            "lower it or run on a cluster",
+            skip="more than 32 cores" if procs > 32 else "",
+        ),
+        Case(
+            "horovod-not-built",
+            ("train.strategy=horovod",),
+            "error: train.strategy: 'horovod' needs Horovod, which is not built in this environment; "
+            "run `make horovod`",
+            skip="Horovod is built here" if (BIN / "horovodrun").exists() else "",
+        ),
+        Case(
+            "cuda-without-gpu",
+            ("preprocess.device=cuda",),
+            "error: preprocess.device: 'cuda' is not available: ",
+            pattern=r"; set preprocess.device=cpu$",
+            skip="this machine has a CUDA GPU" if gpu else "",
+        ),
+        Case(
+            "seed-too-large",
+            ("train.seed=99999999999999999999999",),
+            "error: train.seed: 99999999999999999999999 is not allowed; expected an integer from 0 to "
+            "4294967295 (2**32 - 1)",
+        ),
+        Case(
+            "integer-beyond-64-bits",
+            ("train.epochs=100000000000000000000",),
+            "error: train.epochs: 100000000000000000000 is out of range; numpy and torch take 64-bit "
+            "integers, at most 9223372036854775807",
+        ),
+        Case(
+            "data-over-disk",
+            ("generate.n_samples=100000000000",),
+            "error: generate.n_samples: 100000000000 samples need up to ",
+            pattern=r"need up to [\d.]+ TB on disk \(raw series [\d.]+ TB \+ images [\d.]+ TB.*\) but "
+            r"[\d.]+ [kMGT]?B are free on the file system of data/; lower generate.n_samples",
+        ),
+        Case(
+            "blank-title",
+            ("report.title='   '",),
+            "error: report.title: '   ' is not allowed; expected a string with at least one visible character",
+        ),
     ]
 
 
@@ -117,8 +142,10 @@ def assert_refused(repo, before: dict, sets: tuple[str, ...], line: str, pattern
         errors = [row for row in text.splitlines() if row.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith(line), text
         assert re.search(pattern, errors[0]), errors[0]
-        assert f"params.yaml differs from the last commit (`dvc exp run -S` writes its values there before " \
-               f"any stage runs): {HINT}" in text.splitlines(), text
+        assert (
+            f"params.yaml differs from the last commit (`dvc exp run -S` writes its values there before "
+            f"any stage runs): {HINT}" in text.splitlines()
+        ), text
         assert outputs_hashes(repo) == before
         assert (repo / "version.lock").read_bytes() == lock
         # DVC left the refused value in params.yaml: the check sees it and says the same.
@@ -155,10 +182,14 @@ def test_data_over_memory_refused_with_the_numbers(ran):
     raw = n * 4 * 1024 * 4  # TINY: 4 s at 256 Hz
     if 2 * (raw + n * per_sample) > 0.8 * shutil.disk_usage(repo).free:
         pytest.skip(f"{format_bytes(2 * (raw + n * per_sample))} of data would not fit the disk either")
-    assert_refused(repo, before, (f"generate.n_samples={n}", f"preprocess.patch_size={patch}"),
-                   f"error: generate.n_samples: {n} samples need ~",
-                   r"of memory \(train: 1 process\(es\) holding data/images.zarr in memory, with as much again "
-                   r"left free\) but [\d.]+ GB are available on this machine; lower generate.n_samples")
+    assert_refused(
+        repo,
+        before,
+        (f"generate.n_samples={n}", f"preprocess.patch_size={patch}"),
+        f"error: generate.n_samples: {n} samples need ~",
+        r"of memory \(train: 1 process\(es\) holding data/images.zarr in memory, with as much again "
+        r"left free\) but [\d.]+ GB are available on this machine; lower generate.n_samples",
+    )
 
 
 @pytest.mark.slow
@@ -167,7 +198,9 @@ def test_check_passes_on_the_committed_params_and_prints_the_budget(ran):
     proc = sh([str(BIN / "virgo-exps"), "check"], repo)
     assert re.fullmatch(
         r"params.yaml: valid; machine: local \(local\); data needs up to [\d.]+ [kMGT]?B on disk "
-        r"\([\d.]+ [kMGT]?B free\), ~[\d.]+ [kMGT]?B of memory \([\d.]+ [kMGT]?B available\)\n", proc.stdout)
+        r"\([\d.]+ [kMGT]?B free\), ~[\d.]+ [kMGT]?B of memory \([\d.]+ [kMGT]?B available\)\n",
+        proc.stdout,
+    )
     assert proc.stderr == ""  # params.yaml equals the commit: no hint
 
 
@@ -186,9 +219,18 @@ def test_memory_budget_names_the_numbers():
     from virgo_exps.preflight import Budget, check_budget
 
     params = _params()
-    fits = Budget(raw=10**6, images=10**6, disk=4 * 10**6, disk_free=10**9, copies=2, cache_disk=0, cache_free=0,
-                  memory=10**6, memory_what="train: 1 process(es) holding data/images.zarr in memory",
-                  memory_free=10**9)
+    fits = Budget(
+        raw=10**6,
+        images=10**6,
+        disk=4 * 10**6,
+        disk_free=10**9,
+        copies=2,
+        cache_disk=0,
+        cache_free=0,
+        memory=10**6,
+        memory_what="train: 1 process(es) holding data/images.zarr in memory",
+        memory_free=10**9,
+    )
     check_budget(params, fits)
     with pytest.raises(ConfigError) as err:
         check_budget(params, replace(fits, memory=3 * 10**10, memory_free=2 * 10**10))
@@ -196,13 +238,15 @@ def test_memory_budget_names_the_numbers():
         f"generate.n_samples: {params.generate.n_samples} samples need ~30.0 GB of memory (train: 1 process(es) "
         "holding data/images.zarr in memory) but 20.0 GB are available on this machine; lower generate.n_samples "
         "(or generate.n_aux, generate.duration, generate.sample_rate, preprocess.patch_size), or use fewer "
-        "train.procs_per_node")
+        "train.procs_per_node"
+    )
     with pytest.raises(ConfigError, match=r"in DVC's cache .* but 1.0 kB are free on its file system"):
         check_budget(params, replace(fits, copies=1, cache_disk=10**6, cache_free=1000))
 
 
-@pytest.mark.parametrize("dvc_config,copies", [("", 2), ('[cache]\n    type = "reflink,symlink"\n', 1)],
-                         ids=["copies", "links-only"])
+@pytest.mark.parametrize(
+    "dvc_config,copies", [("", 2), ('[cache]\n    type = "reflink,symlink"\n', 1)], ids=["copies", "links-only"]
+)
 def test_estimate_counts_the_stores_per_copy_and_each_training_process(tmp_path, monkeypatch, dvc_config, copies):
     from pathlib import Path
 
@@ -219,7 +263,7 @@ def test_estimate_counts_the_stores_per_copy_and_each_training_process(tmp_path,
     g = params.generate
     budget = estimate(params, Machine(name="local", kind="local", path=Path(tmp_path)))
     assert budget.raw == g.n_samples * (1 + g.n_aux) * int(round(g.duration * g.sample_rate)) * 4
-    assert budget.images == g.n_samples * (1 + g.n_aux) * params.preprocess.patch_size ** 2 * 4
+    assert budget.images == g.n_samples * (1 + g.n_aux) * params.preprocess.patch_size**2 * 4
     assert (budget.copies, budget.cache_disk) == (copies, 0)  # the cache is beside data/
     assert budget.disk == copies * (budget.raw + budget.images)
     assert budget.memory == 2 * 2 * budget.images and budget.memory_what.startswith("train: 2 process(es)")
@@ -236,7 +280,8 @@ def test_slurm_profile_refuses_more_processes_than_gpus(monkeypatch):
     with pytest.raises(ConfigError) as err:
         check_machine(_params(strategy="ddp", procs_per_node=8, global_batch_size=32), booster)
     assert str(err.value).startswith(
-        "train.procs_per_node: 8 processes per node but machine 'juwels-booster' requests 4 GPU(s) per node")
+        "train.procs_per_node: 8 processes per node but machine 'juwels-booster' requests 4 GPU(s) per node"
+    )
 
 
 @pytest.mark.parametrize("key,value", [("generate", 2**32), ("preprocess", -1)])
@@ -246,8 +291,11 @@ def test_every_seed_has_the_32_bit_range(key, value):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     name = "split_seed" if key == "preprocess" else "seed"
     raw[key][name] = value
-    with pytest.raises(ConfigError, match=rf"^{key}.{name}: {value} is not allowed; expected an integer from 0 to "
-                                          r"4294967295"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{key}.{name}: {value} is not allowed; expected an integer from 0 to "
+        r"4294967295",
+    ):
         params_from_dict(raw)
     raw[key][name] = 2**32 - 1
     params_from_dict(raw)

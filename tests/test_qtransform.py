@@ -9,7 +9,7 @@ per module.
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -28,6 +28,7 @@ T = np.arange(N_TIME) / SAMPLE_RATE
 
 # -- synthetic signals --------------------------------------------------------
 
+
 def _white(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(N_TIME)
 
@@ -44,8 +45,7 @@ def _coloured(seed: int) -> np.ndarray:
 
 def _sine_gaussian(t0: float, f0: float, q: float, amp: float) -> np.ndarray:
     tau = q / (np.sqrt(2.0) * np.pi * f0)
-    return amp * np.exp(-(((T - t0) / tau) ** 2)) * np.sin(
-        2.0 * np.pi * f0 * (T - t0))
+    return amp * np.exp(-(((T - t0) / tau) ** 2)) * np.sin(2.0 * np.pi * f0 * (T - t0))
 
 
 def _blip(t0: float, amp: float) -> np.ndarray:
@@ -57,36 +57,30 @@ def _blip(t0: float, amp: float) -> np.ndarray:
 SIGNALS = {
     "white": lambda: _white(1),
     "coloured": lambda: _coloured(2),
-    "sine_gaussian": lambda: 0.05 * _white(3) + _sine_gaussian(8.0, 60.0,
-                                                               10.0, 1.0),
+    "sine_gaussian": lambda: 0.05 * _white(3) + _sine_gaussian(8.0, 60.0, 10.0, 1.0),
     "blip": lambda: _white(4) + _blip(5.3, 12.0),
     "white+glitch": lambda: _white(5) + _sine_gaussian(11.0, 60.0, 10.0, 3.0),
-    "coloured+glitches": lambda: (_coloured(6)
-                                  + _sine_gaussian(4.0, 60.0, 10.0, 0.5)
-                                  + _blip(12.5, 2.0)),
+    "coloured+glitches": lambda: _coloured(6) + _sine_gaussian(4.0, 60.0, 10.0, 0.5) + _blip(12.5, 2.0),
 }
 CASES = list(SIGNALS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def signal(name: str) -> np.ndarray:
     return SIGNALS[name]()
 
 
-@lru_cache(maxsize=None)
-def reference(name: str, whiten: bool, **kwargs) -> tuple[np.ndarray,
-                                                          np.ndarray,
-                                                          np.ndarray]:
+@cache
+def reference(name: str, whiten: bool, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """gwpy image, times and frequencies for one signal."""
     series = gwpy_timeseries.TimeSeries(signal(name), sample_rate=SAMPLE_RATE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         spec = series.q_transform(frange=FRANGE, whiten=whiten, **kwargs)
-    return (np.asarray(spec.value), np.asarray(spec.times.value),
-            np.asarray(spec.frequencies.value))
+    return (np.asarray(spec.value), np.asarray(spec.times.value), np.asarray(spec.frequencies.value))
 
 
-@lru_cache(maxsize=None)
+@cache
 def ours(whiten: bool) -> np.ndarray:
     """All signals through one batched call."""
     batch = np.stack([signal(name) for name in CASES])
@@ -108,6 +102,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # -- grid ---------------------------------------------------------------------
+
 
 def test_grid_matches_gwpy_axes():
     times, freqs = q_transform_grid(N_TIME, SAMPLE_RATE, frange=FRANGE)
@@ -135,6 +130,7 @@ def test_plan_is_cached_and_reports_tiling():
 
 
 # -- agreement with gwpy ------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", CASES)
 def test_matches_gwpy_without_whitening(name):
@@ -164,8 +160,7 @@ def test_glitch_is_found_where_injected():
 
 def test_mean_normalisation_matches_gwpy():
     ref = reference("white+glitch", False, norm="mean")[0]
-    got = q_transform(signal("white+glitch"), SAMPLE_RATE, frange=FRANGE,
-                      norm="mean")[0]
+    got = q_transform(signal("white+glitch"), SAMPLE_RATE, frange=FRANGE, norm="mean")[0]
     assert pearson(got, ref) >= 0.99
 
 
@@ -175,8 +170,7 @@ def test_search_window_picks_plane_like_gwpy():
     # a high-Q plane win instead
     x = _white(7) + _blip(12.5, 20.0) + _sine_gaussian(4.0, 60.0, 40.0, 1.0)
     series = gwpy_timeseries.TimeSeries(x, sample_rate=SAMPLE_RATE)
-    ref = series.q_transform(frange=FRANGE, whiten=False, gps=4.0,
-                             search=0.5)
+    ref = series.q_transform(frange=FRANGE, whiten=False, gps=4.0, search=0.5)
     ref_all = series.q_transform(frange=FRANGE, whiten=False)
     assert ref.q > ref_all.q  # the window does change gwpy's choice
     got = q_transform(x, SAMPLE_RATE, frange=FRANGE, gps=4.0, search=0.5)[0]
@@ -190,24 +184,21 @@ def test_search_window_picks_plane_like_gwpy():
     [
         (1024.0, 4.0, (20.0, 300.0), {}),
         (256.0, 8.0, (0.0, float("inf")), {"qrange": (4.0, 32.0)}),
-        (500.0, 5.0, (15.0, 100.0), {"mismatch": 0.1, "tres": 0.05,
-                                     "fres": 1.0}),
+        (500.0, 5.0, (15.0, 100.0), {"mismatch": 0.1, "tres": 0.05, "fres": 1.0}),
     ],
 )
-def test_other_configurations_match_gwpy(sample_rate, duration, frange,
-                                         kwargs):
+def test_other_configurations_match_gwpy(sample_rate, duration, frange, kwargs):
     n = int(sample_rate * duration)
     t = np.arange(n) / sample_rate
-    x = (np.random.default_rng(11).standard_normal(n)
-         + 3.0 * np.exp(-(((t - duration / 2) / 0.02) ** 2))
-         * np.sin(2.0 * np.pi * 60.0 * t))
+    x = np.random.default_rng(11).standard_normal(n) + 3.0 * np.exp(-(((t - duration / 2) / 0.02) ** 2)) * np.sin(
+        2.0 * np.pi * 60.0 * t
+    )
     series = gwpy_timeseries.TimeSeries(x, sample_rate=sample_rate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = series.q_transform(frange=frange, whiten=False, **kwargs)
         got = q_transform(x, sample_rate, frange=frange, **kwargs)[0]
-        times, freqs = q_transform_grid(n, sample_rate, frange=frange,
-                                        **kwargs)
+        times, freqs = q_transform_grid(n, sample_rate, frange=frange, **kwargs)
     assert got.shape == ref.shape
     np.testing.assert_allclose(times, ref.times.value, atol=1e-9)
     np.testing.assert_allclose(freqs, ref.frequencies.value, atol=1e-4)
@@ -216,27 +207,25 @@ def test_other_configurations_match_gwpy(sample_rate, duration, frange,
 
 # -- batching and input forms -------------------------------------------------
 
+
 def test_batch_equals_single_samples():
     batch = ours(False)
     for i, name in enumerate(CASES[:3]):
         single = q_transform(signal(name), SAMPLE_RATE, frange=FRANGE)
         assert single.shape == (1, 1000, 280)
-        np.testing.assert_allclose(single[0], batch[i], rtol=1e-4,
-                                   atol=1e-5 * batch[i].max())
+        np.testing.assert_allclose(single[0], batch[i], rtol=1e-4, atol=1e-5 * batch[i].max())
 
 
 def test_one_dimensional_input_is_a_batch_of_one():
     x = signal("white+glitch")
     out = q_transform(x, SAMPLE_RATE, frange=FRANGE)
     assert out.shape == (1, 1000, 280)
-    np.testing.assert_allclose(out[0], ours(False)[CASES.index("white+glitch")],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[0], ours(False)[CASES.index("white+glitch")], rtol=1e-4, atol=1e-4)
 
 
 def test_small_batch_size_and_torch_input_give_same_result():
     batch = np.stack([signal(name) for name in CASES])
-    chunked = q_transform(torch.as_tensor(batch, dtype=torch.float32),
-                          SAMPLE_RATE, frange=FRANGE, batch_size=4)
+    chunked = q_transform(torch.as_tensor(batch, dtype=torch.float32), SAMPLE_RATE, frange=FRANGE, batch_size=4)
     full = ours(False)
     for got, want in zip(chunked, full):
         assert pearson(got, want) >= 0.9999
@@ -263,8 +252,7 @@ def test_out_argument_is_filled_in_place():
     assert ret is buf
     assert np.isfinite(buf).all()
     with pytest.raises(ValueError):
-        q_transform(x, SAMPLE_RATE, frange=FRANGE,
-                    out=np.empty((1, 1000, 280), dtype=np.float32))
+        q_transform(x, SAMPLE_RATE, frange=FRANGE, out=np.empty((1, 1000, 280), dtype=np.float32))
 
 
 def test_rejects_bad_input():

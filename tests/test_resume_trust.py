@@ -36,8 +36,16 @@ import pytest
 import yaml
 
 from conftest import BIN, make_repo, sh, tool_env, wait_until
-from test_sweeps import (PARAMS, dvc, queue_start, same_weights, stop_workers, train_in_one_go, wait_queue,
-                         wait_workers_gone)
+from test_sweeps import (
+    PARAMS,
+    dvc,
+    queue_start,
+    same_weights,
+    stop_workers,
+    train_in_one_go,
+    wait_queue,
+    wait_workers_gone,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +56,9 @@ STOPPED = re.compile(r"train: stop requested; snapshot written at epoch (\d+), s
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("resume-trust") / "repo",
-                     {**PARAMS, "train": {"epochs": EPOCHS, "profile_steps": 0}})
+    repo = make_repo(
+        tmp_path_factory.mktemp("resume-trust") / "repo", {**PARAMS, "train": {"epochs": EPOCHS, "profile_steps": 0}}
+    )
     dvc(repo, "repro", "preprocess", env=env(repo))
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "data"], repo)
@@ -75,8 +84,9 @@ def live_states(repo: Path) -> list[dict]:
 def mlflow_losses(repo: Path, run_name: str) -> dict[int, float]:
     """train_loss by epoch of the last FINISHED MLflow run called ``run_name``."""
     con = sqlite3.connect(repo / "mlflow" / "mlflow.db")
-    run = con.execute("select run_uuid from runs where name = ? and status = 'FINISHED' order by start_time desc",
-                      (run_name,)).fetchone()
+    run = con.execute(
+        "select run_uuid from runs where name = ? and status = 'FINISHED' order by start_time desc", (run_name,)
+    ).fetchone()
     assert run, f"no finished MLflow run '{run_name}'"
     rows = con.execute("select step, value from metrics where run_uuid = ? and key = 'train_loss'", run).fetchall()
     return dict(rows)
@@ -98,16 +108,21 @@ def assert_same_run(metrics: dict, epochs_csv: Path, model: Path, ref: Path) -> 
     for key in ("epochs", "train_loss", "val_loss"):
         assert metrics[key] == want[key], key
     cols = ["epoch", "step", "train_loss", "val_loss", "lr"]
-    pd.testing.assert_frame_equal(read(epochs_csv)[cols], read(ref / "epochs.csv")[cols],
-                                  check_exact=True)
+    pd.testing.assert_frame_equal(read(epochs_csv)[cols], read(ref / "epochs.csv")[cols], check_exact=True)
     assert same_weights(model, ref / "model.pt")
 
 
 def test_an_interrupted_dvc_exp_run_resumes_where_it_stopped(repo, tmp_path):
     log = tmp_path / "cut.out"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "dvc"), "exp", "run", "-n", "cut"], cwd=repo, env=env(repo, SLOW),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "dvc"), "exp", "run", "-n", "cut"],
+            cwd=repo,
+            env=env(repo, SLOW),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_until(lambda: any(s["epoch"] >= 1 for s in live_states(repo)), 300, "a snapshot after epoch 1")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
@@ -130,8 +145,12 @@ def test_an_interrupted_dvc_exp_run_resumes_where_it_stopped(repo, tmp_path):
     assert live_states(repo) == [] and not (repo / live).parent.exists()
     assert json.loads((repo / "checkpoints" / "status.json").read_text())["status"] == "complete"
     ref = reference(repo, tmp_path, 0.001)
-    assert_same_run(json.loads((repo / "results" / "metrics.json").read_text()), repo / "results" / "epochs.csv",
-                    repo / "results" / "model.pt", ref)
+    assert_same_run(
+        json.loads((repo / "results" / "metrics.json").read_text()),
+        repo / "results" / "epochs.csv",
+        repo / "results" / "model.pt",
+        ref,
+    )
     # The resumed run's MLflow record holds every epoch, those of the snapshot included.
     want = read(ref / "epochs.csv")
     assert mlflow_losses(repo, "cut-again") == dict(zip(want["epoch"], want["train_loss"]))
@@ -152,13 +171,18 @@ def test_a_finished_snapshot_is_reused_only_for_the_same_run(repo):
     queue_start(repo, 1, env=env(repo))
     assert wait_queue(repo, ["one"])["one"] == "Success"
     text = dvc(repo, "queue", "logs", "one").stdout
-    assert (f"train: not resuming from checkpoints/snapshot.pt: it is at {EPOCHS} epoch(s) (status complete), "
-            "past the 1 epoch(s) requested, so it is not a prefix of this run; starting afresh") in text, text[-3000:]
+    assert (
+        f"train: not resuming from checkpoints/snapshot.pt: it is at {EPOCHS} epoch(s) (status complete), "
+        "past the 1 epoch(s) requested, so it is not a prefix of this run; starting afresh"
+    ) in text, text[-3000:]
     assert "epoch 1/1:" in text
     metrics = json.loads(exp_file(repo, "one", "results/metrics.json"))
     first = epochs_csv.iloc[0]
     assert (metrics["epochs"], metrics["train_loss"], metrics["val_loss"]) == (
-        1, first["train_loss"], first["val_loss"])
+        1,
+        first["train_loss"],
+        first["val_loss"],
+    )
     assert mlflow_losses(repo, "one") == {1: first["train_loss"]}
 
 
@@ -167,9 +191,13 @@ def test_an_interrupted_queued_experiment_resumes_in_the_next_one(repo, tmp_path
     dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.002", "-n", "q-cut")
     queue_start(repo, 1, env=env(repo, SLOW))  # the workers (and the stage) inherit this environment
     wait_until(lambda: any(s["epoch"] >= 1 for s in live_states(repo)), 300, "a snapshot after epoch 1")
-    stages = [p for p in psutil.process_iter(["cmdline", "cwd"])
-              if (p.info["cmdline"] or [])[1:2] == ["stages/train.py"] and "--worker" not in p.info["cmdline"]
-              and ".dvc/tmp/exps" in (p.info["cwd"] or "")]
+    stages = [
+        p
+        for p in psutil.process_iter(["cmdline", "cwd"])
+        if (p.info["cmdline"] or [])[1:2] == ["stages/train.py"]
+        and "--worker" not in p.info["cmdline"]
+        and ".dvc/tmp/exps" in (p.info["cwd"] or "")
+    ]
     assert len(stages) == 1, stages
     stages[0].send_signal(signal.SIGTERM)  # what the launcher forwards on Ctrl-C, SIGTERM or SIGHUP
     assert wait_queue(repo, ["q-cut"])["q-cut"] == "Failed"
@@ -185,8 +213,12 @@ def test_an_interrupted_queued_experiment_resumes_in_the_next_one(repo, tmp_path
     assert f"train: resuming from {state['snapshot']} at epoch {epoch}, step {step} (status interrupted)" in text
     assert live_states(repo) == []
     dvc(repo, "exp", "apply", "q-again")
-    assert_same_run(json.loads((repo / "results" / "metrics.json").read_text()), repo / "results" / "epochs.csv",
-                    repo / "results" / "model.pt", reference(repo, tmp_path, 0.002))
+    assert_same_run(
+        json.loads((repo / "results" / "metrics.json").read_text()),
+        repo / "results" / "epochs.csv",
+        repo / "results" / "model.pt",
+        reference(repo, tmp_path, 0.002),
+    )
 
 
 @pytest.mark.slurm
@@ -198,8 +230,14 @@ def test_an_interrupted_dvc_exp_run_on_slurm_resumes_where_it_stopped(slurm_clus
     log = tmp_path / "slurm-cut.out"
     cmd = [str(BIN / "dvc"), "exp", "run", "-S", "train.lr=0.003"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*cmd, "-n", "s-cut"], cwd=repo, env={**job_env, **SLOW}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*cmd, "-n", "s-cut"],
+            cwd=repo,
+            env={**job_env, **SLOW},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_until(lambda: any(s["epoch"] >= 1 for s in live_states(repo)), 300, "a snapshot after epoch 1")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the launcher cancels the job, Slurm sends SIGTERM
@@ -210,8 +248,9 @@ def test_an_interrupted_dvc_exp_run_on_slurm_resumes_where_it_stopped(slurm_clus
     text = log.read_text()
     assert rc != 0, text[-3000:]
     job = re.search(r"(?:submitted|attaching to) job (\d+)", text).group(1)
-    wait_until(lambda: live_states(repo) and live_states(repo)[0]["status"] == "interrupted", 60,
-               "the interrupted snapshot")
+    wait_until(
+        lambda: live_states(repo) and live_states(repo)[0]["status"] == "interrupted", 60, "the interrupted snapshot"
+    )
     [state] = live_states(repo)
     job_log = next((repo / "logs" / "train").glob(f"*-{job}.out")).read_text()
     epoch, step = STOPPED.search(job_log).groups()
@@ -228,9 +267,33 @@ def test_an_interrupted_dvc_exp_run_on_slurm_resumes_where_it_stopped(slurm_clus
     ref = tmp_path / "ref"
     ref.mkdir()
     (ref / "params.yaml").write_text(yaml.safe_dump(params))
-    sh([str(BIN / "python"), "stages/train.py", "--worker", "--no-tracking", "--params", str(ref / "params.yaml"),
-        "--data", "data/images.zarr", "--checkpoints", str(ref / "checkpoints"), "--model", str(ref / "model.pt"),
-        "--metrics", str(ref / "metrics.json"), "--epochs", str(ref / "epochs.csv"), "--ranks",
-        str(ref / "ranks.json")], repo, env={**job_env, "VIRGO_MACHINE": "local"})
-    assert_same_run(json.loads((repo / "results" / "metrics.json").read_text()), repo / "results" / "epochs.csv",
-                    repo / "results" / "model.pt", ref)
+    sh(
+        [
+            str(BIN / "python"),
+            "stages/train.py",
+            "--worker",
+            "--no-tracking",
+            "--params",
+            str(ref / "params.yaml"),
+            "--data",
+            "data/images.zarr",
+            "--checkpoints",
+            str(ref / "checkpoints"),
+            "--model",
+            str(ref / "model.pt"),
+            "--metrics",
+            str(ref / "metrics.json"),
+            "--epochs",
+            str(ref / "epochs.csv"),
+            "--ranks",
+            str(ref / "ranks.json"),
+        ],
+        repo,
+        env={**job_env, "VIRGO_MACHINE": "local"},
+    )
+    assert_same_run(
+        json.loads((repo / "results" / "metrics.json").read_text()),
+        repo / "results" / "epochs.csv",
+        repo / "results" / "model.pt",
+        ref,
+    )

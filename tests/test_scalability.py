@@ -25,11 +25,24 @@ from virgo_exps.scalability_sources import Run, load_files, parse_exp_show
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(root: Path, name: str, strategy: str, procs: int, epoch_times: list[float], nodes: int = 1,
-              samples: int = 1000, computation: float | None = 0.7, energy_wh: float | None = None,
-              util: float | None = None, seed: int = 0, extra_params: dict | None = None,
-              machine: str | None = None, val_loss: float = 0.6, load: list[float] | None = None,
-              version: str | None = None) -> Path:
+def write_run(
+    root: Path,
+    name: str,
+    strategy: str,
+    procs: int,
+    epoch_times: list[float],
+    nodes: int = 1,
+    samples: int = 1000,
+    computation: float | None = 0.7,
+    energy_wh: float | None = None,
+    util: float | None = None,
+    seed: int = 0,
+    extra_params: dict | None = None,
+    machine: str | None = None,
+    val_loss: float = 0.6,
+    load: list[float] | None = None,
+    version: str | None = None,
+) -> Path:
     """A run folder like the train stage writes it: metrics.json (+ epochs.csv, params.yaml).
 
     ``epoch_times`` includes the first (warm-up) epoch, which the metrics leave out; ``load`` is the
@@ -39,11 +52,21 @@ def write_run(root: Path, name: str, strategy: str, procs: int, epoch_times: lis
     d.mkdir(parents=True)
     timed = epoch_times[1:]
     metrics = {
-        "strategy": strategy, "nodes": nodes, "procs_per_node": procs, "world_size": nodes * procs,
-        "epochs": len(epoch_times), "parameters": 1000, "train_loss": 0.5, "val_loss": val_loss,
-        "epoch_time_s_median": float(np.median(timed)), "epoch_time_s_mean": float(np.mean(timed)),
-        "samples_per_s": float(np.median([samples / t for t in timed])), "timed_epochs": len(timed),
-        "computation_fraction": computation, "gpu_energy_wh": energy_wh, "gpu_utilization_pct": util,
+        "strategy": strategy,
+        "nodes": nodes,
+        "procs_per_node": procs,
+        "world_size": nodes * procs,
+        "epochs": len(epoch_times),
+        "parameters": 1000,
+        "train_loss": 0.5,
+        "val_loss": val_loss,
+        "epoch_time_s_median": float(np.median(timed)),
+        "epoch_time_s_mean": float(np.mean(timed)),
+        "samples_per_s": float(np.median([samples / t for t in timed])),
+        "timed_epochs": len(timed),
+        "computation_fraction": computation,
+        "gpu_energy_wh": energy_wh,
+        "gpu_utilization_pct": util,
     }
     if machine is not None:
         metrics.update(machine=machine, device="cpu")
@@ -52,14 +75,24 @@ def write_run(root: Path, name: str, strategy: str, procs: int, epoch_times: lis
     (d / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with open(d / "epochs.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["epoch", "step", "train_loss", "val_loss", "train_time_s", "val_time_s", "samples_per_s", "lr"]
-                   + (["load_avg"] if load else []))
+        w.writerow(
+            ["epoch", "step", "train_loss", "val_loss", "train_time_s", "val_time_s", "samples_per_s", "lr"]
+            + (["load_avg"] if load else [])
+        )
         for i, t in enumerate(epoch_times, 1):
             w.writerow([i, i * 10, 0.5, 0.6, t, 0.1, samples / t, 0.001] + ([load[i - 1]] if load else []))
     if version is not None:
         (d / "version.lock").write_text(version)
-    params = {"train": {"strategy": strategy, "nodes": nodes, "procs_per_node": procs, "seed": seed,
-                        "model": "decoder", **(extra_params or {})}}
+    params = {
+        "train": {
+            "strategy": strategy,
+            "nodes": nodes,
+            "procs_per_node": procs,
+            "seed": seed,
+            "model": "decoder",
+            **(extra_params or {}),
+        }
+    }
     (d / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
     return d
 
@@ -86,6 +119,7 @@ def ddp_sweep(tmp_path) -> Path:
 
 
 # -- numbers -------------------------------------------------------------------
+
 
 def test_speedup_efficiency_and_spread_with_known_answers(ddp_sweep):
     runs, notes = load_files([ddp_sweep])
@@ -178,8 +212,9 @@ def test_different_params_are_separate_groups_labelled_by_what_differs(tmp_path)
     runs = load_files([tmp_path])[0]
     report = summarize(runs)
     assert report.split_on == {"train.model": ["decoder", "unet"]}
-    assert report.notes[0].startswith("not all experiments are comparable: split into separate groups on "
-                                      "train.model (decoder, unet)")
+    assert report.notes[0].startswith(
+        "not all experiments are comparable: split into separate groups on train.model (decoder, unet)"
+    )
     assert group(report, "ddp, model=unet", 2)["speedup"] == pytest.approx(1.6)
     assert group(report, "ddp, model=decoder", 2)["speedup"] == pytest.approx(2.0)
     assert group(report, "ddp, model=decoder", 1)["n_runs"] == 1
@@ -201,20 +236,61 @@ def test_two_layouts_of_one_world_size_are_separate_groups(tmp_path):
 
 # -- what is pooled, what is counted once, what is flagged ------------------------------
 
-def _run(name, strategy="ddp", procs=1, time=2.0, seed=0, lr=0.001, batch=8, machine="local", rev=None,
-         software="v1", data="d1", metrics=None) -> Run:
-    m = {"strategy": strategy, "nodes": 1, "procs_per_node": procs, "world_size": procs,
-         "epoch_time_s_median": time, "machine": machine, "device": "cpu", **(metrics or {})}
-    params = {"train.strategy": strategy, "train.nodes": 1, "train.procs_per_node": procs, "train.seed": seed,
-              "train.lr": lr, "train.global_batch_size": batch, "train.max_requeues": 3,
-              "generate.workers": 2}
-    return Run(name, "experiment", m, params, rev=rev or hashlib.sha1(name.encode()).hexdigest(),
-               deps={"version.lock": software, "data/images.zarr": data})
+
+def _run(
+    name,
+    strategy="ddp",
+    procs=1,
+    time=2.0,
+    seed=0,
+    lr=0.001,
+    batch=8,
+    machine="local",
+    rev=None,
+    software="v1",
+    data="d1",
+    metrics=None,
+) -> Run:
+    m = {
+        "strategy": strategy,
+        "nodes": 1,
+        "procs_per_node": procs,
+        "world_size": procs,
+        "epoch_time_s_median": time,
+        "machine": machine,
+        "device": "cpu",
+        **(metrics or {}),
+    }
+    params = {
+        "train.strategy": strategy,
+        "train.nodes": 1,
+        "train.procs_per_node": procs,
+        "train.seed": seed,
+        "train.lr": lr,
+        "train.global_batch_size": batch,
+        "train.max_requeues": 3,
+        "generate.workers": 2,
+    }
+    return Run(
+        name,
+        "experiment",
+        m,
+        params,
+        rev=rev or hashlib.sha1(name.encode()).hexdigest(),
+        deps={"version.lock": software, "data/images.zarr": data},
+    )
 
 
 def test_pooled_only_when_all_but_seed_and_axis_are_equal():
-    runs = [_run("a"), _run("b", seed=1), _run("c", procs=2), _run("d", lr=0.0003),
-            _run("e", machine="cluster", procs=2), _run("f", software="v2"), _run("g", data="d2")]
+    runs = [
+        _run("a"),
+        _run("b", seed=1),
+        _run("c", procs=2),
+        _run("d", lr=0.0003),
+        _run("e", machine="cluster", procs=2),
+        _run("f", software="v2"),
+        _run("g", data="d2"),
+    ]
     g = assign(runs)
     assert g.of(runs[0]) == g.of(runs[1]) == g.of(runs[2])  # seed and processes: one group
     assert len({g.of(r) for r in runs}) == 5
@@ -252,8 +328,7 @@ def test_same_result_counted_once():
     assert dropped == {"exp-noop": "exp-a", "main": "exp-a"}
     report = summarize([a, noop, same_rev, other_seed])
     assert group(report, "ddp", 1)["n_runs"] == 2
-    assert any(n.startswith("2 duplicate result(s) counted once") and "exp-noop = exp-a" in n
-               for n in report.notes)
+    assert any(n.startswith("2 duplicate result(s) counted once") and "exp-noop = exp-a" in n for n in report.notes)
 
 
 def test_baseline_never_borrowed_from_another_machine(tmp_path):
@@ -308,8 +383,10 @@ def test_suspicious_figures_are_flagged_in_table_json_html_and_pngs(tmp_path, mo
     real_save = scalability_plots._save
 
     def keep(fig, path, stamp=None, flags=None):
-        flagged[Path(path).name] = (flags, [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-                                    if fig.axes[0].get_legend() else [])
+        flagged[Path(path).name] = (
+            flags,
+            [t.get_text() for t in fig.axes[0].get_legend().get_texts()] if fig.axes[0].get_legend() else [],
+        )
         real_save(fig, path, stamp, flags)
 
     monkeypatch.setattr(scalability_plots, "_save", keep)
@@ -320,7 +397,7 @@ def test_suspicious_figures_are_flagged_in_table_json_html_and_pngs(tmp_path, mo
     console = (out / "console.txt").read_text()
     assert "! efficiency>100%; speedup>world" in console
     page = (out / "index.html").read_text()
-    assert '<tr class="flagged">' in page and '<h2>Flags</h2>' in page
+    assert '<tr class="flagged">' in page and "<h2>Flags</h2>" in page
     assert "ddp @ 2: efficiency 210% above 100%" in page
     doc = json.loads((out / "scalability.json").read_text())
     assert [g["flags"] for g in doc["groups"]] == ["", "efficiency>100%; speedup>world", "spread>difference"]
@@ -343,8 +420,7 @@ def test_origin_line_on_every_figure_and_the_page(tmp_path, monkeypatch):
 
     monkeypatch.setattr(scalability_plots, "_save", keep)
     out = write_report(report, tmp_path / "report", stamp="CPU, simulated cluster")
-    expected = (f"machine local | device cpu | commit abcdef12 | {report.provenance['date']} | "
-                "CPU, simulated cluster")
+    expected = f"machine local | device cpu | commit abcdef12 | {report.provenance['date']} | CPU, simulated cluster"
     assert set(stamps) >= {"epoch_time.png", "speedup.png", "efficiency.png", "val_loss.png", "computation.png"}
     assert set(stamps.values()) == {expected}
     page = (out / "index.html").read_text()
@@ -380,18 +456,25 @@ def test_epochs_under_host_load_are_left_out_of_medians(tmp_path):
     busy = group(report, "ddp", 8)
     assert busy["epoch_time_s"] == pytest.approx(0.4) and busy["spread_over"] == "2 epochs (1 run)"
     assert busy["excluded_epochs"] == 0
-    assert any(n.startswith("every timed epoch of busy ran while the host's load per core exceeded 1.25")
-               for n in report.notes)
+    assert any(
+        n.startswith("every timed epoch of busy ran while the host's load per core exceeded 1.25") for n in report.notes
+    )
 
 
 # -- dvc exp show parsing ---------------------------------------------------------
 
+
 def _rev(name, metrics, params=None, state=None):
-    data = {"metrics": {"results/metrics.json": {"data": metrics}},
-            "params": {"params.yaml": {"data": params or {"train": {"seed": 0}}}}}
+    data = {
+        "metrics": {"results/metrics.json": {"data": metrics}},
+        "params": {"params.yaml": {"data": params or {"train": {"seed": 0}}}},
+    }
     rev = hashlib.sha1(name.encode()).hexdigest()  # every experiment is its own commit
-    return {"revs": [{"rev": rev, "name": name, "data": data, "error": None, "experiments": None}],
-            "executor": {"state": state} if state else None, "name": name}
+    return {
+        "revs": [{"rev": rev, "name": name, "data": data, "error": None, "experiments": None}],
+        "executor": {"state": state} if state else None,
+        "name": name,
+    }
 
 
 def test_exp_show_counts_the_applied_workspace_once_and_notes_unfinished():
@@ -399,11 +482,24 @@ def test_exp_show_counts_the_applied_workspace_once_and_notes_unfinished():
     m2 = {**m1, "strategy": "ddp", "procs_per_node": 2, "world_size": 2, "epoch_time_s_median": 1.0}
     missing = {"results/metrics.json": {"error": {"type": "FileNotFoundError", "msg": "no file"}}}
     shown = [
-        {"rev": "workspace", "name": None, "data": {"metrics": {"results/metrics.json": {"data": m2}},
-                                                    "params": {}}, "error": None, "experiments": None},
-        {"rev": "a" * 40, "name": "main", "data": {"metrics": missing, "params": {}}, "error": None,
-         "experiments": [_rev("exp-one", m1), _rev("exp-two", m2, {"train": {"strategy": "ddp"}}),
-                         _rev("exp-queued", {}, state="queued")]},
+        {
+            "rev": "workspace",
+            "name": None,
+            "data": {"metrics": {"results/metrics.json": {"data": m2}}, "params": {}},
+            "error": None,
+            "experiments": None,
+        },
+        {
+            "rev": "a" * 40,
+            "name": "main",
+            "data": {"metrics": missing, "params": {}},
+            "error": None,
+            "experiments": [
+                _rev("exp-one", m1),
+                _rev("exp-two", m2, {"train": {"strategy": "ddp"}}),
+                _rev("exp-queued", {}, state="queued"),
+            ],
+        },
     ]
     shown[0]["data"]["params"] = {"params.yaml": {"data": {"train": {"strategy": "ddp"}}}}
     runs, notes = parse_exp_show(shown)
@@ -419,6 +515,7 @@ def test_exp_show_counts_the_applied_workspace_once_and_notes_unfinished():
 
 
 # -- files -----------------------------------------------------------------------
+
 
 def _png_size(path: Path) -> tuple[int, int]:
     from PIL import Image
@@ -439,8 +536,15 @@ def test_pngs_html_csv_json_render(ddp_sweep, tmp_path):
     write_report(report, out, title="Test scalability")
     assert not (out / "stale.png").exists()
     assert not list(tmp_path.glob(".scal.*")), "temporary folders left behind"
-    expected = ["epoch_time.png", "speedup.png", "efficiency.png", "throughput.png", "computation.png",
-                "gpu_energy.png", "gpu_utilization.png"]
+    expected = [
+        "epoch_time.png",
+        "speedup.png",
+        "efficiency.png",
+        "throughput.png",
+        "computation.png",
+        "gpu_energy.png",
+        "gpu_utilization.png",
+    ]
     for name in expected:
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, name
@@ -449,8 +553,17 @@ def test_pngs_html_csv_json_render(ddp_sweep, tmp_path):
     page = (out / "index.html").read_text()
     for name in expected:
         assert f'<img src="{name}"' in page
-    for label in ("Test scalability", "Speedup", "Parallel efficiency", "Computation vs other", "GPU energy",
-                  "<b>horovod</b> &rarr; 2 (1x2)", "ddp1-b", "train.seed", "Parameters shared by all experiments"):
+    for label in (
+        "Test scalability",
+        "Speedup",
+        "Parallel efficiency",
+        "Computation vs other",
+        "GPU energy",
+        "<b>horovod</b> &rarr; 2 (1x2)",
+        "ddp1-b",
+        "train.seed",
+        "Parameters shared by all experiments",
+    ):
         assert label in page, label
     rows = list(csv.DictReader(open(out / "scalability.csv")))
     assert len(rows) == 5 and {"speedup", "efficiency", "baseline", "epoch_time_s_min"} <= set(rows[0])
@@ -477,9 +590,13 @@ def test_plot_axes_are_log_log_with_an_ideal_line(ddp_sweep, tmp_path, monkeypat
     def keep(fig, path, stamp=None, flagged=None):
         stamps.append(stamp)
         ax = fig.axes[0]
-        seen[Path(path).name] = (ax.get_xscale(), ax.get_yscale(), " ".join(a.get_xlabel() for a in fig.axes),
-                                 " ".join(a.get_ylabel() for a in fig.axes),
-                                 [t.get_text() for t in (ax.get_legend().get_texts() if ax.get_legend() else [])])
+        seen[Path(path).name] = (
+            ax.get_xscale(),
+            ax.get_yscale(),
+            " ".join(a.get_xlabel() for a in fig.axes),
+            " ".join(a.get_ylabel() for a in fig.axes),
+            [t.get_text() for t in (ax.get_legend().get_texts() if ax.get_legend() else [])],
+        )
         plt.close(fig)
 
     monkeypatch.setattr(scalability_plots, "_save", keep)
@@ -508,6 +625,7 @@ def test_cli_with_metrics_files(ddp_sweep, tmp_path, capsys):
 
 # -- end to end: real `dvc exp run` experiments ---------------------------------------
 
+
 @pytest.mark.slow
 def test_report_over_real_dvc_experiments(tmp_path):
     """A mixed set made by the real pipeline: `single` at two learning rates (seeds 0 and 1 at 0.001), `ddp`
@@ -520,15 +638,31 @@ def test_report_over_real_dvc_experiments(tmp_path):
     # `-S` edits params.yaml for good, so every run names all three keys.
     sweep = [("single", 1, 0), ("ddp", 1, 0), ("ddp", 2, 0), ("single", 1, 1)]
     for strategy, procs, seed in sweep:
-        sh([dvc, "exp", "run", "-S", f"train.strategy={strategy}", "-S", f"train.procs_per_node={procs}",
-            "-S", f"train.seed={seed}"], repo)
+        sh(
+            [
+                dvc,
+                "exp",
+                "run",
+                "-S",
+                f"train.strategy={strategy}",
+                "-S",
+                f"train.procs_per_node={procs}",
+                "-S",
+                f"train.seed={seed}",
+            ],
+            repo,
+        )
     sh([dvc, "exp", "run", "-S", "train.lr=0.0003"], repo)  # single, seed 1, another learning rate
     sh([dvc, "exp", "run"], repo)  # nothing changed: trains nothing, one more experiment all the same
     shown = json.loads(sh([dvc, "exp", "show", "--json"], repo).stdout)
     exps = {e["name"]: e["revs"][0]["data"] for e in shown[1]["experiments"]}
     assert len(exps) == 6, sorted(exps)
-    ddp2 = next(n for n, d in exps.items() if d["params"]["params.yaml"]["data"]["train"]["strategy"] == "ddp"
-                and d["params"]["params.yaml"]["data"]["train"]["procs_per_node"] == 2)
+    ddp2 = next(
+        n
+        for n, d in exps.items()
+        if d["params"]["params.yaml"]["data"]["train"]["strategy"] == "ddp"
+        and d["params"]["params.yaml"]["data"]["train"]["procs_per_node"] == 2
+    )
     sh([dvc, "exp", "apply", ddp2], repo)
     metrics_path = repo / "results" / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
@@ -538,8 +672,10 @@ def test_report_over_real_dvc_experiments(tmp_path):
     cli = [str(BIN / "python"), "-m", "virgo_exps.scalability_cli"]
     proc = sh(cli, repo)
     head = sh(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-    assert "Speedup baselines" in proc.stdout and "Split on: train.lr (0.0003, 0.001); machine (local, simcluster)" \
-        in proc.stdout
+    assert (
+        "Speedup baselines" in proc.stdout
+        and "Split on: train.lr (0.0003, 0.001); machine (local, simcluster)" in proc.stdout
+    )
     out = repo / "results" / "scalability"
     doc = json.loads((out / "scalability.json").read_text())
     groups = {(g["series"], g["world_size"]): g for g in doc["groups"]}
@@ -549,7 +685,7 @@ def test_report_over_real_dvc_experiments(tmp_path):
     assert doc["split_on"] == {"train.lr": ["0.0003", "0.001"], "machine": ["local", "simcluster"]}
     # 6 experiments and the workspace: the no-op experiment is the lr=0.0003 one counted once.
     assert len(doc["experiments"]) == 6 and len(doc["duplicates"]) == 1
-    (dup, kept), = doc["duplicates"].items()
+    ((dup, kept),) = doc["duplicates"].items()
     assert {dup, kept} <= set(exps) and groups[(slow_lr, 1)]["runs"] == kept
     assert groups[(slow_lr, 1)]["n_runs"] == 1
     assert groups[(single, 1)]["n_runs"] == 2 and groups[(single, 1)]["spread_over"] == "2 runs"
@@ -575,8 +711,14 @@ def test_report_over_real_dvc_experiments(tmp_path):
     assert f"From: {doc['origin']}" in (out / "index.html").read_text()
     # The trainer records the host's load per epoch.
     assert not any("host load per epoch not recorded" in n for n in doc["notes"])
-    for name in ("epoch_time.png", "speedup.png", "efficiency.png", "throughput.png", "computation.png",
-                 "val_loss.png"):
+    for name in (
+        "epoch_time.png",
+        "speedup.png",
+        "efficiency.png",
+        "throughput.png",
+        "computation.png",
+        "val_loss.png",
+    ):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert any("GPU utilisation and energy: not measured" in n for n in doc["notes"])
 
@@ -594,13 +736,15 @@ def test_report_over_real_dvc_experiments(tmp_path):
     assert via["split_on"] == {"train.lr": ["0.0003", "0.001"]} and via["duplicates"] == {}
     local = {(s.replace(", machine=local", ""), w): g for (s, w), g in groups.items() if "simcluster" not in s}
     assert {(g["series"], g["world_size"]): g["n_runs"] for g in via["groups"]} == {
-        k: g["n_runs"] for k, g in local.items()}
+        k: g["n_runs"] for k, g in local.items()
+    }
     for g in via["groups"]:
         mine = local[(g["series"], g["world_size"])]
         assert g["epoch_time_s"] == pytest.approx(mine["epoch_time_s"], rel=1e-9)
         assert g["samples_per_s"] == pytest.approx(mine["samples_per_s"], rel=1e-9)
     assert sorted(e["name"] for e in via["experiments"]) == sorted(
-        e["name"] for e in doc["experiments"] if e["source"] == "experiment")
+        e["name"] for e in doc["experiments"] if e["source"] == "experiment"
+    )
 
 
 def test_dollar_signs_in_names_and_stamp_are_drawn_as_text(tmp_path):

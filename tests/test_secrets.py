@@ -47,13 +47,21 @@ def runs_named(url: str, name: str, monkeypatch) -> list:
 
 
 @pytest.fixture(scope="module")
-def served(server, tmp_path_factory):
+def served(server, tmp_path_factory):  # noqa: F811 - the imported fixture, requested by name
     """The whole pipeline on the local machine, tracked on the server, credentials in the environment."""
     url, home = server
-    repo = make_repo(tmp_path_factory.mktemp("secrets") / "repo",
-                     {"generate": {"n_samples": 20, "chunk_size": 10}, "train": {"epochs": 1, "profile_steps": 0}})
-    env = tool_env({"VIRGO_MACHINE": "local", "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin",
-                    "MLFLOW_TRACKING_PASSWORD": PASSWORD})
+    repo = make_repo(
+        tmp_path_factory.mktemp("secrets") / "repo",
+        {"generate": {"n_samples": 20, "chunk_size": 10}, "train": {"epochs": 1, "profile_steps": 0}},
+    )
+    env = tool_env(
+        {
+            "VIRGO_MACHINE": "local",
+            "MLFLOW_TRACKING_URI": url,
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+        }
+    )
     proc = sh([str(BIN / "dvc"), "exp", "run", "-n", "served"], repo, env, check=False)
     return url, home, repo, proc
 
@@ -80,9 +88,11 @@ def test_password_in_the_tracking_uri_is_refused_and_in_no_file(served, monkeypa
     proc = sh([str(BIN / "dvc"), "exp", "run", "-n", "in-uri", "-f", "-s", "train"], repo, env, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
-    line = (f"error: MLFLOW_TRACKING_URI: holds a user name or password (http://***@{host}), which MLflow would "
-            "print into the training logs; set MLFLOW_TRACKING_URI to the address alone and the credentials in "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    line = (
+        f"error: MLFLOW_TRACKING_URI: holds a user name or password (http://***@{host}), which MLflow would "
+        "print into the training logs; set MLFLOW_TRACKING_URI to the address alone and the credentials in "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    )
     assert line in out.splitlines(), out[-3000:]
     [log] = (repo / "logs" / "train").glob("in-uri-local-*.out")
     assert line in log.read_text().splitlines()
@@ -95,8 +105,12 @@ def test_password_in_the_tracking_uri_is_refused_and_in_no_file(served, monkeypa
 def _file_digests(*roots: Path) -> dict[str, bytes]:
     import hashlib
 
-    return {str(p): hashlib.sha256(p.read_bytes()).digest()
-            for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).digest()
+        for root in roots
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_password_in_the_tracking_uri_is_refused_by_the_first_stage_before_any_output(served):
@@ -121,8 +135,12 @@ def test_password_in_the_tracking_uri_is_refused_by_the_first_stage_before_any_o
 
 
 def test_credentials_are_found_wherever_they_are_in_the_uri():
-    for uri in ("http://u:p@h:5000", "https://token@h", "http://u:p@ss/w?rd#x@h:5000/path",
-                "postgresql://u:pw@db:5432/mlflow"):
+    for uri in (
+        "http://u:p@h:5000",
+        "https://token@h",
+        "http://u:p@ss/w?rd#x@h:5000/path",
+        "postgresql://u:pw@db:5432/mlflow",
+    ):
         with pytest.raises(ConfigError, match=r"^MLFLOW_TRACKING_URI: holds a user name or password") as err:
             check_tracking_uri(uri)
         assert "p@ss" not in str(err.value) and "pw@" not in str(err.value) and ":p@" not in str(err.value)

@@ -32,6 +32,7 @@ N_EXPS = 10
 
 # -- quick tests of the permission logic (no root, no users) ------------------
 
+
 def _own_group() -> str:
     return grp.getgrgid(os.getgid()).gr_name
 
@@ -109,9 +110,11 @@ def test_migrate_cache_copies_objects_read_only_into_the_shared_cache(tmp_path):
 
 # -- real users -----------------------------------------------------------------
 
+
 def _can_run_as(user: str, python: str) -> bool:
-    proc = subprocess.run(["runuser", "-u", user, "--", python, "-c", "import dvc, virgo_exps, torch"],
-                          capture_output=True, cwd="/")
+    proc = subprocess.run(
+        ["runuser", "-u", user, "--", python, "-c", "import dvc, virgo_exps, torch"], capture_output=True, cwd="/"
+    )
     return proc.returncode == 0
 
 
@@ -145,8 +148,14 @@ def _user_python(base: Path, user: str) -> Path:
     if _can_run_as(user, str(mine)):
         return BIN
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    system = next((Path(d) / f"python{version}" for d in ("/usr/bin", "/usr/local/bin")
-                   if (Path(d) / f"python{version}").exists()), None)
+    system = next(
+        (
+            Path(d) / f"python{version}"
+            for d in ("/usr/bin", "/usr/local/bin")
+            if (Path(d) / f"python{version}").exists()
+        ),
+        None,
+    )
     if system is None:
         pytest.skip(f"the venv's Python is not executable by other users and there is no system python{version}")
     venv = base / "uvenv"
@@ -172,10 +181,16 @@ class User:
 
     def env(self) -> dict:
         return {
-            "HOME": str(self.home), "USER": self.name, "LOGNAME": self.name, "LANG": "C.UTF-8",
-            "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1",
-            "GIT_AUTHOR_NAME": self.name, "GIT_AUTHOR_EMAIL": f"{self.name}@example.invalid",
-            "GIT_COMMITTER_NAME": self.name, "GIT_COMMITTER_EMAIL": f"{self.name}@example.invalid",
+            "HOME": str(self.home),
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "LANG": "C.UTF-8",
+            "PATH": f"{self.bin}:/usr/local/bin:/usr/bin:/bin",
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": self.name,
+            "GIT_AUTHOR_EMAIL": f"{self.name}@example.invalid",
+            "GIT_COMMITTER_NAME": self.name,
+            "GIT_COMMITTER_EMAIL": f"{self.name}@example.invalid",
         }
 
     def argv(self, cmd: list[str] | str) -> list[str]:
@@ -187,8 +202,9 @@ class User:
         return sh(self.argv(cmd), self.repo, env=dict(os.environ), check=check, timeout=timeout)
 
     def popen(self, cmd) -> subprocess.Popen:
-        return subprocess.Popen(self.argv(cmd), cwd=self.repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        return subprocess.Popen(
+            self.argv(cmd), cwd=self.repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
 
     def vx(self, *args, check=True):
         return self.run(["python", "-m", "virgo_exps.share_cli", *args], check=check)
@@ -212,8 +228,11 @@ def team():
         sh(["groupadd", group], base, env=dict(os.environ))
         created_group = True
         for name in names:
-            sh(["useradd", "--create-home", "--shell", "/bin/bash", "--groups", group, name], base,
-               env=dict(os.environ))
+            sh(
+                ["useradd", "--create-home", "--shell", "/bin/bash", "--groups", group, name],
+                base,
+                env=dict(os.environ),
+            )
             created_users.append(name)
         origin = make_repo(base / "origin", PARAMS)
         bin_dir = _user_python(base, names[0])
@@ -278,8 +297,14 @@ def test_share_creates_the_store_and_a_second_call_or_a_teammate_joins(shared):
     assert stat.S_IMODE(store.stat().st_mode) == 0o2770
     assert "sharedrepository = 1" in (store / "experiments.git" / "config").read_text()
     local = (alice.repo / ".dvc" / "config.local").read_text()
-    for line in (f"dir = {store / 'dvc-cache'}", "shared = group", 'type = "reflink,copy"', "remote = team",
-                 "git_remote = team", f"url = {store / 'dvc-remote'}"):
+    for line in (
+        f"dir = {store / 'dvc-cache'}",
+        "shared = group",
+        'type = "reflink,copy"',
+        "remote = team",
+        "git_remote = team",
+        f"url = {store / 'dvc-remote'}",
+    ):
         assert line in local, (line, local)
     # Nothing committed changed: the configuration is the clone's own.
     assert alice.run(["git", "status", "--porcelain", "--untracked-files=no", ".dvc"]).stdout == ""
@@ -295,12 +320,34 @@ def test_share_creates_the_store_and_a_second_call_or_a_teammate_joins(shared):
 def test_share_says_which_path_and_permission_is_wrong_and_how_to_fix_it(shared):
     store, group, bob = shared["store"], shared["group"], shared["bob"]
     outsider = subprocess.run(
-        ["runuser", "-u", "nobody", "--", "env", "-i", f"PATH={bob.bin}:/usr/bin:/bin", "HOME=/tmp",
-         "python", "-m", "virgo_exps.share_cli", "share", "--dir", str(store), "--group", group, "--check"],
-        cwd="/", capture_output=True, text=True)
+        [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "env",
+            "-i",
+            f"PATH={bob.bin}:/usr/bin:/bin",
+            "HOME=/tmp",
+            "python",
+            "-m",
+            "virgo_exps.share_cli",
+            "share",
+            "--dir",
+            str(store),
+            "--group",
+            group,
+            "--check",
+        ],
+        cwd="/",
+        capture_output=True,
+        text=True,
+    )
     assert outsider.returncode == 1
-    assert f"user 'nobody' is not in group '{group}': ask an administrator to run `usermod -aG {group} nobody`" \
+    assert (
+        f"user 'nobody' is not in group '{group}': ask an administrator to run `usermod -aG {group} nobody`"
         in outsider.stderr
+    )
     # Made by hand by someone else (root here), the wrong way.
     wrong = store / "dvc-cache" / "by-hand"
     wrong.mkdir()
@@ -327,22 +374,38 @@ def test_teammate_pulls_applies_and_reproduces_nothing(shared):
     assert "alice-base" in bob.run(["dvc", "exp", "list", "team"]).stdout
     bob.run(["dvc", "exp", "pull", "team", "alice-base"])
     bob.run(["dvc", "exp", "apply", "alice-base"])
-    for rel in ("results/model.pt", "results/metrics.json", "results/report/report.md", "checkpoints/snapshot.pt",
-                "data/images.zarr"):
+    for rel in (
+        "results/model.pt",
+        "results/metrics.json",
+        "results/report/report.md",
+        "checkpoints/snapshot.pt",
+        "data/images.zarr",
+    ):
         assert (bob.repo / rel).exists(), rel
     assert (bob.repo / "results/model.pt").read_bytes() == (alice.repo / "results/model.pt").read_bytes()
     assert json.loads((bob.repo / "results/metrics.json").read_text()) == json.loads(
-        (alice.repo / "results/metrics.json").read_text())
+        (alice.repo / "results/metrics.json").read_text()
+    )
     # The durable copy: every output of the experiment is in the DVC remote, not only in the shared cache.
     import yaml
 
     lock = yaml.safe_load((bob.repo / "dvc.lock").read_text())
     spec = yaml.safe_load((bob.repo / "dvc.yaml").read_text())
-    uncached = {path for st in spec["stages"].values() for kind in ("outs", "metrics", "plots")
-                for entry in st.get(kind, []) if isinstance(entry, dict)
-                for path, opts in entry.items() if (opts or {}).get("cache") is False}
-    hashes = [o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
-              if o.get("md5") and o["path"] not in uncached]
+    uncached = {
+        path
+        for st in spec["stages"].values()
+        for kind in ("outs", "metrics", "plots")
+        for entry in st.get(kind, [])
+        if isinstance(entry, dict)
+        for path, opts in entry.items()
+        if (opts or {}).get("cache") is False
+    }
+    hashes = [
+        o["md5"]
+        for st in lock["stages"].values()
+        for o in st.get("outs", [])
+        if o.get("md5") and o["path"] not in uncached
+    ]
     assert hashes
     for h in hashes:
         assert (shared["store"] / "dvc-remote" / "files" / "md5" / h[:2] / h[2:]).is_file(), h
@@ -362,8 +425,7 @@ def test_both_push_ten_experiments_at_once_and_all_twenty_arrive(shared):
     if not (bob.repo / "results" / "model.pt").exists():  # run alone: Bob starts from Alice's experiment
         bob.run(["dvc", "exp", "pull", "team", "alice-base"])
         bob.run(["dvc", "exp", "apply", "alice-base"])
-    names = {u.name: [f"{u.name.split('_')[1].rstrip('0123456789')}-{i}" for i in range(N_EXPS)]
-             for u in (alice, bob)}
+    names = {u.name: [f"{u.name.split('_')[1].rstrip('0123456789')}-{i}" for i in range(N_EXPS)] for u in (alice, bob)}
 
     def both(script_for):
         procs = {u.name: u.popen(script_for(u)) for u in (alice, bob)}
@@ -373,8 +435,7 @@ def test_both_push_ten_experiments_at_once_and_all_twenty_arrive(shared):
         return outs
 
     # Cheap experiments: only the report stage runs (-s: this stage alone).
-    both(lambda u: "set -e; " + "; ".join(
-        f"dvc exp run -s report -S 'report.title={e}' -n {e}" for e in names[u.name]))
+    both(lambda u: "set -e; " + "; ".join(f"dvc exp run -s report -S 'report.title={e}' -n {e}" for e in names[u.name]))
     start = time.monotonic()
     outs = both(lambda u: "set -e; " + "; ".join(f"dvc exp push team {e}" for e in names[u.name]))
     pushed = sum(o.count("Pushed experiment") for o in outs.values())

@@ -47,6 +47,7 @@ TEMPORARIES = ".*.tmp-*"  # the trainer's atomic writes: .snapshot.pt.tmp-<pid>
 # helpers shared with test_slurm_requeue.py
 # --------------------------------------------------------------------------
 
+
 def cluster_env(cluster, machine: str = "slurm", extra: dict | None = None) -> dict:
     """A user's environment on the login node of ``cluster`` with ``machine`` active."""
     env = {k: v for k, v in tool_env().items() if not k.startswith("SLURM_")}
@@ -57,25 +58,55 @@ def cluster_env(cluster, machine: str = "slurm", extra: dict | None = None) -> d
     return env
 
 
-def train_cmd(repo: Path, name: str, strategy: str = "single", procs: int = 1, nodes: int = 1,
-              epochs: int = EPOCHS, data: str = "data/images.zarr", **train) -> list[str]:
+def train_cmd(
+    repo: Path,
+    name: str,
+    strategy: str = "single",
+    procs: int = 1,
+    nodes: int = 1,
+    epochs: int = EPOCHS,
+    data: str = "data/images.zarr",
+    **train,
+) -> list[str]:
     """The train stage's command on outputs out/<name>/ with params-<name>.yaml."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(strategy=strategy, procs_per_node=procs, nodes=nodes, epochs=epochs,
-                           global_batch_size=8, warmup_steps=3, profile_steps=2, **train)
+    params["train"].update(
+        strategy=strategy,
+        procs_per_node=procs,
+        nodes=nodes,
+        epochs=epochs,
+        global_batch_size=8,
+        warmup_steps=3,
+        profile_steps=2,
+        **train,
+    )
     (repo / f"params-{name}.yaml").write_text(yaml.safe_dump(params))
-    return [str(BIN / "python"), "stages/train.py", "--params", f"params-{name}.yaml", "--data", data,
-            "--checkpoints", f"out/{name}/checkpoints", "--model", f"out/{name}/model.pt",
-            "--metrics", f"out/{name}/metrics.json", "--epochs", f"out/{name}/epochs.csv",
-            "--ranks", f"out/{name}/ranks.json", "--no-tracking"]
+    return [
+        str(BIN / "python"),
+        "stages/train.py",
+        "--params",
+        f"params-{name}.yaml",
+        "--data",
+        data,
+        "--checkpoints",
+        f"out/{name}/checkpoints",
+        "--model",
+        f"out/{name}/model.pt",
+        "--metrics",
+        f"out/{name}/metrics.json",
+        "--epochs",
+        f"out/{name}/epochs.csv",
+        "--ranks",
+        f"out/{name}/ranks.json",
+        "--no-tracking",
+    ]
 
 
 class Running:
     """A launcher started in the background; its output is collected by a thread."""
 
     def __init__(self, cmd, cwd, env):
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -99,8 +130,9 @@ class Running:
                 m = re.search(pattern, self.output)
                 if m:
                     return m
-                raise AssertionError(f"launcher exited ({self.proc.returncode}) before {pattern!r}:\n"
-                                     f"{self.output[-5000:]}")
+                raise AssertionError(
+                    f"launcher exited ({self.proc.returncode}) before {pattern!r}:\n{self.output[-5000:]}"
+                )
             time.sleep(0.1)
         raise AssertionError(f"no {pattern!r} after {timeout}s:\n{self.output[-5000:]}")
 
@@ -156,8 +188,9 @@ def assert_same_training(a: Path, b: Path) -> None:
     import pandas as pd
 
     cols = ["epoch", "train_loss", "val_loss"]
-    pd.testing.assert_frame_equal(pd.read_csv(a / "epochs.csv")[cols], pd.read_csv(b / "epochs.csv")[cols],
-                                  check_exact=True)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(a / "epochs.csv")[cols], pd.read_csv(b / "epochs.csv")[cols], check_exact=True
+    )
 
 
 # --------------------------------------------------------------------------
@@ -167,11 +200,25 @@ def assert_same_training(a: Path, b: Path) -> None:
 # Made-up paths instead of this machine's: the golden files are the same everywhere. The
 # workspace is a DVC temporary one (queued experiment), the logs go to the checkout.
 CHECKOUT = "/home/user/virgo-exps"
-FAKE = slurm.JobContext(stage="train", experiment="exp-golden",
-                        workdir=Path(f"{CHECKOUT}/.dvc/tmp/exps/tmpk2x8q1zd"),
-                        home=Path(CHECKOUT), python=f"{CHECKOUT}/.venv/bin/python")
-ARGV = ["stages/train.py", "--params", "params.yaml", "--data", "data/images.zarr", "--checkpoints",
-        "checkpoints", "--model", "results/model.pt", "--worker"]
+FAKE = slurm.JobContext(
+    stage="train",
+    experiment="exp-golden",
+    workdir=Path(f"{CHECKOUT}/.dvc/tmp/exps/tmpk2x8q1zd"),
+    home=Path(CHECKOUT),
+    python=f"{CHECKOUT}/.venv/bin/python",
+)
+ARGV = [
+    "stages/train.py",
+    "--params",
+    "params.yaml",
+    "--data",
+    "data/images.zarr",
+    "--checkpoints",
+    "checkpoints",
+    "--model",
+    "results/model.pt",
+    "--worker",
+]
 CASES = {
     "slurm-single": ("slurm", TrainConfig(strategy="single")),
     "slurm-ddp-2x2": ("slurm", TrainConfig(strategy="ddp", nodes=2, procs_per_node=2)),
@@ -212,13 +259,17 @@ def test_batch_script_resources_follow_params_and_profile(monkeypatch):
     assert "--nproc_per_node=4 --rdzv_backend=c10d" in ddp
     hvd = generated("juwels-booster-horovod-2x4", monkeypatch)
     assert "#SBATCH --ntasks-per-node=4\n#SBATCH --cpus-per-task=12" in hvd
-    assert "srun --nodes=\"$SLURM_JOB_NUM_NODES\" --ntasks-per-node=4" in hvd and "virgo_exps.hvd_slurm" in hvd
+    assert 'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=4' in hvd and "virgo_exps.hvd_slurm" in hvd
     single = generated("slurm-single", monkeypatch)
-    for line in ("#SBATCH --job-name=virgo-train-exp-golden",
-                 f"#SBATCH --output={CHECKOUT}/logs/train/exp-golden-%j.out",
-                 f"#SBATCH --chdir={CHECKOUT}/.dvc/tmp/exps/tmpk2x8q1zd", "#SBATCH --requeue",
-                 "#SBATCH --signal=B:USR1@120",
-                 "VIRGO_STATUS_FILE=checkpoints/status.json", "VIRGO_MAX_REQUEUES=3"):
+    for line in (
+        "#SBATCH --job-name=virgo-train-exp-golden",
+        f"#SBATCH --output={CHECKOUT}/logs/train/exp-golden-%j.out",
+        f"#SBATCH --chdir={CHECKOUT}/.dvc/tmp/exps/tmpk2x8q1zd",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        "VIRGO_STATUS_FILE=checkpoints/status.json",
+        "VIRGO_MAX_REQUEUES=3",
+    ):
         assert line in single
     assert "--gpus" not in single and "--gres" not in single and "--account" not in single
 
@@ -243,9 +294,14 @@ def test_generate_array_script_matches_golden_file(monkeypatch):
     if os.environ.get("VIRGO_UPDATE_GOLDEN"):
         golden.write_text(script)
     assert script == golden.read_text(), "generate array script changed; review, then VIRGO_UPDATE_GOLDEN=1"
-    for line in ("#SBATCH --array=0-1", f"#SBATCH --output={CHECKOUT}/logs/generate/exp-golden-%A_%a.out",
-                 "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=1",
-                 '--part "$SLURM_ARRAY_TASK_ID" --parts 2 --workers "$SLURM_CPUS_PER_TASK"'):
+    for line in (
+        "#SBATCH --array=0-1",
+        f"#SBATCH --output={CHECKOUT}/logs/generate/exp-golden-%A_%a.out",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=1",
+        '--part "$SLURM_ARRAY_TASK_ID" --parts 2 --workers "$SLURM_CPUS_PER_TASK"',
+    ):
         assert line in script
     # GPUs are never asked for data generation, even on a GPU machine.
     gpu = slurm.batch_script(ctx, TrainConfig(), argv, load_machine("juwels-booster"), array=4)
@@ -255,18 +311,21 @@ def test_generate_array_script_matches_golden_file(monkeypatch):
 def test_job_array_state_is_the_whole_arrays():
     running = slurm.parse_show_job(
         "JobId=11 ArrayJobId=10 ArrayTaskId=1 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n1\n"
-        "JobId=10 ArrayJobId=10 ArrayTaskId=0 JobState=RUNNING Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n2\n")
+        "JobId=10 ArrayJobId=10 ArrayTaskId=0 JobState=RUNNING Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n2\n"
+    )
     assert not running.final and running.state == "RUNNING" and running.nodes == "n1,n2"
     failed = slurm.parse_show_job(
         "JobId=11 ArrayJobId=10 ArrayTaskId=1 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n1 "
         "StdOut=/l/e-10_1.out\n"
         "JobId=10 ArrayJobId=10 ArrayTaskId=0 JobState=FAILED Requeue=1 Restarts=1 ExitCode=3:0 NodeList=n2 "
-        "StdOut=/l/e-10_0.out\n")
+        "StdOut=/l/e-10_0.out\n"
+    )
     assert failed.final and failed.stage_exit_code() == 3 and failed.stdout == "/l/e-10_0.out"
     assert failed.restarts == 1
     done = slurm.parse_show_job(
         "JobId=11 ArrayJobId=10 ArrayTaskId=1 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n1\n"
-        "JobId=10 ArrayJobId=10 ArrayTaskId=0 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n1\n")
+        "JobId=10 ArrayJobId=10 ArrayTaskId=0 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=n1\n"
+    )
     assert done.final and done.stage_exit_code() == 0
 
 
@@ -285,9 +344,12 @@ def test_profile_fields_are_checked(tmp_path, monkeypatch):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    for name, message in (("bad-gpu", "gpu_option"), ("bad-time", "quote it"),
-                          ("bad-tasks", "generate_tasks: -2; expected a whole number >= 0"),
-                          ("bad-cpus", "cpus_per_task: 0; expected a whole number >= 1")):
+    for name, message in (
+        ("bad-gpu", "gpu_option"),
+        ("bad-time", "quote it"),
+        ("bad-tasks", "generate_tasks: -2; expected a whole number >= 0"),
+        ("bad-cpus", "cpus_per_task: 0; expected a whole number >= 1"),
+    ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_machine(name)
     # slurm_conf: relative to the checkout; a missing file says how to start the cluster.
@@ -313,8 +375,14 @@ def repo(tmp_path_factory) -> Path:
 
 
 def test_dry_run_prints_the_script_and_submits_nothing(repo):
-    env = tool_env({"VIRGO_MACHINE": "slurm", "VIRGO_DRY_RUN": "1", "DVC_EXP_NAME": "dry",
-                    "PATH": f"{BIN}{os.pathsep}/usr/bin/nonexistent"})  # no sbatch reachable: nothing can be submitted
+    env = tool_env(
+        {
+            "VIRGO_MACHINE": "slurm",
+            "VIRGO_DRY_RUN": "1",
+            "DVC_EXP_NAME": "dry",
+            "PATH": f"{BIN}{os.pathsep}/usr/bin/nonexistent",
+        }
+    )  # no sbatch reachable: nothing can be submitted
     proc = sh(train_cmd(repo, "dry", "ddp", procs=2), repo, env)
     assert "#SBATCH --job-name=virgo-train-dry" in proc.stdout
     assert "# sbatch -W --parsable --comment=virgo:" in proc.stdout
@@ -331,15 +399,32 @@ def test_hostlists_and_horovod_layout():
     assert hvd_slurm.expand_hostlist("jwb[0001-0002]") == ["jwb0001", "jwb0002"]
     assert hvd_slurm.expand_hostlist("vm") == ["vm"]
     assert hvd_slurm.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
-    env = {"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_PROCID": "3",
-           "SLURM_STEP_NUM_TASKS": "4", "SLURM_NODEID": "1", "SLURM_LOCALID": "1"}
+    env = {
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+        "SLURM_PROCID": "3",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_NODEID": "1",
+        "SLURM_LOCALID": "1",
+    }
     lay = hvd_slurm.layout(env)
-    assert (lay["rank"], lay["size"], lay["local_rank"], lay["local_size"], lay["cross_rank"],
-            lay["cross_size"], lay["hostname"]) == (3, 4, 1, 2, 1, 2, "n2")
+    assert (
+        lay["rank"],
+        lay["size"],
+        lay["local_rank"],
+        lay["local_size"],
+        lay["cross_rank"],
+        lay["cross_size"],
+        lay["hostname"],
+    ) == (3, 4, 1, 2, 1, 2, "n2")
     if HOROVOD:
         plan = hvd_slurm.slot_plan(["n1", "n2"], [2, 2])
         assert [(s.rank, s.hostname, s.local_rank, s.cross_rank) for s in plan] == [
-            (0, "n1", 0, 0), (1, "n1", 1, 0), (2, "n2", 0, 1), (3, "n2", 1, 1)]
+            (0, "n1", 0, 0),
+            (1, "n1", 1, 0),
+            (2, "n2", 0, 1),
+            (3, "n2", 1, 1),
+        ]
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="20123")
     hvd = hvd_slurm.horovod_env(env)
     assert hvd["HOROVOD_RANK"] == "3" and hvd["HOROVOD_CONTROLLER"] == "gloo"
@@ -347,13 +432,16 @@ def test_hostlists_and_horovod_layout():
     assert hvd["HOROVOD_GLOO_IFACE"] == "lo"
 
 
-@pytest.mark.parametrize("line,code", [
-    ("JobId=7 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=vm", 0),
-    ("JobId=7 JobState=FAILED Requeue=1 Restarts=0 ExitCode=3:0 NodeList=vm", 3),
-    ("JobId=7 JobState=NODE_FAIL Requeue=0 Restarts=0 ExitCode=0:0 NodeList=vm", 1),  # sbatch -W says 0
-    ("JobId=7 JobState=CANCELLED Requeue=1 Restarts=0 ExitCode=0:15 NodeList=vm", 143),
-    ("JobId=7 JobState=TIMEOUT Requeue=1 Restarts=2 ExitCode=0:0 NodeList=vm", 1),
-])
+@pytest.mark.parametrize(
+    "line,code",
+    [
+        ("JobId=7 JobState=COMPLETED Requeue=1 Restarts=0 ExitCode=0:0 NodeList=vm", 0),
+        ("JobId=7 JobState=FAILED Requeue=1 Restarts=0 ExitCode=3:0 NodeList=vm", 3),
+        ("JobId=7 JobState=NODE_FAIL Requeue=0 Restarts=0 ExitCode=0:0 NodeList=vm", 1),  # sbatch -W says 0
+        ("JobId=7 JobState=CANCELLED Requeue=1 Restarts=0 ExitCode=0:15 NodeList=vm", 143),
+        ("JobId=7 JobState=TIMEOUT Requeue=1 Restarts=2 ExitCode=0:0 NodeList=vm", 1),
+    ],
+)
 def test_final_states_give_the_stage_exit_code(line, code):
     info = slurm.parse_show_job(line)
     assert info.final and info.stage_exit_code() == code
@@ -368,11 +456,13 @@ def test_requeued_job_is_not_final():
 # against a real Slurm
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pipeline(slurm_cluster, tmp_path_factory):
     """One `dvc exp run` of the whole study with train as a 2-process DDP job."""
-    repo = make_repo(tmp_path_factory.mktemp("slurm-pipeline") / "repo",
-                     {"train": {"strategy": "ddp", "procs_per_node": 2}})
+    repo = make_repo(
+        tmp_path_factory.mktemp("slurm-pipeline") / "repo", {"train": {"strategy": "ddp", "procs_per_node": 2}}
+    )
     ignore = repo / ".dvcignore"
     if TEMPORARIES not in ignore.read_text().split("\n"):
         # DVC hashing checkpoints/ while a job writes it (the re-run that attaches) trips over the
@@ -391,8 +481,13 @@ def test_pipeline_runs_train_as_a_slurm_job(slurm_cluster, pipeline):
     repo, env, first = pipeline
     out = first.stdout + first.stderr
     assert first.returncode == 0, out[-6000:]
-    assert set(re.findall(r"Running stage '([^']+)'", out)) == {"environment", "generate", "preprocess",
-                                                                "train", "report"}
+    assert set(re.findall(r"Running stage '([^']+)'", out)) == {
+        "environment",
+        "generate",
+        "preprocess",
+        "train",
+        "report",
+    }
     job = job_id_of(out)
     assert re.search(rf"job {job} running on 1 node\(s\): {slurm_cluster.node_names[0]}", out)
     assert f"job {job} COMPLETED" in out
@@ -423,11 +518,19 @@ def test_generate_runs_as_a_job_array_and_writes_the_same_store(slurm_cluster, p
     assert "part 0 of 2 wrote chunks 0..0" in logs[0].read_text()
     assert "part 1 of 2 wrote chunks 1..2" in logs[1].read_text()
     assert "generate: 2 array tasks done" in out and not (repo / "data" / "raw.zarr.parts").exists()
-    sh([str(BIN / "python"), "stages/generate.py", "--out", str(tmp_path / "raw.zarr")], repo,
-       tool_env({"VIRGO_MACHINE": "local"}))
-    ours = {p.relative_to(repo / "data" / "raw.zarr"): p.read_bytes()
-            for p in (repo / "data" / "raw.zarr").rglob("*") if p.is_file()}
-    local = {p.relative_to(tmp_path / "raw.zarr"): p.read_bytes() for p in (tmp_path / "raw.zarr").rglob("*") if p.is_file()}
+    sh(
+        [str(BIN / "python"), "stages/generate.py", "--out", str(tmp_path / "raw.zarr")],
+        repo,
+        tool_env({"VIRGO_MACHINE": "local"}),
+    )
+    ours = {
+        p.relative_to(repo / "data" / "raw.zarr"): p.read_bytes()
+        for p in (repo / "data" / "raw.zarr").rglob("*")
+        if p.is_file()
+    }
+    local = {
+        p.relative_to(tmp_path / "raw.zarr"): p.read_bytes() for p in (tmp_path / "raw.zarr").rglob("*") if p.is_file()
+    }
     assert len(ours) > 3 and ours.keys() == local.keys()
     assert [k for k in ours if ours[k] != local[k]] == []
 
@@ -437,8 +540,9 @@ def test_generate_runs_as_a_job_array_and_writes_the_same_store(slurm_cluster, p
 def test_experiment_in_a_dvc_temporary_workspace_logs_to_the_main_checkout(slurm_cluster, pipeline):
     repo, env, first = pipeline
     assert first.returncode == 0
-    proc = sh([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "in-temp", "-S", "train.epochs=3"], repo, env,
-              check=False)
+    proc = sh(
+        [str(BIN / "dvc"), "exp", "run", "--temp", "-n", "in-temp", "-S", "train.epochs=3"], repo, env, check=False
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     job = job_id_of(out)
@@ -454,13 +558,15 @@ def test_crash_of_one_rank_fails_dvc_with_the_jobs_message(slurm_cluster, pipeli
     repo, env, first = pipeline
     assert first.returncode == 0
     # a changed lr starts afresh (no resume), so step 1 is reached again
-    proc = sh([str(BIN / "dvc"), "exp", "run", "-S", "train.lr=0.002"], repo,
-              {**env, "VIRGO_FAULT_CRASH": "1:1"}, check=False)
+    proc = sh(
+        [str(BIN / "dvc"), "exp", "run", "-S", "train.lr=0.002"], repo, {**env, "VIRGO_FAULT_CRASH": "1:1"}, check=False
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     job = job_id_of(out)
-    assert re.search(rf"launch: error: job {job} \(virgo-train-[\w-]+\) ended FAILED with exit code 1", out), \
-        out[-4000:]
+    assert re.search(rf"launch: error: job {job} \(virgo-train-[\w-]+\) ended FAILED with exit code 1", out), out[
+        -4000:
+    ]
     assert "injected fault at step 1 (VIRGO_FAULT_CRASH)" in out
     assert "error: training process rank 1 failed" in out
     assert "failed to reproduce 'train'" in out or "ERROR" in out
@@ -484,14 +590,19 @@ def test_two_processes_per_strategy(slurm_cluster, repo, strategy):
             shutil.copytree(repo / "machines" / "slurm", folder)
             spec = yaml.safe_load((folder / "machine.yaml").read_text())
             (folder / "machine.yaml").write_text(yaml.safe_dump({**spec, "deepspeed_launcher": "deepspeed"}))
-    proc = sh(train_cmd(repo, name, strategy, procs=2), repo,
-              cluster_env(slurm_cluster, machine=machine, extra={"DVC_EXP_NAME": name}), check=False, timeout=600)
+    proc = sh(
+        train_cmd(repo, name, strategy, procs=2),
+        repo,
+        cluster_env(slurm_cluster, machine=machine, extra={"DVC_EXP_NAME": name}),
+        check=False,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     job = job_id_of(out)
     if strategy == "deepspeed":
         script = (repo / "logs" / "train" / f"{name}.sbatch").read_text()
-        assert "-m deepspeed.launcher.runner --node_rank=\"$SLURM_NODEID\"" in script
+        assert '-m deepspeed.launcher.runner --node_rank="$SLURM_NODEID"' in script
         hostfile = repo / "logs" / "train" / f"{name}-{job}.hostfile"
         assert hostfile.read_text() == f"{slurm_cluster.node_names[0]} slots=2\n"
     metrics = json.loads((repo / "out" / name / "metrics.json").read_text())
@@ -561,8 +672,15 @@ def test_dvc_rerun_after_a_lost_session_attaches_to_the_running_job(slurm_cluste
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     saved = (repo / "params.yaml").read_bytes()
     before = set(jobs_named_like(slurm_cluster, "virgo-train-"))
-    lost = subprocess.Popen([str(BIN / "dvc"), "exp", "run"], cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lost = subprocess.Popen(
+        [str(BIN / "dvc"), "exp", "run"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         seen = []
         for line in lost.stdout:
@@ -586,8 +704,11 @@ def test_dvc_rerun_after_a_lost_session_attaches_to_the_running_job(slurm_cluste
     finally:  # a failure here must not leave the job to the next tests
         if slurm_cluster.slurm("squeue", "-h", "-j", job, check=False).stdout.strip():
             slurm_cluster.slurm("scancel", job, check=False)
-            wait_until(lambda: not slurm_cluster.slurm("squeue", "-h", "-j", job, check=False).stdout.strip(),
-                       60, f"job {job} to be cancelled")
+            wait_until(
+                lambda: not slurm_cluster.slurm("squeue", "-h", "-j", job, check=False).stdout.strip(),
+                60,
+                f"job {job} to be cancelled",
+            )
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-5000:]
     assert f"attaching to job {job}" in out and "submitted job" not in out
@@ -623,8 +744,9 @@ def test_killing_the_tmux_session_cancels_the_job(slurm_cluster, pipeline):
         seen = {"pane": ""}
 
         def progress() -> bool:
-            seen["pane"] = sh([*tmux, "capture-pane", "-p", "-J", "-S", "-300", "-t", session], repo, tenv,
-                              check=False).stdout
+            seen["pane"] = sh(
+                [*tmux, "capture-pane", "-p", "-J", "-S", "-300", "-t", session], repo, tenv, check=False
+            ).stdout
             return bool(re.search(r"epoch \d+/400", seen["pane"]))
 
         try:
@@ -636,10 +758,12 @@ def test_killing_the_tmux_session_cancels_the_job(slurm_cluster, pipeline):
         session_procs = in_session(socket_name)
         assert any("stages/train.py" in " ".join(p.cmdline()) for p in session_procs)
         sh([*tmux, "kill-session", "-t", session], repo, tenv)
-        wait_until(lambda: job_fields(slurm_cluster, job)["JobState"] == "CANCELLED", 90,
-                   f"job {job} to be cancelled")
-        wait_until(lambda: not slurm_cluster.slurm("squeue", "-h", "-j", job, check=False).stdout.strip(), 90,
-                   f"squeue to drop job {job}")
+        wait_until(lambda: job_fields(slurm_cluster, job)["JobState"] == "CANCELLED", 90, f"job {job} to be cancelled")
+        wait_until(
+            lambda: not slurm_cluster.slurm("squeue", "-h", "-j", job, check=False).stdout.strip(),
+            90,
+            f"squeue to drop job {job}",
+        )
         # virgo-exps, dvc and the launcher are gone once the job is (nothing left behind)
         wait_until(lambda: not any(alive(p) for p in session_procs), 60, "the session's processes to exit")
     finally:

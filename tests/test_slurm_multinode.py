@@ -59,8 +59,9 @@ def _committed(repo, rev: str, path: str) -> str:
 def test_node_scaling_sweep_through_the_queue(slurm_multinode, sweep_repo):
     repo = sweep_repo
     env = tool_env({"VIRGO_MACHINE": "simcluster"})  # no SLURM_CONF: the profile's slurm_conf is used
-    queued = dvc(repo, "exp", "run", "--queue", "-S", f"train.strategy={','.join(STRATEGIES)}",
-                 "-S", "train.nodes=1,2", env=env)
+    queued = dvc(
+        repo, "exp", "run", "--queue", "-S", f"train.strategy={','.join(STRATEGIES)}", "-S", "train.nodes=1,2", env=env
+    )
     names = queued_names(queued)
     assert len(names) == 2 * len(STRATEGIES), queued.stdout
     queue_start(repo, 2, env=env)
@@ -93,10 +94,12 @@ def test_node_scaling_sweep_through_the_queue(slurm_multinode, sweep_repo):
             assert f"rendezvous {nodes[0]}:" in log
             got = pd.read_csv(io.StringIO(_committed(repo, run["rev"], "results/epochs.csv")))
             assert len(got) == len(reference) == 3
-            np.testing.assert_allclose(got["train_loss"], reference["train_loss"], rtol=RTOL,
-                                       err_msg=f"{strategy} on 2 nodes")
-            np.testing.assert_allclose(got["val_loss"], reference["val_loss"], rtol=RTOL,
-                                       err_msg=f"{strategy} on 2 nodes")
+            np.testing.assert_allclose(
+                got["train_loss"], reference["train_loss"], rtol=RTOL, err_msg=f"{strategy} on 2 nodes"
+            )
+            np.testing.assert_allclose(
+                got["val_loss"], reference["val_loss"], rtol=RTOL, err_msg=f"{strategy} on 2 nodes"
+            )
     assert seen == {(s, n) for s in STRATEGIES for n in (1, 2)}
 
     # The scalability report over the sweep: one series per strategy, speedup against its own 1 node.

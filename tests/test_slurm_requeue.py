@@ -25,8 +25,16 @@ import pytest
 import yaml
 
 from conftest import make_repo, sh, write_images
-from test_slurm_launch import (EPOCHS as SHORT_EPOCHS, Running, assert_same_training, cluster_env, job_fields,
-                               job_id_of, needs_horovod, train_cmd)
+from test_slurm_launch import EPOCHS as SHORT_EPOCHS
+from test_slurm_launch import (
+    Running,
+    assert_same_training,
+    cluster_env,
+    job_fields,
+    job_id_of,
+    needs_horovod,
+    train_cmd,
+)
 from virgo_exps import slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -83,12 +91,18 @@ def test_time_limit_requeues_and_resumes_to_the_same_result(slurm_cluster, repo)
 def test_usr1_before_the_limit_requeues_and_resumes_bit_identically(slurm_cluster, repo, strategy):
     """scancel --signal=USR1 --batch is what Slurm sends signal_seconds before the time limit."""
     reference = f"full-{strategy}"
-    full = sh(train_cmd(repo, reference, strategy, procs=2), repo,
-              cluster_env(slurm_cluster, extra={"DVC_EXP_NAME": reference}), check=False, timeout=600)
+    full = sh(
+        train_cmd(repo, reference, strategy, procs=2),
+        repo,
+        cluster_env(slurm_cluster, extra={"DVC_EXP_NAME": reference}),
+        check=False,
+        timeout=600,
+    )
     assert full.returncode == 0, full.stderr[-4000:]
     name = f"usr1-{strategy}"
-    run = Running(train_cmd(repo, name, strategy, procs=2), repo,
-                  cluster_env(slurm_cluster, extra={"DVC_EXP_NAME": name}))
+    run = Running(
+        train_cmd(repo, name, strategy, procs=2), repo, cluster_env(slurm_cluster, extra={"DVC_EXP_NAME": name})
+    )
     try:
         run.wait_for(rf"epoch 1/{SHORT_EPOCHS}:")
         job = job_id_of(run.output)
@@ -108,8 +122,11 @@ def test_usr1_before_the_limit_requeues_and_resumes_bit_identically(slurm_cluste
 @pytest.mark.slow
 def test_requeues_are_limited_by_max_requeues(slurm_cluster, repo):
     name = "no-requeue"
-    run = Running(train_cmd(repo, name, epochs=400, max_requeues=0), repo,
-                  cluster_env(slurm_cluster, extra={"DVC_EXP_NAME": name}))
+    run = Running(
+        train_cmd(repo, name, epochs=400, max_requeues=0),
+        repo,
+        cluster_env(slurm_cluster, extra={"DVC_EXP_NAME": name}),
+    )
     try:
         run.wait_for(r"epoch 1/400:")
         job = job_id_of(run.output)

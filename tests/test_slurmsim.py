@@ -25,36 +25,55 @@ pytestmark = pytest.mark.slurm
 
 # ----------------------------------------------------------------- helpers
 
-def sbatch_wait(cluster: SimCluster, tmp_path: Path, body: str, *opts: str,
-                timeout: float = 180) -> tuple[int, str, str]:
+
+def sbatch_wait(
+    cluster: SimCluster, tmp_path: Path, body: str, *opts: str, timeout: float = 180
+) -> tuple[int, str, str]:
     """Submit ``body`` with ``sbatch -W``; return (exit code, job id, output)."""
     script = tmp_path / f"job{time.monotonic_ns()}.sh"
     script.write_text("#!/bin/bash\n" + textwrap.dedent(body))
     out = script.with_suffix(".out")
     proc = subprocess.run(
         ["sbatch", "-W", "--parsable", "-o", str(out), *opts, str(script)],
-        env=cluster.command_env(), capture_output=True, text=True, timeout=timeout,
-        cwd=tmp_path)
+        env=cluster.command_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
     job_id = proc.stdout.strip().split(";")[0]
     output = out.read_text() if out.exists() else ""
     return proc.returncode, job_id, output + proc.stderr
 
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
-def sbatch_poll(cluster: SimCluster, tmp_path: Path, body: str, *opts: str,
-                timeout: float = 180) -> tuple[int, str, str]:
+def sbatch_poll(
+    cluster: SimCluster, tmp_path: Path, body: str, *opts: str, timeout: float = 180
+) -> tuple[int, str, str]:
     """Like sbatch_wait but polls scontrol every 0.2 s instead of ``sbatch -W``
     (whose own poll backs off 2 s -> 8 s -> 32 s with MinJobAge=300)."""
     script = tmp_path / f"job{time.monotonic_ns()}.sh"
     script.write_text("#!/bin/bash\n" + textwrap.dedent(body))
     out = script.with_suffix(".out")
-    job_id = cluster.slurm("sbatch", "--parsable", "-o", str(out), *opts,
-                           str(script)).stdout.strip().split(";")[0]
-    state = wait_until(lambda: (lambda s: s if s in FINAL_STATES else None)(
-        job_field(cluster, job_id, "JobState")), timeout, f"job {job_id}", 0.2)
+    job_id = cluster.slurm("sbatch", "--parsable", "-o", str(out), *opts, str(script)).stdout.strip().split(";")[0]
+    state = wait_until(
+        lambda: (lambda s: s if s in FINAL_STATES else None)(job_field(cluster, job_id, "JobState")),
+        timeout,
+        f"job {job_id}",
+        0.2,
+    )
     code, sig = (int(x) for x in job_field(cluster, job_id, "ExitCode").split(":"))
     output = out.read_text() if out.exists() else ""
     return (code if not sig else 128 + sig), job_id, f"[{state}]\n{output}"
@@ -83,32 +102,43 @@ def assert_torn_down(state: dict) -> None:
     assert f"virgo-slurmsim {state['tag']}" not in hosts, "/etc/hosts block left"
     # no process of this cluster (tag in its environment) survives
     needle = f"{slurmsim.TAG_ENV}={state['tag']}".encode()
-    leftovers = [p for p in slurmsim._all_pids()
-                 if p != os.getpid() and slurmsim._alive(p)
-                 and slurmsim._environ_has(p, needle)]
+    leftovers = [
+        p for p in slurmsim._all_pids() if p != os.getpid() and slurmsim._alive(p) and slurmsim._environ_has(p, needle)
+    ]
     assert not leftovers, [slurmsim._cmdline(p) for p in leftovers]
 
 
 # ----------------------------------------------------------------- 1 node
 
+
 @pytest.mark.parametrize("code", [0, 3])
 def test_sbatch_wait_propagates_exit_code(slurm_cluster, tmp_path, code):
-    rc, job_id, out = sbatch_wait(slurm_cluster, tmp_path, f"""\
+    rc, job_id, out = sbatch_wait(
+        slurm_cluster,
+        tmp_path,
+        f"""\
         echo "running on $(hostname)"
         exit {code}
-        """, "-J", f"exit{code}")
+        """,
+        "-J",
+        f"exit{code}",
+    )
     assert rc == code, out
     assert "running on" in out
     # MinJobAge keeps the finished job visible to scontrol
     assert job_field(slurm_cluster, job_id, "ExitCode") == f"{code}:0"
-    assert job_field(slurm_cluster, job_id, "JobState") == (
-        "COMPLETED" if code == 0 else "FAILED")
+    assert job_field(slurm_cluster, job_id, "JobState") == ("COMPLETED" if code == 0 else "FAILED")
 
 
 def test_srun_two_tasks(slurm_cluster, tmp_path):
-    rc, _, out = sbatch_wait(slurm_cluster, tmp_path, """\
+    rc, _, out = sbatch_wait(
+        slurm_cluster,
+        tmp_path,
+        """\
         srun bash -c 'echo "procid=$SLURM_PROCID ntasks=$SLURM_NTASKS"'
-        """, "--ntasks=2")
+        """,
+        "--ntasks=2",
+    )
     assert rc == 0, out
     lines = sorted(line for line in out.splitlines() if line.startswith("procid="))
     assert lines == ["procid=0 ntasks=2", "procid=1 ntasks=2"], out
@@ -158,9 +188,15 @@ print(f"rank={rank} host={me} peer={peer}", flush=True)
 
 def test_multinode_tcp_between_nodes(slurm_multinode, tmp_path):
     (tmp_path / "exchange.py").write_text(EXCHANGE)
-    rc, _, out = sbatch_wait(slurm_multinode, tmp_path, f"""\
-        srun {sys.executable} {tmp_path / 'exchange.py'}
-        """, "--nodes=2", "--ntasks-per-node=1")
+    rc, _, out = sbatch_wait(
+        slurm_multinode,
+        tmp_path,
+        f"""\
+        srun {sys.executable} {tmp_path / "exchange.py"}
+        """,
+        "--nodes=2",
+        "--ntasks-per-node=1",
+    )
     assert rc == 0, out
     n1, n2 = slurm_multinode.node_names
     lines = sorted(line for line in out.splitlines() if line.startswith("rank="))
@@ -186,9 +222,15 @@ dist.destroy_process_group()
 def test_multinode_gloo_all_reduce(slurm_multinode, tmp_path):
     pytest.importorskip("torch")
     (tmp_path / "gloo.py").write_text(GLOO)
-    rc, _, out = sbatch_poll(slurm_multinode, tmp_path, f"""\
-        srun {sys.executable} {tmp_path / 'gloo.py'}
-        """, "--nodes=2", "--ntasks-per-node=1")
+    rc, _, out = sbatch_poll(
+        slurm_multinode,
+        tmp_path,
+        f"""\
+        srun {sys.executable} {tmp_path / "gloo.py"}
+        """,
+        "--nodes=2",
+        "--ntasks-per-node=1",
+    )
     assert rc == 0, out
     n1, n2 = slurm_multinode.node_names
     lines = sorted(line for line in out.splitlines() if line.startswith("rank="))
@@ -200,8 +242,7 @@ def test_multinode_attributes(slurm_multinode):
     assert len(c.node_names) == len(c.node_addresses) == 2
     assert len(set(c.node_names)) == 2
     for name, addr in zip(c.node_names, c.node_addresses):
-        assert c.slurm("scontrol", "show", "node", name).stdout.count(
-            f"NodeAddr={addr}") == 1
+        assert c.slurm("scontrol", "show", "node", name).stdout.count(f"NodeAddr={addr}") == 1
     # a second cluster's names never collide with ours
     other = SimCluster(c.workdir.parent / "elsewhere", nodes=2)
     assert not set(other.node_names) & set(c.node_names)
@@ -209,6 +250,7 @@ def test_multinode_attributes(slurm_multinode):
 
 
 # ----------------------------------------------------------------- lifecycle
+
 
 def test_lifecycle_four_nodes_kill_restart(tmp_path):
     """4 nodes x 2 CPUs next to the session clusters; a node dies mid-job and
@@ -222,23 +264,36 @@ def test_lifecycle_four_nodes_kill_restart(tmp_path):
         with pytest.raises(ClusterAlreadyRunning):
             SimCluster(tmp_path / "c4", nodes=4).start()
 
-        rc, _, out = sbatch_wait(cluster, tmp_path, """\
+        rc, _, out = sbatch_wait(
+            cluster,
+            tmp_path,
+            """\
             srun bash -c 'echo "task=$SLURM_PROCID host=$(hostname)"'
-            """, "--nodes=4", "--ntasks-per-node=2")
+            """,
+            "--nodes=4",
+            "--ntasks-per-node=2",
+        )
         assert rc == 0, out
-        hosts = [line.split("host=")[1] for line in out.splitlines()
-                 if line.startswith("task=")]
+        hosts = [line.split("host=")[1] for line in out.splitlines() if line.startswith("task=")]
         assert sorted(hosts) == sorted(cluster.node_names * 2), out
 
         # a requeueable job on the last node; the node dies under it
         victim = cluster.node_names[-1]
         log = tmp_path / "victim.out"
         job_id = cluster.slurm(
-            "sbatch", "--parsable", "--requeue", f"--nodelist={victim}",
-            "--open-mode=append", "-o", str(log), "-J", "victim",
-            "--wrap", "echo start on $(hostname); exec sleep 600").stdout.strip()
-        wait_until(lambda: log.exists() and "start on" in log.read_text(), 60,
-                 "victim job to start")
+            "sbatch",
+            "--parsable",
+            "--requeue",
+            f"--nodelist={victim}",
+            "--open-mode=append",
+            "-o",
+            str(log),
+            "-J",
+            "victim",
+            "--wrap",
+            "echo start on $(hostname); exec sleep 600",
+        ).stdout.strip()
+        wait_until(lambda: log.exists() and "start on" in log.read_text(), 60, "victim job to start")
         assert job_field(cluster, job_id, "JobState") == "RUNNING"
         on_node = cluster.node_pids(victim)
         killed = cluster.kill_node(victim)
@@ -246,14 +301,15 @@ def test_lifecycle_four_nodes_kill_restart(tmp_path):
         assert cluster.node_pids(victim) == []
         assert not any(slurmsim._alive(p) for p in killed)
 
-        wait_until(lambda: cluster.node_states().get(victim, "").startswith("down"),
-                 cluster.slurmd_timeout * 3 + 60, "slurmctld to mark the node down")
-        wait_until(lambda: int(job_field(cluster, job_id, "Restarts")) >= 1, 30,
-                 "the job to be requeued")
+        wait_until(
+            lambda: cluster.node_states().get(victim, "").startswith("down"),
+            cluster.slurmd_timeout * 3 + 60,
+            "slurmctld to mark the node down",
+        )
+        wait_until(lambda: int(job_field(cluster, job_id, "Restarts")) >= 1, 30, "the job to be requeued")
         cluster.restart_node(victim)
         assert cluster.node_states()[victim] in {"idle", "mixed", "allocated"}
-        wait_until(lambda: log.read_text().count("start on") >= 2, 90,
-                 "the requeued job to run again")
+        wait_until(lambda: log.read_text().count("start on") >= 2, 90, "the requeued job to run again")
         assert job_field(cluster, job_id, "JobState") == "RUNNING"
     finally:
         cluster.stop()
@@ -271,26 +327,31 @@ def test_cli_up_status_down(tmp_path):
     workdir = tmp_path / "cli"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     cli = [sys.executable, "-m", "virgo_exps.slurmsim"]
-    up = subprocess.run([*cli, "up", "--dir", str(workdir), "--nodes", "2"],
-                        capture_output=True, text=True, env=env, timeout=120)
+    up = subprocess.run(
+        [*cli, "up", "--dir", str(workdir), "--nodes", "2"], capture_output=True, text=True, env=env, timeout=120
+    )
     state_path = workdir / slurmsim.STATE_FILE
     try:
         assert up.returncode == 0, up.stderr
         assert f"export SLURM_CONF={workdir / 'slurm.conf'}" in up.stdout
         state = json.loads(state_path.read_text())
-        status = subprocess.run([*cli, "status", "--dir", str(workdir)],
-                                capture_output=True, text=True, env=env, timeout=60)
+        status = subprocess.run(
+            [*cli, "status", "--dir", str(workdir)], capture_output=True, text=True, env=env, timeout=60
+        )
         assert status.returncode == 0, status.stdout + status.stderr
         assert "idle" in status.stdout
-        again = subprocess.run([*cli, "up", "--dir", str(workdir), "--nodes", "2"],
-                               capture_output=True, text=True, env=env, timeout=120)
+        again = subprocess.run(
+            [*cli, "up", "--dir", str(workdir), "--nodes", "2"], capture_output=True, text=True, env=env, timeout=120
+        )
         assert again.returncode != 0 and "already running" in again.stderr
     finally:
-        down = subprocess.run([*cli, "down", "--dir", str(workdir)],
-                              capture_output=True, text=True, env=env, timeout=120)
+        down = subprocess.run(
+            [*cli, "down", "--dir", str(workdir)], capture_output=True, text=True, env=env, timeout=120
+        )
     assert down.returncode == 0, down.stderr
     assert not state_path.exists()
     assert_torn_down(state)
-    status = subprocess.run([*cli, "status", "--dir", str(workdir)],
-                            capture_output=True, text=True, env=env, timeout=60)
+    status = subprocess.run(
+        [*cli, "status", "--dir", str(workdir)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert status.returncode == 1

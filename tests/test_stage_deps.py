@@ -155,5 +155,12 @@ def test_closure_follows_function_level_and_relative_imports():
     # train reaches launch/slurm only through excluded modules: not deps
     got = closure(ROOT / "stages" / "train.py")
     assert "src/virgo_exps/trainer.py" in got and "src/virgo_exps/strategies/horovod.py" in got
-    assert not {"src/virgo_exps/launch.py", "src/virgo_exps/slurm.py", "src/virgo_exps/hvd_slurm.py",
-                "src/virgo_exps/machines.py"} & got
+    assert (
+        not {
+            "src/virgo_exps/launch.py",
+            "src/virgo_exps/slurm.py",
+            "src/virgo_exps/hvd_slurm.py",
+            "src/virgo_exps/machines.py",
+        }
+        & got
+    )

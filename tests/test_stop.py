@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from conftest import BIN, make_repo, sh, tool_env, wait_until
 
 STOP_S = 30  # "within seconds", with room for a loaded 2-core machine
@@ -38,9 +39,15 @@ class DvcRun:
 
     def __init__(self, repo: Path, env: dict, args: list[str]):
         self.repo = repo
-        self.proc = subprocess.Popen([str(BIN / "dvc"), "exp", "run", *args], cwd=repo, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(BIN / "dvc"), "exp", "run", *args],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self._reader.start()
@@ -56,8 +63,9 @@ class DvcRun:
                 self._reader.join(5)
                 m = re.search(pattern, self.output)
                 if m is None:
-                    raise AssertionError(f"dvc exited ({self.proc.returncode}) before {pattern!r}:\n"
-                                         f"{self.output[-5000:]}")
+                    raise AssertionError(
+                        f"dvc exited ({self.proc.returncode}) before {pattern!r}:\n{self.output[-5000:]}"
+                    )
             return m
 
         try:
@@ -127,8 +135,12 @@ def stage_parent(repo: Path, stage: str) -> int | None:
     """Parent pid of the process running ``stages/<stage>.py`` (the launcher, not its workers)."""
     for p in psutil.process_iter(["cmdline", "cwd", "ppid"]):
         argv = p.info["cmdline"] or [""]
-        if (p.info["cwd"] == str(repo) and "python" in Path(argv[0]).name
-                and f"stages/{stage}.py" in argv[1:2] and "--worker" not in argv):
+        if (
+            p.info["cwd"] == str(repo)
+            and "python" in Path(argv[0]).name
+            and f"stages/{stage}.py" in argv[1:2]
+            and "--worker" not in argv
+        ):
             return p.info["ppid"]
     return None
 
@@ -169,8 +181,12 @@ def test_dvc_signalled_during_a_local_run_leaves_nothing_and_reruns(local_repo, 
     staying = tmp_path / "sh"
     staying.write_text('#!/bin/bash\n/bin/bash -c "$2"\n')
     staying.chmod(0o755)
-    cases = [(signal.SIGKILL, "preprocess", "bash"), (signal.SIGTERM, "train", "bash"),
-             (signal.SIGHUP, "train", str(staying)), (signal.SIGINT, "train", "bash")]
+    cases = [
+        (signal.SIGKILL, "preprocess", "bash"),
+        (signal.SIGTERM, "train", "bash"),
+        (signal.SIGHUP, "train", str(staying)),
+        (signal.SIGINT, "train", "bash"),
+    ]
     for sig, stage, shell in cases:
         run = DvcRun(repo, {**env, "SHELL": shutil.which(shell)}, LONG)
         try:
@@ -190,8 +206,7 @@ def test_dvc_signalled_during_a_local_run_leaves_nothing_and_reruns(local_repo, 
         assert rc != 0, f"{sig.name}: dvc ended with 0:\n{run.output[-3000:]}"
         if sig != signal.SIGINT:
             assert rc == -sig, (sig.name, rc)
-            assert f"the process that started this stage (pid {run.proc.pid}) ended" in run.output, \
-                run.output[-3000:]
+            assert f"the process that started this stage (pid {run.proc.pid}) ended" in run.output, run.output[-3000:]
         else:
             assert "ERROR: failed to reproduce 'train'" in run.output, run.output[-3000:]
     # The re-run after the last case is the next test's run (in tmux); the one on Slurm completes.
@@ -222,9 +237,11 @@ def test_tmux_run_takes_the_callers_environment_and_keeps_the_window(local_repo,
 
         def shows(pattern: str):
             def check():
-                pane["text"] = sh([*tmux, "capture-pane", "-p", "-J", "-S", "-400", "-t", session], repo, base,
-                                  check=False).stdout
+                pane["text"] = sh(
+                    [*tmux, "capture-pane", "-p", "-J", "-S", "-400", "-t", session], repo, base, check=False
+                ).stdout
                 return re.search(pattern, pane["text"])
+
             try:
                 return wait_until(check, 300, repr(pattern), interval=0.5)
             except AssertionError as exc:
@@ -240,8 +257,11 @@ def test_tmux_run_takes_the_callers_environment_and_keeps_the_window(local_repo,
         shows(r"pipeline finished with exit code [1-9]\d*; this window stays open")
         assert sh([*tmux, "display-message", "-p", "-t", session, "#{pane_dead}"], repo, base).stdout.strip() == "0"
         # the window's shell still has the caller's environment, and the output above is still there
-        sh([*tmux, "send-keys", "-t", session, 'echo "mark=[$VIRGO_TEST_MARK] machine=$VIRGO_MACHINE"', "Enter"],
-           repo, base)
+        sh(
+            [*tmux, "send-keys", "-t", session, 'echo "mark=[$VIRGO_TEST_MARK] machine=$VIRGO_MACHINE"', "Enter"],
+            repo,
+            base,
+        )
         shows(re.escape(f"mark=[{mark}] machine=local-tmux"))
         assert re.search(r"epoch \d+/400", pane["text"])
         print(f"Ctrl-C in tmux: processes ended within {took:.1f} s")
@@ -269,8 +289,9 @@ def test_dvc_signalled_while_the_train_job_runs_cancels_it(slurm_cluster, local_
             assert job, run.output[-3000:]
             assert any(line.startswith(job.group(1) + " ") for line in queue())
             sent = signal_dvc(run, sig, "train")
-            wait_until(lambda: not any(line.strip() for line in queue()), STOP_S,
-                       f"squeue to be empty after {sig.name} to dvc")
+            wait_until(
+                lambda: not any(line.strip() for line in queue()), STOP_S, f"squeue to be empty after {sig.name} to dvc"
+            )
             timings[sig.name] = round(time.monotonic() - sent, 1)
             run.end()
             assert_all_ended(repo, f"{sig.name} to dvc while job {job.group(1)} ran", sent)
@@ -279,8 +300,13 @@ def test_dvc_signalled_while_the_train_job_runs_cancels_it(slurm_cluster, local_
         assert f"received: cancelling job {job.group(1)}" in run.output, run.output[-3000:]
         state = slurm_cluster.slurm("scontrol", "show", "job", job.group(1), check=False).stdout
         assert "JobState=CANCELLED" in state or not state.strip(), state
-    done = sh([str(BIN / "dvc"), "exp", "run", "-S", "train.epochs=2", "-S", "train.seed=12"], repo, env,
-              check=False, timeout=600)
+    done = sh(
+        [str(BIN / "dvc"), "exp", "run", "-S", "train.epochs=2", "-S", "train.seed=12"],
+        repo,
+        env,
+        check=False,
+        timeout=600,
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]
     assert re.search(r"job \d+ COMPLETED", out), out[-3000:]

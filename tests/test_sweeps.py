@@ -60,8 +60,15 @@ def queue_start(repo, jobs: int, env=None):
     log = repo / ".dvc" / "tmp" / "queue-start.out"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        rc = subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", str(jobs)], cwd=repo, env=env or tool_env(),
-                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=120).returncode
+        rc = subprocess.run(
+            [str(BIN / "dvc"), "queue", "start", "-j", str(jobs)],
+            cwd=repo,
+            env=env or tool_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        ).returncode
     assert rc == 0, log.read_text()[-3000:]
 
 
@@ -141,7 +148,9 @@ def test_scaling_sweep_runs_in_the_queue_and_lands_in_the_main_checkout(base):
     assert len(names) == 4, queued.stdout
     by_cfg = {}
     for name, line in zip(names, re.findall(r"Queueing with overrides '(.+)'", queued.stdout)):
-        by_cfg[(re.search(r"strategy=(\w+)", line).group(1), int(re.search(r"procs_per_node=(\d+)", line).group(1)))] = name
+        by_cfg[
+            (re.search(r"strategy=(\w+)", line).group(1), int(re.search(r"procs_per_node=(\d+)", line).group(1)))
+        ] = name
     trained = [by_cfg[("ddp", 1)], by_cfg[("ddp", 2)]]
     invalid = by_cfg[("single", 2)]
     with HeldCores(repo) as cores:
@@ -167,8 +176,10 @@ def test_scaling_sweep_runs_in_the_queue_and_lands_in_the_main_checkout(base):
         assert (params["strategy"], params["procs_per_node"]) == (strategy, procs)
     for name in trained:
         metrics = rows[name]["data"]["metrics"]["results/metrics.json"]["data"]
-        assert metrics["strategy"] == "ddp" and metrics["world_size"] == rows[name]["data"]["params"][
-            "params.yaml"]["data"]["train"]["procs_per_node"]
+        assert (
+            metrics["strategy"] == "ddp"
+            and metrics["world_size"] == rows[name]["data"]["params"]["params.yaml"]["data"]["train"]["procs_per_node"]
+        )
         assert metrics["val_loss"] > 0
         log = dvc(repo, "queue", "logs", name).stdout
         assert "launch: waiting for" in log and "Running stage 'train'" in log
@@ -209,8 +220,10 @@ def test_failed_training_in_queue_and_workspace_is_listed_with_error_and_log(bas
     for exp, status in ((name, "Failed"), ("crash-ws", "failed (workspace)")):
         f = found[exp]
         assert f["status"] == status and f["stage"] == "train", f
-        assert f["error"] == "error: training process rank 0 failed: RuntimeError: injected fault at step 1 " \
-                             "(VIRGO_FAULT_CRASH)", f
+        assert (
+            f["error"] == "error: training process rank 0 failed: RuntimeError: injected fault at step 1 "
+            "(VIRGO_FAULT_CRASH)"
+        ), f
         train_logs = [p for p in f["logs"] if p.startswith("logs/train/")]
         assert train_logs and (repo / train_logs[0]).is_file(), f
     text = vx(repo, "failures").stdout
@@ -227,10 +240,30 @@ def train_in_one_go(repo: Path, out: Path, lr: float, epochs: int) -> Path:
     out.mkdir(parents=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params))
     env = tool_env({"OMP_NUM_THREADS": str(slot_count())})
-    sh([str(BIN / "python"), "stages/train.py", "--worker", "--no-tracking", "--params", str(out / "params.yaml"),
-        "--data", "data/images.zarr", "--checkpoints", str(out / "checkpoints"), "--model", str(out / "model.pt"),
-        "--metrics", str(out / "metrics.json"), "--epochs", str(out / "epochs.csv"),
-        "--ranks", str(out / "ranks.json")], repo, env=env)
+    sh(
+        [
+            str(BIN / "python"),
+            "stages/train.py",
+            "--worker",
+            "--no-tracking",
+            "--params",
+            str(out / "params.yaml"),
+            "--data",
+            "data/images.zarr",
+            "--checkpoints",
+            str(out / "checkpoints"),
+            "--model",
+            str(out / "model.pt"),
+            "--metrics",
+            str(out / "metrics.json"),
+            "--epochs",
+            str(out / "epochs.csv"),
+            "--ranks",
+            str(out / "ranks.json"),
+        ],
+        repo,
+        env=env,
+    )
     return out
 
 

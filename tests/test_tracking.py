@@ -32,16 +32,35 @@ def server(tmp_path_factory):
     """`mlflow server --app-name basic-auth` on 127.0.0.1, stopped by pid afterwards."""
     home = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    env = tool_env({
-        "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
-    })
+    env = tool_env(
+        {
+            "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+        }
+    )
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{home / 'store.db'}", "--default-artifact-root", str(home / "artifacts"),
-         "--workers", "1"],
-        cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{home / 'store.db'}",
+            "--default-artifact-root",
+            str(home / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=home,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -62,9 +81,22 @@ def server(tmp_path_factory):
 
 
 def run_train(repo: Path, env: dict):
-    cmd = [str(BIN / "python"), "stages/train.py", "--data", "data/images.zarr", "--checkpoints", "out/ck",
-           "--model", "out/model.pt", "--metrics", "out/metrics.json", "--epochs", "out/epochs.csv",
-           "--ranks", "out/ranks.json"]
+    cmd = [
+        str(BIN / "python"),
+        "stages/train.py",
+        "--data",
+        "data/images.zarr",
+        "--checkpoints",
+        "out/ck",
+        "--model",
+        "out/model.pt",
+        "--metrics",
+        "out/metrics.json",
+        "--epochs",
+        "out/epochs.csv",
+        "--ranks",
+        "out/ranks.json",
+    ]
     return sh(cmd, repo, tool_env(env), check=False)
 
 
@@ -72,8 +104,12 @@ def test_runs_go_to_the_server_and_the_password_goes_nowhere(tmp_path, server):
     url, home = server
     repo = make_repo(tmp_path / "repo", {"train": {"epochs": 2, "profile_steps": 0}})
     write_images(repo / "data" / "images.zarr", n_train=32, n_val=8)
-    env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": PASSWORD,
-           "DVC_EXP_NAME": "served-exp"}
+    env = {
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+        "DVC_EXP_NAME": "served-exp",
+    }
     proc = run_train(repo, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from mlflow.tracking import MlflowClient
@@ -107,8 +143,10 @@ def test_a_wrong_password_fails_with_a_clear_message(tmp_path, server):
     url, _ = server
     repo = make_repo(tmp_path / "repo", {"train": {"epochs": 1, "profile_steps": 0}})
     write_images(repo / "data" / "images.zarr", n_train=32, n_val=8)
-    proc = run_train(repo, {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin",
-                            "MLFLOW_TRACKING_PASSWORD": "wrong-password"})
+    proc = run_train(
+        repo,
+        {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong-password"},
+    )
     assert proc.returncode != 0
     assert "refused the credentials" in proc.stderr
     assert "wrong-password" not in proc.stdout + proc.stderr

@@ -40,25 +40,55 @@ def workdir(tmp_path_factory) -> Path:
     return repo
 
 
-def train(repo: Path, name: str, strategy: str = "single", procs: int = 1, env: dict | None = None,
-          epochs: int = EPOCHS, fresh: bool = True, popen: bool = False):
+def train(
+    repo: Path,
+    name: str,
+    strategy: str = "single",
+    procs: int = 1,
+    env: dict | None = None,
+    epochs: int = EPOCHS,
+    fresh: bool = True,
+    popen: bool = False,
+):
     """Run the train stage as DVC would (launcher + workers); outputs under out/<name>/."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(strategy=strategy, procs_per_node=procs, epochs=epochs,
-                           global_batch_size=GLOBAL_BATCH, warmup_steps=3, profile_steps=2)
+    params["train"].update(
+        strategy=strategy,
+        procs_per_node=procs,
+        epochs=epochs,
+        global_batch_size=GLOBAL_BATCH,
+        warmup_steps=3,
+        profile_steps=2,
+    )
     pfile = repo / f"params-{name}.yaml"
     pfile.write_text(yaml.safe_dump(params))
     out = repo / "out" / name
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(BIN / "python"), "stages/train.py", "--params", pfile.name, "--data", "data/images.zarr",
-           "--checkpoints", f"out/{name}/checkpoints", "--model", f"out/{name}/model.pt",
-           "--metrics", f"out/{name}/metrics.json", "--epochs", f"out/{name}/epochs.csv",
-           "--ranks", f"out/{name}/ranks.json", "--no-tracking"]
+    cmd = [
+        str(BIN / "python"),
+        "stages/train.py",
+        "--params",
+        pfile.name,
+        "--data",
+        "data/images.zarr",
+        "--checkpoints",
+        f"out/{name}/checkpoints",
+        "--model",
+        f"out/{name}/model.pt",
+        "--metrics",
+        f"out/{name}/metrics.json",
+        "--epochs",
+        f"out/{name}/epochs.csv",
+        "--ranks",
+        f"out/{name}/ranks.json",
+        "--no-tracking",
+    ]
     full_env = tool_env(env)
     if popen:
-        return subprocess.Popen(cmd, cwd=repo, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True), out
+        return subprocess.Popen(
+            cmd, cwd=repo, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ), out
     proc = sh(cmd, repo, full_env, check=False, timeout=600)
     return proc, out
 
@@ -110,8 +140,15 @@ def test_two_processes_follow_the_single_process_trajectory(workdir, baseline, s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,procs", [("single", 1), ("ddp", 2), ("deepspeed", 2),
-                                            pytest.param("horovod", 2, marks=[pytest.mark.horovod, needs_horovod])])
+@pytest.mark.parametrize(
+    "strategy,procs",
+    [
+        ("single", 1),
+        ("ddp", 2),
+        ("deepspeed", 2),
+        pytest.param("horovod", 2, marks=[pytest.mark.horovod, needs_horovod]),
+    ],
+)
 def test_interrupted_then_resumed_run_is_bit_identical(workdir, strategy, procs):
     name = f"resume-{strategy}"
     full, full_out = train(workdir, f"{name}-full", strategy, procs)
@@ -202,8 +239,11 @@ def test_sigterm_checkpoints_and_the_next_run_resumes(workdir, baseline):
 def test_a_second_training_of_the_same_output_at_once_is_refused(workdir):
     first, out = train(workdir, "twice", popen=True, env={"VIRGO_FAULT_STEP_SLEEP": "0.3"})
     try:
-        wait_until(lambda: (out / "checkpoints" / "status.json").exists() or first.poll() is not None, 300,
-                   "the first run's snapshot")
+        wait_until(
+            lambda: (out / "checkpoints" / "status.json").exists() or first.poll() is not None,
+            300,
+            "the first run's snapshot",
+        )
         second, _ = train(workdir, "twice", fresh=False)
     finally:
         first.send_signal(signal.SIGTERM)
@@ -225,12 +265,15 @@ def test_only_a_prefix_of_the_requested_run_is_resumed():
     assert snapshot_refusal(snap(2), config, 2) is None  # the same run: reused as is
     assert snapshot_refusal(snap(1, 3, "interrupted"), config, 2) is None
     assert snapshot_refusal(snap(2), config, 1) == (
-        "it is at 2 epoch(s) (status complete), past the 1 epoch(s) requested, so it is not a prefix of this run")
+        "it is at 2 epoch(s) (status complete), past the 1 epoch(s) requested, so it is not a prefix of this run"
+    )
     assert snapshot_refusal(snap(2, 3, "interrupted"), config, 2) == (
         "it is at epoch 3, step 3 (status interrupted), past the 2 epoch(s) requested, so it is not a prefix "
-        "of this run")
+        "of this run"
+    )
     assert snapshot_refusal(snap(1, **{"train.lr": 0.01}), config, 3) == "configuration changed (train.lr)"
     assert snapshot_refusal(snap(1, data="d2", code="c2"), config, 3) == (
-        "configuration changed (trainer code, training data)")
+        "configuration changed (trainer code, training data)"
+    )
     old = {"epoch": 1, "step_in_epoch": 0, "status": "complete", "config": {"train.lr": 0.001}}
     assert snapshot_refusal(old, config, 3).startswith("configuration changed (--checkpoints path, trainer code")

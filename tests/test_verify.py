@@ -151,8 +151,9 @@ def test_train_refuses_data_made_with_other_preprocess_params(ran):
         assert json.loads(dvc(repo, "status", "--json").stdout).keys() <= {"environment"}
         out = dvc(repo, "repro", "--force", "--single-item", "train", check=False)
         assert out.returncode != 0
-        assert ("error: data/images.zarr: made with preprocess.split_seed=0 but params.yaml has "
-                "preprocess.split_seed=1") in out.stderr + out.stdout, out.stderr[-3000:]
+        assert (
+            "error: data/images.zarr: made with preprocess.split_seed=0 but params.yaml has preprocess.split_seed=1"
+        ) in out.stderr + out.stdout, out.stderr[-3000:]
         assert "dvc repro --force --single-item preprocess" in out.stderr + out.stdout
     finally:
         for p, text in saved.items():
@@ -173,18 +174,22 @@ def test_params_changed_behind_dvc_are_caught_by_verify_and_the_next_stage(ran):
     assert json.loads(dvc(repo, "status", "--json").stdout).keys() <= {"environment"}  # DVC sees nothing
     out = virgo(repo, "verify", check=False)
     assert out.returncode == 1, out.stdout
-    assert ("FAIL: results/model.pt: made with train.seed=0 but params.yaml has train.seed=12; "
-            "dvc.lock says train.seed=12") in out.stderr, out.stderr
-    assert re.search(r"FAIL: results/metrics.json: made with other train params than params.yaml gives "
-                     r"\(digest \w+, expected \w+\); made with train.seed=0, params.yaml has train.seed=12",
-                     out.stderr), out.stderr
+    assert (
+        "FAIL: results/model.pt: made with train.seed=0 but params.yaml has train.seed=12; dvc.lock says train.seed=12"
+    ) in out.stderr, out.stderr
+    assert re.search(
+        r"FAIL: results/metrics.json: made with other train params than params.yaml gives "
+        r"\(digest \w+, expected \w+\); made with train.seed=0, params.yaml has train.seed=12",
+        out.stderr,
+    ), out.stderr
     assert "dvc repro --force --single-item train" in out.stderr
     assert "verify: workspace: 2 problem(s)" in out.stderr
     # the next stage that reads the metrics refuses them
     report = dvc(repo, "repro", "--force", "--single-item", "report", check=False)
     assert report.returncode != 0
     assert "error: results/metrics.json: made with other train params than params.yaml gives" in (
-        report.stderr + report.stdout), report.stderr[-3000:]
+        report.stderr + report.stdout
+    ), report.stderr[-3000:]
     # the same state committed: verify reads it from git and the DVC cache
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "seed 12 beside outputs of seed 0"], repo)

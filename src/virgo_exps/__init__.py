@@ -1,2 +1,3 @@
 """virgo-exps: reproducible distributed-training experiments for HPC clusters."""
+
 __version__ = "0.1.0"

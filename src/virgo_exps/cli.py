@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from .config import ConfigError, DamagedInputError, describe
 
@@ -46,10 +46,9 @@ def worker_main(run: Callable[[], int | None], rank: Callable[[], int]) -> None:
         sys.exit(3)
     except SystemExit:
         raise
-    except BaseException as exc:  # noqa: BLE001 - reported, then re-raised as an exit code
+    except BaseException as exc:
         traceback.print_exc()
-        print(f"error: training process rank {rank()} failed: {type(exc).__name__}: {exc}", file=sys.stderr,
-              flush=True)
+        print(f"error: training process rank {rank()} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
     sys.exit(code or 0)
 
@@ -81,8 +80,10 @@ def run_pipeline(dvc_args: list[str]) -> int:
     # `dvc exp run` records an experiment even when nothing changed; such a row
     # would count as a repeated run. Ask DVC first, and record nothing then.
     if _plain_run(dvc_args) and _up_to_date(dvc, env):
-        print("Pipeline is up to date, no experiment recorded (`dvc status`: nothing to reproduce; "
-              "the environment was checked and is unchanged).")
+        print(
+            "Pipeline is up to date, no experiment recorded (`dvc status`: nothing to reproduce; "
+            "the environment was checked and is unchanged)."
+        )
         _print_results(main_checkout(), redact(tracking_uri()))
         return 0
     print("$ " + " ".join(["dvc", "exp", "run", *dvc_args]), flush=True)
@@ -104,8 +105,10 @@ def run_pipeline(dvc_args: list[str]) -> int:
         text = "".join(lines)
         m = re.search(r"Reproducing experiment '([^']+)'", text)
         kept = record(text, m.group(1) if m else "workspace")
-        print(f"\npipeline failed (dvc exit code {rc}); output kept in {kept}; stage logs in logs/<stage>/",
-              file=sys.stderr)
+        print(
+            f"\npipeline failed (dvc exit code {rc}); output kept in {kept}; stage logs in logs/<stage>/",
+            file=sys.stderr,
+        )
         return rc
     root = main_checkout()
     work = [s for s in ran if s != "environment"]
@@ -179,8 +182,10 @@ def _print_results(root, mlflow_uri: str) -> None:
         mark = "" if (root / rel).exists() else "  (missing)"
         print(f"  {what:28s} {rel}{mark}")
     print(f"  {'MLflow store':28s} {mlflow_uri}")
-    print("Next: `dvc exp show`, `dvc plots show`, `dvc exp run -S train.lr=0.0003`, "
-          "`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`, `virgo-exps verify`")
+    print(
+        "Next: `dvc exp show`, `dvc plots show`, `dvc exp run -S train.lr=0.0003`, "
+        "`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`, `virgo-exps verify`"
+    )
 
 
 def apply_preset(preset_file: str, params_file: str) -> int:
@@ -210,7 +215,8 @@ def apply_preset(preset_file: str, params_file: str) -> int:
         elif section in preset and stripped.startswith("  ") and ":" in stripped:
             key = stripped.strip().split(":", 1)[0]
             if key in preset[section]:
-                lines[i] = f"  {key}: {yaml.safe_dump(preset[section][key], default_flow_style=True).strip().removesuffix(chr(10) + '...')}\n"
+                value = yaml.safe_dump(preset[section][key], default_flow_style=True).strip()
+                lines[i] = f"  {key}: {value.removesuffix(chr(10) + '...')}\n"
     tmp = Path(f"{params_file}.tmp-{os.getpid()}")
     tmp.write_text("".join(lines))
     if yaml.safe_load(tmp.read_text()) != params:
@@ -230,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="virgo-exps", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="list every key of params.yaml with its default and allowed values")
-    check = sub.add_parser("check", help="run the first stage's checks (params, machine, disk and memory), write nothing")
+    check = sub.add_parser(
+        "check", help="run the first stage's checks (params, machine, disk and memory), write nothing"
+    )
     check.add_argument("--params", default="params.yaml")
     preset = sub.add_parser("preset", help="merge a preset (e.g. presets/paper.yaml) into params.yaml, validated")
     preset.add_argument("file")

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
@@ -85,8 +86,15 @@ class PreprocessConfig:
     fmin: float = _spec(10.0, _positive, "a frequency in Hz > 0", "lower edge of the Q-transform band")
     fmax: float = _spec(150.0, _positive, "a frequency in Hz > 0", "upper edge of the Q-transform band (< Nyquist)")
     whiten: bool = _spec(False, None, "true or false", "whiten each channel before the Q-transform (as gwpy does)")
-    patch_size: int = _spec(64, lambda v: 8 <= v <= 512, "an integer from 8 to 512", "side of the square patch cut around the main channel's peak")
-    val_fraction: float = _spec(0.2, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1", "share of samples held out for validation")
+    patch_size: int = _spec(
+        64,
+        lambda v: 8 <= v <= 512,
+        "an integer from 8 to 512",
+        "side of the square patch cut around the main channel's peak",
+    )
+    val_fraction: float = _spec(
+        0.2, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1", "share of samples held out for validation"
+    )
     split_seed: int = _spec(0, _seed, SEED_RANGE, "seed of the train/validation split")
     batch_size: int = _spec(32, _positive, "an integer > 0", "samples transformed at once")
     workers: int = _spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes")
@@ -116,8 +124,12 @@ class TrainConfig:
 class ReportConfig:
     """Per-experiment report."""
 
-    title: str = _spec("Virgo synthetic study", lambda v: v.strip() != "", "a string with at least one visible character",
-                       "heading of report.md")
+    title: str = _spec(
+        "Virgo synthetic study",
+        lambda v: v.strip() != "",
+        "a string with at least one visible character",
+        "heading of report.md",
+    )
 
 
 @dataclass(frozen=True)
@@ -177,9 +189,7 @@ def _build(cls, section: str, raw: Any):
 def _cross_checks(p: Params) -> None:
     nyquist = p.generate.sample_rate / 2
     if p.preprocess.fmin >= p.preprocess.fmax:
-        raise ConfigError(
-            f"preprocess.fmin: {p.preprocess.fmin} must be below preprocess.fmax ({p.preprocess.fmax})"
-        )
+        raise ConfigError(f"preprocess.fmin: {p.preprocess.fmin} must be below preprocess.fmax ({p.preprocess.fmax})")
     if p.preprocess.fmax >= nyquist:
         raise ConfigError(
             f"preprocess.fmax: {p.preprocess.fmax} Hz must be below the Nyquist frequency "

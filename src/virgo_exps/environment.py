@@ -49,8 +49,9 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def collect(machine_name: str | None = None, strategy: str | None = None,
-            params_path: str | Path = "params.yaml") -> dict:
+def collect(
+    machine_name: str | None = None, strategy: str | None = None, params_path: str | Path = "params.yaml"
+) -> dict:
     """The environment record. ``strategy`` (default: ``train.strategy`` of
     ``params_path``) adds the packages only that strategy uses."""
     import torch

@@ -54,14 +54,14 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 def error_line(text: str) -> str:
     """Our stages print one ``error:`` line; else the last exception or DVC error line."""
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    ours = [l for l in lines if l.startswith("error:")]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith("error:")]
     if ours:
         return ours[-1]
-    exc = [l for l in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", l)]
+    exc = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)]
     if exc:
         return exc[-1]
-    dvc = [l for l in lines if l.startswith("ERROR:")]
+    dvc = [ln for ln in lines if ln.startswith("ERROR:")]
     return dvc[0] if dvc else (lines[-1] if lines else "")
 
 
@@ -149,12 +149,19 @@ def failures(repo: Path | str = ".") -> list[Failure]:
     for name, paths in stage_logs.items():
         if name in seen or name in succeeded:
             continue
-        bad = [p for p in paths if error_line(p.read_text(errors="replace")).startswith(("error:", "Traceback"))
-               or "Traceback" in p.read_text(errors="replace")]
+        bad = [
+            p
+            for p in paths
+            if error_line(p.read_text(errors="replace")).startswith(("error:", "Traceback"))
+            or "Traceback" in p.read_text(errors="replace")
+        ]
         if bad:
             text = bad[-1].read_text(errors="replace")
-            out.append(Failure(name, "failed (workspace)", bad[-1].parent.name, error_line(text),
-                               [_rel(p, root) for p in paths]))
+            out.append(
+                Failure(
+                    name, "failed (workspace)", bad[-1].parent.name, error_line(text), [_rel(p, root) for p in paths]
+                )
+            )
             seen.add(name)
     failed_dir = root / FAILED_DIR
     if failed_dir.is_dir():
@@ -177,6 +184,8 @@ def format_failures(found: list[Failure]) -> str:
         lines.append(f"    {f.error}")
         for log in f.logs:
             lines.append(f"    log: {log}")
-    lines.append("Queued failures stay in `dvc exp show` (State Failed) until `dvc queue remove --failed`; "
-                 "their DVC output is kept in logs/failed/ either way.")
+    lines.append(
+        "Queued failures stay in `dvc exp show` (State Failed) until `dvc queue remove --failed`; "
+        "their DVC output is kept in logs/failed/ either way."
+    )
     return "\n".join(lines)

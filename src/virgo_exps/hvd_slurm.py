@@ -61,14 +61,15 @@ def _expand_one(item: str) -> list[str]:
     m = re.search(r"\[([^\]]*)\]", item)
     if not m:
         return [item]
-    head, tail = item[: m.start()], item[m.end():]
+    head, tail = item[: m.start()], item[m.end() :]
     out = []
     for part in m.group(1).split(","):
         if "-" in part:
             lo, hi = part.split("-", 1)
             width = len(lo)
-            out += [f"{head}{str(i).zfill(width)}{rest}" for i in range(int(lo), int(hi) + 1)
-                    for rest in _expand_one(tail)]
+            out += [
+                f"{head}{str(i).zfill(width)}{rest}" for i in range(int(lo), int(hi) + 1) for rest in _expand_one(tail)
+            ]
         else:
             out += [f"{head}{part}{rest}" for rest in _expand_one(tail)]
     return out
@@ -98,9 +99,16 @@ def layout(env: dict[str, str]) -> dict:
     # cross communicator of a local rank: the nodes that have a process with that local rank
     cross = [i for i, c in enumerate(counts) if c > local_rank]
     return {
-        "hosts": hosts, "counts": counts, "rank": rank, "size": size, "node": node,
-        "hostname": hosts[node], "local_rank": local_rank, "local_size": counts[node],
-        "cross_rank": cross.index(node), "cross_size": len(cross),
+        "hosts": hosts,
+        "counts": counts,
+        "rank": rank,
+        "size": size,
+        "node": node,
+        "hostname": hosts[node],
+        "local_rank": local_rank,
+        "local_size": counts[node],
+        "cross_rank": cross.index(node),
+        "cross_size": len(cross),
     }
 
 
@@ -113,9 +121,17 @@ def slot_plan(hosts: list[str], counts: list[int]) -> list:
     for node, (host, n) in enumerate(zip(hosts, counts)):
         for local_rank in range(n):
             cross = [i for i, c in enumerate(counts) if c > local_rank]
-            plan.append(SlotInfo(hostname=host, rank=rank, local_rank=local_rank,
-                                 cross_rank=cross.index(node), size=size, local_size=n,
-                                 cross_size=len(cross)))
+            plan.append(
+                SlotInfo(
+                    hostname=host,
+                    rank=rank,
+                    local_rank=local_rank,
+                    cross_rank=cross.index(node),
+                    size=size,
+                    local_size=n,
+                    cross_size=len(cross),
+                )
+            )
             rank += 1
     return plan
 
@@ -176,10 +192,12 @@ def _wait_for_server(addr: str, port: int, timeout: float) -> None:
         try:
             with socket.create_connection((addr, port), timeout=2):
                 return
-        except OSError:
+        except OSError as exc:
             if time.monotonic() > deadline:
-                raise SystemExit(f"hvd_slurm: no Horovod rendezvous server at {addr}:{port} after {timeout:.0f} s "
-                                 "(task 0 did not start it)")
+                raise SystemExit(
+                    f"hvd_slurm: no Horovod rendezvous server at {addr}:{port} after {timeout:.0f} s "
+                    "(task 0 did not start it)"
+                ) from exc
             time.sleep(0.2)
 
 

@@ -86,7 +86,7 @@ def descendants(pid: int) -> list[int]:
         except OSError:
             continue
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = stat[stat.rfind(b")") + 2 :].split()
         if len(fields) > 1:
             children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], [pid]
@@ -101,7 +101,7 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
-        return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+        return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
     except OSError:
         try:
             os.kill(pid, 0)
@@ -190,8 +190,9 @@ def bind_stage_to_starter() -> None:
         _starter = parent[1]
         watched = _proc_stat(_starter)
         if watched is not None:
-            threading.Thread(target=_watch_starter, args=(_starter, watched[2]), daemon=True,
-                             name="virgo-starter-watch").start()
+            threading.Thread(
+                target=_watch_starter, args=(_starter, watched[2]), daemon=True, name="virgo-starter-watch"
+            ).start()
         return
     if die_with_parent(signal.SIGTERM) and _orphaned():
         # the starter ended before the kernel watched it: nobody waits for this stage
@@ -209,8 +210,8 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
             stat = fh.read()
     except OSError:
         return None
-    comm = stat[stat.find(b"(") + 1:stat.rfind(b")")].decode(errors="replace")
-    fields = stat[stat.rfind(b")") + 2:].split()
+    comm = stat[stat.find(b"(") + 1 : stat.rfind(b")")].decode(errors="replace")
+    fields = stat[stat.rfind(b")") + 2 :].split()
     if len(fields) < 20 or fields[0] in (b"Z", b"X"):
         return None
     return comm, int(fields[1]), int(fields[19])
@@ -254,8 +255,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_command(cfg: TrainConfig, argv: list[str], python: str | None = None,
-                  deepspeed_launcher: str = "torchrun") -> list[str]:
+def local_command(
+    cfg: TrainConfig, argv: list[str], python: str | None = None, deepspeed_launcher: str = "torchrun"
+) -> list[str]:
     """The command that starts all training processes on this machine."""
     python = python or _python()
     procs = cfg.procs_per_node
@@ -268,11 +270,18 @@ def local_command(cfg: TrainConfig, argv: list[str], python: str | None = None,
         return [python, *argv]
     if cfg.strategy == "deepspeed" and deepspeed_launcher == "deepspeed":
         # DeepSpeed's runner; it sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* as torchrun does.
-        return [python, "-m", "deepspeed.launcher.runner", "--num_nodes=1", f"--num_gpus={procs}",
-                f"--master_port={_free_port()}", "--no_local_rank", *argv]
+        return [
+            python,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_nodes=1",
+            f"--num_gpus={procs}",
+            f"--master_port={_free_port()}",
+            "--no_local_rank",
+            *argv,
+        ]
     if cfg.strategy in ("ddp", "deepspeed"):
-        return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                f"--nproc_per_node={procs}", *argv]
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={procs}", *argv]
     if cfg.strategy == "horovod":
         horovodrun = str(Path(python).parent / "horovodrun")
         if not Path(horovodrun).exists():
@@ -319,8 +328,11 @@ def core_slots(n: int, machine: Machine):
                 fh.close()
             held = []
             if not told:
-                print(f"launch: waiting for {n} free core(s) on '{machine.name}' "
-                      "(another experiment is training)", file=sys.stderr, flush=True)
+                print(
+                    f"launch: waiting for {n} free core(s) on '{machine.name}' (another experiment is training)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 told = True
             time.sleep(1.0)
         yield
@@ -338,8 +350,14 @@ def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dic
     with core_slots(procs, machine), open(log, "ab") as out:
         # Own session: a terminal's Ctrl-C reaches the training through `forward` only (once).
         # The child also ends when this launcher dies, even by SIGKILL.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True, preexec_fn=_dies_with_parent_hook())  # noqa: PLW1509
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+            preexec_fn=_dies_with_parent_hook(),
+        )
         killer: list[threading.Timer] = []
 
         def kill_group() -> None:
@@ -393,10 +411,19 @@ def run(stage: str, argv: list[str], cfg: TrainConfig | None = None, machine: Ma
         threads = max(1, (machine.max_procs or os.cpu_count() or 1) // cfg.procs_per_node)
         env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads)}
         if os.environ.get("VIRGO_DRY_RUN", "").strip().lower() not in ("", "0", "false", "no"):
-            print(f"# dry run (VIRGO_DRY_RUN): nothing started; on machine '{machine.name}' the launcher would run:\n"
-                  f"{shlex.join(local_command(cfg, argv, deepspeed_launcher=machine.deepspeed_launcher))}", flush=True)
+            print(
+                f"# dry run (VIRGO_DRY_RUN): nothing started; on machine '{machine.name}' the launcher would run:\n"
+                f"{shlex.join(local_command(cfg, argv, deepspeed_launcher=machine.deepspeed_launcher))}",
+                flush=True,
+            )
             return 0
-        return run_local(stage, local_command(cfg, argv, deepspeed_launcher=machine.deepspeed_launcher), machine, cfg.procs_per_node, env)
+        return run_local(
+            stage,
+            local_command(cfg, argv, deepspeed_launcher=machine.deepspeed_launcher),
+            machine,
+            cfg.procs_per_node,
+            env,
+        )
     from .slurm import submit
 
     return submit(stage, argv, cfg, machine)

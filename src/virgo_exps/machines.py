@@ -60,11 +60,24 @@ class Machine:
 
 
 _FIELDS = {
-    "description": str, "kind": str, "max_procs": int, "partition": (str, type(None)),
-    "account": (str, type(None)), "gpus_per_node": int, "cpus_per_task": int, "mem": (str, type(None)),
-    "time": str, "signal_seconds": int, "setup": (str, type(None)), "sbatch_extra": list, "env": dict,
-    "gpu_option": str, "srun_extra": list, "slurm_conf": (str, type(None)),
-    "generate_tasks": int, "deepspeed_launcher": str,
+    "description": str,
+    "kind": str,
+    "max_procs": int,
+    "partition": (str, type(None)),
+    "account": (str, type(None)),
+    "gpus_per_node": int,
+    "cpus_per_task": int,
+    "mem": (str, type(None)),
+    "time": str,
+    "signal_seconds": int,
+    "setup": (str, type(None)),
+    "sbatch_extra": list,
+    "env": dict,
+    "gpu_option": str,
+    "srun_extra": list,
+    "slurm_conf": (str, type(None)),
+    "generate_tasks": int,
+    "deepspeed_launcher": str,
 }
 DEEPSPEED_LAUNCHERS = ("torchrun", "deepspeed")
 GPU_OPTIONS = ("gpus-per-node", "gres")
@@ -96,8 +109,9 @@ def load_machine(name: str | None = None) -> Machine:
     path = machines_dir() / name
     spec_file = path / "machine.yaml"
     if not spec_file.exists():
+        shown = spec_file.relative_to(repo_root()) if spec_file.is_relative_to(repo_root()) else spec_file
         raise ConfigError(
-            f"machine {name!r}: no {spec_file.relative_to(repo_root()) if spec_file.is_relative_to(repo_root()) else spec_file}; "
+            f"machine {name!r}: no {shown}; "
             f"available machines: {', '.join(available()) or 'none'} (set VIRGO_MACHINE or machines/active)"
         )
     raw = yaml.safe_load(spec_file.read_text()) or {}
@@ -107,8 +121,9 @@ def load_machine(name: str | None = None) -> Machine:
         if key not in _FIELDS:
             raise ConfigError(f"{spec_file}: unknown key {key!r}; allowed: {', '.join(sorted(_FIELDS))}")
         if not isinstance(value, _FIELDS[key]):
-            hint = (' (quote it, e.g. "2:00:00": YAML reads 2:00:00 unquoted as the number 7200)'
-                    if key == "time" else "")
+            hint = (
+                ' (quote it, e.g. "2:00:00": YAML reads 2:00:00 unquoted as the number 7200)' if key == "time" else ""
+            )
             raise ConfigError(f"{spec_file}: {key}: wrong type {type(value).__name__}{hint}")
     kind = raw.get("kind")
     if kind not in KINDS:
@@ -121,8 +136,10 @@ def load_machine(name: str | None = None) -> Machine:
     if raw.get("cpus_per_task", 1) < 1 or isinstance(raw.get("cpus_per_task"), bool):
         raise ConfigError(f"{spec_file}: cpus_per_task: {raw['cpus_per_task']!r}; expected a whole number >= 1")
     if raw.get("deepspeed_launcher", "torchrun") not in DEEPSPEED_LAUNCHERS:
-        raise ConfigError(f"{spec_file}: deepspeed_launcher: {raw['deepspeed_launcher']!r}; "
-                          f"expected one of {', '.join(DEEPSPEED_LAUNCHERS)}")
+        raise ConfigError(
+            f"{spec_file}: deepspeed_launcher: {raw['deepspeed_launcher']!r}; "
+            f"expected one of {', '.join(DEEPSPEED_LAUNCHERS)}"
+        )
     raw["sbatch_extra"] = tuple(str(x) for x in raw.get("sbatch_extra", []))
     raw["srun_extra"] = tuple(str(x) for x in raw.get("srun_extra", []))
     raw["env"] = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}

@@ -151,14 +151,17 @@ def load_model(path, map_location: str | torch.device = "cpu") -> dict:
     """
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is a damaged file
-        raise CorruptModelError(f"{path}: the model file is damaged ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); {_fix(path)}") from exc
+    except Exception as exc:
+        raise CorruptModelError(
+            f"{path}: the model file is damaged ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); {_fix(path)}"
+        ) from exc
     if not isinstance(payload, dict) or "sha256" not in payload or "model" not in payload:
         raise CorruptModelError(f"{path}: not a model file with a checksum (no 'sha256' entry); {_fix(path)}")
     if _digest(payload) != payload["sha256"]:
-        raise CorruptModelError(f"{path}: the model file is damaged (its content does not match its sha256 "
-                                f"checksum); {_fix(path)}")
+        raise CorruptModelError(
+            f"{path}: the model file is damaged (its content does not match its sha256 checksum); {_fix(path)}"
+        )
     return payload
 
 

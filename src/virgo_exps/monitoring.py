@@ -14,13 +14,26 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 # Substrings of profiler event names that are communication, not computation.
-_COMM = ("allreduce", "all_reduce", "allgather", "all_gather", "broadcast", "barrier", "gloo", "nccl",
-         "c10d", "horovod", "hvd", "reduce_scatter", "wait")
+_COMM = (
+    "allreduce",
+    "all_reduce",
+    "allgather",
+    "all_gather",
+    "broadcast",
+    "barrier",
+    "gloo",
+    "nccl",
+    "c10d",
+    "horovod",
+    "hvd",
+    "reduce_scatter",
+    "wait",
+)
 
 
 def _is_compute(name: str) -> bool:
@@ -116,9 +129,7 @@ class GpuMonitor:
             out["energy_wh"] = (self._energy1 - self._energy0) / 3.6e6
             out["energy_source"] = "nvml_total_energy_counter"
         elif len(self.samples) > 1:
-            joules = sum(
-                0.5 * (a[2] + b[2]) * (b[0] - a[0]) for a, b in zip(self.samples, self.samples[1:])
-            )
+            joules = sum(0.5 * (a[2] + b[2]) * (b[0] - a[0]) for a, b in zip(self.samples, self.samples[1:]))
             out["energy_wh"] = joules / 3600.0
             out["energy_source"] = "power_integrated"
         return out

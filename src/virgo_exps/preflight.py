@@ -67,8 +67,7 @@ def check_machine(params: Params, machine: Machine) -> None:
         # The launcher's own refusals (several nodes here, horovodrun missing).
         from .launch import local_command
 
-        local_command(cfg, ["stages/train.py"], python=sys.executable,
-                      deepspeed_launcher=machine.deepspeed_launcher)
+        local_command(cfg, ["stages/train.py"], python=sys.executable, deepspeed_launcher=machine.deepspeed_launcher)
         total = machine.max_procs or os.cpu_count() or 1
         if cfg.procs_per_node > total:
             raise ConfigError(
@@ -204,7 +203,7 @@ def estimate(params: Params, machine: Machine) -> Budget:
     g, p = params.generate, params.preprocess
     channels = 1 + g.n_aux
     raw = g.n_samples * channels * n_time_of(g) * 4
-    images = g.n_samples * channels * p.patch_size ** 2 * 4
+    images = g.n_samples * channels * p.patch_size**2 * 4
     outputs = raw + images
 
     data = repo_root() / "data"
@@ -230,22 +229,34 @@ def estimate(params: Params, machine: Machine) -> Budget:
         # Every training process reads the whole preprocessed store into
         # memory, and refuses a split above half the available memory
         # (virgo_exps.dataset.ImageDataset): the same half is kept free here.
-        peaks.append((TRAIN_HEADROOM * params.train.procs_per_node * images,
-                      f"train: {params.train.procs_per_node} process(es) holding data/images.zarr in memory, "
-                      "with as much again left free"))
+        peaks.append(
+            (
+                TRAIN_HEADROOM * params.train.procs_per_node * images,
+                f"train: {params.train.procs_per_node} process(es) holding data/images.zarr in memory, "
+                "with as much again left free",
+            )
+        )
     memory, what = max(peaks)
     return Budget(
-        raw=raw, images=images, disk=copies * outputs, disk_free=disk_free, copies=copies,
-        cache_disk=0 if same else outputs, cache_free=0 if same else shutil.disk_usage(cache_fs).free,
-        memory=memory, memory_what=what, memory_free=psutil.virtual_memory().available,
+        raw=raw,
+        images=images,
+        disk=copies * outputs,
+        disk_free=disk_free,
+        copies=copies,
+        cache_disk=0 if same else outputs,
+        cache_free=0 if same else shutil.disk_usage(cache_fs).free,
+        memory=memory,
+        memory_what=what,
+        memory_free=psutil.virtual_memory().available,
     )
 
 
 def check_budget(params: Params, budget: Budget) -> None:
     """Refuse params whose outputs do not fit the disk, or whose stages do not fit in memory."""
     n = params.generate.n_samples
-    lower = ("lower generate.n_samples (or generate.n_aux, generate.duration, generate.sample_rate, "
-             "preprocess.patch_size)")
+    lower = (
+        "lower generate.n_samples (or generate.n_aux, generate.duration, generate.sample_rate, preprocess.patch_size)"
+    )
     sizes = f"raw series {_fmt(budget.raw)} + images {_fmt(budget.images)}"
     if budget.disk > budget.disk_free:
         where = ", once in data/ and once in DVC's cache" if budget.copies == 2 else ""
@@ -269,8 +280,9 @@ def check_budget(params: Params, budget: Budget) -> None:
 # -- all together ----------------------------------------------------------------
 
 
-def check(params_path: str | os.PathLike = "params.yaml", machine: Machine | None = None
-          ) -> tuple[Params, Machine, Budget]:
+def check(
+    params_path: str | os.PathLike = "params.yaml", machine: Machine | None = None
+) -> tuple[Params, Machine, Budget]:
     """Every check, in order; raise ConfigError (one line) at the first problem."""
     params = load_params(params_path)
     machine = machine or load_machine()
@@ -284,9 +296,11 @@ def check(params_path: str | os.PathLike = "params.yaml", machine: Machine | Non
 
 def summary(params_path: str | os.PathLike, machine: Machine, budget: Budget) -> str:
     """The line ``virgo-exps check`` prints when everything passed."""
-    return (f"{params_path}: valid; machine: {machine.name} ({machine.kind}); data needs up to "
-            f"{_fmt(budget.disk)} on disk ({_fmt(budget.disk_free)} free), ~{_fmt(budget.memory)} of memory "
-            f"({_fmt(budget.memory_free)} available)")
+    return (
+        f"{params_path}: valid; machine: {machine.name} ({machine.kind}); data needs up to "
+        f"{_fmt(budget.disk)} on disk ({_fmt(budget.disk_free)} free), ~{_fmt(budget.memory)} of memory "
+        f"({_fmt(budget.memory_free)} available)"
+    )
 
 
 def recovery_hint(params_path: str | os.PathLike = "params.yaml") -> str | None:
@@ -308,8 +322,10 @@ def recovery_hint(params_path: str | os.PathLike = "params.yaml") -> str | None:
         return None
     if proc.returncode != 0 or proc.stdout == current:
         return None
-    return (f"{path} differs from the last commit (`dvc exp run -S` writes its values there before any stage "
-            f"runs): `git checkout {path}` restores the committed values")
+    return (
+        f"{path} differs from the last commit (`dvc exp run -S` writes its values there before any stage "
+        f"runs): `git checkout {path}` restores the committed values"
+    )
 
 
 def refuse(exc: ConfigError, params_path: str | os.PathLike = "params.yaml") -> int:
@@ -322,5 +338,15 @@ def refuse(exc: ConfigError, params_path: str | os.PathLike = "params.yaml") -> 
     return 2
 
 
-__all__ = ["Budget", "check", "check_budget", "check_device", "check_machine", "estimate", "recovery_hint",
-           "refuse", "summary", "dvc_cache"]
+__all__ = [
+    "Budget",
+    "check",
+    "check_budget",
+    "check_device",
+    "check_machine",
+    "estimate",
+    "recovery_hint",
+    "refuse",
+    "summary",
+    "dvc_cache",
+]

@@ -25,8 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .config import ConfigError
 
@@ -136,12 +137,21 @@ def data_digest(path: str | os.PathLike) -> str:
     return digest_files(files_of(Path(path)))
 
 
-def stamp(stage: str, flat_params: dict[str, Any], inputs: dict[str, str | os.PathLike] | None = None,
-          upstream: dict | None = None, dvc_yaml: str | os.PathLike = "dvc.yaml") -> dict:
+def stamp(
+    stage: str,
+    flat_params: dict[str, Any],
+    inputs: dict[str, str | os.PathLike] | None = None,
+    upstream: dict | None = None,
+    dvc_yaml: str | os.PathLike = "dvc.yaml",
+) -> dict:
     """The stamp of an output of ``stage`` made with ``flat_params`` from ``inputs`` (name -> path)."""
     params = select(flat_params, stage, dvc_yaml)
-    out = {"stage": stage, "params": params, "params_sha256": params_digest(params),
-           "inputs": {str(name): data_digest(path) for name, path in (inputs or {}).items()}}
+    out = {
+        "stage": stage,
+        "params": params,
+        "params_sha256": params_digest(params),
+        "inputs": {str(name): data_digest(path) for name, path in (inputs or {}).items()},
+    }
     if upstream:
         out["upstream"] = upstream
     return out
@@ -178,24 +188,28 @@ def fix_hint(stage: str) -> str:
     return f"rebuild it with `dvc repro --force --single-item {stage}` then `dvc repro`"
 
 
-def chain_problems(what: str, st: dict | None, flat_given: dict[str, Any], params_file: str,
-                   dvc_yaml: str | os.PathLike = "dvc.yaml") -> list[str]:
+def chain_problems(
+    what: str, st: dict | None, flat_given: dict[str, Any], params_file: str, dvc_yaml: str | os.PathLike = "dvc.yaml"
+) -> list[str]:
     """One line per stamp in the chain of ``st`` whose params differ from ``flat_given``."""
     lines = []
     while st:
         stage = st.get("stage", "?")
         given = select(flat_given, stage, dvc_yaml)
         for key, was, now in differences(st.get("params") or {}, given):
-            lines.append(f"{what}: made with {key}={was!r} but {params_file} has {key}={now!r}; "
-                         f"the output does not match its params: {fix_hint(stage)}")
+            lines.append(
+                f"{what}: made with {key}={was!r} but {params_file} has {key}={now!r}; "
+                f"the output does not match its params: {fix_hint(stage)}"
+            )
         st = st.get("upstream")
         if st:
             what = f"{what.split(' (')[0]} (its input, made by stage '{st.get('stage', '?')}')"
     return lines
 
 
-def check_input(path: str | os.PathLike, params_file: str | os.PathLike = "params.yaml",
-                dvc_yaml: str | os.PathLike = "dvc.yaml") -> None:
+def check_input(
+    path: str | os.PathLike, params_file: str | os.PathLike = "params.yaml", dvc_yaml: str | os.PathLike = "dvc.yaml"
+) -> None:
     """Refuse an input store whose stamp disagrees with the params this stage was given.
 
     A store without a stamp (made by an older version) passes.
@@ -210,8 +224,12 @@ def check_input(path: str | os.PathLike, params_file: str | os.PathLike = "param
         raise ConfigError(problems[0] + more)
 
 
-def check_metrics(path: str | os.PathLike, params_file: str | os.PathLike = "params.yaml",
-                  dvc_yaml: str | os.PathLike = "dvc.yaml", stage: str = "train") -> None:
+def check_metrics(
+    path: str | os.PathLike,
+    params_file: str | os.PathLike = "params.yaml",
+    dvc_yaml: str | os.PathLike = "dvc.yaml",
+    stage: str = "train",
+) -> None:
     """Refuse a ``metrics.json`` whose params digest is not that of the params this stage was given."""
     st = (json.loads(Path(path).read_text()) or {}).get(KEY)
     if not isinstance(st, dict) or "params" not in st:

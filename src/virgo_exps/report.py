@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 # Labels, titles and stamps carry names from params and experiments: a `$` in them is text, not TeX math.
 matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _one_line(value) -> str:
@@ -81,13 +81,15 @@ def build(metrics_path: Path, epochs_path: Path, out: Path, title: str, experime
     gpu_note = (
         "GPU utilisation and energy: not measured (no NVIDIA GPU was used)."
         if metrics.get("gpu_energy_wh") is None
-        else f"GPU energy: {_fmt(metrics['gpu_energy_wh'])} Wh, utilisation {_fmt(metrics.get('gpu_utilization_pct'))} %."
+        else f"GPU energy: {_fmt(metrics['gpu_energy_wh'])} Wh, "
+        f"utilisation {_fmt(metrics.get('gpu_utilization_pct'))} %."
     )
     rows = "\n".join(f"| {md_text(k)} | {md_text(_fmt(v))} |" for k, v in sorted(metrics.items()))
     table = df.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else df.to_string(index=False)
     text = f"""# {md_text(title)}
 
-Experiment: {md_code(experiment)}; strategy {md_code(metrics.get('strategy'))} on {md_text(metrics.get('world_size'))} process(es).
+Experiment: {md_code(experiment)}; strategy {md_code(metrics.get("strategy"))} \
+on {md_text(metrics.get("world_size"))} process(es).
 The epoch time and throughput figures exclude the first (warm-up) epoch and validation.
 
 | metric | value |
@@ -102,7 +104,7 @@ The epoch time and throughput figures exclude the first (warm-up) epoch and vali
 
 ## Per epoch
 
-{table if table.startswith('|') else '```' + chr(10) + table + chr(10) + '```'}
+{table if table.startswith("|") else "```" + chr(10) + table + chr(10) + "```"}
 """
     (tmp / "report.md").write_text(text)
     if out.exists():

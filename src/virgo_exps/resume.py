@@ -50,8 +50,9 @@ def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
 def find_experiment(repo: Path, exp: str) -> str:
     """The commit of experiment ``exp`` (a name of this repository, or a revision)."""
     refs = _git(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps").stdout.split("\n")
-    matches = [line.split() for line in refs if line and line.split()[0].rsplit("/", 1)[-1] == exp
-               and line.count("/") >= 4]
+    matches = [
+        line.split() for line in refs if line and line.split()[0].rsplit("/", 1)[-1] == exp and line.count("/") >= 4
+    ]
     if len(matches) == 1:
         return matches[0][1]
     head = _git(repo, "rev-parse", "HEAD").stdout.strip()
@@ -60,8 +61,10 @@ def find_experiment(repo: Path, exp: str) -> str:
         here = [m for m in matches if f"/{head[2:]}/" in m[0]]
         if len(here) == 1:
             return here[0][1]
-        raise ResumeError(f"experiment name '{exp}' exists under several baselines; give its revision instead: "
-                          + ", ".join(m[1][:7] for m in matches))
+        raise ResumeError(
+            f"experiment name '{exp}' exists under several baselines; give its revision instead: "
+            + ", ".join(m[1][:7] for m in matches)
+        )
     rev = _git(repo, "rev-parse", "--verify", "--quiet", f"{exp}^{{commit}}")
     if rev.returncode == 0:
         return rev.stdout.strip()
@@ -88,8 +91,9 @@ def _stream(cmd: list[str], repo: Path) -> int:
     return subprocess.call(cmd, cwd=repo)
 
 
-def resume(exp: str, epochs: int, queue: bool = False, name: str | None = None, pull: str | None = None,
-           repo: Path | str = ".") -> int:
+def resume(
+    exp: str, epochs: int, queue: bool = False, name: str | None = None, pull: str | None = None, repo: Path | str = "."
+) -> int:
     repo = Path(repo).resolve()
     if epochs <= 0:
         raise ResumeError(f"--epochs {epochs}: must be a positive total number of epochs")
@@ -108,19 +112,24 @@ def resume(exp: str, epochs: int, queue: bool = False, name: str | None = None, 
     new_name = name or f"{exp}-e{epochs}"
     rc = _stream([_dvc(), "exp", "apply", exp], repo)
     if rc != 0:
-        raise ResumeError(f"`dvc exp apply {exp}` failed (exit code {rc}); if its data is missing from the cache, "
-                          f"fetch it with `dvc exp pull <remote> {exp}` first")
+        raise ResumeError(
+            f"`dvc exp apply {exp}` failed (exit code {rc}); if its data is missing from the cache, "
+            f"fetch it with `dvc exp pull <remote> {exp}` first"
+        )
     args = ["exp", "run", "-S", f"train.epochs={epochs}", "-n", new_name]
     if queue:
         args.insert(2, "--queue")
     rc = _stream([_dvc(), *args], repo)
     if rc != 0:
-        print(f"resume: `dvc {' '.join(args)}` failed (exit code {rc}); `virgo-exps failures` shows why",
-              file=sys.stderr)
+        print(
+            f"resume: `dvc {' '.join(args)}` failed (exit code {rc}); `virgo-exps failures` shows why", file=sys.stderr
+        )
         return rc
     if queue:
-        print(f"resume: queued '{new_name}' (continues '{exp}' from epoch {done} to {epochs}); run it with "
-              f"`dvc queue start`, follow it with `dvc queue logs {new_name} -f`")
+        print(
+            f"resume: queued '{new_name}' (continues '{exp}' from epoch {done} to {epochs}); run it with "
+            f"`dvc queue start`, follow it with `dvc queue logs {new_name} -f`"
+        )
     else:
         print(f"resume: '{new_name}' continued '{exp}' from epoch {done} to {epochs}; see `dvc exp show`")
     return 0

@@ -136,20 +136,25 @@ def assign(runs: list[Run]) -> Grouping:
     by_strategy: dict[str, list[dict[str, str]]] = {}
     for cfg in config.values():
         by_strategy.setdefault(cfg["strategy"], []).append(cfg)
-    in_label = [k for k in split_on if k != "strategy" and any(
-        len({c.get(k, "-") for c in cfgs}) > 1 for cfgs in by_strategy.values())]
+    in_label = [
+        k
+        for k in split_on
+        if k != "strategy" and any(len({c.get(k, "-") for c in cfgs}) > 1 for cfgs in by_strategy.values())
+    ]
     labels = {}
     for key, cfg in config.items():
         labels[key] = ", ".join([cfg["strategy"]] + [f"{_short(k)}={cfg.get(k, '-')}" for k in in_label])
-    return Grouping(keys, labels, scaling, config, {k: v for k, v in split_on.items() if k != "strategy"},
-                    in_label)
+    return Grouping(keys, labels, scaling, config, {k: v for k, v in split_on.items() if k != "strategy"}, in_label)
 
 
 def identity(run: Run) -> tuple:
     """Runs with equal identity are the same result: same params (seed included) and identical outputs
     (the metrics file's content and, where known, the model's hash)."""
-    return (json.dumps(run.params, sort_keys=True, default=str), json.dumps(run.metrics, sort_keys=True, default=str),
-            run.model_hash)
+    return (
+        json.dumps(run.params, sort_keys=True, default=str),
+        json.dumps(run.metrics, sort_keys=True, default=str),
+        run.model_hash,
+    )
 
 
 def dedupe(runs: list[Run]) -> tuple[list[Run], dict[str, str]]:

@@ -41,8 +41,10 @@ def _table(df: pd.DataFrame) -> str:
     rows = []
     for row in df.itertuples(index=False):
         flagged = flag_col is not None and bool(row[flag_col])
-        cells = "".join(f'<td class="flag">{_e(_cell(v))}</td>' if flagged and i == flag_col
-                        else f"<td>{_e(_cell(v))}</td>" for i, v in enumerate(row))
+        cells = "".join(
+            f'<td class="flag">{_e(_cell(v))}</td>' if flagged and i == flag_col else f"<td>{_e(_cell(v))}</td>"
+            for i, v in enumerate(row)
+        )
         rows.append(('<tr class="flagged">' if flagged else "<tr>") + cells + "</tr>")
     body = "\n".join(rows)
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
@@ -56,8 +58,9 @@ def _cell(v):
     return v
 
 
-def render(report, plots, skipped, title: str, summary: pd.DataFrame, definitions: dict[str, str],
-           origin: str = "") -> str:
+def render(
+    report, plots, skipped, title: str, summary: pd.DataFrame, definitions: dict[str, str], origin: str = ""
+) -> str:
     n_groups = report.groups["series"].nunique() if not report.groups.empty else 0
     parts = [
         "<!DOCTYPE html>",
@@ -71,22 +74,25 @@ def render(report, plots, skipped, title: str, summary: pd.DataFrame, definition
         "equal: parameters, machine, device, software (version.lock) and data.</p>",
     ]
     if report.split_on:
-        parts.append('<p class="split">Not all experiments are comparable; separate groups on: '
-                     + "; ".join(f"<b>{_e(k)}</b> ({_e(', '.join(v))})" for k, v in report.split_on.items())
-                     + ".</p>")
+        parts.append(
+            '<p class="split">Not all experiments are comparable; separate groups on: '
+            + "; ".join(f"<b>{_e(k)}</b> ({_e(', '.join(v))})" for k, v in report.split_on.items())
+            + ".</p>"
+        )
     if not report.groups.empty:
         modes = dict(zip(report.groups["series"], report.groups["scaling"]))
         if len(set(modes.values())) == 1:
             parts.append(f"<p>Scaling: {_e(next(iter(modes.values())))} in every group.</p>")
         else:
-            parts.append("<p>Scaling: " + "; ".join(f"<b>{_e(s)}</b>: {_e(m)}" for s, m in modes.items())
-                         + ".</p>")
+            parts.append("<p>Scaling: " + "; ".join(f"<b>{_e(s)}</b>: {_e(m)}" for s, m in modes.items()) + ".</p>")
     parts += ["<h2>Summary</h2>", _table(summary)]
     if not report.groups.empty:
         bases = dict(zip(report.groups["series"], report.groups["baseline"]))
-        parts.append("<p>Speedup baselines (smallest world size within each group): "
-                     + "; ".join(f"<b>{_e(s)}</b> &rarr; {_e(b.split(' @ ', 1)[1])}" for s, b in bases.items())
-                     + "</p>")
+        parts.append(
+            "<p>Speedup baselines (smallest world size within each group): "
+            + "; ".join(f"<b>{_e(s)}</b> &rarr; {_e(b.split(' @ ', 1)[1])}" for s, b in bases.items())
+            + "</p>"
+        )
         flagged = [n for n in report.notes if n.startswith("FLAG ")]
         if flagged:
             parts += ["<h2>Flags</h2>", '<ul class="notes">']
@@ -98,8 +104,10 @@ def render(report, plots, skipped, title: str, summary: pd.DataFrame, definition
         parts.append("</ul>")
     parts.append("<h2>Figures</h2>")
     for p in plots:
-        parts.append(f'<figure><img src="{_e(p.file)}" alt="{_e(p.title)}">'
-                     f"<figcaption><b>{_e(p.title)}.</b> {_e(p.caption)}</figcaption></figure>")
+        parts.append(
+            f'<figure><img src="{_e(p.file)}" alt="{_e(p.title)}">'
+            f"<figcaption><b>{_e(p.title)}.</b> {_e(p.caption)}</figcaption></figure>"
+        )
     if not plots:
         parts.append("<p>No figures: nothing to plot.</p>")
     if skipped:
@@ -109,13 +117,17 @@ def render(report, plots, skipped, title: str, summary: pd.DataFrame, definition
     parts += ["<h2>What the numbers mean</h2>", "<dl>"]
     parts += [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in definitions.items()]
     parts.append("</dl>")
-    parts += ["<h2>Experiments</h2>",
-              "<p>One row per run; parameters that differ between experiments are shown as columns.</p>",
-              _table(report.experiments)]
+    parts += [
+        "<h2>Experiments</h2>",
+        "<p>One row per run; parameters that differ between experiments are shown as columns.</p>",
+        _table(report.experiments),
+    ]
     if report.common:
         common = pd.DataFrame({"parameter": list(report.common), "value": [report.common[k] for k in report.common]})
         parts += ["<h3>Parameters shared by all experiments</h3>", _table(common)]
-    parts += ["<p>Files: <a href=\"scalability.csv\">scalability.csv</a>, "
-              "<a href=\"scalability.json\">scalability.json</a>, <a href=\"console.txt\">console.txt</a></p>",
-              "</body></html>"]
+    parts += [
+        '<p>Files: <a href="scalability.csv">scalability.csv</a>, '
+        '<a href="scalability.json">scalability.json</a>, <a href="console.txt">console.txt</a></p>',
+        "</body></html>",
+    ]
     return "\n".join(parts) + "\n"

@@ -79,8 +79,16 @@ def _save(fig, path: Path, stamp: str | None = None, flagged: list[str] | None =
     fig.tight_layout()
     bottom = 0.0
     if flagged:
-        fig.text(0.005, 0.03 if stamp else 0.005, "FLAGGED: " + "; ".join(flagged), ha="left", va="bottom",
-                 fontsize=7, color="#b00000", wrap=True)
+        fig.text(
+            0.005,
+            0.03 if stamp else 0.005,
+            "FLAGGED: " + "; ".join(flagged),
+            ha="left",
+            va="bottom",
+            fontsize=7,
+            color="#b00000",
+            wrap=True,
+        )
         bottom += 0.04
     if stamp:
         fig.text(0.995, 0.005, stamp, ha="right", va="bottom", fontsize=7, color="0.35")
@@ -105,15 +113,34 @@ def _mark_flags(ax, g: pd.DataFrame, column: str, codes: tuple[str, ...], labell
     hit = g[[any(c in str(f or "") for c in codes) for f in g.get("flags", pd.Series([""] * len(g)))]]
     if hit.empty:
         return
-    ax.scatter(hit["world_size"].to_numpy(dtype=float), hit[column].to_numpy(dtype=float), s=220,
-               facecolors="none", edgecolors="#d00000", linewidths=2, zorder=5,
-               label=None if labelled else "flagged (see table)")
+    ax.scatter(
+        hit["world_size"].to_numpy(dtype=float),
+        hit[column].to_numpy(dtype=float),
+        s=220,
+        facecolors="none",
+        edgecolors="#d00000",
+        linewidths=2,
+        zorder=5,
+        label=None if labelled else "flagged (see table)",
+    )
     labelled.append(True)
 
 
-def _scaling_plot(groups, column, lo_col, hi_col, ylabel, title, path, ideal: str | None, colors,
-                  only_scaling: bool = False, stamp: str | None = None, flags: tuple[str, ...] = (),
-                  log: bool = True) -> None:
+def _scaling_plot(
+    groups,
+    column,
+    lo_col,
+    hi_col,
+    ylabel,
+    title,
+    path,
+    ideal: str | None,
+    colors,
+    only_scaling: bool = False,
+    stamp: str | None = None,
+    flags: tuple[str, ...] = (),
+    log: bool = True,
+) -> None:
     fig, ax = plt.subplots(figsize=(6.6, 4.6))
     worlds, shared_ideal, labelled, shown = [], {}, [], []
     for label, series, g in _lines(groups):
@@ -123,8 +150,16 @@ def _scaling_plot(groups, column, lo_col, hi_col, ylabel, title, path, ideal: st
         y = g[column].to_numpy(dtype=float)
         worlds += list(w)
         shown.append(g)
-        ax.errorbar(w, y, yerr=_yerr(y, g[lo_col], g[hi_col]), marker="o", capsize=3, color=colors[series],
-                    label=label, linewidth=1.6)
+        ax.errorbar(
+            w,
+            y,
+            yerr=_yerr(y, g[lo_col], g[hi_col]),
+            marker="o",
+            capsize=3,
+            color=colors[series],
+            label=label,
+            linewidth=1.6,
+        )
         _mark_flags(ax, g, column, flags, labelled)
         if ideal == "per-series" and len(w) > 1:
             base = g.iloc[0]
@@ -137,11 +172,17 @@ def _scaling_plot(groups, column, lo_col, hi_col, ylabel, title, path, ideal: st
         # Ideal linear speedup starts at each strategy's own baseline: one black
         # line when they all share it, else one dashed line per strategy.
         for bw, members in sorted(shared_ideal.items()):
-            for label, series, top in (members if len(shared_ideal) > 1 else [("", None, max(worlds))]):
+            for label, series, top in members if len(shared_ideal) > 1 else [("", None, max(worlds))]:
                 xs = np.array([bw, top], dtype=float)
-                ax.plot(xs, xs / bw, linestyle="--", linewidth=1, alpha=0.6 if series is None else 0.7,
-                        color="black" if series is None else colors[series],
-                        label="ideal (linear)" if series is None else f"ideal {label} (from world {bw})")
+                ax.plot(
+                    xs,
+                    xs / bw,
+                    linestyle="--",
+                    linewidth=1,
+                    alpha=0.6 if series is None else 0.7,
+                    color="black" if series is None else colors[series],
+                    label="ideal (linear)" if series is None else f"ideal {label} (from world {bw})",
+                )
     if ideal == "efficiency":
         ax.axhline(1.0, linestyle="--", color="black", alpha=0.6, linewidth=1, label="ideal (100%)")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * 100:.0f}%"))
@@ -160,8 +201,10 @@ def _scaling_plot(groups, column, lo_col, hi_col, ylabel, title, path, ideal: st
 
 
 def _labels(groups: pd.DataFrame) -> list[str]:
-    return [f"{s.replace(', ', chr(10))}\n{w} ({n}x{p})" for s, w, n, p in
-            zip(groups["series"], groups["world_size"], groups["nodes"], groups["procs_per_node"])]
+    return [
+        f"{s.replace(', ', chr(10))}\n{w} ({n}x{p})"
+        for s, w, n, p in zip(groups["series"], groups["world_size"], groups["nodes"], groups["procs_per_node"])
+    ]
 
 
 def _bar_fig(n: int, rows: int = 1):
@@ -179,10 +222,16 @@ def _computation_plot(groups, path, colors, stamp: str | None = None) -> None:
     other_s = groups["other_s_per_epoch"].to_numpy(dtype=float)
     for xi, f, cs, os_ in zip(x, frac, comp_s, other_s):
         # Percentages alone hide how much time it is: the seconds per epoch beside them.
-        ax.text(xi, f / 2, f"{f * 100:.0f}%\n{cs:.3g} s", ha="center", va="center", color="white",
-                fontsize="small")
-        ax.text(xi, min(0.985, f + (1 - f) / 2) if f < 0.9 else 0.985, f"{(1 - f) * 100:.0f}%, {os_:.3g} s",
-                ha="center", va="center" if f < 0.9 else "top", color="black", fontsize="x-small")
+        ax.text(xi, f / 2, f"{f * 100:.0f}%\n{cs:.3g} s", ha="center", va="center", color="white", fontsize="small")
+        ax.text(
+            xi,
+            min(0.985, f + (1 - f) / 2) if f < 0.9 else 0.985,
+            f"{(1 - f) * 100:.0f}%, {os_:.3g} s",
+            ha="center",
+            va="center" if f < 0.9 else "top",
+            color="black",
+            fontsize="x-small",
+        )
     ax.set_xticks(x, _labels(groups), fontsize="small")
     ax.set_ylim(0, 1)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * 100:.0f}%"))
@@ -198,8 +247,7 @@ def _energy_plot(groups, path, colors, stamp: str | None = None) -> None:
     x = np.arange(len(groups))
     c = [colors[s] for s in groups["series"]]
     e = groups["gpu_energy_wh"].to_numpy(dtype=float)
-    axes[0, 0].bar(x, e, color=c, yerr=_yerr(e, groups["gpu_energy_wh_min"], groups["gpu_energy_wh_max"]),
-                   capsize=3)
+    axes[0, 0].bar(x, e, color=c, yerr=_yerr(e, groups["gpu_energy_wh_min"], groups["gpu_energy_wh_max"]), capsize=3)
     axes[0, 0].set_ylabel("Wh per run (all GPUs)")
     axes[0, 0].set_title("GPU energy")
     per = groups["gpu_energy_wh_per_sample"].to_numpy(dtype=float) * 1000
@@ -248,52 +296,128 @@ def make_plots(report, out: Path, stamp: str | None = None) -> tuple[list[Plot],
     out = Path(out)
     mode = _mode(g)
 
-    _scaling_plot(g, "epoch_time_s", "epoch_time_s_min", "epoch_time_s_max", "training time per epoch (s)",
-                  f"Epoch time (warm-up and validation excluded{mode})", out / "epoch_time.png", "per-series",
-                  colors, stamp=stamp, flags=SPREAD)
-    plots.append(Plot("epoch_time.png", "Epoch time",
-                      "Median training time per epoch against world size (log-log), one line per group; "
-                      "dashed: ideal scaling from each group's smallest world size. Error bars: see 'spread over'. "
-                      "Red rings: spread wider than the differences it should resolve."))
+    _scaling_plot(
+        g,
+        "epoch_time_s",
+        "epoch_time_s_min",
+        "epoch_time_s_max",
+        "training time per epoch (s)",
+        f"Epoch time (warm-up and validation excluded{mode})",
+        out / "epoch_time.png",
+        "per-series",
+        colors,
+        stamp=stamp,
+        flags=SPREAD,
+    )
+    plots.append(
+        Plot(
+            "epoch_time.png",
+            "Epoch time",
+            "Median training time per epoch against world size (log-log), one line per group; "
+            "dashed: ideal scaling from each group's smallest world size. Error bars: see 'spread over'. "
+            "Red rings: spread wider than the differences it should resolve.",
+        )
+    )
 
     scaling = [s for s, part in g.groupby("series", sort=False) if part["world_size"].nunique() >= 2]
     if scaling:
         left_out = [s for s in dict.fromkeys(g["series"]) if s not in scaling]
         extra = f" Not shown (one world size only): {', '.join(left_out)}." if left_out else ""
-        _scaling_plot(g, "speedup", "speedup_lo", "speedup_hi", "speedup (baseline epoch time / epoch time)",
-                      f"Speedup vs the smallest world size of each group{mode}", out / "speedup.png", "speedup",
-                      colors, only_scaling=True, stamp=stamp, flags=SPEED)
-        plots.append(Plot("speedup.png", "Speedup",
-                          "Speedup against the smallest world size of the same group (log-log); dashed: ideal "
-                          "linear speedup. Error bars pair the extremes of both groups. Red rings: above the "
-                          "world size or above 100% efficiency." + extra))
-        _scaling_plot(g, "efficiency", "efficiency_lo", "efficiency_hi", "parallel efficiency",
-                      f"Parallel efficiency (speedup / relative world size{mode})", out / "efficiency.png",
-                      "efficiency", colors, only_scaling=True, stamp=stamp, flags=SPEED)
-        plots.append(Plot("efficiency.png", "Parallel efficiency",
-                          "Speedup divided by world size / baseline world size; 100% is perfect scaling; red "
-                          "rings: above 100%, a figure to check." + extra))
+        _scaling_plot(
+            g,
+            "speedup",
+            "speedup_lo",
+            "speedup_hi",
+            "speedup (baseline epoch time / epoch time)",
+            f"Speedup vs the smallest world size of each group{mode}",
+            out / "speedup.png",
+            "speedup",
+            colors,
+            only_scaling=True,
+            stamp=stamp,
+            flags=SPEED,
+        )
+        plots.append(
+            Plot(
+                "speedup.png",
+                "Speedup",
+                "Speedup against the smallest world size of the same group (log-log); dashed: ideal "
+                "linear speedup. Error bars pair the extremes of both groups. Red rings: above the "
+                "world size or above 100% efficiency." + extra,
+            )
+        )
+        _scaling_plot(
+            g,
+            "efficiency",
+            "efficiency_lo",
+            "efficiency_hi",
+            "parallel efficiency",
+            f"Parallel efficiency (speedup / relative world size{mode})",
+            out / "efficiency.png",
+            "efficiency",
+            colors,
+            only_scaling=True,
+            stamp=stamp,
+            flags=SPEED,
+        )
+        plots.append(
+            Plot(
+                "efficiency.png",
+                "Parallel efficiency",
+                "Speedup divided by world size / baseline world size; 100% is perfect scaling; red "
+                "rings: above 100%, a figure to check." + extra,
+            )
+        )
     else:
         why = "every group ran at a single world size, so there is no speedup to show"
         skipped += [("Speedup", why), ("Parallel efficiency", why)]
 
     if "val_loss" in g and g["val_loss"].notna().any():
-        _scaling_plot(g.dropna(subset=["val_loss"]), "val_loss", "val_loss_min", "val_loss_max",
-                      "final validation loss", "Final validation loss vs world size", out / "val_loss.png", None,
-                      colors, stamp=stamp, log=False)
-        plots.append(Plot("val_loss.png", "Final validation loss",
-                          "Validation loss after the last epoch against world size (bars: min-max over runs): "
-                          "adding processes must not change convergence."))
+        _scaling_plot(
+            g.dropna(subset=["val_loss"]),
+            "val_loss",
+            "val_loss_min",
+            "val_loss_max",
+            "final validation loss",
+            "Final validation loss vs world size",
+            out / "val_loss.png",
+            None,
+            colors,
+            stamp=stamp,
+            log=False,
+        )
+        plots.append(
+            Plot(
+                "val_loss.png",
+                "Final validation loss",
+                "Validation loss after the last epoch against world size (bars: min-max over runs): "
+                "adding processes must not change convergence.",
+            )
+        )
     else:
         skipped.append(("Final validation loss", "no experiment recorded val_loss"))
 
     if g["samples_per_s"].notna().any():
-        _scaling_plot(g.dropna(subset=["samples_per_s"]), "samples_per_s", "samples_per_s_min", "samples_per_s_max",
-                      "training samples / s", f"Training throughput{mode.replace(', ', ' (', 1) + ')' if mode else ''}",
-                      out / "throughput.png", "per-series", colors, stamp=stamp)
-        plots.append(Plot("throughput.png", "Throughput",
-                          "Training samples per second against world size (log-log); dashed: ideal linear growth "
-                          "from each group's smallest world size."))
+        _scaling_plot(
+            g.dropna(subset=["samples_per_s"]),
+            "samples_per_s",
+            "samples_per_s_min",
+            "samples_per_s_max",
+            "training samples / s",
+            f"Training throughput{mode.replace(', ', ' (', 1) + ')' if mode else ''}",
+            out / "throughput.png",
+            "per-series",
+            colors,
+            stamp=stamp,
+        )
+        plots.append(
+            Plot(
+                "throughput.png",
+                "Throughput",
+                "Training samples per second against world size (log-log); dashed: ideal linear growth "
+                "from each group's smallest world size.",
+            )
+        )
     else:
         skipped.append(("Throughput", "no experiment recorded samples_per_s"))
 
@@ -301,20 +425,30 @@ def make_plots(report, out: Path, stamp: str | None = None) -> tuple[list[Plot],
     if not comp.empty:
         _computation_plot(comp, out / "computation.png", colors, stamp)
         missing = len(g) - len(comp)
-        plots.append(Plot("computation.png", "Computation vs other",
-                          "Share of profiled training-step time in computation kernels (torch profiler) and the rest "
-                          "(communication, synchronisation, data loading), each with the seconds per epoch it "
-                          "stands for (share x epoch time)."
-                          + (f" {missing} configuration(s) without profiler data are not shown." if missing else "")))
+        plots.append(
+            Plot(
+                "computation.png",
+                "Computation vs other",
+                "Share of profiled training-step time in computation kernels (torch profiler) and the rest "
+                "(communication, synchronisation, data loading), each with the seconds per epoch it "
+                "stands for (share x epoch time)."
+                + (f" {missing} configuration(s) without profiler data are not shown." if missing else ""),
+            )
+        )
     else:
         skipped.append(("Computation vs other", "no experiment has a computation fraction (profiler off)"))
 
     energy = g.dropna(subset=["gpu_energy_wh"])
     if not energy.empty:
         _energy_plot(energy, out / "gpu_energy.png", colors, stamp)
-        plots.append(Plot("gpu_energy.png", "GPU energy",
-                          "Top: GPU energy of a run summed over ranks (median over runs, bars min-max). "
-                          "Bottom: energy per training sample."))
+        plots.append(
+            Plot(
+                "gpu_energy.png",
+                "GPU energy",
+                "Top: GPU energy of a run summed over ranks (median over runs, bars min-max). "
+                "Bottom: energy per training sample.",
+            )
+        )
     else:
         skipped.append(("GPU energy", "no experiment measured GPU energy (no NVIDIA GPU was used)"))
     util = g.dropna(subset=["gpu_utilization_pct"])

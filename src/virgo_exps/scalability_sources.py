@@ -215,6 +215,7 @@ def parse_epochs_csv(text: str) -> tuple[list[float] | None, list[float] | None,
 
 # -- DVC ---------------------------------------------------------------------
 
+
 def _dvc_executable() -> str:
     here = Path(sys.executable).parent / "dvc"
     return str(here) if here.exists() else (shutil.which("dvc") or "dvc")
@@ -223,8 +224,10 @@ def _dvc_executable() -> str:
 def _metrics_of(data: dict) -> dict | None:
     for path, entry in (data.get("metrics") or {}).items():
         values = (entry or {}).get("data")
-        if path.endswith("metrics.json") and isinstance(values, dict) and (
-            "epoch_time_s_median" in values or "world_size" in values
+        if (
+            path.endswith("metrics.json")
+            and isinstance(values, dict)
+            and ("epoch_time_s_median" in values or "world_size" in values)
         ):
             return values
     return None
@@ -240,8 +243,9 @@ NO_EPOCHS = (None, None, None)
 
 def _git_epochs(repo: Path, rev: str) -> tuple:
     try:
-        proc = subprocess.run(["git", "show", f"{rev}:./{EPOCHS_FILE}"], cwd=repo, capture_output=True,
-                              text=True, timeout=30)
+        proc = subprocess.run(
+            ["git", "show", f"{rev}:./{EPOCHS_FILE}"], cwd=repo, capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return NO_EPOCHS
     return parse_epochs_csv(proc.stdout) if proc.returncode == 0 else NO_EPOCHS
@@ -277,14 +281,40 @@ def parse_exp_show(shown: list[dict], repo: Path | None = None) -> tuple[list[Ru
             metrics = _metrics_of(data)
             if metrics is not None:
                 t, s, load = _file_epochs(repo / EPOCHS_FILE) if repo else NO_EPOCHS
-                extra.append(Run("workspace", "workspace", metrics, _params_of(data), t, s, None,
-                                 _hashes(data.get("deps")), _hashes(data.get("outs")), head, epoch_load=load))
+                extra.append(
+                    Run(
+                        "workspace",
+                        "workspace",
+                        metrics,
+                        _params_of(data),
+                        t,
+                        s,
+                        None,
+                        _hashes(data.get("deps")),
+                        _hashes(data.get("outs")),
+                        head,
+                        epoch_load=load,
+                    )
+                )
             continue
         metrics = _metrics_of(data)
         if metrics is not None:
             t, s, load = _git_epochs(repo, rev) if repo else NO_EPOCHS
-            extra.append(Run(entry.get("name") or str(rev)[:7], "commit", metrics, _params_of(data), t, s, rev,
-                             _hashes(data.get("deps")), _hashes(data.get("outs")), rev, epoch_load=load))
+            extra.append(
+                Run(
+                    entry.get("name") or str(rev)[:7],
+                    "commit",
+                    metrics,
+                    _params_of(data),
+                    t,
+                    s,
+                    rev,
+                    _hashes(data.get("deps")),
+                    _hashes(data.get("outs")),
+                    rev,
+                    epoch_load=load,
+                )
+            )
         for exp in entry.get("experiments") or []:
             revs = exp.get("revs") or []
             if not revs:
@@ -295,22 +325,39 @@ def parse_exp_show(shown: list[dict], repo: Path | None = None) -> tuple[list[Ru
             tip_data = tip.get("data") or {}
             metrics = _metrics_of(tip_data)
             if state in ("queued", "running", "failed") or tip.get("error") or metrics is None:
-                why = state or ("error: " + str((tip.get("error") or {}).get("msg", ""))[:80] if tip.get("error")
-                                else "no results/metrics.json")
+                why = state or (
+                    "error: " + str((tip.get("error") or {}).get("msg", ""))[:80]
+                    if tip.get("error")
+                    else "no results/metrics.json"
+                )
                 notes.append(f"experiment {name} left out ({why})")
                 continue
             t, s, load = _git_epochs(repo, tip["rev"]) if repo else NO_EPOCHS
             times.append(str(tip_data.get("timestamp") or ""))
-            runs.append(Run(name, "experiment", metrics, _params_of(tip_data), t, s, tip.get("rev"),
-                            _hashes(tip_data.get("deps")), _hashes(tip_data.get("outs")), rev, epoch_load=load))
+            runs.append(
+                Run(
+                    name,
+                    "experiment",
+                    metrics,
+                    _params_of(tip_data),
+                    t,
+                    s,
+                    tip.get("rev"),
+                    _hashes(tip_data.get("deps")),
+                    _hashes(tip_data.get("outs")),
+                    rev,
+                    epoch_load=load,
+                )
+            )
     # Oldest first, so that of two experiments with the same result the one that trained is kept.
     stamp = {id(r): t for r, t in zip(runs, times)}
     runs.sort(key=lambda r: stamp[id(r)] or "")
     return runs + extra, notes
 
 
-def load_dvc(repo: str | os.PathLike = ".", names: list[str] | None = None,
-             all_commits: bool = False) -> tuple[list[Run], list[str]]:
+def load_dvc(
+    repo: str | os.PathLike = ".", names: list[str] | None = None, all_commits: bool = False
+) -> tuple[list[Run], list[str]]:
     repo = Path(repo)
     cmd = [_dvc_executable(), "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
     try:
@@ -337,6 +384,7 @@ def load_dvc(repo: str | os.PathLike = ".", names: list[str] | None = None,
 
 # -- MLflow ------------------------------------------------------------------
 
+
 def _param_value(text: str) -> Any:
     for convert in (int, float):
         try:
@@ -358,8 +406,9 @@ def default_mlflow_uri() -> str:
     return f"sqlite:///{db}"
 
 
-def load_mlflow(experiment: str | None = None, tracking_uri: str | None = None,
-                names: list[str] | None = None) -> tuple[list[Run], list[str]]:
+def load_mlflow(
+    experiment: str | None = None, tracking_uri: str | None = None, names: list[str] | None = None
+) -> tuple[list[Run], list[str]]:
     from mlflow.tracking import MlflowClient
 
     from .tracking import EXPERIMENT, redact
@@ -372,8 +421,9 @@ def load_mlflow(experiment: str | None = None, tracking_uri: str | None = None,
         raise SourceError(f"no MLflow experiment named {experiment!r} in {redact(uri)}")
     found, token, notes = [], None, []
     while True:
-        page = client.search_runs([exp.experiment_id], max_results=500, page_token=token,
-                                  order_by=["attributes.start_time ASC"])
+        page = client.search_runs(
+            [exp.experiment_id], max_results=500, page_token=token, order_by=["attributes.start_time ASC"]
+        )
         found.extend(page)
         token = page.token
         if not token:
@@ -388,8 +438,10 @@ def load_mlflow(experiment: str | None = None, tracking_uri: str | None = None,
             notes.append(f"MLflow run {name} left out (status {r.info.status})")
             continue
         params = {k: _param_value(v) for k, v in r.data.params.items()}
-        history = {k: sorted(client.get_metric_history(r.info.run_id, k), key=lambda m: m.step)
-                   for k in ("train_time_s", "samples_per_s", "load_avg")}
+        history = {
+            k: sorted(client.get_metric_history(r.info.run_id, k), key=lambda m: m.step)
+            for k in ("train_time_s", "samples_per_s", "load_avg")
+        }
         timed = {k: [m.value for m in (v[1:] if len(v) > 1 else v)] for k, v in history.items()}
         load = timed["load_avg"] if len(timed["load_avg"]) == len(timed["train_time_s"]) else None
         metrics = {k: v for k, v in r.data.metrics.items() if k not in PER_EPOCH}
@@ -407,10 +459,20 @@ def load_mlflow(experiment: str | None = None, tracking_uri: str | None = None,
         if metrics.get("epoch_time_s_median") is None:
             notes.append(f"MLflow run {name} left out (no epoch times)")
             continue
-        runs.append(Run(name, "mlflow", metrics, params, timed["train_time_s"] or None,
-                        timed["samples_per_s"] or None, r.info.run_id, commit=tags.get("git.revision"),
-                        tags={k: tags[k] for k in ("machine", "device", "hosts") if k in tags},
-                        epoch_load=load or None))
+        runs.append(
+            Run(
+                name,
+                "mlflow",
+                metrics,
+                params,
+                timed["train_time_s"] or None,
+                timed["samples_per_s"] or None,
+                r.info.run_id,
+                commit=tags.get("git.revision"),
+                tags={k: tags[k] for k in ("machine", "device", "hosts") if k in tags},
+                epoch_load=load or None,
+            )
+        )
     counts: dict[str, int] = {}
     for r in runs:
         counts[r.name] = counts.get(r.name, 0) + 1
@@ -425,6 +487,7 @@ def load_mlflow(experiment: str | None = None, tracking_uri: str | None = None,
 
 
 # -- files -------------------------------------------------------------------
+
 
 def _metrics_files(paths: list[str | os.PathLike]) -> list[Path]:
     files: list[Path] = []

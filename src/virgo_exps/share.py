@@ -117,6 +117,7 @@ class Result:
 
 # -- users and groups ---------------------------------------------------------
 
+
 def _user_name(uid: int | None = None) -> str:
     uid = os.getuid() if uid is None else uid
     try:
@@ -162,6 +163,7 @@ def check_membership(group: str) -> None:
 
 # -- checks -------------------------------------------------------------------
 
+
 def _owner(st: os.stat_result) -> str:
     return _user_name(st.st_uid)
 
@@ -177,17 +179,34 @@ def check_path(path: Path, gid: int, group: str, st: os.stat_result | None = Non
     if mode & stat.S_IWOTH:
         out.append(Problem(path, f"is world-writable (mode {mode:04o})", f"chmod o-w '{path}'", owner))
     if st.st_gid != gid:
-        out.append(Problem(path, f"belongs to group '{_group_name(st.st_gid)}', not '{group}'",
-                           f"chgrp {group} '{path}'", owner))
+        out.append(
+            Problem(
+                path, f"belongs to group '{_group_name(st.st_gid)}', not '{group}'", f"chgrp {group} '{path}'", owner
+            )
+        )
     if stat.S_ISDIR(st.st_mode):
-        missing = "".join(c for c, bit in (("r", stat.S_IRGRP), ("w", stat.S_IWGRP), ("x", stat.S_IXGRP))
-                          if not mode & bit)
+        missing = "".join(
+            c for c, bit in (("r", stat.S_IRGRP), ("w", stat.S_IWGRP), ("x", stat.S_IXGRP)) if not mode & bit
+        )
         if missing:
-            out.append(Problem(path, f"folder lacks group {missing} (mode {mode:04o}): teammates cannot add to it",
-                               f"chmod g+rwx '{path}'", owner))
+            out.append(
+                Problem(
+                    path,
+                    f"folder lacks group {missing} (mode {mode:04o}): teammates cannot add to it",
+                    f"chmod g+rwx '{path}'",
+                    owner,
+                )
+            )
         if not mode & stat.S_ISGID:
-            out.append(Problem(path, f"folder lacks the setgid bit (mode {mode:04o}): new files would get the "
-                                     f"creator's group instead of '{group}'", f"chmod g+s '{path}'", owner))
+            out.append(
+                Problem(
+                    path,
+                    f"folder lacks the setgid bit (mode {mode:04o}): new files would get the "
+                    f"creator's group instead of '{group}'",
+                    f"chmod g+s '{path}'",
+                    owner,
+                )
+            )
     elif not mode & stat.S_IRGRP:
         out.append(Problem(path, f"file is not group-readable (mode {mode:04o})", f"chmod g+r '{path}'", owner))
     return out
@@ -244,19 +263,24 @@ def explain(problems: list[Problem], root: Path, group: str, shown: int = 12) ->
         fixes.append(f"find '{root}' -type d -exec chmod g+rwxs {{}} +")
     if "chmod g+r" in kinds:
         fixes.append(f"find '{root}' -type f -exec chmod g+r {{}} +")
-    lines.append("Fix (run by the owner of those paths" + (f": {', '.join(owners)}" if owners else "")
-                 + ", or an administrator):")
+    lines.append(
+        "Fix (run by the owner of those paths"
+        + (f": {', '.join(owners)}" if owners else "")
+        + ", or an administrator):"
+    )
     lines += [f"  {f}" for f in fixes]
     return "\n".join(lines)
 
 
 # -- default ACLs ---------------------------------------------------------------
 
+
 def _acl_blob() -> bytes:
     import struct
 
-    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, _ACL_UNDEFINED_ID)
-                                           for tag, perm in _ACL_ENTRIES)
+    return struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, _ACL_UNDEFINED_ID) for tag, perm in _ACL_ENTRIES
+    )
 
 
 def has_default_acl(path: Path) -> bool:
@@ -323,6 +347,7 @@ def fix_own(problems: list[Problem], group: str) -> tuple[list[Problem], list[st
 
 
 # -- creating and joining -----------------------------------------------------
+
 
 def _run(cmd: list[str], cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
@@ -397,13 +422,21 @@ def prepare(root: Path, group: str) -> tuple[Layout, list[str]]:
             created.append(f"{sub} ({what})")
     if not layout.marker.exists():
         tmp = root / f".{MARKER}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({
-            "what": "virgo-exps shared experiment store",
-            "group": group,
-            "git": GIT_DIR, "dvc_remote": REMOTE_DIR, "dvc_cache": CACHE_DIR,
-            "created_by": _user_name(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }, indent=2) + "\n")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "what": "virgo-exps shared experiment store",
+                    "group": group,
+                    "git": GIT_DIR,
+                    "dvc_remote": REMOTE_DIR,
+                    "dvc_cache": CACHE_DIR,
+                    "created_by": _user_name(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, layout.marker)
     return layout, created
@@ -418,12 +451,16 @@ def probe_writable(layout: Layout) -> list[Problem]:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            out.append(Problem(folder, f"cannot create files here as {_user_name()}: {exc.strerror}",
-                               f"chmod g+rwxs '{folder}'"))
+            out.append(
+                Problem(
+                    folder, f"cannot create files here as {_user_name()}: {exc.strerror}", f"chmod g+rwxs '{folder}'"
+                )
+            )
     return out
 
 
 # -- configuring a clone ------------------------------------------------------
+
 
 def _dvc() -> str:
     here = Path(sys.executable).parent / "dvc"
@@ -488,8 +525,9 @@ def migrate_cache(old: Path, new: Path, gid: int) -> int:
     return copied
 
 
-def configure_clone(repo: Path, layout: Layout, name: str = DEFAULT_NAME, link_type: str = "copy",
-                    auto_push: bool = False) -> tuple[list[str], list[str]]:
+def configure_clone(
+    repo: Path, layout: Layout, name: str = DEFAULT_NAME, link_type: str = "copy", auto_push: bool = False
+) -> tuple[list[str], list[str]]:
     """Point this clone at the shared folder (local config only); return (changes, notes)."""
     repo = Path(repo).absolute()
     if link_type not in LINK_TYPES:
@@ -531,8 +569,9 @@ def configure_clone(repo: Path, layout: Layout, name: str = DEFAULT_NAME, link_t
         copied = migrate_cache(old_cache, layout.cache, group_id(layout.group))
         if copied:
             changes.append(f"copied {copied} object(s) of the previous cache {old_cache} into the shared cache")
-        notes.append(f"previous cache {old_cache} is no longer used (remove it to free space)"
-                     if old_cache.is_dir() else "")
+        notes.append(
+            f"previous cache {old_cache} is no longer used (remove it to free space)" if old_cache.is_dir() else ""
+        )
     # git refuses repositories owned by someone else ("dubious ownership") for
     # plain `git fetch`/`ls-remote`; the bare repository is a teammate's.
     st = os.stat(layout.git)
@@ -544,8 +583,16 @@ def configure_clone(repo: Path, layout: Layout, name: str = DEFAULT_NAME, link_t
     return changes, [n for n in notes if n]
 
 
-def share(root: Path, group: str, repo: Path = Path("."), name: str = DEFAULT_NAME, link_type: str = "copy",
-          auto_push: bool = False, deep_check: bool = True, fix: bool = False) -> Result:
+def share(
+    root: Path,
+    group: str,
+    repo: Path = Path("."),
+    name: str = DEFAULT_NAME,
+    link_type: str = "copy",
+    auto_push: bool = False,
+    deep_check: bool = True,
+    fix: bool = False,
+) -> Result:
     """Create or join ``root`` for ``group`` and configure ``repo``; check everything."""
     layout, created = prepare(root, group)
     result = Result(layout, created=created)
@@ -584,7 +631,6 @@ def summary(result: Result, name: str = DEFAULT_NAME) -> str:
     else:
         lines.append(f"permissions: ok (group '{lay.group}', setgid folders, group-writable, nothing world-writable)")
         lines.append(
-            "share:  dvc exp push {n} <exp>      fetch: dvc exp pull {n} <exp>      list: dvc exp list {n}".format(
-                n=name)
+            f"share:  dvc exp push {name} <exp>      fetch: dvc exp pull {name} <exp>      list: dvc exp list {name}"
         )
     return "\n".join(lines)

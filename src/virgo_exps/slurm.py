@@ -73,10 +73,21 @@ UNREACHABLE_S = 60  # ... or when squeue has not answered for this long (slurmct
 
 # Job states after which the job never runs again, unless Slurm requeues it
 # (then it shows PENDING with Restarts + 1, which is not in this set).
-FINAL_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-    "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED",
-})
+FINAL_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "SPECIAL_EXIT",
+        "REVOKED",
+    }
+)
 
 
 def dry_run_requested() -> bool:
@@ -86,6 +97,7 @@ def dry_run_requested() -> bool:
 # --------------------------------------------------------------------------
 # the batch script
 # --------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class JobContext:
@@ -98,7 +110,7 @@ class JobContext:
     python: str  # interpreter for the training processes
 
     @classmethod
-    def current(cls, stage: str) -> "JobContext":
+    def current(cls, stage: str) -> JobContext:
         return cls(stage, experiment_name(), Path.cwd().resolve(), main_checkout(), sys.executable)
 
     @property
@@ -125,7 +137,7 @@ class JobContext:
     def log_file(self, job_id: str) -> Path:
         return self.log_dir / f"{self.experiment}-{job_id}.out"
 
-    def log_of(self, info: "JobInfo") -> Path:
+    def log_of(self, info: JobInfo) -> Path:
         """Where Slurm writes the log of ``info`` (a job, or a task of an array): known from
         the ids, since ``scontrol`` shows a wrong ``StdOut`` for a pattern with ``%%``."""
         if info.array_task_id.isdigit() and info.array_job_id:
@@ -152,7 +164,7 @@ def slurm_filename(text: str) -> str:
     return text.replace("%", "%%")
 
 
-def check_job_text(ctx: "JobContext", machine_name: str = "") -> None:
+def check_job_text(ctx: JobContext, machine_name: str = "") -> None:
     """Refuse names and paths that cannot reach a batch script and Slurm unchanged.
 
     Quotes, ``%``, ``$``, ``#``, spaces and other characters are escaped where
@@ -161,6 +173,7 @@ def check_job_text(ctx: "JobContext", machine_name: str = "") -> None:
     (Slurm then stops expanding ``%j`` in it), and ``/`` in the experiment name
     (the log would go to another folder). DVC's own names never contain these.
     """
+
     def bad(text: str, backslash: bool = False, slash: bool = False) -> str:
         for ch in text:
             if ord(ch) < 32 or ord(ch) == 127:
@@ -177,8 +190,12 @@ def check_job_text(ctx: "JobContext", machine_name: str = "") -> None:
             "a SLURM batch script and its log file name; choose another name (`dvc exp run -n <name>` "
             "with letters, digits, '-', '_' or '.')"
         )
-    for what, text, backslash in (("checkout path", str(ctx.home), True), ("workspace path", str(ctx.workdir), False),
-                                  ("machine name", machine_name, False), ("stage name", ctx.stage, True)):
+    for what, text, backslash in (
+        ("checkout path", str(ctx.home), True),
+        ("workspace path", str(ctx.workdir), False),
+        ("machine name", machine_name, False),
+        ("stage name", ctx.stage, True),
+    ):
         if problem := bad(text, backslash=backslash):
             raise ConfigError(
                 f"{what} {text!r}: contains {problem}, which cannot be passed safely to a SLURM "
@@ -210,8 +227,10 @@ def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine, array: int
     extra = "".join(f" {shlex.quote(x)}" for x in machine.srun_extra)
     common = f'--cpus-per-task="$SLURM_CPUS_PER_TASK"{extra}'
     if array:
-        return (f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script} '
-                f'--part "$SLURM_ARRAY_TASK_ID" --parts {array} --workers "$SLURM_CPUS_PER_TASK"')
+        return (
+            f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script} '
+            f'--part "$SLURM_ARRAY_TASK_ID" --parts {array} --workers "$SLURM_CPUS_PER_TASK"'
+        )
     if cfg.strategy == "single":
         return f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script}'
     if cfg.strategy == "deepspeed" and machine.deepspeed_launcher == "deepspeed":
@@ -226,7 +245,7 @@ def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine, array: int
         return (
             f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 {common} '
             '"$VIRGO_PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" '
-            f'--nproc_per_node={cfg.procs_per_node} --rdzv_backend=c10d '
+            f"--nproc_per_node={cfg.procs_per_node} --rdzv_backend=c10d "
             '--rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" '
             f"{script}"
         )
@@ -243,8 +262,9 @@ def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine, array: 
         nodes, tasks, cpus = 1, 1, machine.cpus_per_task
     else:
         if cfg.strategy == "single" and cfg.nodes != 1:
-            raise ConfigError("train.nodes: strategy 'single' runs one process on one node; "
-                              "use ddp, deepspeed or horovod")
+            raise ConfigError(
+                "train.nodes: strategy 'single' runs one process on one node; use ddp, deepspeed or horovod"
+            )
         nodes, tasks = cfg.nodes, tasks_per_node(cfg)
         # CPUs of one Slurm task: torchrun's task holds all processes of its node.
         cpus = machine.cpus_per_task * (cfg.procs_per_node if tasks == 1 else 1)
@@ -266,8 +286,11 @@ def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine, array: 
     if machine.account:
         opts.append(f"--account={sbatch_arg(machine.account)}")
     if machine.gpus_per_node and not array:
-        opts.append(f"--gres=gpu:{machine.gpus_per_node}" if machine.gpu_option == "gres"
-                    else f"--gpus-per-node={machine.gpus_per_node}")
+        opts.append(
+            f"--gres=gpu:{machine.gpus_per_node}"
+            if machine.gpu_option == "gres"
+            else f"--gpus-per-node={machine.gpus_per_node}"
+        )
     if machine.mem:
         opts.append(f"--mem={machine.mem}")
     opts += list(machine.sbatch_extra)
@@ -276,7 +299,7 @@ def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine, array: 
 
 # The part of the batch script after the settings: start the step, pass the
 # pre-limit SIGUSR1 on, decide between "done", "failed" and "requeue me".
-_BODY = r'''
+_BODY = r"""
 echo "virgo: job $SLURM_JOB_ID ($SLURM_JOB_NAME) on $SLURM_JOB_NUM_NODES node(s): $SLURM_JOB_NODELIST;" \
      "machine $VIRGO_MACHINE; restart ${SLURM_RESTART_COUNT:-0}; $(date '+%Y-%m-%dT%H:%M:%S')"
 echo "virgo: workdir $PWD; rendezvous $MASTER_ADDR:$MASTER_PORT"
@@ -348,7 +371,7 @@ if [ "$interrupted" = 1 ] && [ "$terminating" = 0 ]; then
     exit "$VIRGO_EXIT_INTERRUPTED"
 fi
 exit "$rc"
-'''
+"""
 
 
 def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0) -> str:
@@ -369,7 +392,7 @@ def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Ma
         f"VIRGO_STATUS_FILE={q(status_file)}",
         f"VIRGO_MAX_REQUEUES={int(cfg.max_requeues)}",
         f"VIRGO_EXIT_INTERRUPTED={EXIT_INTERRUPTED}",
-        f"cd {q(str(ctx.workdir))} || {{ echo \"virgo: error: cannot cd into the workspace\" >&2; exit 1; }}",
+        f'cd {q(str(ctx.workdir))} || {{ echo "virgo: error: cannot cd into the workspace" >&2; exit 1; }}',
         f"export VIRGO_HOME={q(str(ctx.home))}",
         f"export VIRGO_MACHINE={q(machine.name)}",
         f"export DVC_EXP_NAME={q(ctx.experiment)}",
@@ -380,9 +403,11 @@ def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Ma
     ]
     if cfg.strategy == "deepspeed" and machine.deepspeed_launcher == "deepspeed" and not array:
         hostfile = f'{q(str(ctx.log_dir / ctx.experiment))}-"$SLURM_JOB_ID".hostfile'
-        lines += [f"VIRGO_HOSTFILE={hostfile}  # the nodes of this job, {cfg.procs_per_node} slots each",
-                  f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={cfg.procs_per_node}/" '
-                  '> "$VIRGO_HOSTFILE"']
+        lines += [
+            f"VIRGO_HOSTFILE={hostfile}  # the nodes of this job, {cfg.procs_per_node} slots each",
+            f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={cfg.procs_per_node}/" '
+            '> "$VIRGO_HOSTFILE"',
+        ]
     lines += [f"export {key}={q(value)}" for key, value in machine.env.items()]
     if machine.setup_script is not None:
         # module systems often read unset variables: no `set -u` while sourcing
@@ -416,10 +441,10 @@ def sbatch_command(script_path: Path, comment: str | None = None) -> list[str]:
 # talking to Slurm
 # --------------------------------------------------------------------------
 
+
 def _slurm(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     # Own session: a Ctrl-C in the terminal must not kill the tool mid-call.
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True)
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
 @dataclasses.dataclass
@@ -564,6 +589,7 @@ def find_active_jobs(ctx: JobContext) -> list[tuple[str, str, str, str]]:
 # watching a job
 # --------------------------------------------------------------------------
 
+
 def _write(text: str | bytes) -> None:
     """Write to stderr, ignoring a closed pipe: when `dvc exp run` (or the tmux pane) is gone
     the launcher must still cancel its job rather than die on EPIPE."""
@@ -706,8 +732,10 @@ def cancel_and_wait(job_id: str, signum: int, follower: _LogFollower | None = No
         if listed is not None:
             answered = now
         elif now - answered > UNREACHABLE_S:
-            _say(f"Slurm has not answered for {UNREACHABLE_S} s; giving up waiting for job {job_id} "
-                 f"(check with `squeue -j {job_id}`)")
+            _say(
+                f"Slurm has not answered for {UNREACHABLE_S} s; giving up waiting for job {job_id} "
+                f"(check with `squeue -j {job_id}`)"
+            )
             return
         if now - told > 10:
             _say(f"waiting for job {job_id} to end (Slurm's KillWait)...")
@@ -718,8 +746,7 @@ def cancel_and_wait(job_id: str, signum: int, follower: _LogFollower | None = No
     _say(f"job {job_id} is still listed by squeue after {CANCEL_WAIT_S} s; check with `squeue -j {job_id}`")
 
 
-def watch(job_id: str, ctx: JobContext, sbatch: subprocess.Popen | None, signals: _Signals,
-          follow: bool = True) -> int:
+def watch(job_id: str, ctx: JobContext, sbatch: subprocess.Popen | None, signals: _Signals, follow: bool = True) -> int:
     """Wait for the job's final state; return the stage's exit code."""
     follower = _LogFollower(ctx.log_file(job_id), enabled=follow)
     last: tuple | None = None
@@ -812,16 +839,18 @@ def _finish(job_id: str, ctx: JobContext, info: JobInfo | None, rc: int, followe
     elif rc == EXIT_INTERRUPTED:
         hint = " (the training was interrupted and not requeued; running the stage again continues from the snapshot)"
     errors = "".join(f"launch:   {line}\n" for line in error_lines(log))
-    _write(f"launch: error: {what}{hint}\nlaunch: log {log}; its last {LOG_TAIL_LINES} lines:\n"
-           f"{log_tail(log)}\n"
-           f"launch: error: {what}{hint}\n"
-           + (f"launch: errors reported in the log:\n{errors}" if errors else ""))
+    _write(
+        f"launch: error: {what}{hint}\nlaunch: log {log}; its last {LOG_TAIL_LINES} lines:\n"
+        f"{log_tail(log)}\n"
+        f"launch: error: {what}{hint}\n" + (f"launch: errors reported in the log:\n{errors}" if errors else "")
+    )
     return rc
 
 
 # --------------------------------------------------------------------------
 # the entry point used by the launcher
 # --------------------------------------------------------------------------
+
 
 def use_slurm_conf(machine: Machine) -> None:
     """Point every Slurm command of this process (and of the job) at the profile's ``slurm_conf``.
@@ -839,8 +868,9 @@ def use_slurm_conf(machine: Machine) -> None:
     os.environ["SLURM_CONF"] = str(path)
 
 
-def submit(stage: str, argv: list[str], cfg: TrainConfig, machine: Machine,
-           ctx: JobContext | None = None, array: int = 0) -> int:
+def submit(
+    stage: str, argv: list[str], cfg: TrainConfig, machine: Machine, ctx: JobContext | None = None, array: int = 0
+) -> int:
     """Run ``argv`` (a python script and its arguments) as a SLURM job; return its exit code.
 
     ``array``: submit a job array of that many tasks instead (see :func:`srun_command`);
@@ -852,8 +882,12 @@ def submit(stage: str, argv: list[str], cfg: TrainConfig, machine: Machine,
     comment = f"virgo:{fingerprint(ctx, cfg, argv, machine, array)}"
     cmd = sbatch_command(ctx.script_path, comment)
     if dry_run_requested():
-        print(f"# dry run (VIRGO_DRY_RUN): nothing submitted; on machine '{machine.name}' the launcher would "
-              f"write {ctx.script_path} and run:\n# {shlex.join(cmd)}\n{script}", end="", flush=True)
+        print(
+            f"# dry run (VIRGO_DRY_RUN): nothing submitted; on machine '{machine.name}' the launcher would "
+            f"write {ctx.script_path} and run:\n# {shlex.join(cmd)}\n{script}",
+            end="",
+            flush=True,
+        )
         return 0
     if cfg.strategy == "horovod" and importlib.util.find_spec("horovod") is None:
         # checked here, not after a wait in the queue: the job runs this same interpreter
@@ -876,20 +910,26 @@ def submit(stage: str, argv: list[str], cfg: TrainConfig, machine: Machine,
             job_id, name, state, other = active[0]
             if other != comment or len(active) > 1:
                 ids = " ".join(a[0] for a in active)
-                what = (f"job {job_id} ({name}, {state}) is still in the queue for this workspace but was "
-                        "submitted with another batch script or params" if len(active) == 1 else
-                        f"jobs {ids} of stage '{stage}' are still in the queue for this workspace")
+                what = (
+                    f"job {job_id} ({name}, {state}) is still in the queue for this workspace but was "
+                    "submitted with another batch script or params"
+                    if len(active) == 1
+                    else f"jobs {ids} of stage '{stage}' are still in the queue for this workspace"
+                )
                 raise ConfigError(f"{what}; wait for it or cancel it (`scancel {ids}`), then run the stage again")
-            _say(f"attaching to job {job_id} ({name}, {state}), submitted earlier from this workspace with the "
-                 "same script and params; not submitting a second one")
+            _say(
+                f"attaching to job {job_id} ({name}, {state}), submitted earlier from this workspace with the "
+                "same script and params; not submitting a second one"
+            )
             return watch(job_id, ctx, None, signals, follow)
         ctx.log_dir.mkdir(parents=True, exist_ok=True)
         tmp = ctx.script_path.with_name(f".{ctx.script_path.name}.{os.getpid()}")
         tmp.write_text(script)
         os.replace(tmp, ctx.script_path)
         _say(f"{stage} on '{machine.name}': {shlex.join(cmd)}")
-        sbatch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  start_new_session=True)
+        sbatch = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         assert sbatch.stdout is not None
         first = ""
         try:
@@ -946,8 +986,9 @@ def dry_run_stage(stage: str = "train", dvc_file: str = "dvc.yaml") -> int:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m virgo_exps.slurm",
-                                     description="Show the SLURM batch script of a stage (dry run).")
+    parser = argparse.ArgumentParser(
+        prog="python -m virgo_exps.slurm", description="Show the SLURM batch script of a stage (dry run)."
+    )
     parser.add_argument("stage", nargs="?", default="train")
     args = parser.parse_args(argv)
     try:

@@ -71,8 +71,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 __all__ = [
     "SimCluster",
@@ -89,8 +90,7 @@ __all__ = [
 STATE_FILE = "slurmsim-state.json"
 TAG_ENV = "VIRGO_SLURMSIM_TAG"
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-SLURM_COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo",
-                  "scontrol", "scancel")
+SLURM_COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel")
 MUNGE_COMMANDS = ("munged", "munge", "unmunge")
 NETNS_COMMANDS = ("ip", "nsenter", "unshare", "hostname")
 HOSTS_FILE = Path("/etc/hosts")
@@ -120,21 +120,27 @@ class SlurmStartError(SlurmSimError):
 # small process helpers
 # --------------------------------------------------------------------------
 
+
 def _log(msg: str) -> None:
     if os.environ.get("VIRGO_SLURMSIM_VERBOSE"):
         print(f"[slurmsim] {msg}", file=sys.stderr, flush=True)
 
 
-def _run(cmd: list[str], *, check: bool = True, timeout: float = 60,
-         env: dict[str, str] | None = None,
-         input: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    cmd: list[str],
+    *,
+    check: bool = True,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     _log("$ " + shlex.join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=env, input=input)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, input=input)
     if check and proc.returncode != 0:
         raise SlurmSimError(
             f"command failed (rc={proc.returncode}): {shlex.join(cmd)}\n"
-            f"stdout: {proc.stdout.strip()}\nstderr: {proc.stderr.strip()}")
+            f"stdout: {proc.stdout.strip()}\nstderr: {proc.stderr.strip()}"
+        )
     return proc
 
 
@@ -144,7 +150,7 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
         return None
-    rest = raw[raw.rfind(")") + 2:].split()
+    rest = raw[raw.rfind(")") + 2 :].split()
     # rest[0] is field 3 (state); field 4 ppid; field 22 starttime
     return rest[0], int(rest[1]), int(rest[19])
 
@@ -199,8 +205,7 @@ def _environ_has(pid: int, needle: bytes) -> bool:
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace").strip()
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
 
@@ -219,8 +224,9 @@ def _protected_pids() -> set[int]:
     return out
 
 
-def _kill_pids(pids: Iterable[tuple[int, int | None]], *, grace: float = 5.0,
-               first_signal: int = signal.SIGTERM) -> list[int]:
+def _kill_pids(
+    pids: Iterable[tuple[int, int | None]], *, grace: float = 5.0, first_signal: int = signal.SIGTERM
+) -> list[int]:
     """Signal (pid, starttime) pairs, escalate to SIGKILL after ``grace`` s.
 
     Returns the pids that were still alive at the end (should be empty).
@@ -291,6 +297,7 @@ def _global_lock() -> contextlib.AbstractContextManager[None]:
 # installation and munge
 # --------------------------------------------------------------------------
 
+
 def missing_commands(multinode: bool = False) -> list[str]:
     cmds = list(SLURM_COMMANDS + MUNGE_COMMANDS)
     if multinode:
@@ -310,8 +317,8 @@ def ensure_installed(multinode: bool = False, *, install: bool = True) -> None:
     """
     if not _is_root():
         raise SlurmUnavailable(
-            "the Slurm simulator needs root (daemons, network namespaces, "
-            "/etc/hosts); current euid is %d" % os.geteuid())
+            f"the Slurm simulator needs root (daemons, network namespaces, /etc/hosts); current euid is {os.geteuid()}"
+        )
     missing = missing_commands(multinode)
     if not missing:
         return
@@ -320,7 +327,8 @@ def ensure_installed(multinode: bool = False, *, install: bool = True) -> None:
     if shutil.which("apt-get") is None:
         raise SlurmUnavailable(
             f"missing commands {', '.join(missing)} and no apt-get to install "
-            f"them (need packages: {' '.join(APT_PACKAGES)})")
+            f"them (need packages: {' '.join(APT_PACKAGES)})"
+        )
     pkgs = list(APT_PACKAGES)
     if multinode:
         pkgs += ["iproute2", "util-linux"]
@@ -331,15 +339,12 @@ def ensure_installed(multinode: bool = False, *, install: bool = True) -> None:
             return
         try:
             _run(["apt-get", "update"], env=env, timeout=600)
-            _run(["apt-get", "install", "-y", "--no-install-recommends", *pkgs],
-                 env=env, timeout=1200)
+            _run(["apt-get", "install", "-y", "--no-install-recommends", *pkgs], env=env, timeout=1200)
         except (SlurmSimError, subprocess.TimeoutExpired) as exc:
-            raise SlurmUnavailable(
-                f"could not install {' '.join(pkgs)} with apt-get: {exc}") from exc
+            raise SlurmUnavailable(f"could not install {' '.join(pkgs)} with apt-get: {exc}") from exc
     missing = missing_commands(multinode)
     if missing:
-        raise SlurmUnavailable(
-            f"still missing after apt-get install: {', '.join(missing)}")
+        raise SlurmUnavailable(f"still missing after apt-get install: {', '.join(missing)}")
 
 
 def _munge_works() -> bool:
@@ -349,8 +354,7 @@ def _munge_works() -> bool:
         cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
         if cred.returncode != 0:
             return False
-        check = subprocess.run(["unmunge"], input=cred.stdout,
-                               capture_output=True, timeout=10)
+        check = subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, timeout=10)
         return check.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -401,6 +405,7 @@ def _acquire_munge(tag: str, workdir: Path, logdir: Path) -> None:
         user_kw: dict[str, Any] = {}
         try:
             import pwd
+
             pw = pwd.getpwnam("munge")
             os.chown(rundir, pw.pw_uid, pw.pw_gid)
             os.chmod(rundir, 0o755)
@@ -410,17 +415,21 @@ def _acquire_munge(tag: str, workdir: Path, logdir: Path) -> None:
         logdir.mkdir(parents=True, exist_ok=True)
         with open(logdir / "munged.out", "ab") as out:
             proc = subprocess.Popen(
-                ["munged", "--foreground", "--force"], stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                **user_kw)
+                ["munged", "--foreground", "--force"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **user_kw,
+            )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
             if _munge_works():
-                _write_json(reg_path, {"pid": proc.pid,
-                                       "starttime": _starttime(proc.pid),
-                                       "users": {tag: str(workdir)}})
+                _write_json(
+                    reg_path, {"pid": proc.pid, "starttime": _starttime(proc.pid), "users": {tag: str(workdir)}}
+                )
                 return
             time.sleep(0.2)
         with contextlib.suppress(ProcessLookupError):
@@ -451,6 +460,7 @@ def _release_munge(tag: str) -> None:
 # --------------------------------------------------------------------------
 # networking helpers
 # --------------------------------------------------------------------------
+
 
 def _used_networks() -> list[ipaddress.IPv4Network]:
     nets: list[ipaddress.IPv4Network] = []
@@ -495,8 +505,7 @@ def _choose_ports(tag: str) -> tuple[int, int]:
 
 
 def _hosts_markers(tag: str) -> tuple[str, str]:
-    return (f"# >>> virgo-slurmsim {tag} (managed block, removed on stop)",
-            f"# <<< virgo-slurmsim {tag}")
+    return (f"# >>> virgo-slurmsim {tag} (managed block, removed on stop)", f"# <<< virgo-slurmsim {tag}")
 
 
 def _hosts_add(tag: str, entries: list[tuple[str, str]]) -> None:
@@ -586,6 +595,7 @@ def _mem_total_mb() -> int:
 # the cluster
 # --------------------------------------------------------------------------
 
+
 class SimCluster:
     """A real Slurm cluster (slurmctld + slurmd per node) on this machine.
 
@@ -595,10 +605,17 @@ class SimCluster:
     started (or loaded from a state file).
     """
 
-    def __init__(self, workdir: Path | str, nodes: int = 1,
-                 cpus_per_node: int | None = None, *,
-                 slurmd_timeout: int = 10, min_job_age: int = 300,
-                 kill_wait: int = 5, cred_expire: int = 10) -> None:
+    def __init__(
+        self,
+        workdir: Path | str,
+        nodes: int = 1,
+        cpus_per_node: int | None = None,
+        *,
+        slurmd_timeout: int = 10,
+        min_job_age: int = 300,
+        kill_wait: int = 5,
+        cred_expire: int = 10,
+    ) -> None:
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
         if cpus_per_node is not None and cpus_per_node < 1:
@@ -632,10 +649,12 @@ class SimCluster:
 
     # ------------------------------------------------------------ basics
     def __repr__(self) -> str:
-        return (f"SimCluster(workdir={str(self.workdir)!r}, nodes={self.nodes}, "
-                f"cpus_per_node={self.cpus_per_node}, tag={self.tag!r})")
+        return (
+            f"SimCluster(workdir={str(self.workdir)!r}, nodes={self.nodes}, "
+            f"cpus_per_node={self.cpus_per_node}, tag={self.tag!r})"
+        )
 
-    def __enter__(self) -> "SimCluster":
+    def __enter__(self) -> SimCluster:
         self.start()
         return self
 
@@ -654,15 +673,18 @@ class SimCluster:
         base.update(self.env)
         return base
 
-    def slurm(self, *args: str, check: bool = True, timeout: float = 60,
-              ) -> subprocess.CompletedProcess[str]:
+    def slurm(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a Slurm command (``cluster.slurm("sinfo", "-N")``) against us."""
         return _run(list(args), check=check, timeout=timeout, env=self.command_env())
 
     @property
     def netns_names(self) -> list[str]:
-        return [f"vs-{self.tag}-n{i}" for i in range(1, self.nodes + 1)] \
-            if self.multinode else []
+        return [f"vs-{self.tag}-n{i}" for i in range(1, self.nodes + 1)] if self.multinode else []
 
     @property
     def bridge_name(self) -> str | None:
@@ -684,26 +706,27 @@ class SimCluster:
         return _read_json(self.state_path)
 
     @classmethod
-    def from_state(cls, workdir: Path | str) -> "SimCluster":
+    def from_state(cls, workdir: Path | str) -> SimCluster:
         """Rebuild a handle on a cluster started (possibly) by another process."""
         workdir = Path(workdir).absolute()
         state = _read_json(workdir / STATE_FILE)
         if not state:
             raise SlurmSimError(f"no {STATE_FILE} in {workdir}")
-        cluster = cls(workdir, nodes=state.get("nodes", 1),
-                      cpus_per_node=state.get("cpus_per_node"),
-                      **state.get("options", {}))
+        cluster = cls(
+            workdir, nodes=state.get("nodes", 1), cpus_per_node=state.get("cpus_per_node"), **state.get("options", {})
+        )
         cluster._state = state
         if state.get("node_names"):
             cluster.node_names = list(state["node_names"])
-            cluster.controller_name = state.get("controller_name",
-                                                cluster.controller_name)
+            cluster.controller_name = state.get("controller_name", cluster.controller_name)
         cluster.node_addresses = list(state.get("node_addresses", []))
         cluster.controller_address = state.get("controller_address")
         return cluster
 
-    def _daemon_pids(self, state: dict[str, Any] | None = None,
-                     ) -> list[tuple[str, int, int | None]]:
+    def _daemon_pids(
+        self,
+        state: dict[str, Any] | None = None,
+    ) -> list[tuple[str, int, int | None]]:
         state = self._state if state is None else state
         out = []
         for name, rec in state.get("daemons", {}).items():
@@ -725,11 +748,11 @@ class SimCluster:
             node_lines = [
                 f"NodeName={name} NodeAddr={addr} NodeHostname={name} "
                 f"CPUs={self.cpus_per_node} RealMemory={mem} State=UNKNOWN"
-                for name, addr in zip(self.node_names, self.node_addresses)]
+                for name, addr in zip(self.node_names, self.node_addresses)
+            ]
         else:
             ctl_host = self.controller_name
-            node_lines = [f"NodeName={self.node_names[0]} CPUs={self.cpus_per_node} "
-                          f"RealMemory={mem} State=UNKNOWN"]
+            node_lines = [f"NodeName={self.node_names[0]} CPUs={self.cpus_per_node} RealMemory={mem} State=UNKNOWN"]
         true_prog = shutil.which("true") or "true"
         lines = [
             "# generated by virgo_exps.slurmsim -- do not edit",
@@ -760,8 +783,7 @@ class SimCluster:
             # requeued job starts soon after its cred_expire hold; and allow the main
             # scheduler to run right after startup (sched_min_interval, in us) and
             # to start a batch job at submission (batch_sched_delay, default 3 s)
-            "SchedulerParameters=sched_interval=3,bf_interval=3,"
-            "sched_min_interval=100000,batch_sched_delay=0",
+            "SchedulerParameters=sched_interval=3,bf_interval=3,sched_min_interval=100000,batch_sched_delay=0",
             "MpiDefault=none",
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",
@@ -780,8 +802,7 @@ class SimCluster:
             "Waittime=0",
             f"MailProg={true_prog}",
             *node_lines,
-            f"PartitionName={self.partition} Nodes=ALL Default=YES "
-            "MaxTime=INFINITE State=UP",
+            f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf_path.write_text("\n".join(lines) + "\n")
 
@@ -796,20 +817,18 @@ class SimCluster:
             hosts = list(subnet.hosts())
             self.controller_address = str(hosts[0])
             self.node_addresses = [str(hosts[10 + i]) for i in range(self.nodes)]
-            self._state.update(controller_address=self.controller_address,
-                               node_addresses=self.node_addresses,
-                               subnet=str(subnet))
+            self._state.update(
+                controller_address=self.controller_address, node_addresses=self.node_addresses, subnet=str(subnet)
+            )
             net_state["bridge"] = br
             self._save_state()
             try:
                 _run(["ip", "link", "add", br, "type", "bridge"])
             except SlurmSimError as exc:
                 if "Operation not permitted" in str(exc):
-                    raise SlurmUnavailable(
-                        f"cannot create network devices here: {exc}") from exc
+                    raise SlurmUnavailable(f"cannot create network devices here: {exc}") from exc
                 raise
-            _run(["ip", "addr", "add", f"{self.controller_address}/{subnet.prefixlen}",
-                  "dev", br])
+            _run(["ip", "addr", "add", f"{self.controller_address}/{subnet.prefixlen}", "dev", br])
             _run(["ip", "link", "set", br, "up"])
         for i, (ns, addr) in enumerate(zip(self.netns_names, self.node_addresses), 1):
             host_if, peer_if = f"vs{self.tag}h{i}", f"vs{self.tag}p{i}"
@@ -822,12 +841,10 @@ class SimCluster:
             _run(["ip", "-n", ns, "link", "set", peer_if, "name", "eth0"])
             _run(["ip", "link", "set", host_if, "master", br])
             _run(["ip", "link", "set", host_if, "up"])
-            _run(["ip", "-n", ns, "addr", "add", f"{addr}/{subnet.prefixlen}",
-                  "dev", "eth0"])
+            _run(["ip", "-n", ns, "addr", "add", f"{addr}/{subnet.prefixlen}", "dev", "eth0"])
             _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "route", "add", "default", "via",
-                  self.controller_address])
+            _run(["ip", "-n", ns, "route", "add", "default", "via", self.controller_address])
         entries = [(self.controller_address, self.controller_name)]
         entries += list(zip(self.node_addresses, self.node_names))
         self._state["hosts_block"] = True
@@ -843,15 +860,19 @@ class SimCluster:
     def _spawn(self, key: str, argv: list[str]) -> None:
         self.logdir.mkdir(parents=True, exist_ok=True)
         with open(self.logdir / f"{key}.out", "ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, env=self._daemon_env(),
-                                    start_new_session=True, cwd=self.workdir)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._daemon_env(),
+                start_new_session=True,
+                cwd=self.workdir,
+            )
         self._procs[key] = proc
         # the pid may still be nsenter/unshare/sh until it execs the daemon;
         # the start time does not change across exec, so record it now
-        self._state.setdefault("daemons", {})[key] = {
-            "pid": proc.pid, "starttime": _starttime(proc.pid),
-            "argv": argv}
+        self._state.setdefault("daemons", {})[key] = {"pid": proc.pid, "starttime": _starttime(proc.pid), "argv": argv}
         self._save_state()
 
     def _slurmd_argv(self, name: str) -> list[str]:
@@ -859,16 +880,33 @@ class SimCluster:
         if not self.multinode:
             return ["slurmd", "-D", "-f", conf, "-N", name]
         ns = self.netns_names[self.node_names.index(name)]
-        return ["nsenter", f"--net={NETNS_DIR / ns}", "unshare", "--uts", "sh", "-c",
-                'hostname "$1" && exec slurmd -D -f "$2" -N "$1"', "sh", name, conf]
+        return [
+            "nsenter",
+            f"--net={NETNS_DIR / ns}",
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            'hostname "$1" && exec slurmd -D -f "$2" -N "$1"',
+            "sh",
+            name,
+            conf,
+        ]
 
     def _slurmctld_argv(self) -> list[str]:
         conf = str(self.conf_path)
         if not self.multinode:
             return ["slurmctld", "-D", "-i", "-f", conf]
-        return ["unshare", "--uts", "sh", "-c",
-                'hostname "$1" && exec slurmctld -D -i -f "$2"', "sh",
-                self.controller_name, conf]
+        return [
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            'hostname "$1" && exec slurmctld -D -i -f "$2"',
+            "sh",
+            self.controller_name,
+            conf,
+        ]
 
     def _log_tails(self) -> str:
         parts = []
@@ -890,8 +928,9 @@ class SimCluster:
                     states[parts[0]] = parts[1]
         return states
 
-    def wait_nodes(self, names: Iterable[str] | None = None, *,
-                   states: Iterable[str] = ("idle",), timeout: float = 60) -> None:
+    def wait_nodes(
+        self, names: Iterable[str] | None = None, *, states: Iterable[str] = ("idle",), timeout: float = 60
+    ) -> None:
         """Wait until every node in ``names`` reports one of ``states``."""
         names = list(self.node_names if names is None else names)
         wanted = set(states)
@@ -903,19 +942,16 @@ class SimCluster:
             if all(last.get(n) in wanted for n in names):
                 return
             if time.monotonic() > deadline:
-                raise SlurmStartError(
-                    f"nodes not {sorted(wanted)} after {timeout:.0f}s: {last}\n"
-                    + self._log_tails())
+                raise SlurmStartError(f"nodes not {sorted(wanted)} after {timeout:.0f}s: {last}\n" + self._log_tails())
             time.sleep(0.3)
 
     def _check_daemons_alive(self) -> None:
         for key, proc in self._procs.items():
             if proc.poll() is not None:
-                raise SlurmStartError(
-                    f"{key} exited with code {proc.returncode}\n" + self._log_tails())
+                raise SlurmStartError(f"{key} exited with code {proc.returncode}\n" + self._log_tails())
 
     # ------------------------------------------------------------ lifecycle
-    def start(self, timeout: float = 60, *, warmup: bool = True) -> "SimCluster":
+    def start(self, timeout: float = 60, *, warmup: bool = True) -> SimCluster:
         """Start the cluster and wait until every node is idle.
 
         With ``warmup`` (default) a trivial batch job running ``srun`` on every
@@ -934,22 +970,31 @@ class SimCluster:
                     raise ClusterAlreadyRunning(
                         f"a Slurm simulator cluster is already running from "
                         f"{self.workdir} (state {self.state_path}); stop it with "
-                        f"`python -m virgo_exps.slurmsim down --dir {self.workdir}`")
+                        f"`python -m virgo_exps.slurmsim down --dir {self.workdir}`"
+                    )
                 # stale state from a crashed session: clean up what it left
                 stale = SimCluster.from_state(self.workdir)
                 stale._teardown()
             self._state = {
-                "version": 1, "tag": self.tag, "workdir": str(self.workdir),
-                "nodes": self.nodes, "cpus_per_node": self.cpus_per_node,
-                "multinode": self.multinode, "node_names": self.node_names,
+                "version": 1,
+                "tag": self.tag,
+                "workdir": str(self.workdir),
+                "nodes": self.nodes,
+                "cpus_per_node": self.cpus_per_node,
+                "multinode": self.multinode,
+                "node_names": self.node_names,
                 "controller_name": self.controller_name,
-                "partition": self.partition, "conf": str(self.conf_path),
-                "owner_pid": os.getpid(), "started_at": time.time(),
+                "partition": self.partition,
+                "conf": str(self.conf_path),
+                "owner_pid": os.getpid(),
+                "started_at": time.time(),
                 "spool": str(self._spool_base()),
-                "options": {"slurmd_timeout": self.slurmd_timeout,
-                            "min_job_age": self.min_job_age,
-                            "kill_wait": self.kill_wait,
-                            "cred_expire": self.cred_expire},
+                "options": {
+                    "slurmd_timeout": self.slurmd_timeout,
+                    "min_job_age": self.min_job_age,
+                    "kill_wait": self.kill_wait,
+                    "cred_expire": self.cred_expire,
+                },
             }
             self._save_state()
             try:
@@ -962,11 +1007,9 @@ class SimCluster:
                     self._teardown()
                 except Exception as cleanup_exc:  # pragma: no cover - best effort
                     tails += f"\n(teardown after failed start also failed: {cleanup_exc})"
-                if isinstance(exc, (SlurmStartError, SlurmUnavailable,
-                                    KeyboardInterrupt)):
+                if isinstance(exc, (SlurmStartError, SlurmUnavailable, KeyboardInterrupt)):
                     raise
-                raise SlurmStartError(f"starting the cluster failed: {exc}\n{tails}") \
-                    from exc
+                raise SlurmStartError(f"starting the cluster failed: {exc}\n{tails}") from exc
         self.startup_seconds = time.monotonic() - t0
         _log(f"cluster {self.tag} up in {self.startup_seconds:.1f}s")
         return self
@@ -981,14 +1024,14 @@ class SimCluster:
             self._setup_network()
         else:
             self.controller_address = "127.0.0.1"
-            self.node_addresses = [socket.gethostbyname(self.node_names[0])
-                                   if _resolvable(self.node_names[0]) else "127.0.0.1"]
+            self.node_addresses = [
+                socket.gethostbyname(self.node_names[0]) if _resolvable(self.node_names[0]) else "127.0.0.1"
+            ]
             if not _resolvable(self.node_names[0]):
                 self._state["hosts_block"] = True
                 self._save_state()
                 _hosts_add(self.tag, [("127.0.0.1", self.node_names[0])])
-            self._state.update(controller_address=self.controller_address,
-                               node_addresses=self.node_addresses)
+            self._state.update(controller_address=self.controller_address, node_addresses=self.node_addresses)
         self._state["munge_user"] = True
         self._save_state()
         _acquire_munge(self.tag, self.workdir, self.logdir)
@@ -999,23 +1042,35 @@ class SimCluster:
             self._spawn("slurmctld", self._slurmctld_argv())
             # wait for slurmctld to listen before releasing the port lock
             deadline = time.monotonic() + min(timeout, 30)
-            while self.slurm("scontrol", "ping", check=False,
-                             timeout=15).returncode != 0:
+            while self.slurm("scontrol", "ping", check=False, timeout=15).returncode != 0:
                 self._check_daemons_alive()
                 if time.monotonic() > deadline:
-                    raise SlurmStartError("slurmctld does not answer `scontrol ping`\n"
-                                          + self._log_tails())
+                    raise SlurmStartError("slurmctld does not answer `scontrol ping`\n" + self._log_tails())
                 time.sleep(0.2)
         for name in self.node_names:
             self._spawn(f"slurmd-{name}", self._slurmd_argv(name))
         self.wait_nodes(timeout=timeout)
 
     def _warmup(self, timeout: float) -> None:
-        job_id = self.slurm(
-            "sbatch", "--parsable", "-J", "slurmsim-warmup", "-N", str(self.nodes),
-            "--ntasks-per-node=1", "-o", str(self.logdir / "warmup-%j.out"),
-            "--chdir", str(self.workdir), "--wrap", "srun hostname",
-        ).stdout.strip().split(";")[0]
+        job_id = (
+            self.slurm(
+                "sbatch",
+                "--parsable",
+                "-J",
+                "slurmsim-warmup",
+                "-N",
+                str(self.nodes),
+                "--ntasks-per-node=1",
+                "-o",
+                str(self.logdir / "warmup-%j.out"),
+                "--chdir",
+                str(self.workdir),
+                "--wrap",
+                "srun hostname",
+            )
+            .stdout.strip()
+            .split(";")[0]
+        )
         deadline = time.monotonic() + timeout
         state = "?"
         while time.monotonic() < deadline:
@@ -1026,13 +1081,24 @@ class SimCluster:
                     state = word.split("=", 1)[1]
             if state == "COMPLETED":
                 return
-            if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                         "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
+            if state in (
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+                "BOOT_FAIL",
+                "DEADLINE",
+                "PREEMPTED",
+            ):
                 break
             time.sleep(0.1)
         raise SlurmStartError(
             f"warm-up job {job_id} did not complete (state {state}):\n"
-            + _tail(self.logdir / f"warmup-{job_id}.out") + "\n" + self._log_tails())
+            + _tail(self.logdir / f"warmup-{job_id}.out")
+            + "\n"
+            + self._log_tails()
+        )
 
     def stop(self) -> None:
         """Stop everything this cluster started; safe to call more than once."""
@@ -1048,9 +1114,11 @@ class SimCluster:
         slurmd) plus all their descendants, and everything in our netns."""
         needle = f"{TAG_ENV}={self.tag}".encode()
         daemons = {pid for _, pid, _ in self._daemon_pids()}
-        steps = [pid for pid in _all_pids()
-                 if pid not in daemons and _cmdline(pid).startswith("slurmstepd")
-                 and _environ_has(pid, needle)]
+        steps = [
+            pid
+            for pid in _all_pids()
+            if pid not in daemons and _cmdline(pid).startswith("slurmstepd") and _environ_has(pid, needle)
+        ]
         pids = set(steps) | _descendants(steps)
         for ns in self._state.get("network", {}).get("netns", []):
             pids.update(_netns_pids(ns))
@@ -1060,11 +1128,9 @@ class SimCluster:
         state = self._state
         if not state:
             return
-        daemons = [(pid, st) for _, pid, st in self._daemon_pids(state)
-                   if _alive(pid, st)]
+        daemons = [(pid, st) for _, pid, st in self._daemon_pids(state) if _alive(pid, st)]
         # helpers forked by the daemons (slurmctld's slurmscriptd, prologs)
-        daemons += [(pid, _starttime(pid))
-                    for pid in _descendants(pid for pid, _ in daemons)]
+        daemons += [(pid, _starttime(pid)) for pid in _descendants(pid for pid, _ in daemons)]
         ctld = state.get("daemons", {}).get("slurmctld", {})
         if _alive(ctld.get("pid"), ctld.get("starttime")):
             # cancel jobs so that slurmstepds end cleanly (best effort, quick)
@@ -1075,8 +1141,7 @@ class SimCluster:
                     self.slurm("scancel", *ids, check=False, timeout=10)
                     deadline = time.monotonic() + 5
                     while time.monotonic() < deadline:
-                        q = self.slurm("squeue", "-h", "-t", "R,CG", "-o", "%i",
-                                       check=False, timeout=10)
+                        q = self.slurm("squeue", "-h", "-t", "R,CG", "-o", "%i", check=False, timeout=10)
                         if not q.stdout.split():
                             break
                         time.sleep(0.2)
@@ -1142,8 +1207,7 @@ class SimCluster:
         its jobs are requeued or fail with NODE_FAIL). Returns the pids killed."""
         key = self._node_key(name)
         pids = self.node_pids(name)
-        _kill_pids([(p, _starttime(p)) for p in pids], grace=0.1,
-                   first_signal=signal.SIGKILL)
+        _kill_pids([(p, _starttime(p)) for p in pids], grace=0.1, first_signal=signal.SIGKILL)
         proc = self._procs.pop(key, None)
         if proc is not None:
             with contextlib.suppress(Exception):
@@ -1154,8 +1218,14 @@ class SimCluster:
             self._save_state()
         return pids
 
-    def restart_node(self, name: str, *, wait: bool = True, timeout: float = 60,
-                     states: Iterable[str] = ("idle", "mixed", "allocated")) -> None:
+    def restart_node(
+        self,
+        name: str,
+        *,
+        wait: bool = True,
+        timeout: float = 60,
+        states: Iterable[str] = ("idle", "mixed", "allocated"),
+    ) -> None:
         """Start a (killed) node's slurmd again and, by default, wait until
         slurmctld sees it up (ReturnToService=2 brings DOWN nodes back)."""
         key = self._node_key(name)
@@ -1171,6 +1241,7 @@ class SimCluster:
 # functions and CLI
 # --------------------------------------------------------------------------
 
+
 def stop_from_state(workdir: Path | str) -> bool:
     """Stop the cluster recorded in ``workdir``; False if there was none."""
     workdir = Path(workdir)
@@ -1181,8 +1252,7 @@ def stop_from_state(workdir: Path | str) -> bool:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    cluster = SimCluster(args.dir, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                         min_job_age=args.min_job_age)
+    cluster = SimCluster(args.dir, nodes=args.nodes, cpus_per_node=args.cpus_per_node, min_job_age=args.min_job_age)
     try:
         cluster.start(timeout=args.timeout, warmup=not args.no_warmup)
     except SlurmUnavailable as exc:
@@ -1191,9 +1261,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except SlurmSimError as exc:
         print(f"slurmsim: {exc}", file=sys.stderr)
         return 1
-    print(f"# cluster up in {cluster.startup_seconds:.1f}s: nodes "
-          f"{' '.join(cluster.node_names)} (partition {cluster.partition})",
-          file=sys.stderr)
+    print(
+        f"# cluster up in {cluster.startup_seconds:.1f}s: nodes "
+        f"{' '.join(cluster.node_names)} (partition {cluster.partition})",
+        file=sys.stderr,
+    )
     for key, value in cluster.env.items():
         print(f"export {key}={shlex.quote(value)}")
     return 0
@@ -1230,22 +1302,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m virgo_exps.slurmsim",
-        description="Start/stop a real local Slurm cluster (needs root).")
+        prog="python -m virgo_exps.slurmsim", description="Start/stop a real local Slurm cluster (needs root)."
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start a cluster; prints `export SLURM_CONF=...`")
     up.add_argument("--nodes", type=int, default=1)
     up.add_argument("--cpus-per-node", type=int, default=None)
     up.add_argument("--timeout", type=float, default=60)
-    up.add_argument("--min-job-age", type=int, default=300,
-                    help="seconds finished jobs stay visible (also sets the "
-                         "sbatch -W poll interval: <=5 -> 2 s, <=17 -> 8 s, else 32 s)")
-    up.add_argument("--no-warmup", action="store_true",
-                    help="do not run the warm-up job after the nodes are idle")
-    for p in (up, sub.add_parser("down", help="stop the cluster of --dir"),
-              sub.add_parser("status", help="show the cluster of --dir")):
-        p.add_argument("--dir", default=".slurmsim", type=Path,
-                       help="cluster work directory (default: ./.slurmsim)")
+    up.add_argument(
+        "--min-job-age",
+        type=int,
+        default=300,
+        help="seconds finished jobs stay visible (also sets the "
+        "sbatch -W poll interval: <=5 -> 2 s, <=17 -> 8 s, else 32 s)",
+    )
+    up.add_argument("--no-warmup", action="store_true", help="do not run the warm-up job after the nodes are idle")
+    for p in (
+        up,
+        sub.add_parser("down", help="stop the cluster of --dir"),
+        sub.add_parser("status", help="show the cluster of --dir"),
+    ):
+        p.add_argument("--dir", default=".slurmsim", type=Path, help="cluster work directory (default: ./.slurmsim)")
     args = parser.parse_args(argv)
     return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status}[args.cmd](args)
 

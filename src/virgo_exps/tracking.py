@@ -70,11 +70,15 @@ def check_tracking_uri(uri: str | None = None) -> None:
         return
     scheme = urllib.parse.urlsplit(uri).scheme.lower()
     if scheme in ("http", "https"):
-        what = ("set MLFLOW_TRACKING_URI to the address alone and the credentials in MLFLOW_TRACKING_USERNAME "
-                "and MLFLOW_TRACKING_PASSWORD")
+        what = (
+            "set MLFLOW_TRACKING_URI to the address alone and the credentials in MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD"
+        )
     else:
-        what = ("set MLFLOW_TRACKING_URI without them and give the password the database client's own way "
-                "(for PostgreSQL: ~/.pgpass or PGPASSWORD)")
+        what = (
+            "set MLFLOW_TRACKING_URI without them and give the password the database client's own way "
+            "(for PostgreSQL: ~/.pgpass or PGPASSWORD)"
+        )
     raise ConfigError(
         f"MLFLOW_TRACKING_URI: holds a user name or password ({redact(uri)}), which MLflow would print "
         f"into the training logs; {what}"
@@ -84,9 +88,7 @@ def check_tracking_uri(uri: str | None = None) -> None:
 def git_revision(cwd: Path | None = None) -> str:
     rev = os.environ.get("DVC_EXP_BASELINE_REV")
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             rev = out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -111,7 +113,6 @@ class Tracker:
             return
         check_tracking_uri()
         import mlflow
-
         from mlflow.exceptions import MlflowException
 
         self._mlflow = mlflow

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import csv
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -68,11 +68,11 @@ import torch
 from torch import nn
 
 from .config import Params, as_flat_dict
-from .machines import active_machine_name
-from .paths import snapshot_root
 from .dataset import ImageDataset, ShardSampler, eval_shard
+from .machines import active_machine_name
 from .models import build_model, count_parameters, model_file_content
 from .monitoring import GpuMonitor, computation_fraction
+from .paths import snapshot_root
 from .strategies import Strategy
 
 EXIT_INTERRUPTED = 85
@@ -116,16 +116,22 @@ def snapshot_refusal(snap: dict, config: dict, epochs: int) -> str | None:
     theirs = snap.get("config") or {}
     changed = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k))
     if changed:
-        names = {"data": "training data", "code": "trainer code", "world_size": "world size",
-                 "checkpoints": "--checkpoints path"}
+        names = {
+            "data": "training data",
+            "code": "trainer code",
+            "world_size": "world size",
+            "checkpoints": "--checkpoints path",
+        }
         shown = [names.get(k, k) for k in changed]
         more = f", {len(shown) - 5} more" if len(shown) > 5 else ""
         return f"configuration changed ({', '.join(shown[:5])}{more})"
     done, step = int(snap.get("epoch", 0)), int(snap.get("step_in_epoch", 0))
     if done > epochs or (done == epochs and step > 0):
         where = f"epoch {done + 1}, step {step}" if step else f"{done} epoch(s)"
-        return (f"it is at {where} (status {snap.get('status')}), past the {epochs} epoch(s) "
-                f"requested, so it is not a prefix of this run")
+        return (
+            f"it is at {where} (status {snap.get('status')}), past the {epochs} epoch(s) "
+            f"requested, so it is not a prefix of this run"
+        )
     return None
 
 
@@ -266,8 +272,7 @@ class Trainer:
     # -- snapshots ----------------------------------------------------------
     def _config_key(self) -> dict:
         """Everything that determines the trajectory (its hash names the snapshot folder)."""
-        key = {k: v for k, v in as_flat_dict(self.params).items()
-               if k.startswith("train.") and k not in RESUMABLE_KEYS}
+        key = {k: v for k, v in as_flat_dict(self.params).items() if k.startswith("train.") and k not in RESUMABLE_KEYS}
         key["world_size"] = self.strategy.world_size
         key.update(self._digests)
         return key
@@ -348,8 +353,18 @@ class Trainer:
             "status": status,
         }
         _atomic_torch_save(snapshot, folder / SNAPSHOT)
-        state = json.dumps({"status": status, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                            "global_step": self.global_step, "snapshot": str(folder / SNAPSHOT)}) + "\n"
+        state = (
+            json.dumps(
+                {
+                    "status": status,
+                    "epoch": self.epoch,
+                    "step_in_epoch": self.step_in_epoch,
+                    "global_step": self.global_step,
+                    "snapshot": str(folder / SNAPSHOT),
+                }
+            )
+            + "\n"
+        )
         if folder != self.out.checkpoints:
             _atomic_write_text(folder / STATUS, state)
         _atomic_write_text(self.out.checkpoints / STATUS, state)
@@ -368,9 +383,12 @@ class Trainer:
                 continue
             try:
                 snap = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as exc:  # noqa: BLE001 - a damaged snapshot is reported and skipped
-                print(f"train: not resuming from {self._shown(path)}: cannot read it ({type(exc).__name__}: "
-                      f"{exc}); starting afresh", file=sys.stderr)
+            except Exception as exc:
+                print(
+                    f"train: not resuming from {self._shown(path)}: cannot read it ({type(exc).__name__}: "
+                    f"{exc}); starting afresh",
+                    file=sys.stderr,
+                )
                 continue
             reason = snapshot_refusal(snap, config, self.cfg.epochs)
             if reason:
@@ -404,8 +422,11 @@ class Trainer:
         done = snap.get("status") == "complete" and self.epoch == self.cfg.epochs
         self._final_written = done and path == self.out.checkpoints / SNAPSHOT
         if self.strategy.is_main and done:
-            print(f"train: reusing {self._shown(path)}: all {self.epoch} epoch(s) of this configuration are done "
-                  f"(status complete); writing the outputs from it", file=sys.stderr)
+            print(
+                f"train: reusing {self._shown(path)}: all {self.epoch} epoch(s) of this configuration are done "
+                f"(status complete); writing the outputs from it",
+                file=sys.stderr,
+            )
         elif self.strategy.is_main:
             print(
                 f"train: resuming from {self._shown(path)} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
@@ -508,7 +529,10 @@ class Trainer:
         sched_state = self.scheduler.state_dict()
         rng = _rng_state()
         sampler = ShardSampler(
-            len(self.train_set), self.cfg.global_batch_size, self.strategy.rank, self.strategy.world_size,
+            len(self.train_set),
+            self.cfg.global_batch_size,
+            self.strategy.rank,
+            self.strategy.world_size,
             self.cfg.seed + 7919,
         )
         batches = list(sampler)[: n + 1]
@@ -528,7 +552,6 @@ class Trainer:
 
     # -- public -------------------------------------------------------------
     def fit(self) -> dict:
-        s = self.strategy
         self._install_signal_handlers()
         self._setup()
         self._compute_digests()
@@ -549,9 +572,14 @@ class Trainer:
             hosts = sorted({p["host"] for p in self.placement})
             self.tracker.start(
                 as_flat_dict(self.params),
-                {"strategy": self.cfg.strategy, "world_size": str(s.world_size), "resumed": str(resumed),
-                 "machine": active_machine_name(), "hosts": ",".join(hosts),
-                 "device": self.placement[0]["device"]},
+                {
+                    "strategy": self.cfg.strategy,
+                    "world_size": str(s.world_size),
+                    "resumed": str(resumed),
+                    "machine": active_machine_name(),
+                    "hosts": ",".join(hosts),
+                    "device": self.placement[0]["device"],
+                },
                 [Path("version.lock")],
             )
             # The epochs of the snapshot belong to this run's record as well.
@@ -656,11 +684,19 @@ class Trainer:
         model = self.strategy.unwrap(self.model)
         self.out.model.parent.mkdir(parents=True, exist_ok=True)
         # The params and data these outputs were made with (checked by the report stage and `virgo-exps verify`).
-        stamp = provenance.stamp("train", as_flat_dict(self.params), inputs={str(self.data): self.data},
-                                 upstream=self.train_set.attrs.get(provenance.KEY))
+        stamp = provenance.stamp(
+            "train",
+            as_flat_dict(self.params),
+            inputs={str(self.data): self.data},
+            upstream=self.train_set.attrs.get(provenance.KEY),
+        )
         _atomic_torch_save(  # with the sha256 that models.load_model verifies
-            model_file_content(model.state_dict(), {"name": self.cfg.model, "in_channels": self.train_set.n_channels},
-                               self.train_set.attrs.get("norm"), **{provenance.KEY: stamp}),
+            model_file_content(
+                model.state_dict(),
+                {"name": self.cfg.model, "in_channels": self.train_set.n_channels},
+                self.train_set.attrs.get("norm"),
+                **{provenance.KEY: stamp},
+            ),
             self.out.model,
         )
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
@@ -681,8 +717,13 @@ class Trainer:
         _atomic_write_text(self.out.ranks, json.dumps(ranks, indent=2) + "\n")
         if self.tracker is not None:
             per_epoch = {f.name for f in dataclasses.fields(EpochRecord)}
-            self.tracker.log_metrics({k: v for k, v in clean.items() if isinstance(v, (int, float))
-                                      and not isinstance(v, bool) and k not in per_epoch})
+            self.tracker.log_metrics(
+                {
+                    k: v
+                    for k, v in clean.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in per_epoch
+                }
+            )
             self.tracker.log_rank_runs(
                 [{k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "rank"} for r in ranks]
             )

@@ -27,9 +27,10 @@ import itertools
 import json
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -61,11 +62,15 @@ class Report:
     checked: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        return ([f"ok: {c}" for c in self.checked] + [f"note: {n}" for n in self.notes]
-                + [f"FAIL: {p}" for p in self.problems])
+        return (
+            [f"ok: {c}" for c in self.checked]
+            + [f"note: {n}" for n in self.notes]
+            + [f"FAIL: {p}" for p in self.problems]
+        )
 
 
 # -- experiments and baselines ------------------------------------------------
+
 
 def exp_refs(repo: Path) -> dict[str, str]:
     """{experiment name: ref} of the experiments git knows (``refs/exps/...``)."""
@@ -103,6 +108,7 @@ def same_as_baseline(repo: str | Path = ".") -> dict[str, str]:
 
 # -- where outputs are read from ------------------------------------------------
 
+
 class Workspace:
     label = "workspace"
 
@@ -138,8 +144,10 @@ class Experiment:
             known = ", ".join(sorted(refs)) or "none"
             raise VerifyError(f"--exp {name}: no such experiment (known: {known}); see `dvc exp list`")
         self.label = f"experiment {name}"
-        self.cache = Path(subprocess.run([_dvc(), "cache", "dir"], cwd=repo, capture_output=True,
-                                         text=True).stdout.strip() or repo / ".dvc" / "cache")
+        self.cache = Path(
+            subprocess.run([_dvc(), "cache", "dir"], cwd=repo, capture_output=True, text=True).stdout.strip()
+            or repo / ".dvc" / "cache"
+        )
         lock = yaml.safe_load(self.text("dvc.lock") or "") or {}
         self.uncached = uncached_outs(yaml.safe_load(self.text("dvc.yaml") or "") or {})
         self.outs: dict[str, dict] = {}
@@ -189,6 +197,7 @@ class Experiment:
 
 # -- the checks ----------------------------------------------------------------------
 
+
 def uncached_outs(dvc_yaml: dict) -> set[str]:
     """Outputs with ``cache: false``: git holds them, the DVC cache does not."""
     out = set()
@@ -230,7 +239,7 @@ def _read_stamp(src, rel: str) -> tuple[dict | None, str | None]:
             return obj.get(provenance.KEY), None
     except FileNotFoundError:
         return None, None
-    except Exception as exc:  # noqa: BLE001 - reported as a problem of this output
+    except Exception as exc:
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None, None
 
@@ -274,14 +283,16 @@ def check_stamps(src, report: Report, dvc_yaml: Path) -> None:
                     lock_says = f"; dvc.lock says {key}={in_lock[key]!r}" if key in in_lock else ""
                     report.problems.append(
                         f"{rel}: made with {key}={was!r} but params.yaml has {key}={now!r}{lock_says}: "
-                        f"the output does not match its params; {provenance.fix_hint(stage)}")
+                        f"the output does not match its params; {provenance.fix_hint(stage)}"
+                    )
                     bad = True
                 for rel_in, want in (st.get("inputs") or {}).items():
                     have = digest_of(rel_in)
                     if have is not None and have != want:
                         report.problems.append(
                             f"{rel}: made from {rel_in} with digest {want}, but {rel_in} now has digest {have}: "
-                            f"the output is not that of its inputs; {provenance.fix_hint(stage)}")
+                            f"the output is not that of its inputs; {provenance.fix_hint(stage)}"
+                        )
                         bad = True
             else:  # the short form in metrics.json
                 expected = provenance.params_digest(keys_given)
@@ -295,7 +306,8 @@ def check_stamps(src, report: Report, dvc_yaml: Path) -> None:
                     report.problems.append(
                         f"{rel}: made with other {stage} params than params.yaml gives (digest {st.get('params')}, "
                         f"expected {expected}){named}: the output does not match its params; "
-                        f"{provenance.fix_hint(stage)}")
+                        f"{provenance.fix_hint(stage)}"
+                    )
                     bad = True
             if not bad:
                 report.checked.append(f"{rel}: made with the params of params.yaml ({stage})")
@@ -316,17 +328,24 @@ def check_dvc_status(repo: Path, report: Report) -> None:
         real = [c for c in changes if c != "always changed"]
         if real:
             stale = True
-            report.problems.append(f"dvc.lock vs files: stage {stage}: {json.dumps(real)}: the workspace is not "
-                                   "what dvc.lock records; `dvc exp run` (or `dvc checkout` to restore the outputs)")
+            report.problems.append(
+                f"dvc.lock vs files: stage {stage}: {json.dumps(real)}: the workspace is not "
+                "what dvc.lock records; `dvc exp run` (or `dvc checkout` to restore the outputs)"
+            )
     if not stale:
         report.checked.append("dvc.lock vs files: `dvc status` has nothing to reproduce")
 
 
 def check_cache(src, report: Report, lock: dict) -> None:
     """Every cache object of every output in dvc.lock has the MD5 it is stored under."""
-    cache = src.cache if isinstance(src, Experiment) else Path(subprocess.run(
-        [_dvc(), "cache", "dir"], cwd=src.repo, capture_output=True, text=True).stdout.strip()
-        or src.repo / ".dvc" / "cache")
+    cache = (
+        src.cache
+        if isinstance(src, Experiment)
+        else Path(
+            subprocess.run([_dvc(), "cache", "dir"], cwd=src.repo, capture_output=True, text=True).stdout.strip()
+            or src.repo / ".dvc" / "cache"
+        )
+    )
     n = 0
     uncached = uncached_outs(yaml.safe_load(src.text("dvc.yaml") or "") or {})
     for stage in (lock.get("stages") or {}).values():
@@ -356,7 +375,8 @@ def check_cache(src, report: Report, lock: dict) -> None:
                 if h.hexdigest() != obj_md5:
                     report.problems.append(
                         f"{where}: the DVC cache object {obj} is corrupt (its MD5 is {h.hexdigest()}, not {obj_md5}): "
-                        f"remove it and `dvc pull {rel}`, or rerun the stage that makes it")
+                        f"remove it and `dvc pull {rel}`, or rerun the stage that makes it"
+                    )
     report.checked.append(f"DVC cache: {n} object(s) of the outputs in dvc.lock have the right MD5")
 
 
@@ -377,20 +397,22 @@ def check_stores(repo: Path, report: Report, dvc_yaml: Path) -> None:
             try:
                 group = zarr.open_group(str(path), mode="r")
                 arrays = [(name, a) for name, a in group.members(max_depth=None) if isinstance(a, zarr.Array)]
-            except Exception as exc:  # noqa: BLE001
-                report.problems.append(f"{rel}: cannot be opened ({type(exc).__name__}: {exc}); "
-                                       + FIX_CORRUPT.format(path=rel))
+            except Exception as exc:
+                report.problems.append(
+                    f"{rel}: cannot be opened ({type(exc).__name__}: {exc}); " + FIX_CORRUPT.format(path=rel)
+                )
                 continue
             n, bad = 0, False
             for name, arr in arrays:
                 for idx in _chunks(arr):
                     try:
                         arr.blocks[idx]
-                    except Exception as exc:  # noqa: BLE001 - a chunk that does not decode
+                    except Exception as exc:
                         report.problems.append(
                             f"{rel}: array {name}, chunk {'.'.join(map(str, idx))} cannot be read "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                            + FIX_CORRUPT.format(path=rel))
+                            + FIX_CORRUPT.format(path=rel)
+                        )
                         bad = True
                     n += 1
             if not bad:
@@ -407,8 +429,10 @@ def verify(repo: str | Path = ".", exp: str | None = None, read_chunks: bool = T
         src = Experiment(repo, exp)
         base = baseline_of(repo, src.rev)
         if base:
-            report.notes.append(f"experiment {exp} is identical to its baseline {base[:7]} (nothing changed when it "
-                                f"ran): it is that baseline's result, not a new one")
+            report.notes.append(
+                f"experiment {exp} is identical to its baseline {base[:7]} (nothing changed when it "
+                f"ran): it is that baseline's result, not a new one"
+            )
         text = src.text("dvc.yaml")
         if text is not None:
             dvc_yaml = repo / ".dvc" / "tmp" / "verify" / "dvc.yaml"

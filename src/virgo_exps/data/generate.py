@@ -101,9 +101,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import provenance as _provenance
 from ..config import GenerateConfig
 from . import store as _store
-from .. import provenance as _provenance
 
 FORMAT_VERSION = 1
 ARRAY = "strain"
@@ -414,7 +414,9 @@ def store_attrs(cfg: GenerateConfig) -> dict:
         "n_time": d.n_time,
         "chunk_size": cfg.chunk_size,
         "channels": names,
-        "units": {name: ("strain (arbitrary scale)" if name == "main" else "counts (arbitrary scale)") for name in names},
+        "units": {
+            name: ("strain (arbitrary scale)" if name == "main" else "counts (arbitrary scale)") for name in names
+        },
         "band_hz": list(d.band),
         "generator": "virgo_exps.data.generate",
         "format_version": FORMAT_VERSION,
@@ -566,7 +568,9 @@ def _complete(cfg: GenerateConfig, path: Path) -> None:
     missing = missing_chunks(cfg, path)
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise RuntimeError(f"{path}: {len(missing)} of {n_chunks_of(cfg)} chunks are missing ({shown}); rerun their parts")
+        raise RuntimeError(
+            f"{path}: {len(missing)} of {n_chunks_of(cfg)} chunks are missing ({shown}); rerun their parts"
+        )
     group.attrs["complete"] = True  # last write
     _store.fsync_tree(path)
 
@@ -592,8 +596,15 @@ def generate_part(
     """
     first, last = part_range(n_chunks_of(cfg), part, n_parts)
     ensure_partial(cfg, Path(out_partial))
-    _write_range(cfg, Path(out_partial), first, last, resolve_workers(workers, cfg.workers), progress,
-                 f"generate part {part}/{n_parts}")
+    _write_range(
+        cfg,
+        Path(out_partial),
+        first,
+        last,
+        resolve_workers(workers, cfg.workers),
+        progress,
+        f"generate part {part}/{n_parts}",
+    )
     return first, last
 
 
@@ -683,8 +694,12 @@ def generate(
     out.parent.mkdir(parents=True, exist_ok=True)
     _store.remove_stale_partials(out)
     if progress:
-        print(f"[generate] {cfg.n_samples} samples in {n_chunks} chunks of {cfg.chunk_size} on "
-              f"{min(nw, n_chunks)} worker(s) -> {out}", file=sys.stderr, flush=True)
+        print(
+            f"[generate] {cfg.n_samples} samples in {n_chunks} chunks of {cfg.chunk_size} on "
+            f"{min(nw, n_chunks)} worker(s) -> {out}",
+            file=sys.stderr,
+            flush=True,
+        )
     partial = _store.partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)
     t0 = time.perf_counter()
@@ -698,8 +713,12 @@ def generate(
         raise
     if progress:
         dt = time.perf_counter() - t0
-        print(f"[generate] wrote {out} ({cfg.n_samples} samples in {dt:.1f} s, "
-              f"{cfg.n_samples / max(dt, 1e-9):.0f} samples/s)", file=sys.stderr, flush=True)
+        print(
+            f"[generate] wrote {out} ({cfg.n_samples} samples in {dt:.1f} s, "
+            f"{cfg.n_samples / max(dt, 1e-9):.0f} samples/s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def open_strain(path: Path):

@@ -58,9 +58,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import provenance as _provenance
 from ..config import PreprocessConfig
 from . import store as _store
-from .. import provenance as _provenance
 
 FORMAT_VERSION = 1
 # Samples per chunk along axis 0 of every output array. Training reads whole
@@ -281,8 +281,12 @@ def grid_of(n_time: int, sample_rate: float, cfg: PreprocessConfig) -> dict:
 
     times, freqs = q_transform_grid(n_time, sample_rate, frange=(cfg.fmin, cfg.fmax))
     return {
-        "t0": float(times[0]), "dt": float(times[1] - times[0]) if len(times) > 1 else 0.0, "n_time": len(times),
-        "f0": float(freqs[0]), "df": float(freqs[1] - freqs[0]) if len(freqs) > 1 else 0.0, "n_freq": len(freqs),
+        "t0": float(times[0]),
+        "dt": float(times[1] - times[0]) if len(times) > 1 else 0.0,
+        "n_time": len(times),
+        "f0": float(freqs[0]),
+        "df": float(freqs[1] - freqs[0]) if len(freqs) > 1 else 0.0,
+        "n_freq": len(freqs),
     }
 
 
@@ -349,14 +353,33 @@ def _create_output(path: Path, splits: dict, n_aux: int, p: int) -> object:
         n = int(index.size)
         c = max(1, min(OUT_CHUNK, n))
         sub = group.create_group(split)
-        sub.create_array("x", shape=(n, n_aux, p, p), chunks=(c, n_aux, p, p), dtype="float32",
-                         compressors=comp, dimension_names=("sample", "channel", "time", "frequency"))
-        sub.create_array("y", shape=(n, 1, p, p), chunks=(c, 1, p, p), dtype="float32",
-                         compressors=comp, dimension_names=("sample", "channel", "time", "frequency"))
-        sub.create_array("index", shape=(n,), chunks=(max(1, n),), dtype="int64", compressors=comp,
-                         dimension_names=("sample",))
-        sub.create_array("window", shape=(n, 2), chunks=(max(1, n), 2), dtype="int32", compressors=comp,
-                         dimension_names=("sample", "corner"))
+        sub.create_array(
+            "x",
+            shape=(n, n_aux, p, p),
+            chunks=(c, n_aux, p, p),
+            dtype="float32",
+            compressors=comp,
+            dimension_names=("sample", "channel", "time", "frequency"),
+        )
+        sub.create_array(
+            "y",
+            shape=(n, 1, p, p),
+            chunks=(c, 1, p, p),
+            dtype="float32",
+            compressors=comp,
+            dimension_names=("sample", "channel", "time", "frequency"),
+        )
+        sub.create_array(
+            "index", shape=(n,), chunks=(max(1, n),), dtype="int64", compressors=comp, dimension_names=("sample",)
+        )
+        sub.create_array(
+            "window",
+            shape=(n, 2),
+            chunks=(max(1, n), 2),
+            dtype="int32",
+            compressors=comp,
+            dimension_names=("sample", "corner"),
+        )
         sub["index"][:] = index.astype(np.int64)
     return group
 
@@ -431,9 +454,12 @@ def preprocess(
     partial = _store.partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)
     if progress:
-        print(f"[preprocess] {n} samples ({train_idx.size} train, {val_idx.size} val), "
-              f"{n_ch} channels, {len(starts)} blocks on {nw} worker(s), whiten={cfg.whiten}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[preprocess] {n} samples ({train_idx.size} train, {val_idx.size} val), "
+            f"{n_ch} channels, {len(starts)} blocks on {nw} worker(s), whiten={cfg.whiten}",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         group = _create_output(partial, {"train": train_idx, "val": val_idx}, n_aux, p)
         writers = {
@@ -464,29 +490,33 @@ def preprocess(
             for s in starts:
                 e = min(s + block, n)
                 block_data = _store.read(strain, gen_store, s, e, stage="generate")  # checksummed
-                consume(s, *transform_samples(block_data, sample_rate, cfg, device=device),
-                        grid_of(n_time, sample_rate, cfg))
+                consume(
+                    s,
+                    *transform_samples(block_data, sample_rate, cfg, device=device),
+                    grid_of(n_time, sample_rate, cfg),
+                )
         else:
             import multiprocessing as mp
 
             threads = max(1, (os.cpu_count() or 1) // nw)
-            with ProcessPoolExecutor(max_workers=nw, mp_context=mp.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(threads,)) as pool:
+            with ProcessPoolExecutor(
+                max_workers=nw, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+            ) as pool:
                 # results are consumed in block order (writes and statistics
                 # then do not depend on scheduling); at most 2 blocks per
                 # worker are in flight, which bounds memory.
                 queue = []
                 it = iter(starts)
                 for s in it:
-                    queue.append(pool.submit(_transform_block, str(gen_store), s, min(s + block, n),
-                                             sample_rate, cfg))
+                    queue.append(pool.submit(_transform_block, str(gen_store), s, min(s + block, n), sample_rate, cfg))
                     if len(queue) >= 2 * nw:
                         break
                 while queue:
                     consume(*queue.pop(0).result())
                     for s in it:
-                        queue.append(pool.submit(_transform_block, str(gen_store), s, min(s + block, n),
-                                                 sample_rate, cfg))
+                        queue.append(
+                            pool.submit(_transform_block, str(gen_store), s, min(s + block, n), sample_rate, cfg)
+                        )
                         break
         for w in writers.values():
             w.close()
@@ -509,28 +539,37 @@ def preprocess(
         t_norm = time.perf_counter() - t2
 
         source = {k: v for k, v in gen_attrs.items() if k != "complete"}
-        group.attrs.update({
-            "norm": {"x_mean": [float(v) for v in x_mean], "x_std": [float(v) for v in x_std],
-                     "y_mean": float(y_mean[0]), "y_std": float(y_std[0])},
-            "patch_size": p,
-            "params": dataclasses.asdict(cfg),
-            "generate": source,
-            "grid": grid,
-            # q_transform lowers fmax (with a warning) when the lowest-Q tiles
-            # would not fit below Nyquist; this is the band actually imaged
-            "frange_effective": [grid["f0"], grid["f0"] + grid["n_freq"] * grid["df"]],
-            "channels_x": list(gen_attrs.get("channels", [f"aux{k}" for k in range(1, n_ch)]))[1:],
-            "channels_y": ["main"],
-            "log_scale": "log1p(max(energy, 0))",
-            "smoothing": list(SMOOTH),
-            "n_train": int(train_idx.size),
-            "n_val": int(val_idx.size),
-            "format_version": FORMAT_VERSION,
-            # the params and input data this store was made with (see virgo_exps.provenance)
-            "provenance": _provenance.stamp(
-                "preprocess", {f"preprocess.{k}": v for k, v in dataclasses.asdict(cfg).items()},
-                inputs={str(gen_store): gen_store}, upstream=gen_attrs.get("provenance")),
-        })
+        group.attrs.update(
+            {
+                "norm": {
+                    "x_mean": [float(v) for v in x_mean],
+                    "x_std": [float(v) for v in x_std],
+                    "y_mean": float(y_mean[0]),
+                    "y_std": float(y_std[0]),
+                },
+                "patch_size": p,
+                "params": dataclasses.asdict(cfg),
+                "generate": source,
+                "grid": grid,
+                # q_transform lowers fmax (with a warning) when the lowest-Q tiles
+                # would not fit below Nyquist; this is the band actually imaged
+                "frange_effective": [grid["f0"], grid["f0"] + grid["n_freq"] * grid["df"]],
+                "channels_x": list(gen_attrs.get("channels", [f"aux{k}" for k in range(1, n_ch)]))[1:],
+                "channels_y": ["main"],
+                "log_scale": "log1p(max(energy, 0))",
+                "smoothing": list(SMOOTH),
+                "n_train": int(train_idx.size),
+                "n_val": int(val_idx.size),
+                "format_version": FORMAT_VERSION,
+                # the params and input data this store was made with (see virgo_exps.provenance)
+                "provenance": _provenance.stamp(
+                    "preprocess",
+                    {f"preprocess.{k}": v for k, v in dataclasses.asdict(cfg).items()},
+                    inputs={str(gen_store): gen_store},
+                    upstream=gen_attrs.get("provenance"),
+                ),
+            }
+        )
         group.attrs["complete"] = True  # last write
         _store.publish(partial, out)
     except BaseException:

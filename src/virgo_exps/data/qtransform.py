@@ -76,6 +76,7 @@ _CELLS_PER_CHUNK = 24_000_000
 # Tiling (pure python/numpy; cached)
 # --------------------------------------------------------------------------
 
+
 def _frequency_range(
     frange: tuple[float, float],
     qs: Sequence[float],
@@ -91,8 +92,7 @@ def _frequency_range(
         fmax = ceiling
     elif fmax > ceiling:
         warnings.warn(
-            f"upper frequency of {fmax} Hz is too high for the given Q range, "
-            f"resetting to {ceiling} Hz",
+            f"upper frequency of {fmax} Hz is too high for the given Q range, resetting to {ceiling} Hz",
             stacklevel=3,
         )
         fmax = ceiling
@@ -100,7 +100,10 @@ def _frequency_range(
 
 
 def _row_frequencies(
-    q: float, frange: tuple[float, float], duration: float, mismatch: float,
+    q: float,
+    frange: tuple[float, float],
+    duration: float,
+    mismatch: float,
 ) -> list[float]:
     """Central frequencies of one plane, snapped down to the FFT grid."""
     fmin, fmax = frange
@@ -126,7 +129,11 @@ def _tile_count(q: float, f: float, duration: float, mismatch: float) -> int:
 
 
 def _row_layout(
-    q: float, f: float, ntiles: int, duration: float, sample_rate: float,
+    q: float,
+    f: float,
+    ntiles: int,
+    duration: float,
+    sample_rate: float,
     n_time: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gather indices and weights that build one row's inverse-FFT input.
@@ -143,8 +150,7 @@ def _row_layout(
     half = (width - 1) // 2
     offsets = np.arange(-half, half + 1)
     x = offsets / duration * qprime / f
-    amp = (ntiles / (duration * sample_rate)
-           * math.sqrt(315.0 * qprime / (128.0 * f)))
+    amp = ntiles / (duration * sample_rate) * math.sqrt(315.0 * qprime / (128.0 * f))
     window = (1.0 - x * x) ** 2 * amp
     bins = np.round(offsets + 1 + f * duration).astype(np.int64)
     nbins = n_time // 2 + 1
@@ -161,8 +167,8 @@ def _row_layout(
     left = int((pad - 1) / 2.0)
     slot_bin = np.full(ntiles, nbins, dtype=np.int64)
     slot_w = np.zeros(ntiles, dtype=np.float64)
-    slot_bin[left:left + width] = bins
-    slot_w[left:left + width] = window
+    slot_bin[left : left + width] = bins
+    slot_w[left : left + width] = window
     # inverse-FFT order: slot i of the FFT input is padded slot order[i]
     order = np.fft.ifftshift(np.arange(ntiles))
     return slot_bin[order], slot_w[order]
@@ -194,8 +200,7 @@ def _spline_matrix(knots: np.ndarray, points: np.ndarray) -> np.ndarray:
         spline = make_interp_spline(knots, np.eye(n), k=min(3, n - 1))
         return spline(points, extrapolate=True)
     k = 3
-    t = np.concatenate([np.repeat(knots[0], k + 1), knots[2:-2],
-                        np.repeat(knots[-1], k + 1)])
+    t = np.concatenate([np.repeat(knots[0], k + 1), knots[2:-2], np.repeat(knots[-1], k + 1)])
     colloc = BSpline.design_matrix(knots, t, k)
     basis = BSpline.design_matrix(points, t, k, extrapolate=True)
     # banded LAPACK solve of colloc.T @ M.T = basis.T
@@ -208,7 +213,8 @@ def _spline_matrix(knots: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def _band_blocks(
-    mat: np.ndarray, per_block_cost: int = 700,
+    mat: np.ndarray,
+    per_block_cost: int = 700,
 ) -> list[tuple[int, int, int, int]]:
     """Split the columns of a banded ``(nout, nin)`` map into a few blocks,
     each with the range of inputs it needs: ``(c0, c1, r0, r1)``.
@@ -241,17 +247,17 @@ class _Group:
     """Rows of one plane that share a tile count."""
 
     ntiles: int
-    rows: slice                 # position of these rows within the plane
-    slot_bin: np.ndarray        # (nrows, ntiles) int64
-    slot_w: np.ndarray          # (nrows, ntiles) float32
+    rows: slice  # position of these rows within the plane
+    slot_bin: np.ndarray  # (nrows, ntiles) int64
+    slot_w: np.ndarray  # (nrows, ntiles) float32
 
 
 @dataclass
 class _Plane:
     q: float
-    frequencies: np.ndarray     # (nrows,) central frequencies
+    frequencies: np.ndarray  # (nrows,) central frequencies
     groups: list[_Group]
-    freq_map: np.ndarray        # (nfreq_out, nrows) spline map across rows
+    freq_map: np.ndarray  # (nfreq_out, nrows) spline map across rows
 
 
 @dataclass
@@ -270,7 +276,7 @@ class QTransformPlan:
     times: np.ndarray
     frequencies: np.ndarray
     planes: list[_Plane]
-    time_maps: dict[int, Any]   # ntiles -> scipy.sparse.csr_matrix
+    time_maps: dict[int, Any]  # ntiles -> scipy.sparse.csr_matrix
     _device_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -309,27 +315,32 @@ class QTransformPlan:
         for plane in self.planes:
             groups = []
             for g in plane.groups:
-                groups.append({
-                    "ntiles": g.ntiles,
-                    "nrows": g.slot_bin.shape[0],
-                    "index": torch.as_tensor(
-                        g.slot_bin.reshape(-1), device=device),
-                    "index_np": np.ascontiguousarray(g.slot_bin.reshape(-1)),
-                    "weight": torch.as_tensor(
-                        g.slot_w, dtype=torch.float32, device=device),
-                })
-            planes.append({
-                "groups": groups,
-                "nrows": plane.frequencies.size,
-                "freq_blocks": [
-                    (c0, c1, r0, r1, torch.as_tensor(
-                        plane.freq_map[c0:c1, r0:r1].T.copy(),
-                        dtype=torch.float32, device=device))
-                    for c0, c1, r0, r1 in _band_blocks(plane.freq_map)
-                ],
-            })
-        time_maps = {n: self._csr(mat, device)
-                     for n, mat in self.time_maps.items()}
+                groups.append(
+                    {
+                        "ntiles": g.ntiles,
+                        "nrows": g.slot_bin.shape[0],
+                        "index": torch.as_tensor(g.slot_bin.reshape(-1), device=device),
+                        "index_np": np.ascontiguousarray(g.slot_bin.reshape(-1)),
+                        "weight": torch.as_tensor(g.slot_w, dtype=torch.float32, device=device),
+                    }
+                )
+            planes.append(
+                {
+                    "groups": groups,
+                    "nrows": plane.frequencies.size,
+                    "freq_blocks": [
+                        (
+                            c0,
+                            c1,
+                            r0,
+                            r1,
+                            torch.as_tensor(plane.freq_map[c0:c1, r0:r1].T.copy(), dtype=torch.float32, device=device),
+                        )
+                        for c0, c1, r0, r1 in _band_blocks(plane.freq_map)
+                    ],
+                }
+            )
+        time_maps = {n: self._csr(mat, device) for n, mat in self.time_maps.items()}
         cached = {"planes": planes, "time_maps": time_maps}
         self._device_cache[key] = cached
         return cached
@@ -353,9 +364,7 @@ def _build_plan(
     # output grid: gwpy spans [0, ntiles * (duration / ntiles)) of the first
     # row of the chosen plane; tile counts are powers of two, so that is
     # exactly [0, duration) whichever plane is chosen.
-    first_n = _tile_count(qs[0], _row_frequencies(qs[0], band, duration,
-                                                  mismatch)[0],
-                          duration, mismatch)
+    first_n = _tile_count(qs[0], _row_frequencies(qs[0], band, duration, mismatch)[0], duration, mismatch)
     t_end = 0.0 + first_n * (duration / first_n)
     step_t = (t_end - 0.0) / 1000.0 if tres is None else float(tres)
     times = np.arange(0.0, t_end, step_t)
@@ -373,27 +382,24 @@ def _build_plan(
             stop = start
             while stop < len(rows) and counts[stop] == counts[start]:
                 stop += 1
-            layouts = [
-                _row_layout(q, f, counts[start], duration, sample_rate, n_time)
-                for f in rows[start:stop]
-            ]
-            groups.append(_Group(
-                ntiles=counts[start],
-                rows=slice(start, stop),
-                slot_bin=np.stack([b for b, _ in layouts]),
-                slot_w=np.stack([w for _, w in layouts]).astype(np.float32),
-            ))
+            layouts = [_row_layout(q, f, counts[start], duration, sample_rate, n_time) for f in rows[start:stop]]
+            groups.append(
+                _Group(
+                    ntiles=counts[start],
+                    rows=slice(start, stop),
+                    slot_bin=np.stack([b for b, _ in layouts]),
+                    slot_w=np.stack([w for _, w in layouts]).astype(np.float32),
+                )
+            )
             tile_counts.add(counts[start])
             start = stop
         frequencies = np.asarray(rows, dtype=np.float64)
         # across rows the output is clamped to the row span (no extrapolation)
-        fpoints = np.clip(freqs_out.astype(np.float64), frequencies[0],
-                          frequencies[-1])
+        fpoints = np.clip(freqs_out.astype(np.float64), frequencies[0], frequencies[-1])
         freq_map = _spline_matrix(frequencies, fpoints)
         # negligible far-field weights would be float32 denormals (slow)
         freq_map[np.abs(freq_map) < _SPLINE_TOL] = 0.0
-        planes.append(_Plane(q=q, frequencies=frequencies, groups=groups,
-                             freq_map=freq_map))
+        planes.append(_Plane(q=q, frequencies=frequencies, groups=groups, freq_map=freq_map))
 
     time_maps = {}
     for n in sorted(tile_counts):
@@ -430,7 +436,8 @@ def get_plan(
 ) -> QTransformPlan:
     """Return the (cached) :class:`QTransformPlan` for these settings."""
     return _cached_plan(
-        int(n_time), float(sample_rate),
+        int(n_time),
+        float(sample_rate),
         (float(frange[0]), float(frange[1])),
         (float(qrange[0]), float(qrange[1])),
         float(mismatch),
@@ -462,9 +469,9 @@ def q_transform_grid(
 # Whitening (torch, batched) and the shared median helper
 # --------------------------------------------------------------------------
 
+
 def _periodic_hann(n: int, device: torch.device) -> torch.Tensor:
-    return torch.hann_window(n, periodic=True, dtype=torch.float64,
-                             device=device)
+    return torch.hann_window(n, periodic=True, dtype=torch.float64, device=device)
 
 
 # numpy fast paths for CPU tensors; off, every device takes the torch-only path
@@ -506,11 +513,14 @@ def _median_bias(n: int) -> float:
 
 
 def _median_psd(
-    x: torch.Tensor, sample_rate: float, nperseg: int, noverlap: int,
+    x: torch.Tensor,
+    sample_rate: float,
+    nperseg: int,
+    noverlap: int,
 ) -> torch.Tensor:
     """One-sided PSD: Hann-windowed, mean-removed segments, median average."""
     step = nperseg - noverlap
-    segs = x.unfold(-1, nperseg, step)                    # (B, S, nperseg)
+    segs = x.unfold(-1, nperseg, step)  # (B, S, nperseg)
     segs = segs - segs.mean(dim=-1, keepdim=True)
     win = _periodic_hann(nperseg, x.device)
     spec = torch.fft.rfft(segs * win, dim=-1)
@@ -576,8 +586,7 @@ def whiten_batch(
     impulse = torch.fft.irfft(transfer, dim=-1)
     ntaps = int(fduration * sample_rate)
     if not 2 <= ntaps <= n:
-        raise ValueError(f"fduration={fduration} s gives {ntaps} filter taps; "
-                         f"need 2 <= taps <= series length ({n})")
+        raise ValueError(f"fduration={fduration} s gives {ntaps} filter taps; need 2 <= taps <= series length ({n})")
     half = ntaps // 2
     win = _periodic_hann(ntaps, dev)
     trunc = torch.zeros_like(impulse)
@@ -593,12 +602,12 @@ def whiten_batch(
     data[..., -edge:] *= win[-edge:]
     nfft = next_fast_len(n + ntaps - 1, real=True)
     conv = torch.fft.irfft(
-        torch.fft.rfft(data, n=nfft, dim=-1)
-        * torch.fft.rfft(fir, n=nfft, dim=-1),
-        n=nfft, dim=-1,
+        torch.fft.rfft(data, n=nfft, dim=-1) * torch.fft.rfft(fir, n=nfft, dim=-1),
+        n=nfft,
+        dim=-1,
     )
     lag = (ntaps - 1) // 2
-    return conv[..., lag:lag + n] * math.sqrt(2.0 * dt)
+    return conv[..., lag : lag + n] * math.sqrt(2.0 * dt)
 
 
 def _tukey_edges(nsamples: int) -> np.ndarray:
@@ -611,6 +620,7 @@ def _tukey_edges(nsamples: int) -> np.ndarray:
 # --------------------------------------------------------------------------
 # Transform
 # --------------------------------------------------------------------------
+
 
 def _resolve_device(device: Any, x: Any) -> torch.device:
     if device is not None:
@@ -625,13 +635,14 @@ def _gather_bins(spec: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     if _numpy_path(spec):
         # numpy's take is several times faster than torch's index_select
         # along the last axis of a complex CPU tensor
-        return torch.from_numpy(
-            np.take(spec.numpy(), group["index_np"], axis=1))
+        return torch.from_numpy(np.take(spec.numpy(), group["index_np"], axis=1))
     return spec.index_select(1, group["index"])
 
 
 def _plane_energies(
-    spec: torch.Tensor, plane_t: dict[str, Any], norm: Any,
+    spec: torch.Tensor,
+    plane_t: dict[str, Any],
+    norm: Any,
 ) -> list[torch.Tensor]:
     """Tile energies of one plane, one ``(batch, nrows, ntiles)`` tensor per
     tile count (normalised per row unless ``norm`` is false)."""
@@ -661,7 +672,9 @@ def _plane_energies(
 
 
 def _search_slice(
-    ntiles: int, duration: float, window: tuple[float, float] | None,
+    ntiles: int,
+    duration: float,
+    window: tuple[float, float] | None,
 ) -> slice:
     """Tile indices inside the search window (gwpy ``crop`` semantics)."""
     if window is None:
@@ -686,8 +699,7 @@ def _transform_chunk(
     nbins = nsamp // 2 + 1
     # spectrum plus an always-zero bin (index ``nbins``) that the padding
     # slots of every row point to
-    spec = torch.zeros(batch, nbins + 1, dtype=torch.complex64,
-                       device=x.device)
+    spec = torch.zeros(batch, nbins + 1, dtype=torch.complex64, device=x.device)
     spec[:, :nbins] = torch.fft.rfft(x, dim=-1)
 
     energies = []
@@ -695,11 +707,9 @@ def _transform_chunk(
     for plane_t in ops["planes"]:
         e_plane = _plane_energies(spec, plane_t, norm)
         energies.append(e_plane)
-        peak = torch.stack([
-            e[..., _search_slice(e.shape[-1], plan.duration, search)]
-            .amax(dim=(1, 2))
-            for e in e_plane
-        ]).amax(dim=0)
+        peak = torch.stack(
+            [e[..., _search_slice(e.shape[-1], plan.duration, search)].amax(dim=(1, 2)) for e in e_plane]
+        ).amax(dim=0)
         peaks.append(peak)
     # first plane with the largest peak (ties go to the lower Q)
     choice = torch.stack(peaks, dim=1).argmax(dim=1)
@@ -711,25 +721,21 @@ def _transform_chunk(
         if nsel == 0:
             continue
         # time: each row onto the output times, (nsel, ntime, nrows)
-        rows = torch.empty(nsel, ntime, plane_t["nrows"],
-                           dtype=torch.float32, device=x.device)
+        rows = torch.empty(nsel, ntime, plane_t["nrows"], dtype=torch.float32, device=x.device)
         r0 = 0
         for g, e in zip(plane_t["groups"], energies[p]):
             nr = g["nrows"]
             # (ntiles, nr, nsel): select and transpose in one copy
             flat = e.permute(2, 1, 0)
-            flat = (flat.index_select(2, sel) if nsel < batch
-                    else flat.contiguous())
+            flat = flat.index_select(2, sel) if nsel < batch else flat.contiguous()
             flat = flat.view(g["ntiles"], nr * nsel)
             # sparse (ntime, ntiles) @ (ntiles, nr * nsel)
             resampled = torch.sparse.mm(ops["time_maps"][g["ntiles"]], flat)
-            rows[:, :, r0:r0 + nr] = resampled.view(
-                ntime, nr, nsel).permute(2, 0, 1)
+            rows[:, :, r0 : r0 + nr] = resampled.view(ntime, nr, nsel).permute(2, 0, 1)
             r0 += nr
         # frequency: block-banded GEMMs across rows, written in place
         if nsel == batch:
-            targets = [(rows.view(nsel * ntime, -1),
-                        out.view(nsel * ntime, nfreq))]
+            targets = [(rows.view(nsel * ntime, -1), out.view(nsel * ntime, nfreq))]
         else:
             targets = [(rows[i], out[b]) for i, b in enumerate(sel.tolist())]
         for src, dst in targets:
@@ -802,14 +808,12 @@ def q_transform(
     if xt.ndim == 1:
         xt = xt[None]
     if xt.ndim != 2:
-        raise ValueError(f"expected (batch, time) input, got shape "
-                         f"{tuple(xt.shape)}")
+        raise ValueError(f"expected (batch, time) input, got shape {tuple(xt.shape)}")
     if xt.is_complex():
         raise ValueError("q_transform needs real-valued series")
     if not bool(torch.isfinite(xt).all()):
         raise ValueError("Input signal contains non-numerical values")
-    plan = get_plan(xt.shape[-1], sample_rate, frange, qrange, mismatch,
-                    tres, fres)
+    plan = get_plan(xt.shape[-1], sample_rate, frange, qrange, mismatch, tres, fres)
     ops = plan.tensors(dev)
     if isinstance(norm, str):
         norm = norm.lower()
@@ -818,17 +822,14 @@ def q_transform(
 
     window = None
     if gps is not None and search is not None:
-        window = (max(gps - search / 2.0, 0.0),
-                  min(gps + search / 2.0, plan.duration))
+        window = (max(gps - search / 2.0, 0.0), min(gps + search / 2.0, plan.duration))
 
     nseries = xt.shape[0]
     shape = (nseries, *plan.shape)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
-    elif (out.shape != shape or out.dtype != np.float32
-          or not out.flags.c_contiguous or not out.flags.writeable):
-        raise ValueError(f"out must be a writeable C-contiguous float32 "
-                         f"array of shape {shape}")
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}")
     result = torch.from_numpy(out)
 
     if batch_size is None:
@@ -839,11 +840,9 @@ def q_transform(
         if whiten:
             chunk = whiten_batch(chunk, sample_rate, fduration=fduration)
         if _numpy_path(dev):
-            _transform_chunk(chunk, plan, ops, norm, window,
-                             result[start:stop])
+            _transform_chunk(chunk, plan, ops, norm, window, result[start:stop])
         else:
-            dst = torch.empty((stop - start, *plan.shape),
-                              dtype=torch.float32, device=dev)
+            dst = torch.empty((stop - start, *plan.shape), dtype=torch.float32, device=dev)
             _transform_chunk(chunk, plan, ops, norm, window, dst)
             result[start:stop].copy_(dst)
     return out

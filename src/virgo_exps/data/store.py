@@ -62,7 +62,7 @@ def remove_stale_partials(out: Path) -> list[Path]:
     for entry in parent.iterdir():
         if not entry.name.startswith(prefix):
             continue
-        m = _OWN_TEMP.match(entry.name[len(prefix):])
+        m = _OWN_TEMP.match(entry.name[len(prefix) :])
         if m is None or _pid_alive(int(m.group(2))):
             continue
         shutil.rmtree(entry, ignore_errors=True)
@@ -151,10 +151,14 @@ def restore_hint(store: Path | str, damaged: Path | str | None = None, stage: st
     if damaged is not None and Path(damaged).is_symlink():
         target = Path(os.path.realpath(damaged))
         if ".dvc" in target.parts and "cache" in target.parts:
-            return (f"the file is a link to DVC's cache object {target}, so the cache itself is damaged: delete that "
-                    f"object, then 'dvc pull {store}' (from a remote) or rerun {rerun}")
-    return (f"restore it from DVC's cache with 'dvc checkout --relink {store}' or from a remote with "
-            f"'dvc pull {store}' (if the copy in .dvc/cache is damaged too, delete it and rerun {rerun})")
+            return (
+                f"the file is a link to DVC's cache object {target}, so the cache itself is damaged: delete that "
+                f"object, then 'dvc pull {store}' (from a remote) or rerun {rerun}"
+            )
+    return (
+        f"restore it from DVC's cache with 'dvc checkout --relink {store}' or from a remote with "
+        f"'dvc pull {store}' (if the copy in .dvc/cache is damaged too, delete it and rerun {rerun})"
+    )
 
 
 def _has_checksum(array) -> bool:
@@ -162,8 +166,11 @@ def _has_checksum(array) -> bool:
 
 
 def _chunk_file(root: Path, array, coords: tuple[int, ...]) -> tuple[str, Path]:
-    key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}" if array.path else \
-        array.metadata.encode_chunk_key(coords)
+    key = (
+        f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+        if array.path
+        else array.metadata.encode_chunk_key(coords)
+    )
     return key, Path(root) / key
 
 

@@ -32,7 +32,7 @@ class Strategy(ABC):
     def init(self) -> None:
         """Join the process group (if any) and pick this process's device."""
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional: most strategies have nothing to leave
         """Leave the process group."""
 
     @property
@@ -77,7 +77,7 @@ class Strategy(ABC):
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 
-    def barrier(self) -> None:
+    def barrier(self) -> None:  # noqa: B027 - optional: one process has nobody to wait for
         pass
 
 

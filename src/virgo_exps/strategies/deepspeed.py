@@ -39,9 +39,7 @@ class DeepSpeedStrategy(TorchDistStrategy):
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=model.to(self.device), optimizer=optimizer, config=config
-        )
+        engine, optimizer, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer, config=config)
         return engine, optimizer
 
     def backward_and_step(self, loss, model, optimizer):

@@ -36,9 +36,7 @@ class HorovodStrategy(Strategy):
         model = model.to(self.device)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        optimizer = hvd.DistributedOptimizer(
-            optimizer, named_parameters=model.named_parameters(), op=hvd.Average
-        )
+        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=hvd.Average)
         return model, optimizer
 
     def backward_and_step(self, loss, model, optimizer):
