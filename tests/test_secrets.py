@@ -134,6 +134,28 @@ def test_password_in_the_tracking_uri_is_refused_by_the_first_stage_before_any_o
     assert leaks(repo, home) == []
 
 
+def test_password_in_the_environment_of_a_slurm_job_is_refused_by_the_first_stage(tmp_path):
+    """Slurm keeps a copy of a job's environment on the controller: no password may go there."""
+    repo = make_repo(tmp_path / "repo")
+    line = (
+        "error: MLFLOW_TRACKING_PASSWORD: is set, and on SLURM machine 'simcluster' Slurm would store it with "
+        "the job's environment on the controller; put the credentials in ~/.mlflow/credentials"
+    )
+    slurm = tool_env({"VIRGO_MACHINE": "simcluster", "MLFLOW_TRACKING_PASSWORD": PASSWORD})
+    proc = sh([str(BIN / "dvc"), "exp", "run", "-n", "pw-slurm"], repo, slurm, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert any(ln.startswith(line) for ln in out.splitlines()), out[-3000:]
+    assert "Running stage 'generate'" not in out and not (repo / "data" / "raw.zarr").exists()
+    check = sh([str(BIN / "virgo-exps"), "check"], repo, slurm, check=False)
+    assert check.returncode == 2 and check.stderr.startswith(line), check.stdout + check.stderr
+    # The same variable on the local machine reaches no job environment: accepted.
+    local = sh([str(BIN / "virgo-exps"), "check"], repo, {**slurm, "VIRGO_MACHINE": "local"}, check=False)
+    assert local.returncode == 0, local.stdout + local.stderr
+    assert PASSWORD not in out + check.stdout + check.stderr + local.stdout + local.stderr
+    assert leaks(repo) == []
+
+
 def test_credentials_are_found_wherever_they_are_in_the_uri():
     for uri in (
         "http://u:p@h:5000",

@@ -11,9 +11,10 @@ same one line, before any stage has written or deleted an output:
    installed, the preprocessing device present;
 3. a size budget: disk and memory estimated from the params against what is
    free on the file system of ``data/`` (and of DVC's cache) and in memory;
-4. the tracking address: no credentials inside ``MLFLOW_TRACKING_URI``
+4. the tracking credentials: none inside ``MLFLOW_TRACKING_URI``
    (:func:`virgo_exps.tracking.check_tracking_uri`), which MLflow would print
-   into the training logs.
+   into the training logs, and no password in the environment a SLURM job
+   inherits (:func:`check_tracking_secret`).
 
 A rule that the launcher already enforces (e.g. several nodes on the local
 machine, Horovod not built) is checked by calling the launcher's own code.
@@ -286,12 +287,32 @@ def check(
     """Every check, in order; raise ConfigError (one line) at the first problem."""
     params = load_params(params_path)
     machine = machine or load_machine()
+    check_tracking_uri()
+    check_tracking_secret(machine)
     check_machine(params, machine)
     check_device(params)
     budget = estimate(params, machine)
     check_budget(params, budget)
-    check_tracking_uri()
     return params, machine, budget
+
+
+def check_tracking_secret(machine: Machine) -> None:
+    """No MLflow password in the environment of a SLURM job.
+
+    sbatch hands the job the caller's environment, and Slurm keeps a copy of it
+    with the job in its state files on the controller; MLflow's own credentials
+    file keeps the password out of it and works the same on every node.
+    """
+    if machine.kind != "slurm":
+        return
+    for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        if os.environ.get(name):
+            raise ConfigError(
+                f"{name}: is set, and on SLURM machine '{machine.name}' Slurm would store it with the job's "
+                "environment on the controller; put the credentials in ~/.mlflow/credentials (mode 600: "
+                "[mlflow], mlflow_tracking_username = ..., mlflow_tracking_password = ...) and unset "
+                f"{name}"
+            )
 
 
 def summary(params_path: str | os.PathLike, machine: Machine, budget: Budget) -> str:
