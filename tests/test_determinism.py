@@ -151,14 +151,17 @@ def test_version_lock_lists_what_make_run_installs(tmp_path):
     versions, and the stage rewrites nothing when the environment is unchanged."""
     import yaml
 
-    from conftest import make_repo, sh
+    from conftest import ROOT, make_repo, sh
     from virgo_exps.environment import collect, render
 
     repo = make_repo(tmp_path / "repo")
+    (repo / "version.lock").unlink()  # the committed one: written by this environment already
     cmd = [sys.executable, "stages/environment.py", "--params", "params.yaml", "--out", "version.lock"]
     first = sh(cmd, repo)
     text = (repo / "version.lock").read_text()
     assert "wrote version.lock" in first.stdout
+    # the committed version.lock is what this environment writes: a clone + `make run` leaves it unchanged
+    assert text == (ROOT / "version.lock").read_text()
     second = sh(cmd, repo)
     assert "version.lock unchanged" in second.stdout and (repo / "version.lock").read_text() == text
     packages = yaml.safe_load(text)["packages"]
