@@ -1,7 +1,10 @@
 """Stage 'report': loss curves (PNG) and a Markdown summary of this experiment.
 
     python stages/report.py --params params.yaml --metrics results/metrics.json \\
-        --epochs results/epochs.csv --out results/report
+        --epochs results/epochs.csv --model results/model.pt --data data/images.zarr \\
+        --version-lock version.lock --out results/report
+
+Without --model and --data the reference losses and the validation images are left out.
 """
 
 import argparse
@@ -16,6 +19,9 @@ def run() -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--epochs", type=Path, required=True)
+    parser.add_argument("--model", type=Path, help="the trained model (results/model.pt)")
+    parser.add_argument("--data", type=Path, help="the preprocessed store (data/images.zarr)")
+    parser.add_argument("--version-lock", type=Path, help="the software versions (version.lock)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cfg = load_params(args.params).report
@@ -25,7 +31,22 @@ def run() -> int:
     from virgo_exps.paths import experiment_name
     from virgo_exps.report import build
 
-    path = build(args.metrics, args.epochs, args.out, cfg.title, experiment_name())
+    if (args.model is None) != (args.data is None):
+        parser.error("--model and --data: give both (for the reference losses and images) or neither")
+    for option, path in (("--model", args.model), ("--data", args.data), ("--version-lock", args.version_lock)):
+        if path is not None and not path.exists():
+            parser.error(f"{option}: {path} does not exist; run the stage that writes it first (dvc repro)")
+    path = build(
+        args.metrics,
+        args.epochs,
+        args.out,
+        cfg.title,
+        experiment_name(),
+        params_path=Path(args.params),
+        model_path=args.model,
+        data_path=args.data,
+        lock_path=args.version_lock,
+    )
     print(f"report: wrote {path}")
     return 0
 

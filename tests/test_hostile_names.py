@@ -355,7 +355,10 @@ def test_report_title_and_names_are_literal_text_in_markdown(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (results / "report" / "report.md").read_text()
     assert "<script" not in text and "<b>" not in text  # (the name's <i> is in a code span: literal)
-    assert [line for line in text.splitlines() if line.startswith("#")] == [text.splitlines()[0], "## Per epoch"]
+    assert [line for line in text.splitlines() if line.startswith("#")] == [
+        text.splitlines()[0],
+        *("## Reference losses", "## Validation examples", "## Per epoch", "## Params", "## Software (version.lock)"),
+    ]
     page = markdown_it.MarkdownIt("commonmark").enable("table").render(text)
     assert page.count("<h1>") == 1 and "<script" not in page and "<b>" not in page and "<i>" not in page
     assert "<a " not in page and "<em>" not in page
