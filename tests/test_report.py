@@ -159,3 +159,25 @@ def test_report_refuses_a_damaged_model(run, tmp_path):
     assert proc.returncode != 0
     assert f"{damaged}: the model file is damaged" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "report").exists()
+
+
+def test_report_of_a_queued_experiment_names_its_revision(run):
+    """A queued experiment runs in DVC's temporary workspace (a git copy): the report still finds the commit."""
+    repo = run
+    old = (repo / "results/report/report.md").read_text()
+    # a queued experiment starts from HEAD: commit the run (dvc.lock, metrics) so its outputs are there
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "tiny run"], repo)
+    dvc(repo, "exp", "run", "--queue", "-s", "report", "-S", "report.title=Queued look", "-n", "queued-look")
+    ran = dvc(repo, "exp", "run", "--run-all")
+    assert "Failed" not in dvc(repo, "queue", "status").stdout, dvc(repo, "queue", "logs", "queued-look").stdout
+    assert "queued-look" in ran.stdout + ran.stderr, ran.stdout[-2000:]
+    dvc(repo, "exp", "apply", "queued-look")
+    report = (repo / "results/report/report.md").read_text()
+    assert report.startswith("# Queued look\n")
+    assert "Experiment: `queued-look`" in report
+    head = sh(["git", "rev-parse", "--short", "HEAD"], repo).stdout.strip()
+    assert f"Code revision: `{head} + uncommitted changes (params.yaml)`." in report, report[:400]
+    for name in ("predicting the training mean of y", "untrained model (initialisation of train.seed=0)"):
+        assert reference_row(report, name) == reference_row(old, name)
+    assert (repo / "results/report/examples.png").is_file()
