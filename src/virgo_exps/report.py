@@ -143,9 +143,12 @@ def git_revision(repo: Path | str) -> str:
     """The short commit of ``repo``'s HEAD, with ``+ uncommitted changes (files)``
     when tracked files other than the pipeline's records and stage outputs differ from it."""
     import subprocess
+    import tempfile
 
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=60, check=False)
+    def git(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=60, check=False, env=env
+        )
 
     try:
         head = git("rev-parse", "--short", "HEAD")
@@ -153,7 +156,13 @@ def git_revision(repo: Path | str) -> str:
         return f"unknown (git: {type(exc).__name__})"
     if head.returncode != 0:
         return "unknown (not a git repository with a commit)"
-    diff = git("diff", "--name-only", "-z", "HEAD")  # tracked files, staged or not, that differ from HEAD
+    # Tracked files whose content differs from HEAD, compared through a fresh
+    # index of HEAD: the repository's own index can carry stat data that hides
+    # a change (DVC writes it when it sets up an experiment's workspace).
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        git("read-tree", "HEAD", env=env)
+        diff = git("diff", "--name-only", "-z", env=env)
     top = git("rev-parse", "--show-toplevel").stdout.strip()
     outputs = _stage_outputs(Path(top)) if top else []
     changed = sorted({name for name in diff.stdout.split("\0") if name and not _is_output(name, outputs)})
@@ -223,16 +232,18 @@ def evaluate(model_path: Path | str, store: Path | str, seed: int) -> dict:
     import zarr
 
     from .data.store import read
-    from .models import build_from_file, build_model, load_model
+    from .models import build_model, load_model
 
     group = zarr.open_group(str(store), mode="r")
     n_val = group["val/y"].shape[0]
     n = min(n_val, MAX_EVAL_SAMPLES)
     x = torch.from_numpy(np.asarray(read(group["val/x"], store, 0, n, stage="preprocess"), dtype=np.float32))
     y = torch.from_numpy(np.asarray(read(group["val/y"], store, 0, n, stage="preprocess"), dtype=np.float32))
-    trained = build_from_file(model_path)
-    torch.manual_seed(seed)
-    untrained = build_model(**load_model(model_path)["model_args"])
+    payload = load_model(model_path)  # checksum verified
+    trained = build_model(**payload["model_args"])
+    trained.load_state_dict(payload["model"])
+    torch.manual_seed(seed)  # as the train stage does before it builds the network
+    untrained = build_model(**payload["model_args"])
     err, pred = _per_sample_mse(trained, x, y)
     err0, _ = _per_sample_mse(untrained, x, y)
     return {"n": n, "n_val": n_val, "err": err.numpy(), "err_untrained": err0.numpy(), "x": x, "y": y, "pred": pred}
