@@ -119,6 +119,9 @@ def test_password_in_the_tracking_uri_is_refused_by_the_first_stage_before_any_o
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     host = url.split("://", 1)[1]
     env = tool_env({"VIRGO_MACHINE": "local", "MLFLOW_TRACKING_URI": f"http://admin:{PASSWORD}@{host}"})
+    # The workspace as the baseline commit: `dvc exp run` first resets outputs to its baseline's.
+    sh([str(BIN / "dvc"), "checkout"], repo)
+    sh("git add -A && git commit -q --allow-empty -m 'pipeline results'", repo)
     before = _file_digests(repo / "data", repo / "results")
     proc = sh([str(BIN / "dvc"), "exp", "run", "-n", "in-uri-first", "-S", "generate.seed=7"], repo, env, check=False)
     out = proc.stdout + proc.stderr
