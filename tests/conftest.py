@@ -63,6 +63,19 @@ def sh(cmd, cwd, env=None, check=True, timeout=900, **kw) -> subprocess.Complete
     return proc
 
 
+def dvc_queue_status(repo: Path, env: dict | None = None, tries: int = 10) -> str:
+    """`dvc queue status` output; tried again when DVC fails reading a worker's state file
+    while the worker writes it (`unexpected error - Expecting value: line 1 column 1`)."""
+    for _ in range(tries - 1):
+        proc = sh([str(BIN / "dvc"), "queue", "status"], repo, env=env, check=False)
+        if proc.returncode == 0:
+            return proc.stdout
+        if "Expecting value" not in proc.stderr:
+            break
+        time.sleep(0.5)
+    return sh([str(BIN / "dvc"), "queue", "status"], repo, env=env).stdout
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
     """The first true value of ``predicate()``, polled every ``interval`` s; fails after ``timeout`` s."""
     deadline = time.monotonic() + timeout

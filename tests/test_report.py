@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, make_repo, sh
+from conftest import BIN, dvc_queue_status, make_repo, sh
 
 pytestmark = pytest.mark.slow
 
@@ -170,7 +170,7 @@ def test_report_of_a_queued_experiment_names_its_revision(run):
     sh(["git", "commit", "-q", "-m", "tiny run"], repo)
     dvc(repo, "exp", "run", "--queue", "-s", "report", "-S", "report.title=Queued look", "-n", "queued-look")
     ran = dvc(repo, "exp", "run", "--run-all")
-    assert "Failed" not in dvc(repo, "queue", "status").stdout, dvc(repo, "queue", "logs", "queued-look").stdout
+    assert "Failed" not in dvc_queue_status(repo), dvc(repo, "queue", "logs", "queued-look").stdout
     assert "queued-look" in ran.stdout + ran.stderr, ran.stdout[-2000:]
     dvc(repo, "exp", "apply", "queued-look")
     report = (repo / "results/report/report.md").read_text()

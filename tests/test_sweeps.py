@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, make_repo, sh, tool_env
+from conftest import BIN, dvc_queue_status, make_repo, sh, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def vx(repo, *args, check=True, env=None):
 
 def queue_status(repo) -> dict[str, str]:
     rows = {}
-    for line in dvc(repo, "queue", "status").stdout.splitlines():
+    for line in dvc_queue_status(repo).splitlines():
         m = re.match(r"^([0-9a-f]{7,})\s+(\S+)\s+.*\s(\w+)\s*$", line.strip())
         if m:
             rows[m.group(2)] = m.group(3)
@@ -75,7 +75,7 @@ def queue_start(repo, jobs: int, env=None):
 def wait_workers_gone(repo, timeout=60):
     """Workers of an earlier `dvc queue start` would run new tasks with their own environment."""
     deadline = time.monotonic() + timeout
-    while "Worker status: 0 active, 0 idle" not in dvc(repo, "queue", "status").stdout:
+    while "Worker status: 0 active, 0 idle" not in dvc_queue_status(repo):
         if time.monotonic() > deadline:
             raise AssertionError("DVC queue workers did not stop")
         time.sleep(2)
