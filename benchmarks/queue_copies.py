@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,29 +32,7 @@ import time
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "VIRGO_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
-        env.setdefault(key, "bench")
-    for key in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        env.setdefault(key, "bench@example.invalid")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"benchmark: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        )
-    return proc.stdout
+from _project import copy_project, env, run
 
 
 def _disk_bytes(path: Path) -> int:
@@ -71,25 +48,20 @@ def _disk_bytes(path: Path) -> int:
 
 
 def _make_repo(dest: Path, n_samples: int, cache_type: str) -> None:
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if rel == "dvc.lock" or rel.startswith(("data/", "results/", "checkpoints/")) or not (ROOT / rel).is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
+    copy_project(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["generate"].update(n_samples=n_samples, workers=0)
     params["train"].update(epochs=1, warmup_steps=2, profile_steps=2)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q", "-b", "main"], dest)
-    _run(["dvc", "config", "cache.type", cache_type], dest)
-    _run(["git", "add", "-A"], dest)
-    _run(["git", "commit", "-q", "-m", "benchmark copy"], dest)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["dvc", "config", "cache.type", cache_type], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "benchmark copy"], dest)
 
 
 def _queued_experiment(repo: Path) -> tuple[float, int]:
     """Wall time and peak disk of one queued, report-only experiment."""
-    _run(["dvc", "exp", "run", "--queue", "-n", "bench-title", "-S", "report.title=benchmark"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "bench-title", "-S", "report.title=benchmark"], repo)
     exps = repo / ".dvc" / "tmp" / "exps"
     peak = [0]
     done = threading.Event()
@@ -107,14 +79,14 @@ def _queued_experiment(repo: Path) -> tuple[float, int]:
     subprocess.run(
         ["dvc", "queue", "start", "-j", "1"],
         cwd=repo,
-        env=_env(),
+        env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         check=True,
     )
     deadline = time.monotonic() + 1800
     while time.monotonic() < deadline:
-        proc = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=_env(), capture_output=True, text=True)
+        proc = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=env(), capture_output=True, text=True)
         # DVC reads its workers' state files while they write them: a failed look is tried again.
         status = proc.stdout if proc.returncode == 0 else ""
         line = next((ln for ln in status.splitlines() if "bench-title" in ln), "")
@@ -123,7 +95,7 @@ def _queued_experiment(repo: Path) -> tuple[float, int]:
         if "Failed" in line:
             raise SystemExit(
                 f"benchmark: the queued experiment failed:\n{status}\n"
-                + _run(["dvc", "queue", "logs", "bench-title"], repo)[-3000:]
+                + run(["dvc", "queue", "logs", "bench-title"], repo)[-3000:]
             )
         time.sleep(0.2)
     else:
@@ -131,7 +103,7 @@ def _queued_experiment(repo: Path) -> tuple[float, int]:
     elapsed = time.perf_counter() - start
     done.set()
     sampler.join()
-    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=_env(), capture_output=True)
+    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env(), capture_output=True)
     return elapsed, peak[0]
 
 
@@ -141,9 +113,9 @@ def measure(n_samples: int, cache_type: str) -> dict:
         repo.mkdir()
         _make_repo(repo, n_samples, cache_type)
         print(f"[{cache_type} {n_samples}] first run of the pipeline", file=sys.stderr, flush=True)
-        _run(["dvc", "exp", "run"], repo)
-        _run(["git", "add", "-A"], repo)
-        _run(["git", "commit", "-q", "-m", "baseline"], repo)
+        run(["dvc", "exp", "run"], repo)
+        run(["git", "add", "-A"], repo)
+        run(["git", "commit", "-q", "-m", "baseline"], repo)
         print(f"[{cache_type} {n_samples}] queued experiment", file=sys.stderr, flush=True)
         seconds, peak = _queued_experiment(repo)
         return {

@@ -19,34 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "VIRGO_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
-        env.setdefault(key, "bench")
-    for key in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        env.setdefault(key, "bench@example.invalid")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark: {' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+from _project import copy_project, run
 
 
 def _losses(repo: Path) -> list[tuple[float, float]]:
@@ -62,21 +40,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="virgo-bench-trajectory-", ignore_cleanup_errors=True) as tmp:
         repo = Path(tmp) / "repo"
-        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
-        for rel in files.stdout.split():
-            if rel == "dvc.lock" or rel.startswith(("data/", "results/", "checkpoints/")):
-                continue
-            if (ROOT / rel).is_file():
-                (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / rel, repo / rel)
+        copy_project(repo)
         params = yaml.safe_load((repo / "params.yaml").read_text())
         if args.epochs:
             params["train"]["epochs"] = args.epochs
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "copy"]):
-            _run(cmd, repo)
+            run(cmd, repo)
         print("single process", file=sys.stderr, flush=True)
-        _run(["dvc", "exp", "run", "-S", "train.strategy=single", "-S", "train.procs_per_node=1"], repo)
+        run(["dvc", "exp", "run", "-S", "train.strategy=single", "-S", "train.procs_per_node=1"], repo)
         reference = _losses(repo)
         out = {
             "epochs": len(reference),
@@ -86,7 +58,7 @@ def main() -> None:
         }
         for strategy in args.strategies:
             print(f"{strategy} on {args.procs} processes", file=sys.stderr, flush=True)
-            _run(
+            run(
                 ["dvc", "exp", "run", "-S", f"train.strategy={strategy}", "-S", f"train.procs_per_node={args.procs}"],
                 repo,
             )
