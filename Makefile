@@ -41,7 +41,7 @@ report: $(STAMP) ## scalability report over all experiments into results/scalabi
 
 .PHONY: slurm-script
 slurm-script: $(STAMP) ## print the SLURM batch script of a stage (STAGE=train or generate) on the active machine; submits nothing
-	$(PY) -m virgo_exps.slurm $(or $(STAGE),train)
+	$(PY) -m virgo_exps.launch.slurm $(or $(STAGE),train)
 
 .PHONY: bench-slurm
 bench-slurm: $(STAMP) ## submission overhead of a SLURM stage vs running it directly (JSON; root for a local cluster)
@@ -52,7 +52,7 @@ NODES ?= 2
 cluster: $(STAMP) ## start a local Slurm cluster of $(NODES) nodes in network namespaces (root) for VIRGO_MACHINE=simcluster
 	@test "$$(id -u)" = 0 || { echo "make cluster needs root: it starts slurmctld/slurmd and creates network namespaces"; exit 2; }
 	bash scripts/install_slurm.sh
-	$(PY) -m virgo_exps.slurmsim up --dir .slurmsim --nodes $(NODES) --min-job-age 30 >/dev/null
+	$(PY) -m slurmsim up --dir .slurmsim --nodes $(NODES) --min-job-age 30 >/dev/null
 	@echo "cluster of $(NODES) nodes is up (.slurmsim/); use it with:"
 	@echo "  VIRGO_MACHINE=simcluster $(VENV)/bin/dvc exp run -S train.strategy=ddp -S train.nodes=2"
 	@echo "  (or: echo simcluster > machines/active).  Slurm commands: export SLURM_CONF=$(CURDIR)/.slurmsim/slurm.conf"
@@ -60,7 +60,7 @@ cluster: $(STAMP) ## start a local Slurm cluster of $(NODES) nodes in network na
 
 .PHONY: cluster-down
 cluster-down: ## stop the cluster of `make cluster` (daemons by pid, namespaces, bridge, hosts entries)
-	$(PY) -m virgo_exps.slurmsim down --dir .slurmsim
+	$(PY) -m slurmsim down --dir .slurmsim
 
 .PHONY: share
 share: $(STAMP) ## create or join the team's shared experiment store: make share SHARED=/path GROUP=unixgroup

@@ -5,9 +5,9 @@
 
 Prints ONE JSON object:
 
-* ``generate_samples_per_s``: :func:`virgo_exps.data.generate.generate` on all
+* ``generate_samples_per_s``: :func:`virgo_exps.study.generate.generate` on all
   cores (wall time of the call, pool start-up included), and per core.
-* ``preprocess_samples_per_s``: :func:`virgo_exps.data.preprocess.preprocess`
+* ``preprocess_samples_per_s``: :func:`virgo_exps.study.preprocess.preprocess`
   on all cores, for ``whiten`` true and false (wall time of the call: worker
   start-up, reading, Q-transforms, patches, statistics, writing and
   normalising; start-up is a few seconds per run, so small runs understate
@@ -70,7 +70,7 @@ def _one_thread() -> None:
 
 
 def task_generate(args) -> dict:
-    from virgo_exps.data.generate import generate
+    from virgo_exps.study.generate import generate
 
     out = Path(args.dir) / "raw.zarr"
     t = time.perf_counter()
@@ -79,7 +79,7 @@ def task_generate(args) -> dict:
 
 
 def task_preprocess(args) -> dict:
-    from virgo_exps.data.preprocess import preprocess
+    from virgo_exps.study.preprocess import preprocess
 
     warm = 0.0
     if args.workers == 1:
@@ -89,7 +89,7 @@ def task_preprocess(args) -> dict:
         # Excluded from the per-core figure (as gwpy's warm-up is), reported.
         import numpy as np
 
-        from virgo_exps.data.qtransform import q_transform
+        from virgo_exps.study.qtransform import q_transform
 
         t = time.perf_counter()
         noise = np.random.default_rng(0).standard_normal((1, int(DURATION * SAMPLE_RATE)))
@@ -124,8 +124,8 @@ def task_gwpy(args) -> dict:
 def task_rss(args) -> dict:
     import resource
 
-    from virgo_exps.data.generate import generate
-    from virgo_exps.data.preprocess import preprocess
+    from virgo_exps.study.generate import generate
+    from virgo_exps.study.preprocess import preprocess
 
     raw = Path(args.dir) / "raw.zarr"
     generate(_gen_cfg(args.n), raw, workers=0, progress=False)

@@ -4,12 +4,12 @@
     python benchmarks/slurm_overhead.py --repeat 3 --work 0
 
 Uses the Slurm cluster of ``SLURM_CONF`` when ``scontrol ping`` answers,
-otherwise starts a one-node cluster on this machine (virgo_exps.slurmsim, needs
+otherwise starts a one-node cluster on this machine (slurmsim, needs
 root). The "stage" is a python script that sleeps ``--work`` seconds, so the
 numbers measure the machinery, not the CPU. Prints ONE JSON object:
 
 * ``direct_s``: ``python work.py`` (median, and every run in ``runs``).
-* ``launcher_s``: the same through :func:`virgo_exps.launch.run` on a
+* ``launcher_s``: the same through :func:`virgo_exps.launch.launcher.run` on a
   ``kind: slurm`` machine: batch script, ``sbatch -W``, scheduling, the batch
   shell and ``srun``, the watcher noticing the end (polls every 0.5 s).
 * ``overhead_s``: median launcher - median direct (the goal is <= 2 s).
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STAGE = """\
 import sys
-from virgo_exps import launch
+from virgo_exps.launch import launcher as launch
 from virgo_exps.config import TrainConfig
 sys.exit(launch.run("bench", ["work.py"], TrainConfig()))
 """
@@ -62,12 +62,12 @@ def cluster(tmp: Path):
         yield env, f"existing cluster (SLURM_CONF={env['SLURM_CONF']})"
         return
     sys.path.insert(0, str(ROOT / "src"))
-    from virgo_exps.slurmsim import SimCluster
+    from slurmsim import SimCluster
 
     sim = SimCluster(tmp / "slurm", nodes=1)
     sim.start()
     try:
-        yield sim.command_env(), "virgo_exps.slurmsim, 1 node on this machine"
+        yield sim.command_env(), "slurmsim, 1 node on this machine"
     finally:
         sim.stop()
 

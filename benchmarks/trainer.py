@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from virgo_exps.config import params_from_dict  # noqa: E402
-from virgo_exps.dataset import ImageDataset, ShardSampler  # noqa: E402
-from virgo_exps.models import build_model  # noqa: E402
-from virgo_exps.strategies import get_strategy  # noqa: E402
-from virgo_exps.trainer import Trainer, TrainOutputs  # noqa: E402
+from virgo_exps.study.dataset import ImageDataset, ShardSampler  # noqa: E402
+from virgo_exps.study.models import build_model  # noqa: E402
+from virgo_exps.train.strategies import get_strategy  # noqa: E402
+from virgo_exps.train.trainer import Trainer, TrainOutputs  # noqa: E402
 
 
 def make_store(path: Path, n: int, channels: int, patch: int) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the Slurm tests need to start a real cluster on this machine
-# (virgo_exps.slurmsim): slurmctld, slurmd, the client commands and munge,
+# (slurmsim): slurmctld, slurmd, the client commands and munge,
 # plus ip/nsenter/unshare for the multi-node cluster. Debian/Ubuntu, as root.
 #   scripts/install_slurm.sh            # no-op when everything is there
 #   scripts/install_slurm.sh --strict   # exit non-zero when Slurm cannot be installed

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from virgo_exps import preflight
-from virgo_exps.cli import stage_main
+from virgo_exps.cli.main import stage_main
 from virgo_exps.config import ConfigError
 from virgo_exps.environment import collect, render
 

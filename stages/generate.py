@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from virgo_exps.cli import stage_main
+from virgo_exps.cli.main import stage_main
 from virgo_exps.config import load_params
 
 
@@ -39,7 +39,7 @@ def run() -> int:
     args = parse()
     params = load_params(args.params)
     cfg = params.generate
-    from virgo_exps.data import generate as gen
+    from virgo_exps.study import generate as gen
 
     if args.part is not None:
         first, last = gen.generate_part(cfg, gen.default_parts_path(args.out), args.part, args.parts, args.workers)
@@ -55,7 +55,7 @@ def run() -> int:
         gen.generate(cfg, args.out, workers=args.workers)
         return 0
 
-    from virgo_exps.slurm import dry_run_requested, submit
+    from virgo_exps.launch.slurm import dry_run_requested, submit
 
     parts = gen.default_parts_path(args.out)
     if parts.exists() and not dry_run_requested():

@@ -6,7 +6,7 @@ python stages/preprocess.py --params params.yaml --in data/raw.zarr --out data/i
 import argparse
 from pathlib import Path
 
-from virgo_exps.cli import stage_main
+from virgo_exps.cli.main import stage_main
 from virgo_exps.config import load_params
 
 
@@ -20,7 +20,7 @@ def run() -> int:
     from virgo_exps.provenance import check_input
 
     check_input(args.source, args.params)  # the store was made with the generate params we were given
-    from virgo_exps.data.preprocess import preprocess
+    from virgo_exps.study.preprocess import preprocess
 
     summary = preprocess(args.source, cfg, args.out, workers=cfg.workers or None, device=cfg.device)
     print(f"preprocess: {summary}", flush=True)

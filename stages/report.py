@@ -10,7 +10,7 @@ Without --model and --data the reference losses and the validation images are le
 import argparse
 from pathlib import Path
 
-from virgo_exps.cli import stage_main
+from virgo_exps.cli.main import stage_main
 from virgo_exps.config import load_params
 
 
@@ -29,7 +29,7 @@ def run() -> int:
 
     check_metrics(args.metrics, args.params)  # the metrics were made with the train params we were given
     from virgo_exps.paths import experiment_name
-    from virgo_exps.report import build
+    from virgo_exps.study.report import build
 
     if (args.model is None) != (args.data is None):
         parser.error("--model and --data: give both (for the reference losses and images) or neither")

@@ -6,18 +6,18 @@
 
 --checkpoints receives the final snapshot of a completed run; an unfinished
 run keeps its snapshot in .virgo/snapshots/ of the main checkout (see
-virgo_exps.trainer), so DVC restoring its outputs never overwrites it.
+virgo_exps.train.trainer), so DVC restoring its outputs never overwrites it.
 
 Without --worker this validates the configuration and starts the training
 processes on the active machine (directly, torchrun, horovodrun, or a SLURM
-job: see virgo_exps.launch); each process runs this script again with --worker.
+job: see virgo_exps.launch.launcher); each process runs this script again with --worker.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from virgo_exps.cli import stage_main, worker_main
+from virgo_exps.cli.main import stage_main, worker_main
 from virgo_exps.config import load_params
 
 OUTPUTS = ("checkpoints", "model", "metrics", "epochs", "ranks")
@@ -35,7 +35,7 @@ def parse():
 
 
 def launch(args) -> int:
-    from virgo_exps import launch as launcher
+    from virgo_exps.launch import launcher
 
     params = load_params(args.params)
     from virgo_exps.provenance import check_input
@@ -47,9 +47,9 @@ def launch(args) -> int:
 
 
 def work(args, strategy_box) -> int:
-    from virgo_exps.strategies import get_strategy
-    from virgo_exps.tracking import Tracker
-    from virgo_exps.trainer import EXIT_INTERRUPTED, Interrupted, Trainer, TrainOutputs
+    from virgo_exps.train.strategies import get_strategy
+    from virgo_exps.train.tracking import Tracker
+    from virgo_exps.train.trainer import EXIT_INTERRUPTED, Interrupted, Trainer, TrainOutputs
 
     params = load_params(args.params)
     strategy = get_strategy(params.train.strategy)

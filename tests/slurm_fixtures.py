@@ -1,4 +1,4 @@
-"""Pytest plugin: session-scoped real Slurm clusters (see virgo_exps.slurmsim).
+"""Pytest plugin: session-scoped real Slurm clusters (see slurmsim).
 
 Register with ``pytest_plugins = ["slurm_fixtures"]`` (tests/ on sys.path) or
 ``-p slurm_fixtures``.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from virgo_exps.slurmsim import SimCluster, SlurmUnavailable, ensure_installed
+from slurmsim import SimCluster, SlurmUnavailable, ensure_installed
 
 
 def _require_slurm(multinode: bool) -> None:

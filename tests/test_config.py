@@ -91,7 +91,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_paper_preset_merges_into_params_keeping_comments(tmp_path):
-    from virgo_exps.cli import apply_preset
+    from virgo_exps.cli.main import apply_preset
 
     target = tmp_path / "params.yaml"
     target.write_text((ROOT / "params.yaml").read_text())
@@ -102,7 +102,7 @@ def test_paper_preset_merges_into_params_keeping_comments(tmp_path):
 
 
 def test_a_preset_with_a_bad_value_writes_nothing(tmp_path):
-    from virgo_exps.cli import apply_preset
+    from virgo_exps.cli.main import apply_preset
 
     target = tmp_path / "params.yaml"
     original = (ROOT / "params.yaml").read_text()

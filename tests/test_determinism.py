@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from virgo_exps.data import preprocess as P
+from virgo_exps.study import preprocess as P
 
 try:
     from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
@@ -55,8 +55,8 @@ import sys
 from pathlib import Path
 import numpy as np
 from virgo_exps.config import GenerateConfig, PreprocessConfig
-from virgo_exps.data.generate import generate
-from virgo_exps.data.preprocess import preprocess
+from virgo_exps.study.generate import generate
+from virgo_exps.study.preprocess import preprocess
 what, out = sys.argv[1], Path(sys.argv[2])
 if what == "generate":
     generate(GenerateConfig(seed=3, n_samples=24, n_aux=3, duration=4.0, sample_rate=256, chunk_size=8, workers=1),

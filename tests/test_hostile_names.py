@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, make_repo, sh, tool_env
-from virgo_exps import slurm
 from virgo_exps.config import ConfigError, TrainConfig
+from virgo_exps.launch import slurm
 from virgo_exps.machines import load_machine
 
 # Each one broke a batch script, moved the log, or could run a command if written unquoted.
@@ -184,9 +184,9 @@ print("probe: name=" + repr(os.environ["DVC_EXP_NAME"]) + " cwd=" + repr(os.getc
 """
 LAUNCH = """\
 import sys
-from virgo_exps.cli import stage_main
+from virgo_exps.cli.main import stage_main
 from virgo_exps.config import TrainConfig
-from virgo_exps.launch import run
+from virgo_exps.launch.launcher import run
 stage_main(lambda: run("train", ["probe.py"], TrainConfig()))
 """
 

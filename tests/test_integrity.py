@@ -20,8 +20,8 @@ import torch
 import zarr
 
 from conftest import make_repo, sh
-from virgo_exps.data.store import CorruptStoreError, compressors, read, verify_store
-from virgo_exps.models import CorruptModelError, load_model
+from virgo_exps.store import CorruptStoreError, compressors, read, verify_store
+from virgo_exps.study.models import CorruptModelError, load_model
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from virgo_exps import monitoring
+from virgo_exps.train import monitoring
 
 
 def fake_nvml(energy_counter: bool, power_w: float = 100.0, util: int = 60):

@@ -142,7 +142,7 @@ def venv_without_horovodrun(dest: Path) -> tuple[dict, list[str]]:
         (dest / "bin" / name).symlink_to(real / "bin" / name)
     env = tool_env()
     env["PATH"] = f"{dest / 'bin'}{os.pathsep}{env['PATH']}"
-    check = [str(dest / "bin" / "python"), "-c", "from virgo_exps.cli import main; main(['check'])"]
+    check = [str(dest / "bin" / "python"), "-c", "from virgo_exps.cli.main import main; main(['check'])"]
     return env, check
 
 
@@ -197,7 +197,7 @@ def test_data_over_memory_refused_with_the_numbers(ran):
     """Big patches make the images, held in memory by training, outgrow memory before the disk."""
     import psutil
 
-    from virgo_exps.data.store import format_bytes
+    from virgo_exps.store import format_bytes
 
     repo, before = ran
     patch, per_sample = 128, 4 * 128 * 128 * 4  # images of 1 main + 3 aux channels, float32

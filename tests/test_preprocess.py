@@ -10,8 +10,8 @@ import pytest
 import zarr
 
 from virgo_exps.config import GenerateConfig, PreprocessConfig
-from virgo_exps.data import generate as G
-from virgo_exps.data import preprocess as P
+from virgo_exps.study import generate as G
+from virgo_exps.study import preprocess as P
 
 GEN = GenerateConfig(seed=11, n_samples=30, n_aux=3, duration=4.0, sample_rate=500, chunk_size=8, workers=1)
 PRE = PreprocessConfig(patch_size=32, val_fraction=0.2, split_seed=5, batch_size=8)
@@ -30,7 +30,7 @@ def stores(tmp_path_factory):
 @pytest.fixture(scope="module")
 def by_hand(stores):
     """Full Q-transform images of every sample, computed directly."""
-    from virgo_exps.data.qtransform import q_transform
+    from virgo_exps.study.qtransform import q_transform
 
     raw, _, _ = stores
     x = zarr.open_group(str(raw), mode="r")["strain"][:]
@@ -65,7 +65,7 @@ def test_layout_and_attrs(stores):
     g = zarr.open_group(str(out), mode="r")
     assert g["train/x"].chunks[0] == min(P.OUT_CHUNK, 30 - n_val)
     # the layout the training stage reads
-    from virgo_exps.dataset import ImageDataset
+    from virgo_exps.study.dataset import ImageDataset
 
     ds = ImageDataset(out, "train")
     assert len(ds) == 30 - n_val and ds.n_channels == 3

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from virgo_exps.data.qtransform import get_plan, q_transform, q_transform_grid
+from virgo_exps.study.qtransform import get_plan, q_transform, q_transform_grid
 
 gwpy_timeseries = pytest.importorskip("gwpy.timeseries")
 
@@ -235,7 +235,7 @@ def test_small_batch_size_and_torch_input_give_same_result():
 def test_gpu_code_path_gives_the_same_images(whiten, monkeypatch):
     """The torch-only path a GPU takes (torch gather and median, device output buffer), run on
     the CPU with the numpy fast paths off, against the default CPU path."""
-    from virgo_exps.data import qtransform
+    from virgo_exps.study import qtransform
 
     batch = np.stack([signal(name) for name in CASES])
     monkeypatch.setattr(qtransform, "CPU_NUMPY_PATHS", False)

@@ -63,7 +63,7 @@ def test_reference_losses_match_an_independent_computation(run):
     import torch
     import zarr
 
-    from virgo_exps.models import ConvDecoder
+    from virgo_exps.study.models import ConvDecoder
 
     repo = run
     report = (repo / "results/report/report.md").read_text()
@@ -90,7 +90,7 @@ def test_images_panel_shows_best_and_worst_validation_samples(run):
     import zarr
     from PIL import Image
 
-    from virgo_exps.models import build_from_file
+    from virgo_exps.study.models import build_from_file
 
     repo = run
     report = (repo / "results/report/report.md").read_text()

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from conftest import BIN, make_repo, sh, tool_env
-from virgo_exps import scalability_cli
-from virgo_exps.scalability import console_text, summarize, write_report
-from virgo_exps.scalability_groups import assign, dedupe
-from virgo_exps.scalability_sources import Run, load_files, parse_exp_show
+from virgo_exps.cli import scalability as scalability_cli
+from virgo_exps.scalability.groups import assign, dedupe
+from virgo_exps.scalability.report import console_text, summarize, write_report
+from virgo_exps.scalability.sources import Run, load_files, parse_exp_show
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -368,7 +368,7 @@ def test_what_differs_only_with_the_strategy_is_a_column_not_in_labels(tmp_path)
 
 
 def test_suspicious_figures_are_flagged_in_table_json_html_and_pngs(tmp_path, monkeypatch):
-    from virgo_exps import scalability_plots
+    from virgo_exps.scalability import plots as scalability_plots
 
     write_run(tmp_path / "runs", "d1", "ddp", 1, [9.0, 8.4, 8.4], machine="local")
     write_run(tmp_path / "runs", "d2", "ddp", 2, [3.0, 2.0, 2.0], machine="local")  # 4.2x on 2 processes
@@ -406,7 +406,7 @@ def test_suspicious_figures_are_flagged_in_table_json_html_and_pngs(tmp_path, mo
 
 
 def test_origin_line_on_every_figure_and_the_page(tmp_path, monkeypatch):
-    from virgo_exps import scalability_plots
+    from virgo_exps.scalability import plots as scalability_plots
 
     write_run(tmp_path / "runs", "a", "ddp", 1, [3.0, 2.0, 2.0], machine="local", computation=0.75)
     write_run(tmp_path / "runs", "b", "ddp", 2, [3.0, 1.2, 1.2], machine="local", computation=0.5, val_loss=0.7)
@@ -577,7 +577,7 @@ def test_pngs_html_csv_json_render(ddp_sweep, tmp_path):
 def test_plot_axes_are_log_log_with_an_ideal_line(ddp_sweep, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from virgo_exps import scalability_plots
+    from virgo_exps.scalability import plots as scalability_plots
 
     seen = {}
 
@@ -669,7 +669,7 @@ def test_report_over_real_dvc_experiments(tmp_path):
     assert metrics["machine"] == "local"
     metrics_path.write_text(json.dumps({**metrics, "machine": "simcluster"}, indent=2, sort_keys=True) + "\n")
 
-    cli = [str(BIN / "python"), "-m", "virgo_exps.scalability_cli"]
+    cli = [str(BIN / "python"), "-m", "virgo_exps.cli.scalability"]
     proc = sh(cli, repo)
     head = sh(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert (

@@ -19,7 +19,7 @@ import pytest
 from conftest import BIN, make_repo, sh, tool_env
 from test_tracking import PASSWORD, server  # noqa: F401 - `server` is the module's MLflow server fixture
 from virgo_exps.config import ConfigError
-from virgo_exps.tracking import check_tracking_uri, redact
+from virgo_exps.train.tracking import check_tracking_uri, redact
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, make_repo, sh
-from virgo_exps import share
+from virgo_exps.experiments import share
 
 PARAMS = {"preprocess": {"fmax": 64.0}}
 N_EXPS = 10
@@ -207,7 +207,7 @@ class User:
         )
 
     def vx(self, *args, check=True):
-        return self.run(["python", "-m", "virgo_exps.share_cli", *args], check=check)
+        return self.run(["python", "-m", "virgo_exps.cli.share", *args], check=check)
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +331,7 @@ def test_share_says_which_path_and_permission_is_wrong_and_how_to_fix_it(shared)
             "HOME=/tmp",
             "python",
             "-m",
-            "virgo_exps.share_cli",
+            "virgo_exps.cli.share",
             "share",
             "--dir",
             str(store),

@@ -1,4 +1,4 @@
-"""Stages submitted to SLURM with ``sbatch -W`` (virgo_exps.slurm, virgo_exps.hvd_slurm).
+"""Stages submitted to SLURM with ``sbatch -W`` (virgo_exps.launch.slurm, virgo_exps.launch.hvd_slurm).
 
 Fast tests: the generated batch scripts against golden files (tests/golden/,
 regenerate with VIRGO_UPDATE_GOLDEN=1), the dry run, the Horovod rank layout,
@@ -32,8 +32,8 @@ import torch
 import yaml
 
 from conftest import BIN, ROOT, make_repo, sh, tool_env, wait_until, write_images
-from virgo_exps import hvd_slurm, slurm
 from virgo_exps.config import ConfigError, TrainConfig
+from virgo_exps.launch import hvd_slurm, slurm
 
 GOLDEN = Path(__file__).parent / "golden"
 HOROVOD = (BIN / "horovodrun").exists()
@@ -259,7 +259,7 @@ def test_batch_script_resources_follow_params_and_profile(monkeypatch):
     assert "--nproc_per_node=4 --rdzv_backend=c10d" in ddp
     hvd = generated("juwels-booster-horovod-2x4", monkeypatch)
     assert "#SBATCH --ntasks-per-node=4\n#SBATCH --cpus-per-task=12" in hvd
-    assert 'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=4' in hvd and "virgo_exps.hvd_slurm" in hvd
+    assert 'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=4' in hvd and "virgo_exps.launch.hvd_slurm" in hvd
     single = generated("slurm-single", monkeypatch)
     for line in (
         "#SBATCH --job-name=virgo-train-exp-golden",

@@ -104,7 +104,7 @@ def test_node_scaling_sweep_through_the_queue(slurm_multinode, sweep_repo):
 
     # The scalability report over the sweep: one series per strategy, speedup against its own 1 node.
     out = repo / "results" / "scalability"
-    printed = sh([str(BIN / "python"), "-m", "virgo_exps.scalability_cli", "--out", str(out)], repo).stdout
+    printed = sh([str(BIN / "python"), "-m", "virgo_exps.cli.scalability", "--out", str(out)], repo).stdout
     doc = json.loads((out / "scalability.json").read_text())
     groups = {(g["series"], g["world_size"]): g for g in doc["groups"]}
     for strategy in STRATEGIES:

@@ -35,7 +35,7 @@ from test_slurm_launch import (
     needs_horovod,
     train_cmd,
 )
-from virgo_exps import slurm
+from virgo_exps.launch import slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

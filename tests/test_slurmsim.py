@@ -1,4 +1,4 @@
-"""Tests of virgo_exps.slurmsim against a real Slurm (needs root).
+"""Tests of slurmsim against a real Slurm (needs root).
 
 Run: PYTHONPATH=tests python -m pytest -p slurm_fixtures tests/test_slurmsim.py
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import slurmsim
 from conftest import wait_until
-from virgo_exps import slurmsim
-from virgo_exps.slurmsim import ClusterAlreadyRunning, SimCluster
+from slurmsim import ClusterAlreadyRunning, SimCluster
 
 pytestmark = pytest.mark.slurm
 
@@ -326,7 +326,7 @@ def test_cli_up_status_down(tmp_path):
     _require_slurm(multinode=True)
     workdir = tmp_path / "cli"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    cli = [sys.executable, "-m", "virgo_exps.slurmsim"]
+    cli = [sys.executable, "-m", "slurmsim"]
     up = subprocess.run(
         [*cli, "up", "--dir", str(workdir), "--nodes", "2"], capture_output=True, text=True, env=env, timeout=120
     )

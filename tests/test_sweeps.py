@@ -32,7 +32,7 @@ def dvc(repo, *args, check=True, env=None, timeout=900):
 
 def vx(repo, *args, check=True, env=None):
     """Our CLI's share/failures/resume commands (stand-alone module until cli.py wires them)."""
-    return sh([str(BIN / "python"), "-m", "virgo_exps.share_cli", *args], repo, env=env or tool_env(), check=check)
+    return sh([str(BIN / "python"), "-m", "virgo_exps.cli.share", *args], repo, env=env or tool_env(), check=check)
 
 
 def queue_status(repo) -> dict[str, str]:

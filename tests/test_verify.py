@@ -80,7 +80,7 @@ def test_run_with_nothing_changed_records_no_experiment(ran):
 
 
 def test_only_a_plain_run_is_checked_first():
-    from virgo_exps.cli import _plain_run
+    from virgo_exps.cli.main import _plain_run
 
     assert _plain_run([]) and _plain_run(["-n", "x", "-q"]) and _plain_run(["--name=x", "-m", "note"])
     for args in (["-S", "train.lr=0.1"], ["--queue"], ["-f"], ["train"], ["-n", "x", "--run-all"]):
@@ -113,7 +113,7 @@ def test_verify_an_experiment_from_git_and_the_cache_and_one_identical_to_its_ba
     out = virgo(repo, "verify", "--exp", "dup")
     assert out.returncode == 0
     assert f"note: experiment dup is identical to its baseline {head[:7]}" in out.stdout, out.stdout
-    from virgo_exps.verify import same_as_baseline
+    from virgo_exps.experiments.verify import same_as_baseline
 
     assert same_as_baseline(repo) == {"dup": head}
     assert "Pipeline is up to date, no experiment recorded" in virgo(repo, "run").stdout

@@ -68,7 +68,7 @@ MODELS = ("decoder", "unet")
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Synthetic main + auxiliary channels (see virgo_exps.data.generate)."""
+    """Synthetic main + auxiliary channels (see virgo_exps.study.generate)."""
 
     seed: int = _spec(42, _seed, SEED_RANGE, "seed of the whole data set; sample i depends only on (seed, i)")
     n_samples: int = _spec(256, _positive, "an integer > 0", "number of samples (each: 1 main + n_aux channels)")
@@ -195,7 +195,7 @@ def _cross_checks(p: Params) -> None:
             f"preprocess.fmax: {p.preprocess.fmax} Hz must be below the Nyquist frequency "
             f"({nyquist} Hz for generate.sample_rate={p.generate.sample_rate})"
         )
-    from .data.qtiling import max_frequency
+    from virgo_exps.study.qtiling import max_frequency
 
     ceiling = max_frequency(p.generate.sample_rate)
     if p.preprocess.fmax > ceiling:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .machines import load_machine
+from virgo_exps.machines import load_machine
 
 # What `make run` installs (pyproject.toml, pinned) and the results depend on.
 PACKAGES = ("torch", "deepspeed", "dvc", "mlflow", "zarr", "numpy", "scipy", "pandas", "virgo-exps")

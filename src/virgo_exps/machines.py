@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError
-from .paths import main_checkout, repo_root
+from virgo_exps.config import ConfigError
+from virgo_exps.paths import main_checkout, repo_root
 
 KINDS = ("local", "slurm")
 

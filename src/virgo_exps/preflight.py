@@ -12,7 +12,7 @@ same one line, before any stage has written or deleted an output:
 3. a size budget: disk and memory estimated from the params against what is
    free on the file system of ``data/`` (and of DVC's cache) and in memory;
 4. the tracking credentials: none inside ``MLFLOW_TRACKING_URI``
-   (:func:`virgo_exps.tracking.check_tracking_uri`), which MLflow would print
+   (:func:`virgo_exps.train.tracking.check_tracking_uri`), which MLflow would print
    into the training logs, and no password in the environment a SLURM job
    inherits (:func:`check_tracking_secret`).
 
@@ -33,10 +33,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, Params, load_params
-from .machines import Machine, load_machine
-from .paths import main_checkout, repo_root
-from .tracking import check_tracking_uri
+from virgo_exps.config import ConfigError, Params, load_params
+from virgo_exps.machines import Machine, load_machine
+from virgo_exps.paths import main_checkout, repo_root
+from virgo_exps.train.tracking import check_tracking_uri
 
 # What each strategy needs beyond torch, as an importable module.
 STRATEGY_MODULES = {"deepspeed": "deepspeed", "horovod": "horovod"}
@@ -52,7 +52,7 @@ TRAIN_HEADROOM = 2
 
 
 def _fmt(n: float) -> str:
-    from .data.store import format_bytes
+    from virgo_exps.store import format_bytes
 
     return format_bytes(n)
 
@@ -66,7 +66,7 @@ def check_machine(params: Params, machine: Machine) -> None:
     module = STRATEGY_MODULES.get(cfg.strategy)
     if machine.kind == "local":
         # The launcher's own refusals (several nodes here, horovodrun missing).
-        from .launch import local_command
+        from virgo_exps.launch.launcher import local_command
 
         local_command(cfg, ["stages/train.py"], python=sys.executable, deepspeed_launcher=machine.deepspeed_launcher)
         total = machine.max_procs or os.cpu_count() or 1
@@ -83,7 +83,7 @@ def check_machine(params: Params, machine: Machine) -> None:
                     f"{gpus} GPU(s), one per process; set train.procs_per_node to at most {gpus}"
                 )
     else:
-        from .slurm import use_slurm_conf
+        from virgo_exps.launch.slurm import use_slurm_conf
 
         use_slurm_conf(machine)  # the profile's cluster must exist
         if machine.gpus_per_node and cfg.procs_per_node > machine.gpus_per_node:
@@ -199,7 +199,7 @@ def estimate(params: Params, machine: Machine) -> Budget:
     """Disk and memory a run of these params needs here, and what is free."""
     import psutil
 
-    from .data.generate import n_chunks_of, n_time_of, resolve_workers
+    from virgo_exps.study.generate import n_chunks_of, n_time_of, resolve_workers
 
     g, p = params.generate, params.preprocess
     channels = 1 + g.n_aux
@@ -229,7 +229,7 @@ def estimate(params: Params, machine: Machine) -> Budget:
     if machine.kind == "local":
         # Every training process reads the whole preprocessed store into
         # memory, and refuses a split above half the available memory
-        # (virgo_exps.dataset.ImageDataset): the same half is kept free here.
+        # (virgo_exps.study.dataset.ImageDataset): the same half is kept free here.
         peaks.append(
             (
                 TRAIN_HEADROOM * params.train.procs_per_node * images,

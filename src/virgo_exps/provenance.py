@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from virgo_exps.config import ConfigError
 
 KEY = "provenance"
 DIGEST_CHARS = 16
@@ -87,7 +87,7 @@ def used_params(params_file: str | os.PathLike = "params.yaml", text: str | None
     """Every param as a stage uses it (validated, defaults filled in), flat."""
     import yaml
 
-    from .config import as_flat_dict, params_from_dict
+    from virgo_exps.config import as_flat_dict, params_from_dict
 
     raw = yaml.safe_load(Path(params_file).read_text() if text is None else text) or {}
     return as_flat_dict(params_from_dict(raw))

@@ -1,0 +1,7 @@
+"""``python -m slurmsim``: start, inspect or stop the local Slurm cluster."""
+
+import sys
+
+from slurmsim import main
+
+sys.exit(main())

@@ -1,0 +1,279 @@
+"""Command-line entry points shared by the stage scripts, and the ``virgo-exps`` CLI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+
+from virgo_exps.config import ConfigError, DamagedInputError, describe
+
+
+def stage_main(run: Callable[[], int | None]) -> None:
+    """Run a stage body; turn configuration errors into one clear line and exit 2.
+
+    The stage ends, with every process it started, when the process that
+    started it (DVC) ends or on SIGINT/SIGTERM/SIGHUP (see
+    :func:`virgo_exps.launch.launcher.bind_stage_to_starter`).
+    """
+    from virgo_exps.launch.launcher import bind_stage_to_starter
+
+    bind_stage_to_starter()
+    try:
+        code = run()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except DamagedInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def worker_main(run: Callable[[], int | None], rank: Callable[[], int]) -> None:
+    """Like :func:`stage_main` for a training process: a crash names the rank."""
+    try:
+        code = run()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except DamagedInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        traceback.print_exc()
+        print(f"error: training process rank {rank()} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(code or 0)
+
+
+RESULTS = {
+    "model": "results/model.pt",
+    "metrics": "results/metrics.json",
+    "per-epoch rows (dvc plots)": "results/epochs.csv",
+    "report": "results/report/report.md",
+    "checkpoint": "checkpoints/snapshot.pt",
+}
+
+
+def run_pipeline(dvc_args: list[str]) -> int:
+    """``dvc exp run`` with a summary: which stages ran, where the results are."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from virgo_exps.paths import main_checkout
+    from virgo_exps.train.tracking import redact, tracking_uri
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    cmd = [dvc, "exp", "run", *dvc_args]
+    # Stage commands say `python`: make it the venv's, as after `source .venv/bin/activate`.
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # `dvc exp run` records an experiment even when nothing changed; such a row
+    # would count as a repeated run. Ask DVC first, and record nothing then.
+    if _plain_run(dvc_args) and _up_to_date(dvc, env):
+        print(
+            "Pipeline is up to date, no experiment recorded (`dvc status`: nothing to reproduce; "
+            "the environment was checked and is unchanged)."
+        )
+        _print_results(main_checkout(), redact(tracking_uri()))
+        return 0
+    print("$ " + " ".join(["dvc", "exp", "run", *dvc_args]), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    ran: list[str] = []
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        m = re.match(r"Running stage '([^']+)'", line.strip())
+        if m:
+            ran.append(m.group(1))
+    rc = proc.wait()
+    if rc != 0:
+        from virgo_exps.experiments.failures import record
+
+        text = "".join(lines)
+        m = re.search(r"Reproducing experiment '([^']+)'", text)
+        kept = record(text, m.group(1) if m else "workspace")
+        print(
+            f"\npipeline failed (dvc exit code {rc}); output kept in {kept}; stage logs in logs/<stage>/",
+            file=sys.stderr,
+        )
+        return rc
+    root = main_checkout()
+    work = [s for s in ran if s != "environment"]
+    print()
+    if not work:
+        print("Pipeline is up to date: no stage reran (the environment was checked and is unchanged).")
+    else:
+        print(f"Stages run: {', '.join(ran)}")
+    _print_results(root, redact(tracking_uri()))
+    return 0
+
+
+# Options of `dvc exp run` that do not change what runs; with any other
+# argument (-S, --queue, --force, targets, ...) DVC alone decides.
+_PLAIN_OPTIONS = {"-n", "--name", "-m", "--message"}
+_PLAIN_FLAGS = {"-q", "--quiet", "-v", "--verbose"}
+
+
+def _plain_run(dvc_args: list[str]) -> bool:
+    i = 0
+    while i < len(dvc_args):
+        arg = dvc_args[i]
+        if arg in _PLAIN_FLAGS:
+            i += 1
+        elif arg in _PLAIN_OPTIONS:
+            i += 2
+        elif arg.split("=", 1)[0] in _PLAIN_OPTIONS and "=" in arg:
+            i += 1
+        else:
+            return False
+    return True
+
+
+def _dvc_status(dvc: str, env: dict) -> dict | None:
+    import json
+    import subprocess
+
+    proc = subprocess.run([dvc, "status", "--json"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return None
+    try:
+        return json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        return None
+
+
+def _up_to_date(dvc: str, env: dict) -> bool:
+    """True when no stage would rerun: ``dvc status`` is clean but for the always-changed
+    environment stage, which is then run on its own; it rewrites ``version.lock`` only when
+    the environment changed, and ``dvc status`` is asked again."""
+    import subprocess
+
+    def pending(status: dict) -> list[str]:
+        return [stage for stage, changes in status.items() if [c for c in changes if c != "always changed"]]
+
+    status = _dvc_status(dvc, env)
+    if status is None or pending(status):
+        return False
+    always = [stage for stage in status]
+    for stage in always:
+        proc = subprocess.run([dvc, "repro", "--single-item", stage], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            return False  # let `dvc exp run` show the failure
+    status = _dvc_status(dvc, env)
+    return status is not None and not pending(status)
+
+
+def _print_results(root, mlflow_uri: str) -> None:
+    print("Results:")
+    for what, rel in RESULTS.items():
+        mark = "" if (root / rel).exists() else "  (missing)"
+        print(f"  {what:28s} {rel}{mark}")
+    print(f"  {'MLflow store':28s} {mlflow_uri}")
+    print(
+        "Next: `dvc exp show`, `dvc plots show`, `dvc exp run -S train.lr=0.0003`, "
+        "`mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`, `virgo-exps verify`"
+    )
+
+
+def apply_preset(preset_file: str, params_file: str) -> int:
+    """Merge a preset's keys into params.yaml; nothing is written unless the result is valid."""
+    import os
+    from pathlib import Path
+
+    import yaml
+
+    from virgo_exps.config import params_from_dict
+
+    preset = yaml.safe_load(Path(preset_file).read_text()) or {}
+    params = yaml.safe_load(Path(params_file).read_text()) or {}
+    for section, values in preset.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{preset_file}: {section}: expected a mapping")
+        params.setdefault(section, {}).update(values)
+    params_from_dict(params)
+    text = Path(params_file).read_text()
+    # Keep the comments and layout of params.yaml: rewrite only the values.
+    lines = text.splitlines(keepends=True)
+    section = None
+    for i, line in enumerate(lines):
+        stripped = line.rstrip("\n")
+        if stripped and not stripped.startswith((" ", "#")) and stripped.endswith(":"):
+            section = stripped[:-1]
+        elif section in preset and stripped.startswith("  ") and ":" in stripped:
+            key = stripped.strip().split(":", 1)[0]
+            if key in preset[section]:
+                value = yaml.safe_dump(preset[section][key], default_flow_style=True).strip()
+                lines[i] = f"  {key}: {value.removesuffix(chr(10) + '...')}\n"
+    tmp = Path(f"{params_file}.tmp-{os.getpid()}")
+    tmp.write_text("".join(lines))
+    if yaml.safe_load(tmp.read_text()) != params:
+        tmp.unlink()
+        raise ConfigError(f"{params_file}: could not merge {preset_file} while keeping the layout; edit it by hand")
+    os.replace(tmp, params_file)
+    print(f"{params_file}: merged {preset_file}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        # Everything after `run` belongs to dvc, options included (argparse's
+        # REMAINDER would reject a leading `-S`).
+        sys.exit(run_pipeline(argv[1:]))
+    parser = argparse.ArgumentParser(prog="virgo-exps", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("params", help="list every key of params.yaml with its default and allowed values")
+    check = sub.add_parser(
+        "check", help="run the first stage's checks (params, machine, disk and memory), write nothing"
+    )
+    check.add_argument("--params", default="params.yaml")
+    preset = sub.add_parser("preset", help="merge a preset (e.g. presets/paper.yaml) into params.yaml, validated")
+    preset.add_argument("file")
+    preset.add_argument("--params", default="params.yaml")
+    run = sub.add_parser("run", help="run the pipeline with `dvc exp run` (extra arguments go to dvc)")
+    run.add_argument("dvc_args", nargs=argparse.REMAINDER)
+    from virgo_exps.cli import scalability as scalability_cli
+    from virgo_exps.cli import share as share_cli
+    from virgo_exps.experiments import verify
+
+    scalability_cli.add_parser(sub)
+    share_cli.add_parser(sub)
+    verify.add_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "verify":
+        sys.exit(verify.run(args))
+    if args.command in share_cli.COMMANDS:
+        sys.exit(share_cli.run(args))
+    if args.command == "scalability":
+        sys.exit(scalability_cli.run(args))
+    if args.command == "run":
+        sys.exit(run_pipeline(args.dvc_args))
+    if args.command == "preset":
+        stage_main(lambda: apply_preset(args.file, args.params))
+    if args.command == "params":
+        print(describe())
+    elif args.command == "check":
+        from virgo_exps import preflight
+
+        def body():
+            # exactly the checks of the pipeline's first stage (stages/environment.py)
+            try:
+                _params, machine, budget = preflight.check(args.params)
+            except ConfigError as exc:
+                return preflight.refuse(exc, args.params)
+            print(preflight.summary(args.params, machine, budget))
+
+        stage_main(body)

@@ -1,0 +1,1 @@
+"""Experiments after the fact: the team store, failures, resuming, verification."""

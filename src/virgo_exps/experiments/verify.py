@@ -1,0 +1,471 @@
+"""``virgo-exps verify``: can the results of a workspace or an experiment be trusted?
+
+Checks, for the workspace (default) or one experiment (``--exp NAME``):
+
+1. params vs outputs: every output's provenance stamp (see
+   :mod:`virgo_exps.provenance`) against ``params.yaml`` and ``dvc.lock``, and
+   the digest of the input data recorded in the stamp against that input now;
+2. ``dvc.lock`` vs files: ``dvc status`` (workspace only), and every cache
+   object of every output against its MD5 (a corrupted cache object is
+   otherwise used silently by ``dvc checkout``);
+3. the stores: every chunk of every array of every zarr output is read and
+   decoded (workspace only; the codecs' checksums fail on a changed byte).
+
+An experiment is read without applying it: ``params.yaml``, ``dvc.lock`` and
+``metrics.json`` from its git ref, the other outputs from the DVC cache (which
+must hold them: ``dvc exp pull`` first for a teammate's). Chunks are not
+decoded there; the cache objects' MD5 covers their bytes.
+
+An experiment whose commit has the same tree as its baseline's (a
+``dvc exp run`` with nothing changed) is said to be that baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from virgo_exps import provenance
+
+FIX_CORRUPT = "restore it with `dvc checkout --relink {path}`, or `dvc pull {path}` if the cache copy is bad too"
+
+
+def _dvc() -> str:
+    here = Path(sys.executable).parent / "dvc"
+    return str(here) if here.exists() else "dvc"
+
+
+def _git(repo: Path, *args: str, check: bool = True) -> str:
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise VerifyError(f"git {' '.join(args)}: {proc.stderr.strip() or proc.returncode}")
+    return proc.stdout
+
+
+class VerifyError(Exception):
+    """Verification could not even start (no such experiment, not a repository)."""
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return (
+            [f"ok: {c}" for c in self.checked]
+            + [f"note: {n}" for n in self.notes]
+            + [f"FAIL: {p}" for p in self.problems]
+        )
+
+
+# -- experiments and baselines ------------------------------------------------
+
+
+def exp_refs(repo: Path) -> dict[str, str]:
+    """{experiment name: ref} of the experiments git knows (``refs/exps/...``)."""
+    out = _git(repo, "for-each-ref", "--format=%(refname)", "refs/exps", check=False)
+    refs = {}
+    for ref in out.split():
+        if ref.count("/") >= 4 and not ref.startswith("refs/exps/celery"):
+            refs[ref.rsplit("/", 1)[-1]] = ref
+    return refs
+
+
+def baseline_of(repo: Path, rev: str) -> str | None:
+    """The baseline commit of an experiment when the experiment changed nothing, else None.
+
+    ``dvc exp run`` records an experiment even when no stage reran: its commit
+    then has the very tree of its parent (the baseline).
+    """
+    tree = _git(repo, "rev-parse", f"{rev}^{{tree}}", check=False).strip()
+    parent = _git(repo, "rev-parse", f"{rev}^", check=False).strip()
+    if not tree or not parent:
+        return None
+    return parent if _git(repo, "rev-parse", f"{parent}^{{tree}}", check=False).strip() == tree else None
+
+
+def same_as_baseline(repo: str | Path = ".") -> dict[str, str]:
+    """{experiment name: baseline commit} for every experiment identical to its baseline."""
+    repo = Path(repo)
+    out = {}
+    for name, ref in exp_refs(repo).items():
+        base = baseline_of(repo, ref)
+        if base:
+            out[name] = base
+    return out
+
+
+# -- where outputs are read from ------------------------------------------------
+
+
+class Workspace:
+    label = "workspace"
+
+    def __init__(self, repo: Path):
+        self.repo = repo
+
+    def text(self, rel: str) -> str | None:
+        path = self.repo / rel
+        return path.read_text() if path.is_file() else None
+
+    def files(self, rel: str) -> list[tuple[str, Path]] | None:
+        path = self.repo / rel
+        if not path.exists():
+            return None
+        return list(provenance.files_of(path))
+
+    def path(self, rel: str) -> Path | None:
+        path = self.repo / rel
+        return path if path.exists() else None
+
+
+class Experiment:
+    """An experiment's files: git for what git holds, the DVC cache for the outputs in ``dvc.lock``."""
+
+    def __init__(self, repo: Path, name: str):
+        self.repo = repo
+        refs = exp_refs(repo)
+        if name in refs:
+            self.rev = refs[name]
+        elif _git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}", check=False).strip():
+            self.rev = name
+        else:
+            known = ", ".join(sorted(refs)) or "none"
+            raise VerifyError(f"--exp {name}: no such experiment (known: {known}); see `dvc exp list`")
+        self.label = f"experiment {name}"
+        self.cache = Path(
+            subprocess.run([_dvc(), "cache", "dir"], cwd=repo, capture_output=True, text=True).stdout.strip()
+            or repo / ".dvc" / "cache"
+        )
+        lock = yaml.safe_load(self.text("dvc.lock") or "") or {}
+        self.uncached = uncached_outs(yaml.safe_load(self.text("dvc.yaml") or "") or {})
+        self.outs: dict[str, dict] = {}
+        for stage in (lock.get("stages") or {}).values():
+            for out in stage.get("outs") or []:
+                if out["path"] not in self.uncached:
+                    self.outs[out["path"]] = out
+
+    def text(self, rel: str) -> str | None:
+        proc = subprocess.run(["git", "show", f"{self.rev}:{rel}"], cwd=self.repo, capture_output=True, text=True)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def object(self, md5: str) -> Path:
+        return self.cache / "files" / "md5" / md5[:2] / md5[2:]
+
+    def entries(self, rel: str) -> list[tuple[str, str]] | None:
+        """(relative path, md5) of an output's files per dvc.lock and its .dir object; None if unknown."""
+        out = self.outs.get(rel)
+        if out is None or "md5" not in out:
+            return None
+        md5 = out["md5"]
+        if not md5.endswith(".dir"):
+            return [("", md5)]
+        obj = self.object(md5)
+        if not obj.is_file():
+            return []
+        return [(e["relpath"], e["md5"]) for e in json.loads(obj.read_text())]
+
+    def files(self, rel: str) -> list[tuple[str, Path]] | None:
+        entries = self.entries(rel)
+        if entries is None:
+            text = self.text(rel)  # an output git holds (cache: false)
+            if text is None:
+                return None
+            tmp = self.repo / ".dvc" / "tmp" / "verify" / rel
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            return [("", tmp)]
+        return [(r, self.object(m)) for r, m in entries]
+
+    def path(self, rel: str) -> Path | None:
+        files = self.files(rel)
+        if files and len(files) == 1 and files[0][0] == "" and files[0][1].is_file():
+            return files[0][1]
+        return None
+
+
+# -- the checks ----------------------------------------------------------------------
+
+
+def uncached_outs(dvc_yaml: dict) -> set[str]:
+    """Outputs with ``cache: false``: git holds them, the DVC cache does not."""
+    out = set()
+    for spec in (dvc_yaml.get("stages") or {}).values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in spec.get(key) or []:
+                if isinstance(entry, dict):
+                    path, opts = next(iter(entry.items()))
+                    if isinstance(opts, dict) and opts.get("cache") is False:
+                        out.add(path)
+    return out
+
+
+def _stage_outs(spec: dict) -> list[str]:
+    outs = []
+    for key in ("outs", "metrics", "plots"):
+        for entry in spec.get(key) or []:
+            outs.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return outs
+
+
+def _read_stamp(src, rel: str) -> tuple[dict | None, str | None]:
+    """(stamp, error) of an output: zarr root attributes, the model file, or metrics.json."""
+    files = src.files(rel)
+    if not files:
+        return None, None
+    by_rel = dict(files)
+    try:
+        if "zarr.json" in by_rel:
+            meta = json.loads(by_rel["zarr.json"].read_text())
+            return (meta.get("attributes") or {}).get(provenance.KEY), None
+        if rel.endswith(".json") and "" in by_rel:
+            data = json.loads(by_rel[""].read_text())
+            return (data.get(provenance.KEY) if isinstance(data, dict) else None), None
+        if rel.endswith((".pt", ".pth")) and "" in by_rel:
+            from virgo_exps.study.models import load_model  # verifies the file's sha256 checksum
+
+            obj = load_model(by_rel[""])
+            return obj.get(provenance.KEY), None
+    except FileNotFoundError:
+        return None, None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None, None
+
+
+def _lock_params(lock: dict, stage: str) -> dict[str, Any]:
+    raw = (((lock.get("stages") or {}).get(stage) or {}).get("params") or {}).get("params.yaml") or {}
+    return provenance.flatten(raw) if any(isinstance(v, dict) for v in raw.values()) else dict(raw)
+
+
+def check_stamps(src, report: Report, dvc_yaml: Path) -> None:
+    params_text = src.text("params.yaml")
+    if params_text is None:
+        report.problems.append(f"{src.label}: no params.yaml")
+        return
+    used = provenance.used_params(text=params_text)
+    lock = yaml.safe_load(src.text("dvc.lock") or "") or {}
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    digests: dict[str, str] = {}
+
+    def digest_of(rel: str) -> str | None:
+        if rel not in digests:
+            files = src.files(rel)
+            digests[rel] = provenance.digest_files(files) if files else None
+        return digests[rel]
+
+    for stage, spec in stages.items():
+        keys_given = provenance.select(used, stage, dvc_yaml)
+        in_lock = _lock_params(lock, stage)
+        for rel in _stage_outs(spec):
+            st, err = _read_stamp(src, rel)
+            if err:
+                report.problems.append(f"{rel}: cannot be read ({err}); {FIX_CORRUPT.format(path=rel)}")
+                continue
+            if not st:
+                if rel.endswith((".zarr", ".pt", "metrics.json")) and src.files(rel):
+                    report.notes.append(f"{rel}: no provenance stamp (made by an older version): not checked")
+                continue
+            bad = False
+            if "params" in st and isinstance(st["params"], dict):
+                for key, was, now in provenance.differences(st["params"], keys_given):
+                    lock_says = f"; dvc.lock says {key}={in_lock[key]!r}" if key in in_lock else ""
+                    report.problems.append(
+                        f"{rel}: made with {key}={was!r} but params.yaml has {key}={now!r}{lock_says}: "
+                        f"the output does not match its params; {provenance.fix_hint(stage)}"
+                    )
+                    bad = True
+                for rel_in, want in (st.get("inputs") or {}).items():
+                    have = digest_of(rel_in)
+                    if have is not None and have != want:
+                        report.problems.append(
+                            f"{rel}: made from {rel_in} with digest {want}, but {rel_in} now has digest {have}: "
+                            f"the output is not that of its inputs; {provenance.fix_hint(stage)}"
+                        )
+                        bad = True
+            else:  # the short form in metrics.json
+                expected = provenance.params_digest(keys_given)
+                if st.get("params") != expected:
+                    model = [o for o in _stage_outs(spec) if o.endswith((".pt", ".pth"))]
+                    full = _read_stamp(src, model[0])[0] if model else None
+                    named = ""
+                    if full and full.get("params_sha256") == st.get("params"):
+                        diffs = provenance.differences(full["params"], keys_given)
+                        named = "".join(f"; made with {k}={w!r}, params.yaml has {k}={n!r}" for k, w, n in diffs)
+                    report.problems.append(
+                        f"{rel}: made with other {stage} params than params.yaml gives (digest {st.get('params')}, "
+                        f"expected {expected}){named}: the output does not match its params; "
+                        f"{provenance.fix_hint(stage)}"
+                    )
+                    bad = True
+            if not bad:
+                report.checked.append(f"{rel}: made with the params of params.yaml ({stage})")
+
+
+def check_dvc_status(repo: Path, report: Report) -> None:
+    proc = subprocess.run([_dvc(), "status", "--json"], cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:
+        report.problems.append(f"`dvc status` failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        return
+    try:
+        status = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        report.problems.append("`dvc status --json` did not print JSON")
+        return
+    stale = False
+    for stage, changes in status.items():
+        real = [c for c in changes if c != "always changed"]
+        if real:
+            stale = True
+            report.problems.append(
+                f"dvc.lock vs files: stage {stage}: {json.dumps(real)}: the workspace is not "
+                "what dvc.lock records; `dvc exp run` (or `dvc checkout` to restore the outputs)"
+            )
+    if not stale:
+        report.checked.append("dvc.lock vs files: `dvc status` has nothing to reproduce")
+
+
+def check_cache(src, report: Report, lock: dict) -> None:
+    """Every cache object of every output in dvc.lock has the MD5 it is stored under."""
+    cache = (
+        src.cache
+        if isinstance(src, Experiment)
+        else Path(
+            subprocess.run([_dvc(), "cache", "dir"], cwd=src.repo, capture_output=True, text=True).stdout.strip()
+            or src.repo / ".dvc" / "cache"
+        )
+    )
+    n = 0
+    uncached = uncached_outs(yaml.safe_load(src.text("dvc.yaml") or "") or {})
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            md5 = out.get("md5")
+            if not md5 or out["path"] in uncached:
+                continue
+            rel = out["path"]
+            objects = [("", md5)]
+            if md5.endswith(".dir"):
+                manifest = cache / "files" / "md5" / md5[:2] / md5[2:]
+                if not manifest.is_file():
+                    report.problems.append(f"{rel}: not in the DVC cache ({md5}); `dvc pull {rel}` (or `dvc exp pull`)")
+                    continue
+                objects = [(e["relpath"], e["md5"]) for e in json.loads(manifest.read_text())]
+            for sub, obj_md5 in objects:
+                obj = cache / "files" / "md5" / obj_md5[:2] / obj_md5[2:]
+                where = f"{rel}/{sub}" if sub else rel
+                if not obj.is_file():
+                    report.problems.append(f"{where}: not in the DVC cache; `dvc pull {rel}` (or `dvc exp pull`)")
+                    continue
+                h = hashlib.md5()
+                with open(obj, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+                n += 1
+                if h.hexdigest() != obj_md5:
+                    report.problems.append(
+                        f"{where}: the DVC cache object {obj} is corrupt (its MD5 is {h.hexdigest()}, not {obj_md5}): "
+                        f"remove it and `dvc pull {rel}`, or rerun the stage that makes it"
+                    )
+    report.checked.append(f"DVC cache: {n} object(s) of the outputs in dvc.lock have the right MD5")
+
+
+def _chunks(arr) -> Iterable[tuple[int, ...]]:
+    return itertools.product(*(range(n) for n in arr.cdata_shape))
+
+
+def check_stores(repo: Path, report: Report, dvc_yaml: Path) -> None:
+    """Read and decode every chunk of every array of every zarr output in the workspace."""
+    import zarr
+
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    for spec in stages.values():
+        for rel in _stage_outs(spec):
+            path = repo / rel
+            if not (path / "zarr.json").is_file():
+                continue
+            try:
+                group = zarr.open_group(str(path), mode="r")
+                arrays = [(name, a) for name, a in group.members(max_depth=None) if isinstance(a, zarr.Array)]
+            except Exception as exc:
+                report.problems.append(
+                    f"{rel}: cannot be opened ({type(exc).__name__}: {exc}); " + FIX_CORRUPT.format(path=rel)
+                )
+                continue
+            n, bad = 0, False
+            for name, arr in arrays:
+                for idx in _chunks(arr):
+                    try:
+                        arr.blocks[idx]
+                    except Exception as exc:
+                        report.problems.append(
+                            f"{rel}: array {name}, chunk {'.'.join(map(str, idx))} cannot be read "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                            + FIX_CORRUPT.format(path=rel)
+                        )
+                        bad = True
+                    n += 1
+            if not bad:
+                report.checked.append(f"{rel}: read all {n} chunk(s) of {len(arrays)} array(s)")
+
+
+def verify(repo: str | Path = ".", exp: str | None = None, read_chunks: bool = True) -> Report:
+    repo = Path(repo).resolve()
+    report = Report()
+    dvc_yaml = repo / "dvc.yaml"
+    if exp is None:
+        src = Workspace(repo)
+    else:
+        src = Experiment(repo, exp)
+        base = baseline_of(repo, src.rev)
+        if base:
+            report.notes.append(
+                f"experiment {exp} is identical to its baseline {base[:7]} (nothing changed when it "
+                f"ran): it is that baseline's result, not a new one"
+            )
+        text = src.text("dvc.yaml")
+        if text is not None:
+            dvc_yaml = repo / ".dvc" / "tmp" / "verify" / "dvc.yaml"
+            dvc_yaml.parent.mkdir(parents=True, exist_ok=True)
+            dvc_yaml.write_text(text)
+    lock = yaml.safe_load(src.text("dvc.lock") or "") or {}
+    check_stamps(src, report, dvc_yaml)
+    check_cache(src, report, lock)  # before `dvc status`, which deletes a corrupt object it comes across
+    if exp is None:
+        check_dvc_status(repo, report)
+    if exp is None and read_chunks:
+        check_stores(repo, report, dvc_yaml)
+    return report
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("verify", help="check that outputs match their params, dvc.lock and checksums")
+    p.add_argument("--exp", help="check this experiment (name from `dvc exp show`) instead of the workspace")
+    p.add_argument("--no-chunks", action="store_true", help="do not read every chunk of the zarr stores")
+    p.add_argument("--repo", default=".", help="the repository (default: the current folder)")
+
+
+def run(args) -> int:
+    try:
+        report = verify(args.repo, args.exp, read_chunks=not args.no_chunks)
+    except VerifyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    what = f"experiment {args.exp}" if args.exp else "workspace"
+    for line in report.lines():
+        print(line, file=sys.stderr if line.startswith("FAIL") else sys.stdout)
+    if report.problems:
+        print(f"verify: {what}: {len(report.problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"verify: {what}: every check passed")
+    return 0

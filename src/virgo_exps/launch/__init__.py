@@ -1,0 +1,1 @@
+"""Starting work: local processes or a SLURM job, and what a worker and its launcher agree on."""

@@ -1,0 +1,1 @@
+"""The scalability report: experiments read back, grouped, compared and drawn."""

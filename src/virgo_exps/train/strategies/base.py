@@ -1,0 +1,89 @@
+"""The strategy interface: everything the trainer needs to know about distribution.
+
+The trainer calls only these methods, so the training loop is the same code
+for a single process, PyTorch DDP, DeepSpeed and Horovod. A strategy reads its
+rank and world size from the environment its launcher sets (torchrun, srun,
+horovodrun); see :mod:`virgo_exps.launch.launcher` for how those are started.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Strategy(ABC):
+    """One way of running the training loop on one or many processes."""
+
+    name: str = "base"
+
+    def __init__(self) -> None:
+        self.rank = 0
+        self.world_size = 1
+        self.local_rank = 0
+        self.device = torch.device("cpu")
+
+    # -- life cycle -------------------------------------------------------
+    @abstractmethod
+    def init(self) -> None:
+        """Join the process group (if any) and pick this process's device."""
+
+    def shutdown(self) -> None:  # noqa: B027 - optional: most strategies have nothing to leave
+        """Leave the process group."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _pick_device(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+
+    # -- model and optimisation -------------------------------------------
+    @abstractmethod
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch: int) -> tuple[Any, Any]:
+        """Return (model, optimizer) ready for distributed training."""
+
+    def backward_and_step(self, loss: torch.Tensor, model: Any, optimizer: Any) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def unwrap(self, model: Any) -> nn.Module:
+        """The plain nn.Module (for saving and evaluation)."""
+        return getattr(model, "module", model)
+
+    def optimizer_state(self, optimizer: Any) -> dict:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: Any, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    # -- collectives --------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce a small CPU/device tensor over all ranks (op: sum or max)."""
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+    def barrier(self) -> None:  # noqa: B027 - optional: one process has nobody to wait for
+        pass
+
+
+def env_int(*names: str, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return default

@@ -1,0 +1,731 @@
+"""The training loop, identical for every strategy.
+
+Launch (from the repository root; ``stages/train.py`` builds these for you):
+
+    python stages/train.py --worker ...                                    # one process
+    python -m torch.distributed.run --standalone --nproc_per_node=2 \\
+        stages/train.py --worker ...                                      # DDP / DeepSpeed, 2 ranks
+    horovodrun --gloo -np 2 -H localhost:2 python stages/train.py --worker ...  # Horovod
+
+Resume: rank 0 keeps a snapshot (weights, optimiser, scheduler, epoch, step
+within the epoch, every rank's RNG state) after every epoch and when asked to
+stop, in a folder of the main checkout that DVC never touches:
+``.virgo/snapshots/<key>/`` (see :func:`virgo_exps.paths.snapshot_root`). The
+key is a hash of everything that determines the trajectory: the ``train.*``
+params except ``train.epochs`` and ``train.max_requeues``, the world size, the
+contents of the training data, the code that computes a step (this module,
+dataset, models, strategies) and the ``--checkpoints`` path, so two outputs
+never share a folder. Before DVC reproduces an experiment it restores every
+output from its cache; a snapshot inside an output would be overwritten by the
+committed one, which is why the running state lives outside.
+
+When the run completes, the final snapshot goes to the ``--checkpoints``
+folder (the DVC output an extension with more epochs continues from, see
+:mod:`virgo_exps.experiments.resume`) and the folder under ``.virgo/snapshots`` is removed.
+``<checkpoints>/status.json`` always shows the latest state (what the SLURM
+batch script reads to decide on a requeue).
+
+A snapshot is used only when it is a prefix of the requested run: same key
+(checked again from its contents), and no further than ``train.epochs``. A
+completed snapshot of exactly ``train.epochs`` epochs is reused as is (nothing
+to train; the outputs are written again from it). Otherwise training starts
+afresh and one line says why. Of the two candidates (the running state and the
+final snapshot in ``--checkpoints``) the one further along wins. The data order
+depends only on (seed, epoch), so an interrupted-then-resumed run computes
+exactly what an uninterrupted one does. Two trainings with the same key at the
+same time are refused (a lock in the folder), as they would overwrite each
+other's snapshots.
+
+Interruption: SIGUSR1 or SIGTERM sets a flag; at the next step boundary all
+ranks agree to stop (one tiny all-reduce), rank 0 writes a snapshot and every
+rank exits with :data:`EXIT_INTERRUPTED`, which the SLURM launcher takes as
+"requeue me". The local launcher turns Ctrl-C into SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from virgo_exps.config import Params, as_flat_dict
+from virgo_exps.machines import active_machine_name
+from virgo_exps.paths import snapshot_root
+from virgo_exps.study.dataset import ImageDataset, ShardSampler, eval_shard
+from virgo_exps.study.models import build_model, count_parameters, model_file_content
+from virgo_exps.train.monitoring import GpuMonitor, computation_fraction
+from virgo_exps.train.strategies import Strategy
+
+EXIT_INTERRUPTED = 85
+SNAPSHOT = "snapshot.pt"
+STATUS = "status.json"  # {"status": running|interrupted|complete, "epoch", "step_in_epoch", ...}
+LOCK = "lock"
+# Train keys that may change between a snapshot and the run that resumes from it.
+RESUMABLE_KEYS = {"train.epochs", "train.max_requeues"}
+# The code that computes a step (relative to the package): part of the snapshot key.
+TRAJECTORY_CODE = ("train/trainer.py", "study/dataset.py", "study/models.py", "train/strategies")
+
+
+def tree_digest(path: Path) -> str:
+    """SHA-256 of a file or of a folder's files (relative names, sizes and bytes)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        h.update(f"{rel}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def code_digest() -> str:
+    """SHA-256 of the package's source that determines the trajectory (:data:`TRAJECTORY_CODE`)."""
+    here = Path(__file__).parents[1]
+    h = hashlib.sha256()
+    for name in TRAJECTORY_CODE:
+        p = here / name
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            h.update(f.relative_to(here).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def snapshot_refusal(snap: dict, config: dict, epochs: int) -> str | None:
+    """Why ``snap`` is not a prefix of a run of ``epochs`` epochs with ``config``; None when it is."""
+    theirs = snap.get("config") or {}
+    changed = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k))
+    if changed:
+        names = {
+            "data": "training data",
+            "code": "trainer code",
+            "world_size": "world size",
+            "checkpoints": "--checkpoints path",
+        }
+        shown = [names.get(k, k) for k in changed]
+        more = f", {len(shown) - 5} more" if len(shown) > 5 else ""
+        return f"configuration changed ({', '.join(shown[:5])}{more})"
+    done, step = int(snap.get("epoch", 0)), int(snap.get("step_in_epoch", 0))
+    if done > epochs or (done == epochs and step > 0):
+        where = f"epoch {done + 1}, step {step}" if step else f"{done} epoch(s)"
+        return (
+            f"it is at {where} (status {snap.get('status')}), past the {epochs} epoch(s) "
+            f"requested, so it is not a prefix of this run"
+        )
+    return None
+
+
+@dataclass
+class TrainOutputs:
+    """Every path the train stage writes (all from dvc.yaml)."""
+
+    checkpoints: Path  # persistent: the snapshot to resume from
+    model: Path  # final weights and model arguments
+    metrics: Path  # final metrics (DVC metrics)
+    epochs: Path  # one row per epoch (DVC plots)
+    ranks: Path  # per-rank figures (computation fraction, GPU energy)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    step: int
+    train_loss: float
+    val_loss: float
+    train_time_s: float
+    val_time_s: float
+    samples_per_s: float
+    lr: float
+    # The host's 1-minute load average over its cores when the epoch ended:
+    # above 1, other work competed for the CPUs while the epoch was timed.
+    load_avg: float | None = None
+
+
+class Interrupted(Exception):
+    """Raised after the snapshot is written, when a stop was requested."""
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _device_name(device: torch.device) -> str:
+    """``cpu``, or the GPU's model name (e.g. ``NVIDIA H100 80GB HBM3``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _host_load() -> float | None:
+    """1-minute load average divided by the cores this process may use (None where not available)."""
+    try:
+        return os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, params: Params, strategy: Strategy, data: Path, outputs: TrainOutputs, tracker=None):
+        self.params = params
+        self.cfg = params.train
+        self.strategy = strategy
+        self.data = Path(data)
+        self.out = outputs
+        self.tracker = tracker
+        self._stop = False
+        self.history: list[EpochRecord] = []
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0  # steps completed in the current epoch
+        self.global_step = 0
+        self.computation: dict | None = None
+        self.placement: list[dict] = []  # host and device of every rank
+        # Partial sums of the current epoch, kept in the snapshot so a resumed
+        # epoch reports the same loss as an uninterrupted one.
+        self._loss_sum = torch.zeros(1, dtype=torch.float64)
+        self._epoch_steps = 0
+        self._digests: dict = {}
+        self.live_dir: Path | None = None
+        self._lock = None
+        self._complete = False
+        self._final_written = False  # the final snapshot is in --checkpoints
+
+    # -- set-up -----------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self._stop = True
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+
+    def _setup(self) -> None:
+        s = self.strategy
+        torch.manual_seed(self.cfg.seed)
+        self.train_set = ImageDataset(self.data, "train")
+        self.val_set = ImageDataset(self.data, "val")
+        model = build_model(self.cfg.model, self.train_set.n_channels)
+        self.n_parameters = count_parameters(model)
+        lr = self.cfg.lr * (s.world_size if self.cfg.lr_scaling == "linear" else 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+        self.local_batch = self.cfg.global_batch_size // s.world_size
+        self.model, self.optimizer = s.wrap(model, optimizer, self.local_batch)
+        warmup = self.cfg.warmup_steps
+        # Constant rate after a linear warm-up: the schedule must not depend on
+        # train.epochs, or continuing a run with more epochs would differ from
+        # training that many epochs in one go.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.sampler = ShardSampler(
+            len(self.train_set), self.cfg.global_batch_size, s.rank, s.world_size, self.cfg.seed
+        )
+        if self.sampler.steps_per_epoch() == 0:
+            raise ValueError("train.global_batch_size is larger than the training split")
+        self.loss_fn = nn.MSELoss()
+
+    # -- snapshots ----------------------------------------------------------
+    def _config_key(self) -> dict:
+        """Everything that determines the trajectory (its hash names the snapshot folder)."""
+        key = {k: v for k, v in as_flat_dict(self.params).items() if k.startswith("train.") and k not in RESUMABLE_KEYS}
+        key["world_size"] = self.strategy.world_size
+        key.update(self._digests)
+        return key
+
+    def _compute_digests(self) -> None:
+        """Data and code digests and the checkpoints path, computed by rank 0 and shared."""
+        # The same type on every rank: Horovod names a collective after the object's type.
+        mine: dict = {}
+        if self.strategy.is_main:
+            # As DVC names it (relative to the workspace, the same in a queued experiment's copy).
+            ckpt = self.out.checkpoints.resolve()
+            with contextlib.suppress(ValueError):
+                ckpt = ckpt.relative_to(Path.cwd().resolve())
+            mine = {"data": tree_digest(self.data), "code": code_digest(), "checkpoints": ckpt.as_posix()}
+        self._digests = self.strategy.all_gather_object(mine)[0]
+        blob = json.dumps(self._config_key(), sort_keys=True, default=str).encode()
+        self.live_dir = snapshot_root() / hashlib.sha256(blob).hexdigest()[:20]
+
+    def _lock_live_dir(self) -> None:
+        """Rank 0 holds a lock on the snapshot folder for the whole run."""
+        if not self.strategy.is_main:
+            return
+        self.live_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.live_dir / LOCK, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise RuntimeError(
+                f"another training of the same configuration is running ({holder}) and uses "
+                f"{self.live_dir}; wait until it ends, or stop it (the next run resumes from its snapshot)"
+            ) from None
+        except OSError:
+            pass  # a file system without locks: run unguarded
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        self._lock = fh
+
+    def _release_live_dir(self, remove: bool) -> None:
+        """Drop the lock; remove the folder once the run is complete (its final snapshot is in --checkpoints)."""
+        if not self.strategy.is_main:
+            return
+        if remove:
+            shutil.rmtree(self.live_dir, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _save_snapshot(self, status: str) -> None:
+        rng = self.strategy.all_gather_object(
+            {"rng": _rng_state(), "loss_sum": self._loss_sum.clone(), "epoch_steps": self._epoch_steps}
+        )
+        self._final_written = status == "complete"
+        if not self.strategy.is_main:
+            return
+        # Running and interrupted states stay outside DVC's outputs; the final
+        # one is the --checkpoints output (what a longer run continues from).
+        folder = self.out.checkpoints if status == "complete" else self.live_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out.checkpoints.mkdir(parents=True, exist_ok=True)
+        snapshot = {
+            "model": self.strategy.unwrap(self.model).state_dict(),
+            "optimizer": self.strategy.optimizer_state(self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "rng": rng,
+            "world_size": self.strategy.world_size,
+            "config": self._config_key(),
+            "model_args": {"name": self.cfg.model, "in_channels": self.train_set.n_channels},
+            "history": [asdict(r) for r in self.history],
+            "computation": self.computation,
+            "status": status,
+        }
+        _atomic_torch_save(snapshot, folder / SNAPSHOT)
+        state = (
+            json.dumps(
+                {
+                    "status": status,
+                    "epoch": self.epoch,
+                    "step_in_epoch": self.step_in_epoch,
+                    "global_step": self.global_step,
+                    "snapshot": str(folder / SNAPSHOT),
+                }
+            )
+            + "\n"
+        )
+        if folder != self.out.checkpoints:
+            _atomic_write_text(folder / STATUS, state)
+        _atomic_write_text(self.out.checkpoints / STATUS, state)
+
+    @staticmethod
+    def _shown(path: Path) -> str:
+        with contextlib.suppress(ValueError):
+            return str(path.resolve().relative_to(Path.cwd()))
+        return str(path)
+
+    def _choose_snapshot(self) -> Path | None:
+        """Rank 0: the snapshot to resume from (the candidate furthest along), or None; says why not."""
+        config, best, best_pos = self._config_key(), None, None
+        for path in (self.live_dir / SNAPSHOT, self.out.checkpoints / SNAPSHOT):
+            if not path.exists():
+                continue
+            try:
+                snap = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as exc:
+                print(
+                    f"train: not resuming from {self._shown(path)}: cannot read it ({type(exc).__name__}: "
+                    f"{exc}); starting afresh",
+                    file=sys.stderr,
+                )
+                continue
+            reason = snapshot_refusal(snap, config, self.cfg.epochs)
+            if reason:
+                print(f"train: not resuming from {self._shown(path)}: {reason}; starting afresh", file=sys.stderr)
+                continue
+            pos = (snap["epoch"], snap["step_in_epoch"])
+            if best_pos is None or pos > best_pos:
+                best, best_pos = path, pos
+        return best
+
+    def _load_snapshot(self) -> bool:
+        chosen = self._choose_snapshot() if self.strategy.is_main else None
+        # A str on every rank ("" for none): Horovod names a collective after the object's type.
+        chosen = self.strategy.all_gather_object("" if chosen is None else str(chosen))[0]
+        if not chosen:
+            return False
+        path = Path(chosen)
+        snap = torch.load(path, map_location="cpu", weights_only=False)
+        self.strategy.unwrap(self.model).load_state_dict(snap["model"])
+        self.strategy.load_optimizer_state(self.optimizer, snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+        self.epoch = snap["epoch"]
+        self.step_in_epoch = snap["step_in_epoch"]
+        self.global_step = snap["global_step"]
+        self.history = [EpochRecord(**r) for r in snap["history"]]
+        self.computation = snap.get("computation")
+        mine = snap["rng"][self.strategy.rank]
+        _set_rng_state(mine["rng"])
+        self._loss_sum = mine["loss_sum"].clone()
+        self._epoch_steps = mine["epoch_steps"]
+        done = snap.get("status") == "complete" and self.epoch == self.cfg.epochs
+        self._final_written = done and path == self.out.checkpoints / SNAPSHOT
+        if self.strategy.is_main and done:
+            print(
+                f"train: reusing {self._shown(path)}: all {self.epoch} epoch(s) of this configuration are done "
+                f"(status complete); writing the outputs from it",
+                file=sys.stderr,
+            )
+        elif self.strategy.is_main:
+            print(
+                f"train: resuming from {self._shown(path)} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+                f"(status {snap.get('status')})",
+                file=sys.stderr,
+            )
+        return True
+
+    # -- the loop ------------------------------------------------------------
+    def _inject_faults(self) -> None:
+        """Test hooks: a stop request or a crash at a given step (environment variables).
+
+        VIRGO_FAULT_STOP_AT_STEP=k   rank 0 behaves as if signalled after global step k
+        VIRGO_FAULT_CRASH=r:k        rank r raises an error at global step k
+        VIRGO_FAULT_STEP_SLEEP=s     sleep s seconds before every step (to interrupt a short run)
+        """
+        pause = os.environ.get("VIRGO_FAULT_STEP_SLEEP")
+        if pause:
+            time.sleep(float(pause))
+        stop_at = os.environ.get("VIRGO_FAULT_STOP_AT_STEP")
+        if stop_at and self.strategy.is_main and self.global_step == int(stop_at):
+            self._stop = True
+        crash = os.environ.get("VIRGO_FAULT_CRASH")
+        if crash:
+            rank, step = (int(v) for v in crash.split(":"))
+            if self.strategy.rank == rank and self.global_step == step:
+                raise RuntimeError(f"injected fault at step {step} (VIRGO_FAULT_CRASH)")
+
+    def _should_stop(self) -> bool:
+        self._inject_faults()
+        flag = torch.tensor([1.0 if self._stop else 0.0])
+        if self.strategy.world_size > 1:
+            flag = self.strategy.all_reduce(flag, op="max")
+        return bool(flag.item() > 0)
+
+    def _run_batch(self, indices: list[int]) -> torch.Tensor:
+        x, y = self.train_set.batch(indices)
+        x, y = x.to(self.strategy.device, non_blocking=True), y.to(self.strategy.device, non_blocking=True)
+        loss = self.loss_fn(self.model(x), y)
+        self.strategy.backward_and_step(loss, self.model, self.optimizer)
+        self.scheduler.step()
+        return loss.detach()
+
+    def _run_epoch(self) -> tuple[float, float, int, int]:
+        """Train one epoch (or its remainder).
+
+        Returns (sum of step losses over the epoch, seconds, steps in the
+        epoch, steps run by this call: fewer than the epoch after a resume).
+        """
+        s = self.strategy
+        self.model.train()
+        self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+        if self.step_in_epoch == 0:
+            self._loss_sum = torch.zeros(1, dtype=torch.float64)
+            self._epoch_steps = 0
+        steps_run = 0
+        s.barrier()
+        t0 = time.perf_counter()
+        for indices in self.sampler:
+            if self._should_stop():
+                raise Interrupted
+            self._loss_sum += self._run_batch(indices).cpu().double()
+            self._epoch_steps += 1
+            steps_run += 1
+            self.step_in_epoch += 1
+            self.global_step += 1
+        s.barrier()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        elapsed = s.all_reduce(elapsed, op="max")
+        return float(self._loss_sum.item()), float(elapsed.item()), self._epoch_steps, steps_run
+
+    @torch.no_grad()
+    def _validate(self) -> tuple[float, float]:
+        s = self.strategy
+        self.model.eval()
+        t0 = time.perf_counter()
+        idx = eval_shard(len(self.val_set), s.rank, s.world_size)
+        total = torch.zeros(2, dtype=torch.float64)
+        module = s.unwrap(self.model)
+        for start in range(0, len(idx), self.local_batch):
+            x, y = self.val_set.batch(idx[start : start + self.local_batch])
+            x, y = x.to(s.device), y.to(s.device)
+            err = ((module(x) - y) ** 2).mean(dim=(1, 2, 3))
+            total += torch.stack([err.sum().double().cpu(), torch.tensor(float(len(err)), dtype=torch.float64)])
+        total = s.all_reduce(total, op="sum")
+        elapsed = s.all_reduce(torch.tensor([time.perf_counter() - t0], dtype=torch.float64), op="max")
+        return float(total[0] / total[1]), float(elapsed.item())
+
+    def _profile(self) -> None:
+        """Computation fraction over a short window (once per run, before epoch timing)."""
+        n = self.cfg.profile_steps
+        if n == 0 or self.computation is not None:
+            return
+        # Profile on a throw-away copy of the state: the profiled steps must not
+        # change the trajectory, or a profiled run and a resumed one would differ.
+        model_state = {k: v.clone() for k, v in self.strategy.unwrap(self.model).state_dict().items()}
+        opt_state = copy.deepcopy(self.strategy.optimizer_state(self.optimizer))
+        sched_state = self.scheduler.state_dict()
+        rng = _rng_state()
+        sampler = ShardSampler(
+            len(self.train_set),
+            self.cfg.global_batch_size,
+            self.strategy.rank,
+            self.strategy.world_size,
+            self.cfg.seed + 7919,
+        )
+        batches = list(sampler)[: n + 1]
+        self.model.train()
+        self._run_batch(batches[0])  # warm-up step, not profiled
+        local = computation_fraction(lambda: [self._run_batch(b) for b in batches[1:]], self.strategy.device)
+        self.strategy.unwrap(self.model).load_state_dict(model_state)
+        self.strategy.load_optimizer_state(self.optimizer, opt_state)
+        self.scheduler.load_state_dict(sched_state)
+        _set_rng_state(rng)
+        per_rank = self.strategy.all_gather_object(local)
+        self.computation = {
+            "computation_fraction": float(np.mean([r["fraction"] for r in per_rank])),
+            "per_rank": per_rank,
+            "profiled_steps": len(batches) - 1,
+        }
+
+    # -- public -------------------------------------------------------------
+    def fit(self) -> dict:
+        self._install_signal_handlers()
+        self._setup()
+        self._compute_digests()
+        self._lock_live_dir()
+        try:
+            return self._fit()
+        finally:
+            self._release_live_dir(remove=self._complete)
+
+    def _fit(self) -> dict:
+        s = self.strategy
+        resumed = self._load_snapshot()
+        gpu = GpuMonitor(local_rank=s.local_rank)
+        gpu.start()
+        # Where each rank runs: recorded, never part of what DVC hashes.
+        self.placement = s.all_gather_object({"host": socket.gethostname(), "device": _device_name(s.device)})
+        if s.is_main and self.tracker is not None:
+            hosts = sorted({p["host"] for p in self.placement})
+            self.tracker.start(
+                as_flat_dict(self.params),
+                {
+                    "strategy": self.cfg.strategy,
+                    "world_size": str(s.world_size),
+                    "resumed": str(resumed),
+                    "machine": active_machine_name(),
+                    "hosts": ",".join(hosts),
+                    "device": self.placement[0]["device"],
+                },
+                [Path("version.lock")],
+            )
+            # The epochs of the snapshot belong to this run's record as well.
+            for rec in self.history:
+                self.tracker.log_metrics({k: v for k, v in asdict(rec).items() if k != "epoch"}, rec.epoch)
+        status = "FAILED"
+        try:
+            self._profile()
+            while self.epoch < self.cfg.epochs:
+                loss_sum, train_time, steps, steps_run = self._run_epoch()
+                if self._should_stop():
+                    raise Interrupted
+                val_loss, val_time = self._validate()
+                steps_done = self.sampler.steps_per_epoch()
+                train_loss = s.all_reduce(torch.tensor([loss_sum]), "sum").item() / max(1, steps) / s.world_size
+                rec = EpochRecord(
+                    epoch=self.epoch + 1,
+                    step=self.global_step,
+                    train_loss=train_loss,
+                    val_loss=val_loss,
+                    train_time_s=train_time,
+                    val_time_s=val_time,
+                    samples_per_s=steps_run * self.cfg.global_batch_size / train_time if train_time > 0 else 0.0,
+                    lr=self.scheduler.get_last_lr()[0],
+                    load_avg=_host_load(),
+                )
+                self.history.append(rec)
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self._save_snapshot("running" if self.epoch < self.cfg.epochs else "complete")
+                if s.is_main:
+                    print(
+                        f"epoch {rec.epoch}/{self.cfg.epochs}: train_loss {rec.train_loss:.4f} "
+                        f"val_loss {rec.val_loss:.4f} train {rec.train_time_s:.2f}s "
+                        f"({rec.samples_per_s:.0f} samples/s) val {rec.val_time_s:.2f}s "
+                        f"[{steps}/{steps_done} steps]",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    if self.tracker is not None:
+                        self.tracker.log_metrics({k: v for k, v in asdict(rec).items() if k != "epoch"}, rec.epoch)
+            gpu_stats = gpu.stop()
+            per_rank_gpu = s.all_gather_object(gpu_stats)
+            metrics = self._final_metrics(per_rank_gpu)
+            if not self._final_written:  # all epochs came from a running snapshot
+                self._save_snapshot("complete")
+            if s.is_main:
+                self._write_outputs(metrics, per_rank_gpu)
+            s.barrier()
+            self._complete = True
+            status = "FINISHED"
+            return metrics
+        except Interrupted:
+            gpu.stop()
+            self._save_snapshot("interrupted")
+            status = "KILLED"
+            if s.is_main:
+                print(
+                    f"train: stop requested; snapshot written at epoch {self.epoch + 1}, "
+                    f"step {self.step_in_epoch}; exiting with {EXIT_INTERRUPTED} so the job can be requeued",
+                    file=sys.stderr,
+                )
+            raise
+        finally:
+            if s.is_main and self.tracker is not None:
+                self.tracker.end(status)
+
+    def _final_metrics(self, per_rank_gpu: list[dict]) -> dict:
+        h = self.history
+        timed = h[1:] if len(h) > 1 else h  # the first epoch is warm-up
+        times = [r.train_time_s for r in timed]
+        m = {
+            "strategy": self.cfg.strategy,
+            "nodes": self.cfg.nodes,
+            "procs_per_node": self.cfg.procs_per_node,
+            "world_size": self.strategy.world_size,
+            "epochs": len(h),
+            "parameters": self.n_parameters,
+            "train_loss": h[-1].train_loss,
+            "val_loss": h[-1].val_loss,
+            "epoch_time_s_median": float(np.median(times)),
+            "epoch_time_s_mean": float(np.mean(times)),
+            "samples_per_s": float(np.median([r.samples_per_s for r in timed])),
+            "timed_epochs": len(timed),
+            "computation_fraction": (self.computation or {}).get("computation_fraction"),
+            "machine": active_machine_name(),
+            "hosts": len({p["host"] for p in self.placement}),
+            "device": self.placement[0]["device"],
+        }
+        energies = [g.get("energy_wh") for g in per_rank_gpu if g.get("energy_wh") is not None]
+        utils = [g.get("utilization_pct") for g in per_rank_gpu if g.get("utilization_pct") is not None]
+        m["gpu_energy_wh"] = float(sum(energies)) if energies else None
+        m["gpu_utilization_pct"] = float(np.mean(utils)) if utils else None
+        if m["gpu_energy_wh"] is not None:
+            samples = sum(len(self.train_set) // self.cfg.global_batch_size * self.cfg.global_batch_size for _ in h)
+            m["gpu_energy_wh_per_sample"] = m["gpu_energy_wh"] / max(1, samples)
+        return m
+
+    def _write_outputs(self, metrics: dict, per_rank_gpu: list[dict]) -> None:
+        from virgo_exps import provenance
+
+        model = self.strategy.unwrap(self.model)
+        self.out.model.parent.mkdir(parents=True, exist_ok=True)
+        # The params and data these outputs were made with (checked by the report stage and `virgo-exps verify`).
+        stamp = provenance.stamp(
+            "train",
+            as_flat_dict(self.params),
+            inputs={str(self.data): self.data},
+            upstream=self.train_set.attrs.get(provenance.KEY),
+        )
+        _atomic_torch_save(  # with the sha256 that models.load_model verifies
+            model_file_content(
+                model.state_dict(),
+                {"name": self.cfg.model, "in_channels": self.train_set.n_channels},
+                self.train_set.attrs.get("norm"),
+                **{provenance.KEY: stamp},
+            ),
+            self.out.model,
+        )
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        clean[provenance.KEY] = provenance.metrics_stamp(stamp)
+        _atomic_write_text(self.out.metrics, json.dumps(clean, indent=2, sort_keys=True) + "\n")
+        rows = [asdict(r) for r in self.history]
+        self.out.epochs.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.epochs.with_name(f".{self.out.epochs.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.out.epochs)
+        ranks = []
+        comp = (self.computation or {}).get("per_rank") or [{}] * len(per_rank_gpu)
+        for rank, (c, g) in enumerate(zip(comp, per_rank_gpu)):
+            ranks.append({"rank": rank, **self.placement[rank], **{f"compute_{k}": v for k, v in c.items()}, **g})
+        _atomic_write_text(self.out.ranks, json.dumps(ranks, indent=2) + "\n")
+        if self.tracker is not None:
+            per_epoch = {f.name for f in dataclasses.fields(EpochRecord)}
+            self.tracker.log_metrics(
+                {
+                    k: v
+                    for k, v in clean.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in per_epoch
+                }
+            )
+            self.tracker.log_rank_runs(
+                [{k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "rank"} for r in ranks]
+            )
+            for p in (self.out.metrics, self.out.epochs):
+                self.tracker.log_artifact(p)
