@@ -36,6 +36,7 @@ def parse():
 
 def launch(args) -> int:
     from virgo_exps.launch import launcher
+    from virgo_exps.launch.protocol import WorkerFiles
 
     params = load_params(args.params)
     from virgo_exps.provenance import check_input
@@ -43,7 +44,8 @@ def launch(args) -> int:
     check_input(args.data, args.params)  # the data was made with the params we were given
     # The workers run this same script, from the same directory, with --worker.
     argv = [sys.argv[0], *sys.argv[1:], "--worker"]
-    return launcher.run("train", argv, params.train)
+    files = WorkerFiles(params=args.params, checkpoints=str(args.checkpoints))
+    return launcher.run("train", argv, params.train, files=files)
 
 
 def work(args, strategy_box) -> int:

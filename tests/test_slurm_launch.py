@@ -34,6 +34,7 @@ import yaml
 from conftest import BIN, ROOT, make_repo, sh, tool_env, wait_until, write_images
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import hvd_slurm, slurm
+from virgo_exps.launch.protocol import WorkerFiles
 
 GOLDEN = Path(__file__).parent / "golden"
 HOROVOD = (BIN / "horovodrun").exists()
@@ -219,6 +220,7 @@ ARGV = [
     "results/model.pt",
     "--worker",
 ]
+FILES = WorkerFiles(params="params.yaml", checkpoints="checkpoints")  # what stages/train.py hands the launcher
 CASES = {
     "slurm-single": ("slurm", TrainConfig(strategy="single")),
     "slurm-ddp-2x2": ("slurm", TrainConfig(strategy="ddp", nodes=2, procs_per_node=2)),
@@ -234,7 +236,7 @@ def generated(case: str, monkeypatch) -> str:
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     machine_name, cfg = CASES[case]
-    script = slurm.batch_script(FAKE, cfg, ARGV, load_machine(machine_name))
+    script = slurm.batch_script(FAKE, cfg, ARGV, load_machine(machine_name), files=FILES)
     return script.replace(str(ROOT), CHECKOUT)
 
 

@@ -21,11 +21,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from virgo_exps.launch.protocol import experiment_of_log
 from virgo_exps.paths import main_checkout
 
 FAILED_DIR = Path("logs") / "failed"
-# A stage's log is <experiment>-local-<pid>.out or <experiment>-<slurm job id>.out.
-_LOG_NAME = re.compile(r"^(?P<exp>.+?)-(?:local-\d+|\d+)(?:_\d+)?\.out$")
 _QUEUE_ROW = re.compile(r"^(?P<task>[0-9a-f]{7,})\s+(?P<name>\S+)\s+.*?\s(?P<status>[A-Z][a-z]+)\s*$")
 
 
@@ -109,9 +108,9 @@ def _stage_logs(root: Path) -> dict[str, list[Path]]:
         if stage_dir.name == FAILED_DIR.name:
             continue
         for log in sorted(stage_dir.glob("*.out")):
-            m = _LOG_NAME.match(log.name)
-            if m:
-                found.setdefault(m.group("exp"), []).append(log)
+            exp = experiment_of_log(log.name)  # the launcher's own names (launch.protocol)
+            if exp is not None:
+                found.setdefault(exp, []).append(log)
     return found
 
 

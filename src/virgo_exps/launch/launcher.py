@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 from virgo_exps.config import ConfigError, TrainConfig
+from virgo_exps.launch import protocol
+from virgo_exps.launch.protocol import NO_FILES, WorkerFiles
 from virgo_exps.machines import Machine, load_machine
 from virgo_exps.paths import experiment_name, main_checkout
 
@@ -237,22 +239,15 @@ def _orphaned() -> bool:
     return _starter == 1 and pgid not in (1, os.getpid()) and not _alive(pgid)
 
 
-def log_path(stage: str, suffix: str) -> Path:
-    path = main_checkout() / "logs" / stage / f"{experiment_name()}-{suffix}.out"
+def local_log_path(stage: str) -> Path:
+    """The log of a local run of ``stage`` by this process (its folder made)."""
+    path = protocol.stage_log_dir(main_checkout(), stage) / protocol.local_log_name(experiment_name(), os.getpid())
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def _python() -> str:
     return sys.executable
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local_command(
@@ -276,7 +271,7 @@ def local_command(
             "deepspeed.launcher.runner",
             "--num_nodes=1",
             f"--num_gpus={procs}",
-            f"--master_port={_free_port()}",
+            f"--master_port={protocol.free_port()}",
             "--no_local_rank",
             *argv,
         ]
@@ -343,7 +338,7 @@ def core_slots(n: int, machine: Machine):
 
 def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dict | None = None) -> int:
     """Run ``cmd`` here, teeing its output to the stage log; forward Ctrl-C/SIGTERM/SIGHUP."""
-    log = log_path(stage, f"local-{os.getpid()}")
+    log = local_log_path(stage)
     print(f"launch: {stage} on '{machine.name}': {shlex.join(cmd)}", file=sys.stderr, flush=True)
     print(f"launch: log {log}", file=sys.stderr, flush=True)
     full_env = {**os.environ, **machine.env, **(env or {})}
@@ -399,8 +394,17 @@ def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dic
     return rc
 
 
-def run(stage: str, argv: list[str], cfg: TrainConfig | None = None, machine: Machine | None = None) -> int:
-    """Run a stage's worker command on the active machine; return its exit code."""
+def run(
+    stage: str,
+    argv: list[str],
+    cfg: TrainConfig | None = None,
+    machine: Machine | None = None,
+    files: WorkerFiles = NO_FILES,
+) -> int:
+    """Run a stage's worker command on the active machine; return its exit code.
+
+    ``files``: what the worker reads and writes that the launcher must know (see
+    :mod:`virgo_exps.launch.protocol`)."""
     machine = machine or load_machine()
     if cfg is None:
         cfg = TrainConfig()
@@ -426,4 +430,4 @@ def run(stage: str, argv: list[str], cfg: TrainConfig | None = None, machine: Ma
         )
     from virgo_exps.launch.slurm import submit
 
-    return submit(stage, argv, cfg, machine)
+    return submit(stage, argv, cfg, machine, files=files)

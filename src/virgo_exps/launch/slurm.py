@@ -61,10 +61,11 @@ import time
 from pathlib import Path
 
 from virgo_exps.config import ConfigError, TrainConfig
+from virgo_exps.launch import protocol
+from virgo_exps.launch.protocol import EXIT_INTERRUPTED, NO_FILES, WorkerFiles
 from virgo_exps.machines import Machine
 from virgo_exps.paths import experiment_name, main_checkout
 
-EXIT_INTERRUPTED = 85  # the trainer's "snapshot written, requeue me" (virgo_exps.train.trainer)
 POLL_S = 0.5  # seconds between two `scontrol show job`
 CONFIRM_S = 1.0  # a final state of a requeueable job must hold this long (Slurm may requeue it)
 LOG_TAIL_LINES = 30
@@ -119,29 +120,33 @@ class JobContext:
 
     @property
     def log_dir(self) -> Path:
-        return self.home / "logs" / self.stage
+        return protocol.stage_log_dir(self.home, self.stage)
 
     @property
     def log_pattern(self) -> str:
         """The ``--output`` pattern: the log's folder and experiment name taken literally (``%%``)."""
-        return f"{slurm_filename(str(self.log_dir / self.experiment))}-%j.out"
+        return self._pattern(array=False)
 
     @property
     def array_log_pattern(self) -> str:
-        return f"{slurm_filename(str(self.log_dir / self.experiment))}-%A_%a.out"
+        return self._pattern(array=True)
+
+    def _pattern(self, array: bool) -> str:
+        name = protocol.job_log_pattern(self.experiment, array, literal=slurm_filename)
+        return f"{slurm_filename(str(self.log_dir))}/{name}"
 
     @property
     def script_path(self) -> Path:
         return self.log_dir / f"{self.experiment}.sbatch"
 
-    def log_file(self, job_id: str) -> Path:
-        return self.log_dir / f"{self.experiment}-{job_id}.out"
+    def log_file(self, job_id: str, task: str | None = None) -> Path:
+        return self.log_dir / protocol.job_log_name(self.experiment, job_id, task)
 
     def log_of(self, info: JobInfo) -> Path:
         """Where Slurm writes the log of ``info`` (a job, or a task of an array): known from
         the ids, since ``scontrol`` shows a wrong ``StdOut`` for a pattern with ``%%``."""
         if info.array_task_id.isdigit() and info.array_job_id:
-            return self.log_file(f"{info.array_job_id}_{info.array_task_id}")
+            return self.log_file(info.array_job_id, info.array_task_id)
         return self.log_file(info.job_id)
 
 
@@ -201,15 +206,6 @@ def check_job_text(ctx: JobContext, machine_name: str = "") -> None:
                 f"{what} {text!r}: contains {problem}, which cannot be passed safely to a SLURM "
                 "batch script; rename or move it"
             )
-
-
-def _argv_value(argv: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def tasks_per_node(cfg: TrainConfig) -> int:
@@ -374,12 +370,12 @@ exit "$rc"
 """
 
 
-def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0) -> str:
+def batch_script(
+    ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0, files: WorkerFiles = NO_FILES
+) -> str:
     """The complete batch script (deterministic for a given context, config and profile)."""
     check_job_text(ctx, machine.name)
     opts = _sbatch_options(ctx, cfg, machine, array)
-    checkpoints = _argv_value(argv, "--checkpoints")
-    status_file = f"{checkpoints}/status.json" if checkpoints else ""
     q = shlex.quote
     lines = [
         "#!/bin/bash",
@@ -389,7 +385,7 @@ def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Ma
         "",
         "set -uo pipefail",
         f"VIRGO_PYTHON={q(ctx.python)}",
-        f"VIRGO_STATUS_FILE={q(status_file)}",
+        f"VIRGO_STATUS_FILE={q(files.status_file)}",
         f"VIRGO_MAX_REQUEUES={int(cfg.max_requeues)}",
         f"VIRGO_EXIT_INTERRUPTED={EXIT_INTERRUPTED}",
         f'cd {q(str(ctx.workdir))} || {{ echo "virgo: error: cannot cd into the workspace" >&2; exit 1; }}',
@@ -398,7 +394,7 @@ def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Ma
         f"export DVC_EXP_NAME={q(ctx.experiment)}",
         f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{machine.cpus_per_task}}}",
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        "MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))",
+        f"MASTER_PORT={protocol.JOB_RENDEZVOUS_PORT}",
         "export MASTER_ADDR MASTER_PORT",
     ]
     if cfg.strategy == "deepspeed" and machine.deepspeed_launcher == "deepspeed" and not array:
@@ -416,17 +412,18 @@ def batch_script(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Ma
     return "\n".join(lines) + "\n" + body
 
 
-def fingerprint(ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0) -> str:
+def fingerprint(
+    ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0, files: WorkerFiles = NO_FILES
+) -> str:
     """Identifies what a job computes: its batch script and the params file the stage reads.
 
     The experiment name is left out: `dvc exp run` names every run afresh, and a
     re-run after a lost login session must still recognise the job it started.
     """
     anonymous = dataclasses.replace(ctx, experiment="*")
-    h = hashlib.sha256(batch_script(anonymous, cfg, argv, machine, array).encode())
-    params = _argv_value(argv, "--params")
-    if params and Path(params).is_file():
-        h.update(Path(params).read_bytes())
+    h = hashlib.sha256(batch_script(anonymous, cfg, argv, machine, array, files).encode())
+    if files.params and Path(files.params).is_file():
+        h.update(Path(files.params).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -869,7 +866,13 @@ def use_slurm_conf(machine: Machine) -> None:
 
 
 def submit(
-    stage: str, argv: list[str], cfg: TrainConfig, machine: Machine, ctx: JobContext | None = None, array: int = 0
+    stage: str,
+    argv: list[str],
+    cfg: TrainConfig,
+    machine: Machine,
+    ctx: JobContext | None = None,
+    array: int = 0,
+    files: WorkerFiles = NO_FILES,
 ) -> int:
     """Run ``argv`` (a python script and its arguments) as a SLURM job; return its exit code.
 
@@ -878,8 +881,8 @@ def submit(
     """
     ctx = ctx or JobContext.current(stage)
     use_slurm_conf(machine)
-    script = batch_script(ctx, cfg, argv, machine, array)
-    comment = f"virgo:{fingerprint(ctx, cfg, argv, machine, array)}"
+    script = batch_script(ctx, cfg, argv, machine, array, files)
+    comment = f"virgo:{fingerprint(ctx, cfg, argv, machine, array, files)}"
     cmd = sbatch_command(ctx.script_path, comment)
     if dry_run_requested():
         print(
@@ -954,7 +957,7 @@ def submit(
             err = sbatch.stderr.read() if sbatch.stderr else ""
             _write(f"launch: error: sbatch failed (exit code {rc}): {first} {err.strip()}\n")
             return rc or 1
-        where = (ctx.log_dir / f"{ctx.experiment}-{job_id}_<task>.out") if array else ctx.log_file(job_id)
+        where = ctx.log_file(job_id, "<task>" if array else None)
         _say(f"submitted job {job_id} ({ctx.job_name}{f', array of {array} tasks' if array else ''}); log {where}")
         try:
             return watch(job_id, ctx, sbatch, signals, follow)

@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from virgo_exps.config import Params, as_flat_dict
+from virgo_exps.launch.protocol import EXIT_INTERRUPTED, STATUS_FILE
 from virgo_exps.machines import active_machine_name
 from virgo_exps.paths import snapshot_root
 from virgo_exps.study.dataset import ImageDataset, ShardSampler, eval_shard
@@ -75,9 +76,8 @@ from virgo_exps.study.models import build_model, count_parameters, model_file_co
 from virgo_exps.train.monitoring import GpuMonitor, computation_fraction
 from virgo_exps.train.strategies import Strategy
 
-EXIT_INTERRUPTED = 85
 SNAPSHOT = "snapshot.pt"
-STATUS = "status.json"  # {"status": running|interrupted|complete, "epoch", "step_in_epoch", ...}
+STATUS = STATUS_FILE  # {"status": running|interrupted|complete, "epoch", "step_in_epoch", ...}
 LOCK = "lock"
 # Train keys that may change between a snapshot and the run that resumes from it.
 RESUMABLE_KEYS = {"train.epochs", "train.max_requeues"}
