@@ -396,6 +396,23 @@ def test_dry_run_prints_the_script_and_submits_nothing(repo):
     assert not (repo / "out" / "dry").exists()
 
 
+def test_slurm_script_prints_a_launched_stage_and_refuses_the_others(repo):
+    """``python -m virgo_exps.launch.slurm STAGE`` (make slurm-script): stages whose script uses the launcher."""
+    env = tool_env(
+        {"VIRGO_MACHINE": "slurm", "DVC_EXP_NAME": "shown", "PATH": f"{BIN}{os.pathsep}/usr/bin/nonexistent"}
+    )
+    module = [str(BIN / "python"), "-m", "virgo_exps.launch.slurm"]
+    train = sh([*module, "train"], repo, env)
+    assert "#SBATCH --job-name=virgo-train-shown" in train.stdout
+    assert "VIRGO_STATUS_FILE=checkpoints/status.json" in train.stdout
+    assert not (repo / "logs" / "train" / "shown.sbatch").exists()
+    generate = sh([*module, "generate"], repo, env)
+    assert "#SBATCH --array=0-" in generate.stdout and "VIRGO_STATUS_FILE=''" in generate.stdout
+    refused = sh([*module, "preprocess"], repo, env, check=False)
+    assert refused.returncode == 2
+    assert "stage 'preprocess' does not go through the launcher" in refused.stderr
+
+
 def test_hostlists_and_horovod_layout():
     assert hvd_slurm.expand_hostlist("n[01-03,7],gpu1") == ["n01", "n02", "n03", "n7", "gpu1"]
     assert hvd_slurm.expand_hostlist("jwb[0001-0002]") == ["jwb0001", "jwb0002"]

@@ -167,7 +167,7 @@ def test_closure_follows_function_level_and_relative_imports():
     assert (
         not {
             "src/virgo_exps/launch/launcher.py",
-            "src/virgo_exps/launch/slurm.py",
+            "src/virgo_exps/launch/slurm/submit.py",
             "src/virgo_exps/launch/hvd_slurm.py",
             "src/virgo_exps/machines.py",
         }

@@ -1,0 +1,196 @@
+"""Submitting a stage: :func:`submit` (``sbatch -W`` and the watcher), the dry run, ``main``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from virgo_exps.config import ConfigError, TrainConfig
+from virgo_exps.launch.protocol import NO_FILES, WorkerFiles
+from virgo_exps.launch.slurm.query import find_active_jobs
+from virgo_exps.launch.slurm.script import JobContext, batch_script, fingerprint, sbatch_command
+from virgo_exps.launch.slurm.watch import Signals, SubmitInterrupted, cancel_and_wait, say, stop_child, watch, write
+from virgo_exps.machines import Machine
+
+
+def dry_run_requested() -> bool:
+    return os.environ.get("VIRGO_DRY_RUN", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def use_slurm_conf(machine: Machine) -> None:
+    """Point every Slurm command of this process (and of the job) at the profile's ``slurm_conf``.
+
+    A ``SLURM_CONF`` already in the environment wins: it is the user's explicit choice.
+    """
+    path = machine.slurm_conf_path()
+    if path is None or os.environ.get("SLURM_CONF"):
+        return
+    if not path.is_file():
+        raise ConfigError(
+            f"machine '{machine.name}': slurm_conf {machine.slurm_conf} does not exist ({path}); start that "
+            "cluster first (for machines/simcluster: `make cluster` as root), or set SLURM_CONF"
+        )
+    os.environ["SLURM_CONF"] = str(path)
+
+
+def submit(
+    stage: str,
+    argv: list[str],
+    cfg: TrainConfig,
+    machine: Machine,
+    ctx: JobContext | None = None,
+    array: int = 0,
+    files: WorkerFiles = NO_FILES,
+) -> int:
+    """Run ``argv`` (a python script and its arguments) as a SLURM job; return its exit code.
+
+    ``array``: submit a job array of that many tasks instead (see :func:`srun_command`);
+    the exit code is then 0 only when every task completed.
+    """
+    ctx = ctx or JobContext.current(stage)
+    use_slurm_conf(machine)
+    script = batch_script(ctx, cfg, argv, machine, array, files)
+    comment = f"virgo:{fingerprint(ctx, cfg, argv, machine, array, files)}"
+    cmd = sbatch_command(ctx.script_path, comment)
+    if dry_run_requested():
+        print(
+            f"# dry run (VIRGO_DRY_RUN): nothing submitted; on machine '{machine.name}' the launcher would "
+            f"write {ctx.script_path} and run:\n# {shlex.join(cmd)}\n{script}",
+            end="",
+            flush=True,
+        )
+        return 0
+    if cfg.strategy == "horovod" and importlib.util.find_spec("horovod") is None:
+        # checked here, not after a wait in the queue: the job runs this same interpreter
+        raise ConfigError(
+            "train.strategy: 'horovod' needs Horovod, which is not built in this environment; "
+            "run `make horovod` (a few minutes) or choose 'ddp' or 'deepspeed'"
+        )
+    for tool in ("sbatch", "scontrol", "squeue", "scancel"):
+        if shutil.which(tool) is None:
+            raise ConfigError(
+                f"machine '{machine.name}' submits to SLURM but `{tool}` is not on PATH; run on the cluster's "
+                "login node, or choose another machine (VIRGO_MACHINE or machines/active)"
+            )
+    follow = os.environ.get("VIRGO_FOLLOW_LOG", "1") != "0"
+    with Signals() as signals:
+        active = find_active_jobs(ctx)
+        if signals.received is not None:
+            return 128 + signals.received
+        if active:
+            job_id, name, state, other = active[0]
+            if other != comment or len(active) > 1:
+                ids = " ".join(a[0] for a in active)
+                what = (
+                    f"job {job_id} ({name}, {state}) is still in the queue for this workspace but was "
+                    "submitted with another batch script or params"
+                    if len(active) == 1
+                    else f"jobs {ids} of stage '{stage}' are still in the queue for this workspace"
+                )
+                raise ConfigError(f"{what}; wait for it or cancel it (`scancel {ids}`), then run the stage again")
+            say(
+                f"attaching to job {job_id} ({name}, {state}), submitted earlier from this workspace with the "
+                "same script and params; not submitting a second one"
+            )
+            return watch(job_id, ctx, None, signals, follow)
+        ctx.log_dir.mkdir(parents=True, exist_ok=True)
+        tmp = ctx.script_path.with_name(f".{ctx.script_path.name}.{os.getpid()}")
+        tmp.write_text(script)
+        os.replace(tmp, ctx.script_path)
+        say(f"{stage} on '{machine.name}': {shlex.join(cmd)}")
+        sbatch = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        assert sbatch.stdout is not None
+        first = ""
+        try:
+            signals.raise_now = signals.received is None
+            if signals.received is not None:
+                raise SubmitInterrupted()
+            first = sbatch.stdout.readline().strip()  # --parsable prints "<id>[;cluster]" at submission
+            signals.raise_now = False
+        except SubmitInterrupted:
+            # Interrupted while submitting: stop sbatch, and cancel the job if it was created.
+            signals.raise_now = False
+            stop_child(sbatch)
+            job_id = (first or sbatch.stdout.read() or "").strip().split(";")[0]
+            if job_id.isdigit():
+                cancel_and_wait(job_id, signals.received)
+            else:
+                say(f"{signal.Signals(signals.received).name} received while submitting; nothing was submitted")
+            return 128 + signals.received
+        job_id = first.split(";")[0]
+        if not job_id.isdigit():
+            rc = sbatch.wait()
+            err = sbatch.stderr.read() if sbatch.stderr else ""
+            write(f"launch: error: sbatch failed (exit code {rc}): {first} {err.strip()}\n")
+            return rc or 1
+        where = ctx.log_file(job_id, "<task>" if array else None)
+        say(f"submitted job {job_id} ({ctx.job_name}{f', array of {array} tasks' if array else ''}); log {where}")
+        try:
+            return watch(job_id, ctx, sbatch, signals, follow)
+        finally:
+            stop_child(sbatch)
+
+
+def dry_run_stage(stage: str = "train", dvc_file: str = "dvc.yaml") -> int:
+    """Print the batch script of a DVC stage on the active machine, submitting nothing.
+
+    Only stages that may be submitted (their script, ``stages/<stage>.py``, imports
+    :mod:`virgo_exps.launch`: train, and generate on profiles with ``generate_tasks``)
+    are allowed: the stage command is run with ``VIRGO_DRY_RUN=1``, which stops it
+    before any work.
+    """
+    import yaml
+
+    stages = (yaml.safe_load(Path(dvc_file).read_text()) or {}).get("stages", {})
+    if stage not in stages:
+        raise ConfigError(f"{dvc_file}: no stage {stage!r}")
+    argv = shlex.split(stages[stage]["cmd"])
+    if not any(_uses_launcher(Path(arg)) for arg in argv if arg.endswith(".py")):
+        raise ConfigError(f"stage {stage!r} does not go through the launcher; it always runs on the login node")
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return subprocess.run(argv, env={**os.environ, "VIRGO_DRY_RUN": "1"}).returncode
+
+
+def _uses_launcher(script: Path) -> bool:
+    """Whether a stage script imports :mod:`virgo_exps.launch` (read, not run)."""
+    import ast
+
+    try:
+        tree = ast.parse(script.read_text(), filename=str(script))
+    except (OSError, SyntaxError):
+        return False
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        if any(n == "virgo_exps.launch" or n.startswith("virgo_exps.launch.") for n in names):
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m virgo_exps.launch.slurm", description="Show the SLURM batch script of a stage (dry run)."
+    )
+    parser.add_argument("stage", nargs="?", default="train")
+    args = parser.parse_args(argv)
+    try:
+        return dry_run_stage(args.stage)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
