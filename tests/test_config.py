@@ -112,3 +112,85 @@ def test_a_preset_with_a_bad_value_writes_nothing(tmp_path):
     with pytest.raises(ConfigError, match="train.epochs"):
         apply_preset(str(bad), str(target))
     assert target.read_text() == original
+
+
+def test_dataclass_defaults_are_the_committed_params():
+    """One source of truth: a key left out of params.yaml takes the value params.yaml commits."""
+    from virgo_exps.config import Params
+
+    committed = as_flat_dict(load_params(ROOT / "params.yaml"))
+    assert as_flat_dict(Params()) == committed
+    # and the committed file lists every key, so the file alone shows what a run uses
+    listed = {f"{section}.{key}" for section, values in DEFAULTS.items() for key in values}
+    assert listed == set(committed)
+
+
+def test_virgo_exps_params_shows_the_committed_defaults():
+    import subprocess
+
+    from conftest import BIN, tool_env
+
+    text = subprocess.run(
+        [str(BIN / "virgo-exps"), "params"], cwd=ROOT, env=tool_env(), capture_output=True, text=True, check=True
+    ).stdout
+    section = None
+    shown = {}
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            section = line.split(":")[0]
+        else:
+            key, rest = line.strip().split(": ", 1)
+            shown[f"{section}.{key}"] = yaml.safe_load(rest.split("  #")[0])
+    assert shown == as_flat_dict(load_params(ROOT / "params.yaml"))
+
+
+def test_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, virgo_exps.config as c, virgo_exps.machines, virgo_exps.provenance; "
+        f"c.load_params({str(ROOT / 'params.yaml')!r}); "
+        "bad = [m for m in ('torch', 'numpy', 'zarr') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_study_without_the_virgo_sections():
+    """generate and preprocess are the Virgo study's: a params file without them validates train and report only."""
+    params = params_from_dict({"train": {"model": "tiny", "global_batch_size": 600}, "report": {"title": "t"}})
+    assert params.generate is None and params.preprocess is None
+    assert params.train.model == "tiny" and params.train.epochs == DEFAULTS["train"]["epochs"]
+    assert not any(k.startswith(("generate.", "preprocess.")) for k in as_flat_dict(params))
+    # the machinery's rules still hold
+    with pytest.raises(ConfigError, match="train.strategy: 'single' runs one process"):
+        params_from_dict({"train": {"procs_per_node": 2}})
+    # the Virgo study's rules hold where its sections are
+    with pytest.raises(ConfigError, match=r"^train.model: 'tiny' is not allowed; expected one of 'decoder', 'unet'$"):
+        params_from_dict(with_change("train", "model", "tiny"))
+    with pytest.raises(ConfigError, match="larger than the training split"):
+        params_from_dict(with_change("train", "global_batch_size", 600))
+
+
+def test_the_validator_is_generic():
+    """The same function checks a study's own file: types, allowed values, unknown and missing keys."""
+    from dataclasses import dataclass
+
+    from virgo_exps.config import REQUIRED, spec, validate
+
+    @dataclass(frozen=True)
+    class Data:
+        n: int = spec(REQUIRED, lambda v: v > 0, "an integer > 0", "samples")
+        noise: float = spec(0.1, lambda v: v >= 0, "a number >= 0", "noise level")
+
+    assert validate(Data, {"n": 4, "noise": 1}, "data") == {"n": 4, "noise": 1.0}
+    for raw, words in (
+        ({}, "data.n: missing; expected an integer > 0"),
+        ({"n": 0}, "data.n: 0 is not allowed; expected an integer > 0"),
+        ({"n": "4"}, "data.n: expected an integer, got '4' (str)"),
+        ({"n": 4, "nosie": 0}, "data.nosie: unknown key; allowed keys in 'data' are: n, noise"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            validate(Data, raw, "data")
+        assert str(err.value) == words

@@ -13,39 +13,54 @@ git-ignored file ``machines/active`` in the main checkout, else ``local``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from virgo_exps.config import ConfigError
+from virgo_exps.config import REQUIRED, ConfigError, spec, validate
 from virgo_exps.paths import main_checkout, repo_root
 
 KINDS = ("local", "slurm")
+DEEPSPEED_LAUNCHERS = ("torchrun", "deepspeed")
+GPU_OPTIONS = ("gpus-per-node", "gres")
+
+
+def _one_of(*options) -> dict:
+    return {"check": lambda v: v in options, "allowed": "one of " + ", ".join(options)}
+
+
+_WHOLE = {"check": lambda v: v >= 0, "allowed": "a whole number >= 0"}
+_TIME_HINT = ' (quote it, e.g. "2:00:00": YAML reads 2:00:00 unquoted as the number 7200)'
 
 
 @dataclass(frozen=True)
 class Machine:
+    """One profile: ``name`` and ``path`` come from its folder, every other field from its machine.yaml,
+    checked by the same validator as params.yaml (:func:`virgo_exps.config.validate`)."""
+
     name: str
-    kind: str
     path: Path
-    description: str = ""
-    max_procs: int = 0  # local: processes allowed at once (0: number of cores)
-    partition: str | None = None
-    account: str | None = None
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem: str | None = None
-    time: str = "01:00:00"
-    signal_seconds: int = 60  # SIGUSR1 this long before the time limit
-    setup: str | None = None  # script sourced at job start, relative to the profile folder
-    sbatch_extra: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    gpu_option: str = "gpus-per-node"  # how GPUs are requested: --gpus-per-node=N or --gres=gpu:N
-    srun_extra: tuple[str, ...] = ()  # options added to every srun of a job (e.g. --cpu-bind=none)
-    slurm_conf: str | None = None  # slurm.conf of this cluster, when it is not the system's default
-    deepspeed_launcher: str = "torchrun"  # how DeepSpeed runs start: torchrun, or DeepSpeed's own `deepspeed`
-    generate_tasks: int = 0  # slurm: the generate stage as a job array of this many tasks (0: on the login node)
+    kind: str = spec(REQUIRED, **_one_of(*KINDS), doc="run directly (local) or through SLURM")
+    description: str = spec("", None, "a string", "one line shown by `virgo-exps machines`")
+    max_procs: int = spec(0, **_WHOLE, doc="local: processes allowed at once (0: number of cores)")
+    partition: str | None = spec(None, None, "a partition name or null (the default)", "SLURM partition")
+    account: str | None = spec(None, None, "a budget name or null", "SLURM account")
+    gpus_per_node: int = spec(0, **_WHOLE, doc="GPUs requested per node")
+    cpus_per_task: int = spec(1, lambda v: v >= 1, "a whole number >= 1", "CPU cores per training process")
+    mem: str | None = spec(None, None, 'a size such as "16G", or null', "memory per node")
+    time: str = spec("01:00:00", None, 'a quoted time such as "02:00:00"', "time limit", hint=_TIME_HINT)
+    signal_seconds: int = spec(60, **_WHOLE, doc="SIGUSR1 this long before the time limit")
+    setup: str | None = spec(None, None, "a file of the profile folder, or null", "script sourced at job start")
+    sbatch_extra: tuple[str, ...] = spec((), None, "a list of sbatch options", "more #SBATCH lines")
+    env: dict[str, str] = spec({}, None, "a mapping of names to values", "variables exported in the job")
+    gpu_option: str = spec("gpus-per-node", **_one_of(*GPU_OPTIONS), doc="--gpus-per-node=N or --gres=gpu:N")
+    srun_extra: tuple[str, ...] = spec((), None, "a list of srun options", "options added to every srun")
+    slurm_conf: str | None = spec(None, None, "a path or null", "slurm.conf of this cluster, when not the default")
+    deepspeed_launcher: str = spec(
+        "torchrun", **_one_of(*DEEPSPEED_LAUNCHERS), doc="how DeepSpeed runs start: torchrun or `deepspeed`"
+    )
+    generate_tasks: int = spec(0, **_WHOLE, doc="slurm: the generate stage as a job array of this many tasks")
 
     def slurm_conf_path(self) -> Path | None:
         """``slurm_conf`` resolved: ``~`` and ``$VARS`` expanded, relative paths from the main checkout."""
@@ -57,30 +72,6 @@ class Machine:
     @property
     def setup_script(self) -> Path | None:
         return (self.path / self.setup) if self.setup else None
-
-
-_FIELDS = {
-    "description": str,
-    "kind": str,
-    "max_procs": int,
-    "partition": (str, type(None)),
-    "account": (str, type(None)),
-    "gpus_per_node": int,
-    "cpus_per_task": int,
-    "mem": (str, type(None)),
-    "time": str,
-    "signal_seconds": int,
-    "setup": (str, type(None)),
-    "sbatch_extra": list,
-    "env": dict,
-    "gpu_option": str,
-    "srun_extra": list,
-    "slurm_conf": (str, type(None)),
-    "generate_tasks": int,
-    "deepspeed_launcher": str,
-}
-DEEPSPEED_LAUNCHERS = ("torchrun", "deepspeed")
-GPU_OPTIONS = ("gpus-per-node", "gres")
 
 
 def machines_dir() -> Path:
@@ -108,42 +99,18 @@ def load_machine(name: str | None = None) -> Machine:
     name = name or active_machine_name()
     path = machines_dir() / name
     spec_file = path / "machine.yaml"
+    shown = spec_file.relative_to(repo_root()) if spec_file.is_relative_to(repo_root()) else spec_file
     if not spec_file.exists():
-        shown = spec_file.relative_to(repo_root()) if spec_file.is_relative_to(repo_root()) else spec_file
         raise ConfigError(
             f"machine {name!r}: no {shown}; "
             f"available machines: {', '.join(available()) or 'none'} (set VIRGO_MACHINE or machines/active)"
         )
-    raw = yaml.safe_load(spec_file.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{spec_file}: expected a mapping")
-    for key, value in raw.items():
-        if key not in _FIELDS:
-            raise ConfigError(f"{spec_file}: unknown key {key!r}; allowed: {', '.join(sorted(_FIELDS))}")
-        if not isinstance(value, _FIELDS[key]):
-            hint = (
-                ' (quote it, e.g. "2:00:00": YAML reads 2:00:00 unquoted as the number 7200)' if key == "time" else ""
-            )
-            raise ConfigError(f"{spec_file}: {key}: wrong type {type(value).__name__}{hint}")
-    kind = raw.get("kind")
-    if kind not in KINDS:
-        raise ConfigError(f"{spec_file}: kind: {kind!r}; expected one of {', '.join(KINDS)}")
-    if raw.get("gpu_option", "gpus-per-node") not in GPU_OPTIONS:
-        raise ConfigError(f"{spec_file}: gpu_option: {raw['gpu_option']!r}; expected one of {', '.join(GPU_OPTIONS)}")
-    for key in ("generate_tasks", "gpus_per_node", "max_procs", "signal_seconds"):
-        if isinstance(raw.get(key), bool) or raw.get(key, 0) < 0:
-            raise ConfigError(f"{spec_file}: {key}: {raw[key]!r}; expected a whole number >= 0")
-    if raw.get("cpus_per_task", 1) < 1 or isinstance(raw.get("cpus_per_task"), bool):
-        raise ConfigError(f"{spec_file}: cpus_per_task: {raw['cpus_per_task']!r}; expected a whole number >= 1")
-    if raw.get("deepspeed_launcher", "torchrun") not in DEEPSPEED_LAUNCHERS:
-        raise ConfigError(
-            f"{spec_file}: deepspeed_launcher: {raw['deepspeed_launcher']!r}; "
-            f"expected one of {', '.join(DEEPSPEED_LAUNCHERS)}"
-        )
-    raw["sbatch_extra"] = tuple(str(x) for x in raw.get("sbatch_extra", []))
-    raw["srun_extra"] = tuple(str(x) for x in raw.get("srun_extra", []))
-    raw["env"] = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}
-    machine = Machine(name=name, path=path, **raw)
+    try:
+        raw = yaml.safe_load(spec_file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{shown}: not valid YAML: {getattr(exc, 'problem', exc)}; fix the file") from None
+    values = validate(Machine, raw, str(shown), sep=": ", refusal="{key}: {value!r}; expected {allowed}")
+    machine = Machine(name=name, path=path, **values)
     if machine.setup_script is not None and not machine.setup_script.exists():
-        raise ConfigError(f"{spec_file}: setup: {machine.setup} does not exist in {path}")
+        raise ConfigError(f"{shown}: setup: {machine.setup} does not exist in {path}; add it or set setup: null")
     return machine
