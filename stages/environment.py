@@ -11,10 +11,9 @@ followed by how to restore params.yaml when `dvc exp run -S` changed it.
 """
 
 import argparse
-import os
 from pathlib import Path
 
-from virgo_exps import preflight
+from virgo_exps import fsio, preflight
 from virgo_exps.cli.main import stage_main
 from virgo_exps.config import ConfigError
 from virgo_exps.environment import collect, render
@@ -33,9 +32,7 @@ def run() -> int:
     if args.out.exists() and args.out.read_text() == text:
         print(f"environment: {args.out} unchanged")
         return 0
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    fsio.write_text(args.out, text)
     print(f"environment: wrote {args.out}")
     return 0
 

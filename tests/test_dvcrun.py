@@ -53,9 +53,11 @@ def test_output_is_captured(repo):
 
 def test_a_stage_of_an_inner_dvc_does_not_see_the_outer_run(repo, monkeypatch):
     """Started from a stage of another repository's run, dvc must give its stages its own root and no
-    experiment name of the outer run."""
+    experiment name of the outer run; their `python` is ours even when our venv is not on PATH."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
     (repo / "dvc.yaml").write_text(
-        "stages:\n  probe:\n    cmd: env | grep ^DVC_ | sort > seen.txt\n    outs:\n      - seen.txt\n"
+        "stages:\n  probe:\n    cmd: (env | grep ^DVC_; echo PYTHON=$(command -v python)) > seen.txt\n"
+        "    outs:\n      - seen.txt\n"
     )
     outer = repo.parent / "outer"
     monkeypatch.setenv("DVC_ROOT", str(outer))
@@ -67,6 +69,7 @@ def test_a_stage_of_an_inner_dvc_does_not_see_the_outer_run(repo, monkeypatch):
     assert Path(seen["DVC_ROOT"]) == repo
     assert seen["DVC_STAGE"] == "probe"
     assert "DVC_EXP_NAME" not in seen and "DVC_EXP_BASELINE_REV" not in seen
+    assert seen["PYTHON"] == str(BIN / "python"), "a stage's `python` is the venv's"
     assert os.environ["DVC_EXP_NAME"] == "outer-exp", "the caller's own environment is left alone"
 
 

@@ -3,7 +3,9 @@
 - :func:`executable`: the ``dvc`` installed beside the running Python (the
   project's venv), else the one on ``PATH``; a venv's ``bin/`` is often not on
   ``PATH`` when a tool is started by its full path.
-- :func:`env`: the caller's environment without the variables a parent ``dvc``
+- :func:`env`: the caller's environment with the running Python's folder first
+  on ``PATH`` (stage commands say ``python``: it is the venv's, as after
+  ``source .venv/bin/activate``), and without the variables a parent ``dvc``
   sets for the stage it runs (``DVC_ROOT``, ``DVC_STAGE``, ``DVC_EXP_NAME``,
   ``DVC_EXP_BASELINE_REV``). A ``dvc`` started from inside a stage would
   otherwise hand them on to its own stages: ``DVC_ROOT`` to the wrong repository
@@ -37,7 +39,9 @@ def executable() -> str:
 
 def env(base: dict[str, str] | None = None) -> dict[str, str]:
     source = os.environ if base is None else base
-    return {k: v for k, v in source.items() if k not in RUN_SCOPED}
+    out = {k: v for k, v in source.items() if k not in RUN_SCOPED}
+    out["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), source.get("PATH")) if p)
+    return out
 
 
 def describe(args: list[str]) -> str:

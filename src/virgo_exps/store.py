@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from virgo_exps import fsio
 from virgo_exps.config import DamagedInputError
 
 # Suffix of our own temporary siblings: ``.partial-<pid>`` (a local run) and
@@ -90,33 +91,12 @@ def publish(partial: Path, out: Path) -> None:
     window in which ``out`` does not exist is two renames long, and ``out``,
     whenever it exists, is a complete store.
     """
-    partial, out = Path(partial), Path(out)
-    old = None
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+    out = Path(out)
+    fsio.move_into_place(partial, out, aside=out.with_name(f"{out.name}.old-{os.getpid()}"))
 
 
-def fsync_tree(root: Path) -> None:
-    """Best-effort flush of a directory tree's metadata before publication."""
-    try:
-        fd = os.open(str(root), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# Best-effort flush of a folder's entries before publication.
+fsync_tree = fsio.fsync_dir
 
 
 def compressors():

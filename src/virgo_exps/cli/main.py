@@ -66,20 +66,15 @@ def run_pipeline(dvc_args: list[str]) -> int:
     """``dvc exp run`` with a summary: which stages ran, where the results are."""
     import re
     import subprocess
-    from pathlib import Path
 
+    from virgo_exps import dvcrun
     from virgo_exps.paths import main_checkout
     from virgo_exps.train.tracking import redact, tracking_uri
 
-    dvc = str(Path(sys.executable).parent / "dvc")
-    cmd = [dvc, "exp", "run", *dvc_args]
-    # Stage commands say `python`: make it the venv's, as after `source .venv/bin/activate`.
-    import os
-
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [dvcrun.executable(), "exp", "run", *dvc_args]
     # `dvc exp run` records an experiment even when nothing changed; such a row
     # would count as a repeated run. Ask DVC first, and record nothing then.
-    if _plain_run(dvc_args) and _up_to_date(dvc, env):
+    if _plain_run(dvc_args) and _up_to_date():
         print(
             "Pipeline is up to date, no experiment recorded (`dvc status`: nothing to reproduce; "
             "the environment was checked and is unchanged)."
@@ -87,7 +82,9 @@ def run_pipeline(dvc_args: list[str]) -> int:
         _print_results(main_checkout(), redact(tracking_uri()))
         return 0
     print("$ " + " ".join(["dvc", "exp", "run", *dvc_args]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=dvcrun.env()
+    )
     ran: list[str] = []
     lines: list[str] = []
     assert proc.stdout is not None
@@ -142,11 +139,12 @@ def _plain_run(dvc_args: list[str]) -> bool:
     return True
 
 
-def _dvc_status(dvc: str, env: dict) -> dict | None:
+def _dvc_status() -> dict | None:
     import json
-    import subprocess
 
-    proc = subprocess.run([dvc, "status", "--json"], capture_output=True, text=True, env=env)
+    from virgo_exps import dvcrun
+
+    proc = dvcrun.run(["status", "--json"], ".", check=False, timeout=None)
     if proc.returncode != 0:
         return None
     try:
@@ -155,24 +153,24 @@ def _dvc_status(dvc: str, env: dict) -> dict | None:
         return None
 
 
-def _up_to_date(dvc: str, env: dict) -> bool:
+def _up_to_date() -> bool:
     """True when no stage would rerun: ``dvc status`` is clean but for the always-changed
     environment stage, which is then run on its own; it rewrites ``version.lock`` only when
     the environment changed, and ``dvc status`` is asked again."""
-    import subprocess
+    from virgo_exps import dvcrun
 
     def pending(status: dict) -> list[str]:
         return [stage for stage, changes in status.items() if [c for c in changes if c != "always changed"]]
 
-    status = _dvc_status(dvc, env)
+    status = _dvc_status()
     if status is None or pending(status):
         return False
     always = [stage for stage in status]
     for stage in always:
-        proc = subprocess.run([dvc, "repro", "--single-item", stage], capture_output=True, text=True, env=env)
+        proc = dvcrun.run(["repro", "--single-item", stage], ".", check=False, timeout=None)
         if proc.returncode != 0:
             return False  # let `dvc exp run` show the failure
-    status = _dvc_status(dvc, env)
+    status = _dvc_status()
     return status is not None and not pending(status)
 
 
@@ -190,11 +188,11 @@ def _print_results(root, mlflow_uri: str) -> None:
 
 def apply_preset(preset_file: str, params_file: str) -> int:
     """Merge a preset's keys into params.yaml; nothing is written unless the result is valid."""
-    import os
     from pathlib import Path
 
     import yaml
 
+    from virgo_exps import fsio
     from virgo_exps.config import params_from_dict
 
     preset = yaml.safe_load(Path(preset_file).read_text()) or {}
@@ -217,12 +215,10 @@ def apply_preset(preset_file: str, params_file: str) -> int:
             if key in preset[section]:
                 value = yaml.safe_dump(preset[section][key], default_flow_style=True).strip()
                 lines[i] = f"  {key}: {value.removesuffix(chr(10) + '...')}\n"
-    tmp = Path(f"{params_file}.tmp-{os.getpid()}")
-    tmp.write_text("".join(lines))
-    if yaml.safe_load(tmp.read_text()) != params:
-        tmp.unlink()
-        raise ConfigError(f"{params_file}: could not merge {preset_file} while keeping the layout; edit it by hand")
-    os.replace(tmp, params_file)
+    with fsio.replacing(params_file) as tmp:
+        tmp.write_text("".join(lines))
+        if yaml.safe_load(tmp.read_text()) != params:
+            raise ConfigError(f"{params_file}: could not merge {preset_file} while keeping the layout; edit it by hand")
     print(f"{params_file}: merged {preset_file}")
     return 0
 

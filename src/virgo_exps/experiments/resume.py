@@ -33,14 +33,11 @@ from pathlib import Path
 
 import yaml
 
+from virgo_exps import dvcrun
+
 
 class ResumeError(RuntimeError):
     pass
-
-
-def _dvc() -> str:
-    here = Path(sys.executable).parent / "dvc"
-    return str(here) if here.exists() else "dvc"
 
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -86,11 +83,6 @@ def experiment_state(repo: Path, rev: str) -> tuple[int, bool]:
     return epochs, has_ckpt
 
 
-def _stream(cmd: list[str], repo: Path) -> int:
-    print("$ " + " ".join(["dvc", *cmd[1:]]), flush=True)
-    return subprocess.call(cmd, cwd=repo)
-
-
 def resume(
     exp: str, epochs: int, queue: bool = False, name: str | None = None, pull: str | None = None, repo: Path | str = "."
 ) -> int:
@@ -98,7 +90,7 @@ def resume(
     if epochs <= 0:
         raise ResumeError(f"--epochs {epochs}: must be a positive total number of epochs")
     if pull:
-        rc = _stream([_dvc(), "exp", "pull", pull, exp], repo)
+        rc = dvcrun.stream(["exp", "pull", pull, exp], repo)
         if rc != 0:
             raise ResumeError(f"`dvc exp pull {pull} {exp}` failed (exit code {rc})")
     rev = find_experiment(repo, exp)
@@ -110,7 +102,7 @@ def resume(
             f"experiment '{exp}' already trained {done} epoch(s); --epochs is the total, so give more than {done}"
         )
     new_name = name or f"{exp}-e{epochs}"
-    rc = _stream([_dvc(), "exp", "apply", exp], repo)
+    rc = dvcrun.stream(["exp", "apply", exp], repo)
     if rc != 0:
         raise ResumeError(
             f"`dvc exp apply {exp}` failed (exit code {rc}); if its data is missing from the cache, "
@@ -119,7 +111,7 @@ def resume(
     args = ["exp", "run", "-S", f"train.epochs={epochs}", "-n", new_name]
     if queue:
         args.insert(2, "--queue")
-    rc = _stream([_dvc(), *args], repo)
+    rc = dvcrun.stream(args, repo)
     if rc != 0:
         print(
             f"resume: `dvc {' '.join(args)}` failed (exit code {rc}); `virgo-exps failures` shows why", file=sys.stderr

@@ -43,10 +43,11 @@ import pwd
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from virgo_exps import dvcrun, fsio
 
 GIT_DIR = "experiments.git"
 REMOTE_DIR = "dvc-remote"
@@ -406,39 +407,31 @@ def prepare(root: Path, group: str) -> tuple[Layout, list[str]]:
     if layout.git.exists() and not _is_bare_repo(layout.git):
         raise ShareError(f"{layout.git}: exists but is not a bare git repository; move it away or choose another --dir")
     if not layout.git.exists():
-        tmp = root / f".{GIT_DIR}.tmp-{os.getpid()}"
+        tmp = fsio.temp_path(layout.git)
         _run(["git", "init", "-q", "--bare", "--shared=group", "-b", "main", str(tmp)])
         # git chooses the modes; the group follows from the setgid bit of `root`.
         _run(["git", "config", "--file", str(tmp / "config"), "receive.denyNonFastForwards", "false"])
         for dirpath, _, _ in os.walk(tmp):
             set_default_acl(Path(dirpath))
-        try:
-            tmp.rename(layout.git)
+        if fsio.move_into_place(tmp, layout.git, exclusive=True):  # False: a teammate created it at the same moment
             created.append(f"{layout.git} (bare git repository, core.sharedRepository=group)")
-        except OSError:  # a teammate created it at the same moment
-            shutil.rmtree(tmp, ignore_errors=True)
     for sub, what in ((layout.remote, "DVC remote"), (layout.cache, "shared DVC cache")):
         if _make_dir(sub, gid):
             created.append(f"{sub} ({what})")
     if not layout.marker.exists():
-        tmp = root / f".{MARKER}.tmp-{os.getpid()}"
-        tmp.write_text(
-            json.dumps(
-                {
-                    "what": "virgo-exps shared experiment store",
-                    "group": group,
-                    "git": GIT_DIR,
-                    "dvc_remote": REMOTE_DIR,
-                    "dvc_cache": CACHE_DIR,
-                    "created_by": _user_name(),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                },
-                indent=2,
-            )
-            + "\n"
+        fsio.write_json(
+            layout.marker,
+            {
+                "what": "virgo-exps shared experiment store",
+                "group": group,
+                "git": GIT_DIR,
+                "dvc_remote": REMOTE_DIR,
+                "dvc_cache": CACHE_DIR,
+                "created_by": _user_name(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+            mode=FILE_MODE,
         )
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, layout.marker)
     return layout, created
 
 
@@ -462,13 +455,15 @@ def probe_writable(layout: Layout) -> list[Problem]:
 # -- configuring a clone ------------------------------------------------------
 
 
-def _dvc() -> str:
-    here = Path(sys.executable).parent / "dvc"
-    return str(here) if here.exists() else "dvc"
+def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        return dvcrun.run(list(args), repo, check=check)
+    except dvcrun.DvcError as exc:
+        raise ShareError(str(exc)) from None
 
 
 def _dvc_config_get(repo: Path, key: str) -> str | None:
-    proc = _run([_dvc(), "config", key], cwd=repo, check=False)
+    proc = _dvc(repo, "config", key, check=False)
     return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
 
 
@@ -516,11 +511,11 @@ def migrate_cache(old: Path, new: Path, gid: int) -> int:
             target = target_dir / name
             if target.exists():
                 continue
-            tmp = target_dir / f".{name}.virgo-{os.getpid()}.tmp"
+            tmp = fsio.temp_path(target)
             shutil.copyfile(Path(dirpath) / name, tmp)
             os.chown(tmp, -1, gid)
             os.chmod(tmp, 0o444 if rel.parts[0] == "files" else FILE_MODE)
-            os.replace(tmp, target)
+            fsio.move_into_place(tmp, target, durable=False)
             copied += 1
     return copied
 
@@ -559,11 +554,11 @@ def configure_clone(
     if auto_push:
         wanted["exp.auto_push"] = "true"
     if _dvc_config_get(repo, f"remote.{name}.url") is None:
-        _run([_dvc(), "remote", "add", "--local", name, str(layout.remote)], cwd=repo)
+        _dvc(repo, "remote", "add", "--local", name, str(layout.remote))
         changes.append(f"dvc remote add --local {name} {layout.remote}")
     for key, value in wanted.items():
         if _dvc_config_get(repo, key) != value:
-            _run([_dvc(), "config", "--local", key, value], cwd=repo)
+            _dvc(repo, "config", "--local", key, value)
             changes.append(f"dvc config --local {key} {value}")
     if old_cache != layout.cache:
         copied = migrate_cache(old_cache, layout.cache, group_id(layout.group))

@@ -34,14 +34,13 @@ from typing import Any
 
 import yaml
 
-from virgo_exps import provenance
+from virgo_exps import dvcrun, provenance
 
 FIX_CORRUPT = "restore it with `dvc checkout --relink {path}`, or `dvc pull {path}` if the cache copy is bad too"
 
 
-def _dvc() -> str:
-    here = Path(sys.executable).parent / "dvc"
-    return str(here) if here.exists() else "dvc"
+def _cache_dir(repo: Path) -> Path:
+    return Path(dvcrun.run(["cache", "dir"], repo, check=False).stdout.strip() or repo / ".dvc" / "cache")
 
 
 def _git(repo: Path, *args: str, check: bool = True) -> str:
@@ -144,10 +143,7 @@ class Experiment:
             known = ", ".join(sorted(refs)) or "none"
             raise VerifyError(f"--exp {name}: no such experiment (known: {known}); see `dvc exp list`")
         self.label = f"experiment {name}"
-        self.cache = Path(
-            subprocess.run([_dvc(), "cache", "dir"], cwd=repo, capture_output=True, text=True).stdout.strip()
-            or repo / ".dvc" / "cache"
-        )
+        self.cache = _cache_dir(repo)
         lock = yaml.safe_load(self.text("dvc.lock") or "") or {}
         self.uncached = uncached_outs(yaml.safe_load(self.text("dvc.yaml") or "") or {})
         self.outs: dict[str, dict] = {}
@@ -314,9 +310,10 @@ def check_stamps(src, report: Report, dvc_yaml: Path) -> None:
 
 
 def check_dvc_status(repo: Path, report: Report) -> None:
-    proc = subprocess.run([_dvc(), "status", "--json"], cwd=repo, capture_output=True, text=True)
-    if proc.returncode != 0:
-        report.problems.append(f"`dvc status` failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    try:
+        proc = dvcrun.run(["status", "--json"], repo, timeout=None)
+    except dvcrun.DvcError as exc:
+        report.problems.append(str(exc))
         return
     try:
         status = json.loads(proc.stdout or "{}")
@@ -338,14 +335,7 @@ def check_dvc_status(repo: Path, report: Report) -> None:
 
 def check_cache(src, report: Report, lock: dict) -> None:
     """Every cache object of every output in dvc.lock has the MD5 it is stored under."""
-    cache = (
-        src.cache
-        if isinstance(src, Experiment)
-        else Path(
-            subprocess.run([_dvc(), "cache", "dir"], cwd=src.repo, capture_output=True, text=True).stdout.strip()
-            or src.repo / ".dvc" / "cache"
-        )
-    )
+    cache = src.cache if isinstance(src, Experiment) else _cache_dir(src.repo)
     n = 0
     uncached = uncached_outs(yaml.safe_load(src.text("dvc.yaml") or "") or {})
     for stage in (lock.get("stages") or {}).values():

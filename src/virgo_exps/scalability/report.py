@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from virgo_exps import fsio
 from virgo_exps.scalability import groups as grouping
 from virgo_exps.scalability.sources import LOAD_LIMIT, Run
 from virgo_exps.scalability.sources import _number as _num
@@ -557,8 +558,7 @@ def write_report(report: Report, out: str | os.PathLike, title: str = "Scalabili
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fsio.temp_path(out)
     tmp.mkdir()
     origin = stamp_text(report, stamp)
     try:
@@ -589,9 +589,5 @@ def write_report(report: Report, out: str | os.PathLike, title: str = "Scalabili
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    fsio.move_into_place(tmp, out)
     return out

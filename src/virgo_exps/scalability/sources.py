@@ -23,12 +23,12 @@ import io
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from virgo_exps import dvcrun
 
 METRICS_FILE = "results/metrics.json"
 EPOCHS_FILE = "results/epochs.csv"
@@ -216,11 +216,6 @@ def parse_epochs_csv(text: str) -> tuple[list[float] | None, list[float] | None,
 # -- DVC ---------------------------------------------------------------------
 
 
-def _dvc_executable() -> str:
-    here = Path(sys.executable).parent / "dvc"
-    return str(here) if here.exists() else (shutil.which("dvc") or "dvc")
-
-
 def _metrics_of(data: dict) -> dict | None:
     for path, entry in (data.get("metrics") or {}).items():
         values = (entry or {}).get("data")
@@ -359,14 +354,10 @@ def load_dvc(
     repo: str | os.PathLike = ".", names: list[str] | None = None, all_commits: bool = False
 ) -> tuple[list[Run], list[str]]:
     repo = Path(repo)
-    cmd = [_dvc_executable(), "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
     try:
-        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
-    except OSError as exc:
-        raise SourceError(f"cannot run dvc: {exc}") from None
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise SourceError(f"`dvc exp show --json` failed in {repo}: {last}")
+        proc = dvcrun.run(["exp", "show", "--json"] + (["--all-commits"] if all_commits else []), repo)
+    except dvcrun.DvcError as exc:
+        raise SourceError(str(exc)) from None
     try:
         shown = json.loads(proc.stdout)
     except json.JSONDecodeError:

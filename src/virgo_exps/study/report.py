@@ -14,7 +14,6 @@ import html
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import matplotlib
@@ -319,8 +318,9 @@ def build(
         from virgo_exps.provenance import used_params
 
         params = used_params(params_path)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    from virgo_exps import fsio
+
+    tmp = fsio.temp_path(out)
     tmp.mkdir(parents=True)
 
     references: dict[str, float] = {}
@@ -444,9 +444,7 @@ The timing metrics leave out the first (warm-up) epoch, shaded in the timing fig
 {software}
 """
     (tmp / "report.md").write_text(text)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    fsio.move_into_place(tmp, out)
     return out / "report.md"
 
 

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from virgo_exps import fsio
 from virgo_exps.config import Params, as_flat_dict
 from virgo_exps.launch.protocol import EXIT_INTERRUPTED, STATUS_FILE
 from virgo_exps.machines import active_machine_name
@@ -166,12 +167,8 @@ class Interrupted(Exception):
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with fsio.replacing(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _device_name(device: torch.device) -> str:
@@ -189,11 +186,7 @@ def _host_load() -> float | None:
         return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_atomic_write_text = fsio.write_text
 
 
 def _rng_state() -> dict:
@@ -703,13 +696,10 @@ class Trainer:
         clean[provenance.KEY] = provenance.metrics_stamp(stamp)
         _atomic_write_text(self.out.metrics, json.dumps(clean, indent=2, sort_keys=True) + "\n")
         rows = [asdict(r) for r in self.history]
-        self.out.epochs.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.epochs.with_name(f".{self.out.epochs.name}.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with fsio.replacing(self.out.epochs) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.out.epochs)
         ranks = []
         comp = (self.computation or {}).get("per_rank") or [{}] * len(per_rank_gpu)
         for rank, (c, g) in enumerate(zip(comp, per_rank_gpu)):
