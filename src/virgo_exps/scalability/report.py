@@ -256,16 +256,17 @@ def _load_notes(usable: list[Run]) -> list[str]:
         epochs = ", ".join(str(i + 2) for i in r.contaminated)  # timed epochs start at epoch 2
         if r.excluded:
             notes.append(
-                f"{r.name}: epoch(s) {epochs} ran while the host's load exceeded its cores (another "
-                "process competed for the CPUs) and are left out of its medians"
+                f"{r.name}: epoch(s) {epochs} ran while other work competed for the run's CPUs (load per "
+                f"core above {LOAD_LIMIT:g}) or GPU (another job's process on it) and are left out of "
+                "its medians"
             )
         else:
             all_loaded.append(r.name)
     if all_loaded:
         notes.append(
-            f"every timed epoch of {', '.join(all_loaded)} ran while the host's load per core exceeded "
-            f"{LOAD_LIMIT:g}: their times are kept but are not the runs' own; repeat them on a quiet "
-            "machine"
+            f"every timed epoch of {', '.join(all_loaded)} ran while other work competed for the CPUs "
+            f"(load per core above {LOAD_LIMIT:g}) or the GPU: their times are kept but are not the "
+            "runs' own; repeat them on a quiet machine"
         )
     if usable and all(r.epoch_load is None for r in usable):
         notes.append(

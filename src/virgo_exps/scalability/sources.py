@@ -35,14 +35,33 @@ EPOCHS_FILE = "results/epochs.csv"
 SOFTWARE_FILE = "version.lock"
 DATA_FILE = "data/images.zarr"
 MODEL_FILE = "results/model.pt"
-# An epoch timed while the host's load average per core (load_avg in
-# epochs.csv) exceeded this shared the CPUs with other work: its time is not
-# the run's own. A run keeps its cores busy (about 1.0); a quarter more is
-# someone else.
+# An epoch timed while the host's load per core (load_avg in epochs.csv: mean
+# runnable tasks per core over the epoch) exceeded this shared the CPUs with
+# other work: its time is not the run's own. A run keeps its cores busy (about
+# 1.0); a quarter more is someone else. An epoch during which another job's
+# process ran on a rank's GPU (gpu_other_procs > 0) is not the run's own
+# either: its load is read as infinite.
 LOAD_LIMIT = 1.25
 # Logged once per epoch to MLflow (step = epoch); their "latest" value is the
 # last epoch's, not the run's summary.
-PER_EPOCH = ("train_time_s", "val_time_s", "samples_per_s", "train_loss", "val_loss", "lr", "step", "load_avg")
+PER_EPOCH = (
+    "train_time_s",
+    "val_time_s",
+    "samples_per_s",
+    "train_loss",
+    "val_loss",
+    "lr",
+    "step",
+    "load_avg",
+    "gpu_other_procs",
+)
+
+
+def epoch_load(load: float | None, gpu_others: float | None) -> float | None:
+    """The load an epoch is judged by: the host's load per core, or infinite when the GPU was shared."""
+    if gpu_others is not None and gpu_others > 0:
+        return math.inf
+    return load
 
 
 class SourceError(RuntimeError):
@@ -195,8 +214,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def parse_epochs_csv(text: str) -> tuple[list[float] | None, list[float] | None, list[float | None] | None]:
     """Training time, throughput and host load of the timed epochs (all but the first) from epochs.csv text.
 
-    The load (``load_avg``: the host's 1-minute load average over its cores when the epoch ended) is None
-    when the file has no such column (older runs)."""
+    The load (``load_avg``: runnable tasks per core over the epoch; infinite when
+    ``gpu_other_procs`` says another job used the GPU) is None when the file has
+    no such column (older runs)."""
     rows = list(csv.DictReader(io.StringIO(text)))
     rows.sort(key=lambda r: int(float(r.get("epoch") or 0)))
     timed = rows[1:] if len(rows) > 1 else rows
@@ -209,7 +229,7 @@ def parse_epochs_csv(text: str) -> tuple[list[float] | None, list[float] | None,
     times = column("train_time_s")
     load = None
     if times and rows and "load_avg" in rows[0] and all(_number(r.get("train_time_s")) is not None for r in timed):
-        load = [_number(r.get("load_avg")) for r in timed]
+        load = [epoch_load(_number(r.get("load_avg")), _number(r.get("gpu_other_procs"))) for r in timed]
     return times, column("samples_per_s"), load
 
 
@@ -431,10 +451,12 @@ def load_mlflow(
         params = {k: _param_value(v) for k, v in r.data.params.items()}
         history = {
             k: sorted(client.get_metric_history(r.info.run_id, k), key=lambda m: m.step)
-            for k in ("train_time_s", "samples_per_s", "load_avg")
+            for k in ("train_time_s", "samples_per_s", "load_avg", "gpu_other_procs")
         }
         timed = {k: [m.value for m in (v[1:] if len(v) > 1 else v)] for k, v in history.items()}
         load = timed["load_avg"] if len(timed["load_avg"]) == len(timed["train_time_s"]) else None
+        if load is not None and len(timed["gpu_other_procs"]) == len(load):
+            load = [epoch_load(v, n) for v, n in zip(load, timed["gpu_other_procs"])]
         metrics = {k: v for k, v in r.data.metrics.items() if k not in PER_EPOCH}
         if "val_loss" in r.data.metrics:  # the latest value is the last epoch's: the final loss
             metrics["val_loss"] = r.data.metrics["val_loss"]

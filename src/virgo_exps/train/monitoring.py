@@ -7,11 +7,16 @@
 - :class:`GpuMonitor` samples NVML in a background thread: utilisation, and
   energy from the cumulative energy counter where the GPU has one (Volta and
   newer), or power integrated over real timestamps otherwise. On a machine
-  without NVIDIA GPUs it records nothing and the report says so.
+  without NVIDIA GPUs it records nothing and the report says so. It also counts
+  the compute processes of other jobs on the same device.
+- :class:`HostLoad` samples the host's runnable tasks in a background thread,
+  so that each epoch gets the load of its own window (the kernel's 1-minute
+  load average lags a short epoch by a minute).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +84,7 @@ class GpuMonitor:
         self._handle = None
         self._nvml = None
         self.samples: list[tuple[float, float, float]] = []  # (time, utilisation %, power W)
+        self.others_max = 0  # compute processes of other jobs on the device, most seen since the last window
         self._energy0 = None
         self._energy1 = None
 
@@ -110,9 +116,21 @@ class GpuMonitor:
                 util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
                 power = self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
                 self.samples.append((time.time(), float(util), power))
+                self.others_max = max(self.others_max, self._other_processes())
             except Exception:
                 pass
             self._stop.wait(self.interval)
+
+    def _other_processes(self) -> int:
+        procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        return len(other_gpu_processes([p.pid for p in procs], os.getpid()))
+
+    def others_window(self) -> int | None:
+        """Most compute processes of other jobs seen on this GPU since the previous call; None off GPU."""
+        if self._thread is None:
+            return None
+        n, self.others_max = self.others_max, 0
+        return n
 
     def stop(self) -> dict:
         """Stop sampling; return utilisation and energy (empty off GPU)."""
@@ -133,3 +151,81 @@ class GpuMonitor:
             out["energy_wh"] = joules / 3600.0
             out["energy_source"] = "power_integrated"
         return out
+
+
+def runnable_tasks(stat_path: str = "/proc/stat") -> int | None:
+    """Tasks running or waiting for a CPU right now (``procs_running`` of /proc/stat); None off Linux."""
+    try:
+        with open(stat_path) as fh:
+            for line in fh:
+                if line.startswith("procs_running "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class HostLoad:
+    """Mean runnable tasks per usable core over a window, sampled every ``interval`` seconds.
+
+    A run that keeps its cores busy reads about 1.0; more than that means other
+    work competed for the same cores while the window was timed.
+    """
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.cores = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._lock = threading.Lock()
+        self._sum, self._n = 0, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> HostLoad:
+        if runnable_tasks() is None:
+            return self
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="host-load")
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            n = runnable_tasks()
+            if n is not None:
+                # this sampling thread is itself running while it reads
+                with self._lock:
+                    self._sum += max(0, n - 1)
+                    self._n += 1
+            self._stop.wait(self.interval)
+
+    def window(self) -> float | None:
+        """Mean runnable tasks per core since the previous call (None when nothing was sampled)."""
+        with self._lock:
+            total, n = self._sum, self._n
+            self._sum, self._n = 0, 0
+        return total / n / self.cores if n else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def other_gpu_processes(gpu_pids: list[int], own_pid: int) -> list[int]:
+    """The GPU's compute processes that are neither this rank nor another rank of its job.
+
+    The ranks of one job on a node are children of one launcher process
+    (torchrun, the DeepSpeed or Horovod launcher, or the Slurm step), so a
+    process with another parent is someone else's; so is a process NVML lists
+    but /proc does not show (another container's).
+    """
+    parent = _parent(own_pid)
+    return [pid for pid in gpu_pids if pid != own_pid and (parent is None or _parent(pid) != parent)]
