@@ -1,0 +1,413 @@
+"""Typed, validated configuration read from ``params.yaml``.
+
+Every stage loads the whole file through :func:`load_params`, so a bad value is
+reported before any stage starts work, and it is reported the same way
+everywhere: one line naming the key, the value and what is allowed.
+
+Each section is a frozen dataclass. A field's type annotation is the type a
+value must have in YAML (an ``int`` is accepted where a ``float`` is expected,
+never the reverse); the ``check`` metadata holds the constraint and the text
+shown when it fails. :func:`validate` checks a mapping against such a
+dataclass; it is the one validator of the project: params sections here, the
+machine profiles (:mod:`virgo_exps.machines`) and any file a study adds.
+
+The machinery reads ``train`` and ``report``. ``generate`` and ``preprocess``
+are the Virgo study's sections: a study without them leaves them out of its
+params.yaml (they are then None, and the Virgo cross-checks are skipped).
+
+The defaults of the dataclasses are the committed values of ``params.yaml``
+(``tests/test_config.py`` holds them equal), so ``virgo-exps params`` shows
+what a run uses when a key is left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A value in params.yaml is missing, unknown, of the wrong type or impossible."""
+
+
+class DamagedInputError(RuntimeError):
+    """A file a stage reads (a store chunk, the model) does not match its checksum.
+
+    Its message is one line: which file, what is wrong, and how to restore it.
+    """
+
+
+# The default of a key that must be given (a machine profile's ``kind``).
+REQUIRED = dataclasses.MISSING
+
+
+def spec(default: Any, check: Callable[[Any], bool] | None = None, allowed: str = "", doc: str = "", hint: str = ""):
+    """A validated key: its default (or REQUIRED), the constraint, the allowed values in words, its meaning,
+    and a hint added to a wrong-type message."""
+    metadata = {"check": check, "allowed": allowed, "doc": doc, "hint": hint}
+    if isinstance(default, dict):  # a mutable default: a fresh copy for every instance
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+# Seeds go to numpy (SeedSequence, default_rng) and torch (manual_seed, and
+# the sampler's seed * 1_000_003 + epoch, which must stay below 2**64): the
+# 32-bit range every one of them accepts.
+SEED_MAX = 2**32 - 1
+SEED_RANGE = f"an integer from 0 to {SEED_MAX} (2**32 - 1)"
+# Every other integer reaches numpy or torch as a 64-bit integer.
+INT_MAX = 2**63 - 1
+
+
+def _seed(v) -> bool:
+    return 0 <= v <= SEED_MAX
+
+
+def _choice(*options):
+    return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
+
+
+STRATEGIES = ("single", "ddp", "deepspeed", "horovod")
+# The Virgo study's networks (virgo_exps.study.models); another study's model factory names its own.
+MODELS = ("decoder", "unet")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Synthetic main + auxiliary channels (see virgo_exps.study.generate)."""
+
+    seed: int = spec(42, _seed, SEED_RANGE, "seed of the whole data set; sample i depends only on (seed, i)")
+    n_samples: int = spec(512, _positive, "an integer > 0", "number of samples (each: 1 main + n_aux channels)")
+    n_aux: int = spec(3, lambda v: 1 <= v <= 64, "an integer from 1 to 64", "auxiliary channels per sample")
+    duration: float = spec(16.0, lambda v: 1.0 <= v <= 600.0, "seconds, from 1 to 600", "length of each series")
+    sample_rate: int = spec(500, lambda v: 64 <= v <= 16384, "Hz, from 64 to 16384", "sampling rate of every channel")
+    chunk_size: int = spec(64, _positive, "an integer > 0", "samples per zarr chunk and per unit of parallel work")
+    workers: int = spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Q-transform images, 64x64 patches, split and normalisation."""
+
+    fmin: float = spec(10.0, _positive, "a frequency in Hz > 0", "lower edge of the Q-transform band")
+    fmax: float = spec(150.0, _positive, "a frequency in Hz > 0", "upper edge of the Q-transform band (< Nyquist)")
+    whiten: bool = spec(False, None, "true or false", "whiten each channel before the Q-transform (as gwpy does)")
+    patch_size: int = spec(
+        64,
+        lambda v: 8 <= v <= 512,
+        "an integer from 8 to 512",
+        "side of the square patch cut around the main channel's peak",
+    )
+    val_fraction: float = spec(
+        0.2, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1", "share of samples held out for validation"
+    )
+    split_seed: int = spec(0, _seed, SEED_RANGE, "seed of the train/validation split")
+    batch_size: int = spec(32, _positive, "an integer > 0", "samples transformed at once")
+    workers: int = spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes")
+    device: str = spec("cpu", *_choice("cpu", "cuda"), doc="where the Q-transforms run")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model, optimisation and resources of the training stage."""
+
+    strategy: str = spec("single", *_choice(*STRATEGIES), doc="distribution strategy")
+    nodes: int = spec(1, _positive, "an integer > 0", "nodes (SLURM machines); must be 1 on the local machine")
+    procs_per_node: int = spec(1, _positive, "an integer > 0", "training processes per node")
+    model: str = spec(
+        "decoder",
+        lambda v: v.strip() != "",
+        "a network of the study's model factory (the Virgo study: " + ", ".join(repr(m) for m in MODELS) + ")",
+        "network: the Virgo study's small convolutional decoder or U-Net",
+    )
+    epochs: int = spec(5, _positive, "an integer > 0", "total epochs (absolute: a resumed run stops here too)")
+    global_batch_size: int = spec(32, _positive, "an integer > 0", "samples per optimiser step over all processes")
+    lr: float = spec(1e-3, lambda v: 0.0 < v < 10.0, "a number between 0 and 10 (exclusive)", "learning rate")
+    lr_scaling: str = spec("none", *_choice("none", "linear"), doc="multiply lr by world size ('linear') or not")
+    weight_decay: float = spec(0.0, _non_negative, "a number >= 0", "AdamW weight decay")
+    seed: int = spec(0, _seed, SEED_RANGE, "seed of weights init and shuffling")
+    warmup_steps: int = spec(20, _non_negative, "an integer >= 0", "steps of linear learning-rate warm-up")
+    profile_steps: int = spec(5, _non_negative, "an integer >= 0 (0: off)", "steps profiled with the torch profiler")
+    max_requeues: int = spec(3, _non_negative, "an integer >= 0", "time-outs/preemptions tolerated before failing")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Per-experiment report."""
+
+    title: str = spec(
+        "Virgo synthetic study",
+        lambda v: v.strip() != "",
+        "a string with at least one visible character",
+        "heading of report.md",
+    )
+
+
+@dataclass(frozen=True)
+class Params:
+    # The Virgo study's sections: None when params.yaml has no such section (another study).
+    generate: GenerateConfig | None = field(default_factory=GenerateConfig)
+    preprocess: PreprocessConfig | None = field(default_factory=PreprocessConfig)
+    # The machinery's sections: always present (defaults when left out).
+    train: TrainConfig = field(default_factory=TrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+SECTIONS = {"generate": GenerateConfig, "preprocess": PreprocessConfig, "train": TrainConfig, "report": ReportConfig}
+STUDY_SECTIONS = ("generate", "preprocess")
+
+
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list of strings"
+    if origin is dict:
+        return "a mapping of names to strings"
+    return names.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp, hint: str = "") -> Any:
+    # YAML already gives typed values; we only widen int -> float and refuse
+    # everything else, because a silently converted "1e-3" string or a bool
+    # read as 1 is how a sweep ends up training something else than intended.
+    wrong = f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [a for a in options if a is not type(None)]
+        if len(inner) == 1:
+            try:
+                return _coerce(key, value, inner[0])
+            except ConfigError:
+                pass
+        raise ConfigError(wrong)
+    if origin is tuple:  # a YAML list of strings (numbers written unquoted are taken as their text)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(wrong)
+        return tuple(str(v) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(wrong)
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} (a boolean){hint}")
+    if not isinstance(value, tp):
+        raise ConfigError(wrong)
+    return value
+
+
+def spec_fields(cls) -> list[dataclasses.Field]:
+    """The fields of ``cls`` a file may set (those declared with :func:`spec`)."""
+    return [f for f in dataclasses.fields(cls) if "allowed" in f.metadata]
+
+
+def validate(
+    cls,
+    raw: Any,
+    name: str,
+    sep: str = ".",
+    refusal: str = "{key}: {value!r} is not allowed; expected {allowed}",
+) -> dict[str, Any]:
+    """Check a parsed YAML mapping against the :func:`spec` fields of dataclass ``cls``; the values it sets.
+
+    ``name`` and ``sep`` say how a message names a key: ``train.lr`` for a params section,
+    ``machines/x/machine.yaml: time`` for a file. ``refusal`` phrases a value its check refuses.
+    Every error is one :class:`ConfigError` line naming the key, what is wrong and what is expected.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = spec_fields(cls)
+    names = {f.name for f in fields}
+    unknown = sorted(set(raw) - names, key=str)
+    if unknown:
+        raise ConfigError(
+            f"{name}{sep}{unknown[0]}: unknown key; allowed keys in '{name}' are: {', '.join(sorted(names))}"
+        )
+    values = {}
+    for f in fields:
+        key = f"{name}{sep}{f.name}"
+        if f.name not in raw:
+            if f.default is REQUIRED and f.default_factory is REQUIRED:
+                raise ConfigError(f"{key}: missing; expected {f.metadata['allowed']}")
+            continue
+        value = _coerce(key, raw[f.name], hints[f.name], f.metadata.get("hint", ""))
+        check = f.metadata.get("check")
+        if value is not None and check is not None and not check(value):
+            raise ConfigError(refusal.format(key=key, value=value, allowed=f.metadata["allowed"]))
+        if hints[f.name] is int and not -INT_MAX - 1 <= value <= INT_MAX:
+            raise ConfigError(
+                f"{key}: {value!r} is out of range; numpy and torch take 64-bit integers, at most {INT_MAX}"
+            )
+        values[f.name] = value
+    return values
+
+
+def _build(cls, section: str, raw: Any):
+    return cls(**validate(cls, raw, section))
+
+
+def _cross_checks(p: Params) -> None:
+    virgo = p.generate is not None and p.preprocess is not None
+    if virgo:
+        _virgo_checks(p)
+    world = p.train.nodes * p.train.procs_per_node
+    if p.train.global_batch_size % world:
+        raise ConfigError(
+            f"train.global_batch_size: {p.train.global_batch_size} is not divisible by the world size "
+            f"{world} (train.nodes x train.procs_per_node); the global batch must split evenly over processes"
+        )
+    if virgo:
+        n_train = p.generate.n_samples - int(round(p.generate.n_samples * p.preprocess.val_fraction))
+        if p.train.global_batch_size > n_train:
+            raise ConfigError(
+                f"train.global_batch_size: {p.train.global_batch_size} is larger than the training split "
+                f"({n_train} samples); lower it or raise generate.n_samples"
+            )
+    if p.train.strategy == "single" and world != 1:
+        raise ConfigError(
+            f"train.strategy: 'single' runs one process, but train.nodes x train.procs_per_node = {world}; "
+            "choose 'ddp', 'deepspeed' or 'horovod', or set both to 1"
+        )
+    if virgo:
+        _virgo_patch_check(p)
+
+
+def _virgo_checks(p: Params) -> None:
+    """The Virgo study's rules across its sections (only for a params file that has them)."""
+    if p.train.model not in MODELS:
+        raise ConfigError(
+            f"train.model: {p.train.model!r} is not allowed; expected one of {', '.join(repr(m) for m in MODELS)}"
+        )
+    nyquist = p.generate.sample_rate / 2
+    if p.preprocess.fmin >= p.preprocess.fmax:
+        raise ConfigError(f"preprocess.fmin: {p.preprocess.fmin} must be below preprocess.fmax ({p.preprocess.fmax})")
+    if p.preprocess.fmax >= nyquist:
+        raise ConfigError(
+            f"preprocess.fmax: {p.preprocess.fmax} Hz must be below the Nyquist frequency "
+            f"({nyquist} Hz for generate.sample_rate={p.generate.sample_rate})"
+        )
+    from virgo_exps.study.qtiling import max_frequency
+
+    ceiling = max_frequency(p.generate.sample_rate)
+    if p.preprocess.fmax > ceiling:
+        raise ConfigError(
+            f"preprocess.fmax: {p.preprocess.fmax} Hz is above the highest frequency the Q-transform resolves "
+            f"at generate.sample_rate={p.generate.sample_rate} ({ceiling:.1f} Hz); lower fmax or raise the rate"
+        )
+    n_val = int(round(p.generate.n_samples * p.preprocess.val_fraction))
+    n_train = p.generate.n_samples - n_val
+    if n_val < 1 or n_train < 1:
+        raise ConfigError(
+            f"preprocess.val_fraction: {p.preprocess.val_fraction} of generate.n_samples={p.generate.n_samples} "
+            "leaves an empty train or validation split; raise n_samples or change the fraction"
+        )
+
+
+def _virgo_patch_check(p: Params) -> None:
+    # The Q-transform grid has 1000 time bins and 0.5 Hz frequency bins.
+    freq_bins = int((p.preprocess.fmax - p.preprocess.fmin) / 0.5)
+    if p.preprocess.patch_size > min(1000, freq_bins):
+        raise ConfigError(
+            f"preprocess.patch_size: {p.preprocess.patch_size} does not fit the Q-transform grid "
+            f"(1000 time bins x {freq_bins} frequency bins for {p.preprocess.fmin}-{p.preprocess.fmax} Hz)"
+        )
+
+
+def params_from_dict(raw: Any) -> Params:
+    """Validate a parsed params mapping into :class:`Params` (raises ConfigError)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS), key=str)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; allowed sections are: {', '.join(SECTIONS)}")
+    built = {
+        name: None if name in STUDY_SECTIONS and name not in raw else _build(cls, name, raw.get(name))
+        for name, cls in SECTIONS.items()
+    }
+    params = Params(**built)
+    _cross_checks(params)
+    return params
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raise ConfigError with a one-line message."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found; run from the repository root or pass --params") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return params_from_dict(raw)
+
+
+def as_flat_dict(params: Params) -> dict[str, Any]:
+    """``{"train.lr": 0.001, ...}``: the form MLflow and reports use."""
+    out: dict[str, Any] = {}
+    for section, value in dataclasses.asdict(params).items():
+        for key, v in (value or {}).items():
+            out[f"{section}.{key}"] = v
+    return out
+
+
+def describe() -> str:
+    """Every key with its default, allowed values and meaning (``virgo-exps params``)."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        study = "  # the Virgo study's; leave it out for a study without it" if name in STUDY_SECTIONS else ""
+        lines.append(f"{name}:{study}")
+        for f in spec_fields(cls):
+            lines.append(f"  {f.name}: {f.default!r}  # {f.metadata['doc']} ({f.metadata['allowed']})")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "ConfigError",
+    "GenerateConfig",
+    "PreprocessConfig",
+    "TrainConfig",
+    "ReportConfig",
+    "Params",
+    "STRATEGIES",
+    "MODELS",
+    "load_params",
+    "params_from_dict",
+    "validate",
+    "spec",
+    "spec_fields",
+    "REQUIRED",
+    "as_flat_dict",
+    "describe",
+]
