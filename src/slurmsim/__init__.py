@@ -347,6 +347,30 @@ def ensure_installed(multinode: bool = False, *, install: bool = True) -> None:
         raise SlurmUnavailable(f"still missing after apt-get install: {', '.join(missing)}")
 
 
+def _cmd_install(args: argparse.Namespace) -> int:
+    """``python -m slurmsim install``: what the Slurm tests need, multi-node tools included.
+
+    A no-op when everything is there. Without ``--strict`` a failure only warns
+    (exit 0), so ``make test`` goes on and the Slurm tests skip with their
+    reason; with it: 1 apt-get failed, 2 not root or no apt-get.
+    """
+    missing = missing_commands(multinode=True)
+    if not missing:
+        return 0
+    print(f"install_slurm: missing {' '.join(missing)}", file=sys.stderr)
+    try:
+        ensure_installed(multinode=True)
+    except SlurmUnavailable as exc:
+        print(f"install_slurm: {exc}", file=sys.stderr)
+        if args.strict:
+            return 2 if not _is_root() or shutil.which("apt-get") is None else 1
+        print("install_slurm: the Slurm tests will be skipped", file=sys.stderr)
+        return 0
+    version = _run(["sbatch", "--version"], check=False).stdout.split()[-1:]
+    print(f"install_slurm: Slurm {' '.join(version)} and munge installed", file=sys.stderr)
+    return 0
+
+
 def _munge_works() -> bool:
     if shutil.which("munge") is None or shutil.which("unmunge") is None:
         return False
@@ -1317,6 +1341,8 @@ def main(argv: list[str] | None = None) -> int:
         "sbatch -W poll interval: <=5 -> 2 s, <=17 -> 8 s, else 32 s)",
     )
     up.add_argument("--no-warmup", action="store_true", help="do not run the warm-up job after the nodes are idle")
+    install = sub.add_parser("install", help="apt-get install Slurm, munge and the netns tools where missing (root)")
+    install.add_argument("--strict", action="store_true", help="exit non-zero (1, 2) when they cannot be installed")
     for p in (
         up,
         sub.add_parser("down", help="stop the cluster of --dir"),
@@ -1324,7 +1350,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p.add_argument("--dir", default=".slurmsim", type=Path, help="cluster work directory (default: ./.slurmsim)")
     args = parser.parse_args(argv)
-    return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status}[args.cmd](args)
+    return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "install": _cmd_install}[args.cmd](args)
 
 
 if __name__ == "__main__":
