@@ -43,6 +43,16 @@ MARKERS = {
 }
 
 
+def loaded_by_name(name: str) -> set[str]:
+    """Modules ``name`` imports by name at run time rather than by an import statement: the
+    strategy package loads the class the strategy table names for ``train.strategy`` (any row may run)."""
+    if name != "virgo_exps.train.strategies":
+        return set()
+    from virgo_exps.launch.strategy_table import STRATEGY_TABLE  # torch-free
+
+    return {row.strategy_class.partition(":")[0] for row in STRATEGY_TABLE.values()}
+
+
 def scheduling(name: str) -> bool:
     """A module of the scheduling code: one listed, or inside a listed package."""
     return any(name == s or name.startswith(s + ".") for s in SCHEDULING)
@@ -110,7 +120,7 @@ def closure(entry: Path) -> set[str]:
             continue
         path = module_file(name)
         files.add(path.relative_to(ROOT).as_posix())
-        todo += sorted(imported_modules(path, name) - seen)
+        todo += sorted((imported_modules(path, name) | loaded_by_name(name)) - seen)
     return files
 
 

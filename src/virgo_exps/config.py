@@ -33,6 +33,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from virgo_exps.launch.strategy_table import STRATEGY_NAMES
+
 
 class ConfigError(ValueError):
     """A value in params.yaml is missing, unknown, of the wrong type or impossible."""
@@ -83,7 +85,7 @@ def _choice(*options):
     return (lambda v: v in options), "one of " + ", ".join(repr(o) for o in options)
 
 
-STRATEGIES = ("single", "ddp", "deepspeed", "horovod")
+STRATEGIES = STRATEGY_NAMES  # the strategy table (virgo_exps.launch.strategy_table) names them
 # The Virgo study's networks (virgo_exps.study.models); another study's model factory names its own.
 MODELS = ("decoder", "unet")
 

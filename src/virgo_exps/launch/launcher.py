@@ -28,6 +28,7 @@ from pathlib import Path
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import protocol
 from virgo_exps.launch.protocol import NO_FILES, WorkerFiles
+from virgo_exps.launch.strategy_table import check_software, horovodrun_of, strategy_row
 from virgo_exps.machines import Machine, load_machine
 from virgo_exps.paths import experiment_name, main_checkout
 
@@ -253,7 +254,7 @@ def _python() -> str:
 def local_command(
     cfg: TrainConfig, argv: list[str], python: str | None = None, deepspeed_launcher: str = "torchrun"
 ) -> list[str]:
-    """The command that starts all training processes on this machine."""
+    """The command that starts all training processes on this machine (see the strategy table)."""
     python = python or _python()
     procs = cfg.procs_per_node
     if cfg.nodes != 1:
@@ -261,9 +262,9 @@ def local_command(
             f"train.nodes: {cfg.nodes} nodes need a SLURM machine; the local machine runs one node "
             "(set VIRGO_MACHINE=<cluster profile> or train.nodes=1)"
         )
-    if cfg.strategy == "single":
-        return [python, *argv]
-    if cfg.strategy == "deepspeed" and deepspeed_launcher == "deepspeed":
+    row = strategy_row(cfg.strategy)
+    check_software(row, python)
+    if row.deepspeed_runner and deepspeed_launcher == "deepspeed":
         # DeepSpeed's runner; it sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* as torchrun does.
         return [
             python,
@@ -275,17 +276,31 @@ def local_command(
             "--no_local_rank",
             *argv,
         ]
-    if cfg.strategy in ("ddp", "deepspeed"):
-        return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={procs}", *argv]
-    if cfg.strategy == "horovod":
-        horovodrun = str(Path(python).parent / "horovodrun")
-        if not Path(horovodrun).exists():
-            raise ConfigError(
-                "train.strategy: 'horovod' needs Horovod, which is not built in this environment; "
-                "run `make horovod` (a few minutes) or choose 'ddp' or 'deepspeed'"
-            )
-        return [horovodrun, "--gloo", "-np", str(procs), "-H", f"localhost:{procs}", python, *argv]
-    raise ConfigError(f"train.strategy: unknown strategy {cfg.strategy!r}")
+    return _LOCAL[row.local](python, procs, argv)
+
+
+_LOCAL = {  # StrategyRow.local -> the command
+    "plain": lambda python, procs, argv: [python, *argv],
+    "torchrun": lambda python, procs, argv: [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc_per_node={procs}",
+        *argv,
+    ],
+    "horovodrun": lambda python, procs, argv: [
+        str(horovodrun_of(python)),
+        "--gloo",
+        "-np",
+        str(procs),
+        "-H",
+        f"localhost:{procs}",
+        python,
+        *argv,
+    ],
+}
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import protocol
 from virgo_exps.launch.protocol import EXIT_INTERRUPTED, NO_FILES, WorkerFiles
+from virgo_exps.launch.strategy_table import STRATEGY_TABLE, strategy_row
 from virgo_exps.machines import Machine
 from virgo_exps.paths import experiment_name, main_checkout
 
@@ -134,8 +135,8 @@ def check_job_text(ctx: JobContext, machine_name: str = "") -> None:
 
 
 def tasks_per_node(cfg: TrainConfig) -> int:
-    """Slurm tasks per node: one torchrun per node, or one task per Horovod process."""
-    return cfg.procs_per_node if cfg.strategy == "horovod" else 1
+    """Slurm tasks per node: one torchrun per node, or one task per process (Horovod)."""
+    return cfg.procs_per_node if strategy_row(cfg.strategy).task_per_process else 1
 
 
 def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0) -> str:
@@ -152,9 +153,8 @@ def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine, array: int
             f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script} '
             f'--part "$SLURM_ARRAY_TASK_ID" --parts {array} --workers "$SLURM_CPUS_PER_TASK"'
         )
-    if cfg.strategy == "single":
-        return f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script}'
-    if cfg.strategy == "deepspeed" and machine.deepspeed_launcher == "deepspeed":
+    row = strategy_row(cfg.strategy)
+    if row.deepspeed_runner and machine.deepspeed_launcher == "deepspeed":
         # DeepSpeed's runner once per node, without ssh: the node's rank is read on the node.
         return (
             f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 {common} '
@@ -162,30 +162,33 @@ def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine, array: int
             '--no_ssh --hostfile="$VIRGO_HOSTFILE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" '
             f'--num_nodes="$SLURM_JOB_NUM_NODES" --num_gpus={cfg.procs_per_node} --no_local_rank {script}'
         )
-    if cfg.strategy in ("ddp", "deepspeed"):
-        return (
-            f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 {common} '
-            '"$VIRGO_PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" '
-            f"--nproc_per_node={cfg.procs_per_node} --rdzv_backend=c10d "
-            '--rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" '
-            f"{script}"
-        )
-    if cfg.strategy == "horovod":
-        return (
-            f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node={cfg.procs_per_node} {common} '
-            f'"$VIRGO_PYTHON" -m virgo_exps.launch.hvd_slurm {script}'
-        )
-    raise ConfigError(f"train.strategy: unknown strategy {cfg.strategy!r}")
+    return _SRUN[row.srun](common, cfg.procs_per_node, script)
+
+
+_SRUN = {  # StrategyRow.srun -> the job step
+    "plain": lambda common, procs, script: f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script}',
+    "torchrun": lambda common, procs, script: (
+        f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 {common} '
+        '"$VIRGO_PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" '
+        f"--nproc_per_node={procs} --rdzv_backend=c10d "
+        '--rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" '
+        f"{script}"
+    ),
+    "hvd_slurm": lambda common, procs, script: (
+        f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node={procs} {common} '
+        f'"$VIRGO_PYTHON" -m virgo_exps.launch.hvd_slurm {script}'
+    ),
+}
 
 
 def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine, array: int = 0) -> list[str]:
     if array:  # independent CPU tasks of one core set each (data generation)
         nodes, tasks, cpus = 1, 1, machine.cpus_per_task
     else:
-        if cfg.strategy == "single" and cfg.nodes != 1:
-            raise ConfigError(
-                "train.nodes: strategy 'single' runs one process on one node; use ddp, deepspeed or horovod"
-            )
+        if not strategy_row(cfg.strategy).multi_node and cfg.nodes != 1:
+            *some, last = [name for name, row in STRATEGY_TABLE.items() if row.multi_node]
+            others = f"{', '.join(some)} or {last}"
+            raise ConfigError(f"train.nodes: strategy '{cfg.strategy}' runs one process on one node; use {others}")
         nodes, tasks = cfg.nodes, tasks_per_node(cfg)
         # CPUs of one Slurm task: torchrun's task holds all processes of its node.
         cpus = machine.cpus_per_task * (cfg.procs_per_node if tasks == 1 else 1)
@@ -322,7 +325,7 @@ def batch_script(
         f"MASTER_PORT={protocol.JOB_RENDEZVOUS_PORT}",
         "export MASTER_ADDR MASTER_PORT",
     ]
-    if cfg.strategy == "deepspeed" and machine.deepspeed_launcher == "deepspeed" and not array:
+    if not array and strategy_row(cfg.strategy).deepspeed_runner and machine.deepspeed_launcher == "deepspeed":
         hostfile = f'{q(str(ctx.log_dir / ctx.experiment))}-"$SLURM_JOB_ID".hostfile'
         lines += [
             f"VIRGO_HOSTFILE={hostfile}  # the nodes of this job, {cfg.procs_per_node} slots each",

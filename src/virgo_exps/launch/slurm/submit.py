@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import shutil
@@ -16,6 +15,7 @@ from virgo_exps.launch.protocol import NO_FILES, WorkerFiles
 from virgo_exps.launch.slurm.query import find_active_jobs
 from virgo_exps.launch.slurm.script import JobContext, batch_script, fingerprint, sbatch_command
 from virgo_exps.launch.slurm.watch import Signals, SubmitInterrupted, cancel_and_wait, say, stop_child, watch, write
+from virgo_exps.launch.strategy_table import check_software, strategy_row
 from virgo_exps.machines import Machine
 
 
@@ -66,12 +66,9 @@ def submit(
             flush=True,
         )
         return 0
-    if cfg.strategy == "horovod" and importlib.util.find_spec("horovod") is None:
+    if not array:
         # checked here, not after a wait in the queue: the job runs this same interpreter
-        raise ConfigError(
-            "train.strategy: 'horovod' needs Horovod, which is not built in this environment; "
-            "run `make horovod` (a few minutes) or choose 'ddp' or 'deepspeed'"
-        )
+        check_software(strategy_row(cfg.strategy), ctx.python)
     for tool in ("sbatch", "scontrol", "squeue", "scancel"):
         if shutil.which(tool) is None:
             raise ConfigError(

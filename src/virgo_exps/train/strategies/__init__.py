@@ -1,4 +1,10 @@
-"""Distribution strategies; :func:`get_strategy` picks one by ``train.strategy``."""
+"""Distribution strategies; :func:`get_strategy` picks one by ``train.strategy``.
+
+Which class runs which strategy is a column of the strategy table
+(:mod:`virgo_exps.launch.strategy_table`); its module is imported only when
+that strategy is asked for, so a missing optional package (Horovod) matters
+only to those who choose it.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,11 @@ from virgo_exps.train.strategies.base import Strategy
 
 
 def get_strategy(name: str) -> Strategy:
-    # Imports are local so that a missing optional package (Horovod) only
-    # matters to users who ask for that strategy.
-    if name == "single":
-        from virgo_exps.train.strategies.single import SingleStrategy
+    from virgo_exps.launch.strategy_table import STRATEGY_TABLE
 
-        return SingleStrategy()
-    if name == "ddp":
-        from virgo_exps.train.strategies.ddp import DDPStrategy
-
-        return DDPStrategy()
-    if name == "deepspeed":
-        from virgo_exps.train.strategies.deepspeed import DeepSpeedStrategy
-
-        return DeepSpeedStrategy()
-    if name == "horovod":
-        from virgo_exps.train.strategies.horovod import HorovodStrategy
-
-        return HorovodStrategy()
-    raise ValueError(f"train.strategy: unknown strategy {name!r}")
+    if name not in STRATEGY_TABLE:
+        raise ValueError(f"train.strategy: unknown strategy {name!r}")
+    return STRATEGY_TABLE[name].load()()
 
 
 __all__ = ["Strategy", "get_strategy"]
