@@ -3,6 +3,38 @@
 The store written by :mod:`virgo_exps.study.preprocess` holds ``<split>/x``
 (N, n_aux, P, P) and ``<split>/y`` (N, 1, P, P), already normalised.
 
+One copy per node
+-----------------
+:class:`ImageDataset` does not read a split into every process. The ranks of
+one node share one decompressed copy of it: the first rank to arrive
+decompresses the split, chunk by chunk, into a file on node-local storage
+(``/dev/shm`` when the split fits in it and in memory, else the node's
+``TMPDIR``), written under a temporary name and renamed into place, and every
+rank maps that file read-only. The node's memory for data is then one copy
+whatever its number of ranks, and a split larger than memory is read through
+the page cache instead of refused.
+
+The file is named by a digest of the split's content (the store's metadata and,
+per chunk file, its name, size and the crc32c checksum the preprocess stage
+appends to it; the bytes themselves when a chunk carries no checksum), so a
+changed store never maps a stale copy. Who may remove it is settled with
+``flock`` on a lock file beside it, which the kernel releases when a process
+dies however it dies:
+
+- every process that maps the copy holds a *shared* lock on ``<name>.lock``;
+- the copy is written under an *exclusive* lock on ``<name>.create``, so only
+  one process of the node writes it and the others wait and map it;
+- a process that closes the data set tries to turn its lock exclusive: this
+  succeeds only for the last holder, which removes the copy (a normal end, and
+  a rank that raised: the interpreter's exit closes the data set too);
+- a job killed with SIGKILL leaves its copy behind, unlocked: every process
+  that opens a data set first removes each copy whose lock it can take
+  exclusively, i.e. that nobody maps any more.
+
+A lock file removed by such a clean-up while another process was about to lock
+it is detected (the locked file is no longer the one at the path) and opened
+again, so two processes never believe they share a copy they do not.
+
 :class:`ShardSampler` gives every rank its share of each global batch: the
 epoch's permutation depends only on (seed, epoch), and rank r takes positions
 r, r+W, r+2W, ... of it. Local batch k of all ranks together is then exactly
@@ -13,6 +45,15 @@ what makes mid-epoch resume exact.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import tempfile
+import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +62,15 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from virgo_exps.store import read
+
+# Environment variable naming the one folder for the node's copies (tests,
+# or a site whose node-local storage is elsewhere); by default /dev/shm, then TMPDIR.
+NODE_DIR_ENV = "VIRGO_NODE_DATA"
+PREFIX = "virgo-data-"
+SUFFIX = ".f32"
+# A copy goes to /dev/shm only if it leaves this share of that file system and
+# of the available memory free.
+SHM_FRACTION = 0.8
 
 
 def _open_group(path: Path):
@@ -32,31 +82,253 @@ def _open_group(path: Path):
     return group
 
 
-class ImageDataset(Dataset):
-    """(x, y) pairs of one split, held in memory as float32 tensors.
+def node_dirs() -> list[Path]:
+    """Where the node's copies may live, in order of preference; the first also holds the lock files."""
+    if os.environ.get(NODE_DIR_ENV):
+        return [Path(os.environ[NODE_DIR_ENV])]
+    out = []
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        out.append(shm)
+    tmp = Path(tempfile.gettempdir())
+    if tmp not in out:
+        out.append(tmp)
+    return out
 
-    The default data sets are a few MB to a few GB, so reading each split once
-    into memory makes the input pipeline free. A split larger than
-    ``max_fraction`` of the available memory is refused with a clear message
-    rather than swapping.
+
+def split_digest(root: Path, split: str) -> str:
+    """SHA-256 of a split's content: the store's metadata and every chunk file's name, size and checksum."""
+    root = Path(root)
+    h = hashlib.sha256()
+    meta = [root / "zarr.json", root / ".zattrs", root / ".zgroup"]
+    for f in meta:
+        if f.is_file():
+            h.update(f"{f.name}\0".encode() + f.read_bytes())
+    base = root / split
+    for f in sorted(p for p in base.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        if f.name in ("zarr.json", ".zarray", ".zattrs", ".zgroup"):
+            h.update(f.read_bytes())
+            continue
+        with open(f, "rb") as fh:
+            if _chunk_has_crc(f, root):
+                # the crc32c codec appends a checksum of the chunk's bytes: its last 4 bytes
+                fh.seek(max(0, size - 4))
+                h.update(fh.read(4))
+            else:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+_CRC_CACHE: dict[Path, bool] = {}
+
+
+def _chunk_has_crc(chunk: Path, root: Path) -> bool:
+    """Whether the array a chunk file belongs to was written with the crc32c codec (zarr v3 metadata)."""
+    for parent in chunk.parents:
+        if parent == root or root not in parent.parents:
+            return False
+        meta = parent / "zarr.json"
+        if meta.is_file():
+            if meta not in _CRC_CACHE:
+                try:
+                    codecs = json.loads(meta.read_text()).get("codecs", [])
+                except (OSError, ValueError):
+                    codecs = []
+                _CRC_CACHE[meta] = any(c.get("name") == "crc32c" for c in codecs if isinstance(c, dict))
+            return _CRC_CACHE[meta]
+    return False
+
+
+def _lock_path_matches(fh, path: Path) -> bool:
+    """Whether the open file ``fh`` is still the file at ``path`` (a clean-up may have removed it)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _locked(path: Path, mode: int):
+    """Open ``path`` (created if missing) and flock it with ``mode``, retrying if it was removed meanwhile."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fh = os.fdopen(fd, "r+b")
+        try:
+            fcntl.flock(fh, mode)
+        except BaseException:
+            fh.close()
+            raise
+        if _lock_path_matches(fh, path):
+            return fh
+        fh.close()
+
+
+def _remove_copy(name: str, dirs: list[Path]) -> None:
+    """Remove a copy, its partial writes and its create lock (the caller holds ``<name>.lock`` exclusively)."""
+    for d in dirs:
+        (d / f"{name}{SUFFIX}").unlink(missing_ok=True)
+        for tmp in d.glob(f"{name}{SUFFIX}.tmp-*"):
+            tmp.unlink(missing_ok=True)
+    (dirs[0] / f"{name}.create").unlink(missing_ok=True)
+
+
+def remove_stale_copies(dirs: list[Path] | None = None) -> list[str]:
+    """Remove the copies that no process maps any more (left by a job that was killed); return their names."""
+    dirs = dirs or node_dirs()
+    removed = []
+    for lock in sorted(dirs[0].glob(f"{PREFIX}{os.getuid()}-*.lock")):
+        try:
+            fh = open(lock, "r+b")
+        except OSError:
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # mapped by a running process
+            if not _lock_path_matches(fh, lock):
+                continue
+            name = lock.name[: -len(".lock")]
+            _remove_copy(name, dirs)
+            lock.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+def _fits_in_shm(need: int, d: Path) -> bool:
+    if not str(d).startswith("/dev/shm"):
+        return False
+    free = os.statvfs(d).f_bavail * os.statvfs(d).f_frsize
+    return need <= SHM_FRACTION * min(free, psutil.virtual_memory().available)
+
+
+def _decompress(root: Path, group, split: str, target: Path) -> None:
+    """Write ``<split>/x`` then ``<split>/y`` as raw float32 into ``target``, chunk by chunk, atomically."""
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            for key in ("x", "y"):
+                arr = group[f"{split}/{key}"]
+                step = max(1, arr.chunks[0])
+                for start in range(0, arr.shape[0], step):
+                    # checksummed reads: a damaged chunk stops training with the store, the chunk and the fix
+                    block = np.ascontiguousarray(
+                        read(arr, root, start, start + step, stage="preprocess"), dtype=np.float32
+                    )
+                    fh.write(memoryview(block).cast("B"))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class NodeCopy:
+    """One split of a store, decompressed once per node and mapped read-only (see the module's docstring)."""
+
+    def __init__(self, root: Path, group, split: str, dirs: list[Path] | None = None):
+        self.dirs = dirs or node_dirs()
+        xa, ya = group[f"{split}/x"], group[f"{split}/y"]
+        self.shapes = (tuple(xa.shape), tuple(ya.shape))
+        self.nbytes = (int(np.prod(xa.shape)) + int(np.prod(ya.shape))) * 4
+        self.name = f"{PREFIX}{os.getuid()}-{split_digest(root, split)[:32]}-{split}"
+        for d in self.dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        remove_stale_copies(self.dirs)
+        self._hold = _locked(self.dirs[0] / f"{self.name}.lock", fcntl.LOCK_SH)
+        try:
+            with contextlib.closing(_locked(self.dirs[0] / f"{self.name}.create", fcntl.LOCK_EX)):
+                self.path = self._find()
+                if self.path is None:
+                    where = next((d for d in self.dirs if _fits_in_shm(self.nbytes, d)), self.dirs[-1])
+                    _decompress(root, group, split, where / f"{self.name}{SUFFIX}")
+                    self.path = where / f"{self.name}{SUFFIX}"
+            self._map()
+        except BaseException:
+            self.release()
+            raise
+
+    def _find(self) -> Path | None:
+        for d in self.dirs:
+            p = d / f"{self.name}{SUFFIX}"
+            if p.is_file() and p.stat().st_size == self.nbytes:
+                return p
+        return None
+
+    def _map(self) -> None:
+        flags = mmap.MAP_SHARED
+        if str(self.path).startswith("/dev/shm"):
+            flags |= mmap.MAP_POPULATE  # already in memory: map every page now, not on first touch
+        with open(self.path, "rb") as fh:
+            self._mm = mmap.mmap(fh.fileno(), self.nbytes, flags=flags, prot=mmap.PROT_READ) if self.nbytes else None
+        nx = int(np.prod(self.shapes[0]))
+        if self._mm is None:
+            self.x = np.zeros(self.shapes[0], np.float32)
+            self.y = np.zeros(self.shapes[1], np.float32)
+        else:
+            self.x = np.frombuffer(self._mm, np.float32, nx, 0).reshape(self.shapes[0])
+            self.y = np.frombuffer(self._mm, np.float32, int(np.prod(self.shapes[1])), nx * 4).reshape(self.shapes[1])
+
+    def release(self) -> None:
+        """Unmap; the last process of the node that holds the copy removes it."""
+        self.x = self.y = None
+        mm, self._mm = getattr(self, "_mm", None), None
+        if mm is not None:
+            with contextlib.suppress(BufferError):  # a tensor still refers to it: unmapped when it goes
+                mm.close()
+        hold, self._hold = getattr(self, "_hold", None), None
+        if hold is None:
+            return
+        with hold:
+            try:
+                # Only the last holder gets the exclusive lock (a failed attempt drops the shared one).
+                fcntl.flock(hold, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return
+            lock = self.dirs[0] / f"{self.name}.lock"
+            if _lock_path_matches(hold, lock):
+                _remove_copy(self.name, self.dirs)
+                lock.unlink(missing_ok=True)
+
+
+class ImageDataset(Dataset):
+    """(x, y) pairs of one split, as float32 tensors mapped from the node's one copy of the split.
+
+    Close it (or use it as a context manager) when done; the interpreter's exit
+    closes it too. ``node_dir`` puts the copy there instead of /dev/shm or TMPDIR.
     """
 
-    def __init__(self, path: str | Path, split: str, max_fraction: float = 0.5):
-        group = _open_group(Path(path))
+    def __init__(self, path: str | Path, split: str, node_dir: str | Path | None = None):
+        root = Path(path)
+        group = _open_group(root)
         if split not in group:
             raise KeyError(f"{path}: no split {split!r}; found {sorted(group.group_keys())}")
-        xa, ya = group[f"{split}/x"], group[f"{split}/y"]
-        need = (np.prod(xa.shape) + np.prod(ya.shape)) * 4
-        avail = psutil.virtual_memory().available
-        if need > max_fraction * avail:
-            raise MemoryError(
-                f"{path}/{split}: {need / 2**30:.1f} GiB does not fit in memory "
-                f"({avail / 2**30:.1f} GiB available); use more nodes or a smaller data set"
-            )
-        # checksummed reads: a damaged chunk stops training with the store, the chunk and the fix
-        self.x = torch.from_numpy(np.asarray(read(xa, path, stage="preprocess"), dtype=np.float32))
-        self.y = torch.from_numpy(np.asarray(read(ya, path, stage="preprocess"), dtype=np.float32))
         self.attrs = dict(group.attrs)
+        self._copy = NodeCopy(root, group, split, [Path(node_dir)] if node_dir else None)
+        self._finalizer = weakref.finalize(self, self._copy.release)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.x = torch.from_numpy(self._copy.x)
+            self.y = torch.from_numpy(self._copy.y)
+
+    @property
+    def copy_path(self) -> Path:
+        """The node's file this data set maps."""
+        return self._copy.path
+
+    def close(self) -> None:
+        self.x = self.y = None
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -65,7 +337,7 @@ class ImageDataset(Dataset):
         return self.x[i], self.y[i]
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fancy-indexed batch: much faster than collating single items."""
+        """Fancy-indexed batch: much faster than collating single items (copies out of the mapped file)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.x.index_select(0, idx), self.y.index_select(0, idx)
 
