@@ -547,12 +547,17 @@ class Trainer:
     def fit(self) -> dict:
         self._install_signal_handlers()
         self._setup()
-        self._compute_digests()
-        self._lock_live_dir()
         try:
-            return self._fit()
+            self._compute_digests()
+            self._lock_live_dir()
+            try:
+                return self._fit()
+            finally:
+                self._release_live_dir(remove=self._complete)
         finally:
-            self._release_live_dir(remove=self._complete)
+            # The node's copy of each split goes with its last rank (ImageDataset).
+            self.train_set.close()
+            self.val_set.close()
 
     def _fit(self) -> dict:
         s = self.strategy
