@@ -46,9 +46,6 @@ BYTES_PER_CHUNK = 200
 # Per sample, preprocessing keeps the split permutation, both index arrays
 # and a validation mask (3 x int64 + 1 bool) plus a window per sample.
 BYTES_PER_SAMPLE_PREPROCESS = 3 * 8 + 1 + 2 * 8
-# A training process reads the preprocessed store into memory and leaves as
-# much again free (ImageDataset's max_fraction=0.5).
-TRAIN_HEADROOM = 2
 
 
 def _fmt(n: float) -> str:
@@ -226,17 +223,11 @@ def estimate(params: Params, machine: Machine) -> Budget:
         workers = max(1, min(resolve_workers(None, g.workers), n_chunks_of(g)))
         peaks.append((n_chunks_of(g) * BYTES_PER_CHUNK + 2 * workers * chunk, "generate: chunk index and buffers"))
     peaks.append((g.n_samples * BYTES_PER_SAMPLE_PREPROCESS, "preprocess: split indices"))
-    if machine.kind == "local":
-        # Every training process reads the whole preprocessed store into
-        # memory, and refuses a split above half the available memory
-        # (virgo_exps.study.dataset.ImageDataset): the same half is kept free here.
-        peaks.append(
-            (
-                TRAIN_HEADROOM * params.train.procs_per_node * images,
-                f"train: {params.train.procs_per_node} process(es) holding data/images.zarr in memory, "
-                "with as much again left free",
-            )
-        )
+    # Training sets no peak: the ranks of a node map one copy of each split
+    # (virgo_exps.study.dataset.ImageDataset), in /dev/shm when it fits there
+    # and in memory, else in a file in TMPDIR read through the page cache, so
+    # a split larger than memory is read from disk, not refused, and the memory
+    # it takes does not grow with train.procs_per_node.
     memory, what = max(peaks)
     return Budget(
         raw=raw,
@@ -274,7 +265,6 @@ def check_budget(params: Params, budget: Budget) -> None:
         raise ConfigError(
             f"generate.n_samples: {n} samples need ~{_fmt(budget.memory)} of memory ({budget.memory_what}) but "
             f"{_fmt(budget.memory_free)} are available on this machine; {lower}"
-            + (", or use fewer train.procs_per_node" if budget.memory_what.startswith("train") else "")
         )
 
 
