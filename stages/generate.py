@@ -55,7 +55,9 @@ def run() -> int:
         gen.generate(cfg, args.out, workers=args.workers)
         return 0
 
-    from virgo_exps.launch.slurm import dry_run_requested, submit
+    from virgo_exps.launch import launcher
+    from virgo_exps.launch.job import JobSpec, dry_run_requested
+    from virgo_exps.launch.protocol import WorkerFiles
 
     parts = gen.default_parts_path(args.out)
     if parts.exists() and not dry_run_requested():
@@ -65,7 +67,9 @@ def run() -> int:
             print(f"generate: removing {parts}, left by a run with other params", flush=True)
             shutil.rmtree(parts)
     argv = [sys.argv[0], "--params", args.params, "--out", str(args.out)]
-    rc = submit("generate", argv, params.train, machine, array=tasks)  # train: max_requeues
+    # Requeues after a time-out or preemption: the project's one setting, train.max_requeues.
+    spec = JobSpec.job_array("generate", argv, tasks, params.train.max_requeues, WorkerFiles(params=args.params))
+    rc = launcher.launch(spec, machine)
     if rc != 0 or dry_run_requested():
         return rc
     gen.finalize(cfg, parts, args.out)

@@ -36,6 +36,7 @@ def parse():
 
 def launch(args) -> int:
     from virgo_exps.launch import launcher
+    from virgo_exps.launch.job import JobSpec
     from virgo_exps.launch.protocol import WorkerFiles
 
     params = load_params(args.params)
@@ -45,20 +46,23 @@ def launch(args) -> int:
     # The workers run this same script, from the same directory, with --worker.
     argv = [sys.argv[0], *sys.argv[1:], "--worker"]
     files = WorkerFiles(params=args.params, checkpoints=str(args.checkpoints))
-    return launcher.run("train", argv, params.train, files=files)
+    return launcher.launch(JobSpec.training("train", argv, params.train, files))
 
 
 def work(args, strategy_box) -> int:
+    from virgo_exps.study.models import build_model
     from virgo_exps.train.strategies import get_strategy
     from virgo_exps.train.tracking import Tracker
-    from virgo_exps.train.trainer import EXIT_INTERRUPTED, Interrupted, Trainer, TrainOutputs
+    from virgo_exps.train.trainer import EXIT_INTERRUPTED, Interrupted, ModelFactory, Trainer, TrainOutputs
 
     params = load_params(args.params)
     strategy = get_strategy(params.train.strategy)
     strategy_box.append(strategy)
     strategy.init()
     outputs = TrainOutputs(**{name: getattr(args, name) for name in OUTPUTS})
-    trainer = Trainer(params, strategy, args.data, outputs, Tracker(enabled=not args.no_tracking))
+    # The study's networks; the rest of training is the machinery's (virgo_exps.train).
+    models = ModelFactory(build_model)
+    trainer = Trainer(params, strategy, args.data, outputs, Tracker(enabled=not args.no_tracking), models)
     try:
         trainer.fit()
     except Interrupted:

@@ -26,6 +26,7 @@ import pytest
 from conftest import BIN, make_repo, sh, tool_env
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import slurm
+from virgo_exps.launch.job import JobSpec
 from virgo_exps.machines import load_machine
 
 # Each one broke a batch script, moved the log, or could run a command if written unquoted.
@@ -65,6 +66,7 @@ ARGV = [
     "results/model.pt",
     "--worker",
 ]
+TRAIN = JobSpec.training("train", ARGV, TrainConfig())  # what stages/train.py asks the launcher for
 
 
 def context(name: str, home: str = CHECKOUT) -> slurm.JobContext:
@@ -124,7 +126,7 @@ def sbatch_options(script: str) -> dict[str, str]:
 @pytest.mark.parametrize("home", [CHECKOUT, f"/home/user/{HOSTILE_DIR}/virgo-exps"])
 @pytest.mark.parametrize("name", HOSTILE)
 def test_script_text_passes_every_name_unchanged(name, home):
-    script = slurm.batch_script(context(name, home), TrainConfig(strategy="single"), ARGV, load_machine("slurm"))
+    script = slurm.batch_script(context(name, home), TRAIN, load_machine("slurm"))
     options = sbatch_options(script)
     assert options["--job-name"] == f"virgo-train-{name}"
     assert options["--output"] == f"{home}/logs/train/{name}".replace("%", "%%") + "-%j.out"
@@ -146,7 +148,7 @@ def test_script_text_passes_every_name_unchanged(name, home):
     # the job array of generate as well
     ctx = dataclasses.replace(context(name, home), stage="generate")
     array = sbatch_options(
-        slurm.batch_script(ctx, TrainConfig(), ["stages/generate.py"], load_machine("slurm"), array=2)
+        slurm.batch_script(ctx, JobSpec.job_array("generate", ["stages/generate.py"], 2), load_machine("slurm"))
     )
     assert array["--output"] == f"{home}/logs/generate/{name}".replace("%", "%%") + "-%A_%a.out"
 
@@ -154,7 +156,7 @@ def test_script_text_passes_every_name_unchanged(name, home):
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_names_that_cannot_be_made_safe_are_refused(name):
     with pytest.raises(ConfigError) as err:
-        slurm.batch_script(context(name), TrainConfig(), ARGV, load_machine("slurm"))
+        slurm.batch_script(context(name), TRAIN, load_machine("slurm"))
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"experiment name {name!r}: {REFUSED[name]}") and "dvc exp run -n" in message
@@ -162,7 +164,7 @@ def test_names_that_cannot_be_made_safe_are_refused(name):
 
 def test_a_checkout_path_that_cannot_be_made_safe_is_refused():
     with pytest.raises(ConfigError, match=r"^checkout path '/home/a\\\\b': contains a backslash.*move it"):
-        slurm.batch_script(context("ok", "/home/a\\b"), TrainConfig(), ARGV, load_machine("slurm"))
+        slurm.batch_script(context("ok", "/home/a\\b"), TRAIN, load_machine("slurm"))
 
 
 def test_job_list_and_log_path_survive_hostile_text():

@@ -34,6 +34,7 @@ import yaml
 from conftest import BIN, ROOT, make_repo, sh, tool_env, wait_until, write_images
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import hvd_slurm, slurm
+from virgo_exps.launch.job import JobSpec
 from virgo_exps.launch.protocol import WorkerFiles
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -176,6 +177,26 @@ def stray_sbatch(marker: str) -> list:
     return found
 
 
+def venv_without_horovod(dest: Path) -> Path:
+    """This venv as one where Horovod was never built: every installed package but Horovod's,
+    and no ``horovodrun`` beside the interpreter. Returns that venv's python."""
+    real = BIN.parent
+    (dest / "bin").mkdir(parents=True)
+    (dest / "pyvenv.cfg").write_text((real / "pyvenv.cfg").read_text())
+    for lib in real.glob("lib/python3*/site-packages"):
+        view = dest / lib.relative_to(real)
+        view.mkdir(parents=True)
+        for entry in lib.iterdir():
+            if not entry.name.lower().startswith("horovod"):
+                (view / entry.name).symlink_to(entry)
+    for name in ("python", "python3"):
+        (dest / "bin" / name).symlink_to(BIN / name)
+    python = dest / "bin" / "python"
+    probe = "import importlib.util as u; print(u.find_spec('horovod'), u.find_spec('virgo_exps') is not None)"
+    assert sh([str(python), "-c", probe], dest).stdout.split() == ["None", "True"]
+    return python
+
+
 def weights(out: Path) -> dict:
     return torch.load(out / "model.pt", map_location="cpu", weights_only=False)["model"]
 
@@ -236,7 +257,7 @@ def generated(case: str, monkeypatch) -> str:
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     machine_name, cfg = CASES[case]
-    script = slurm.batch_script(FAKE, cfg, ARGV, load_machine(machine_name), files=FILES)
+    script = slurm.batch_script(FAKE, JobSpec.training("train", ARGV, cfg, FILES), load_machine(machine_name))
     return script.replace(str(ROOT), CHECKOUT)
 
 
@@ -281,7 +302,8 @@ def test_single_strategy_on_several_nodes_is_refused(monkeypatch):
 
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match="train.nodes"):
-        slurm.batch_script(FAKE, TrainConfig(strategy="single", nodes=2), ARGV, load_machine("slurm"))
+        spec = JobSpec.training("train", ARGV, TrainConfig(strategy="single", nodes=2))
+        slurm.batch_script(FAKE, spec, load_machine("slurm"))
 
 
 def test_generate_array_script_matches_golden_file(monkeypatch):
@@ -291,7 +313,8 @@ def test_generate_array_script_matches_golden_file(monkeypatch):
     monkeypatch.delenv("DVC_ROOT", raising=False)
     ctx = dataclasses.replace(FAKE, stage="generate")
     argv = ["stages/generate.py", "--params", "params.yaml", "--out", "data/raw.zarr"]
-    script = slurm.batch_script(ctx, TrainConfig(), argv, load_machine("slurm"), array=2).replace(str(ROOT), CHECKOUT)
+    spec = JobSpec.job_array("generate", argv, 2, max_requeues=3, files=WorkerFiles(params="params.yaml"))
+    script = slurm.batch_script(ctx, spec, load_machine("slurm")).replace(str(ROOT), CHECKOUT)
     golden = GOLDEN / "slurm-generate-array-2.sbatch"
     if os.environ.get("VIRGO_UPDATE_GOLDEN"):
         golden.write_text(script)
@@ -306,7 +329,7 @@ def test_generate_array_script_matches_golden_file(monkeypatch):
     ):
         assert line in script
     # GPUs are never asked for data generation, even on a GPU machine.
-    gpu = slurm.batch_script(ctx, TrainConfig(), argv, load_machine("juwels-booster"), array=4)
+    gpu = slurm.batch_script(ctx, JobSpec.job_array("generate", argv, 4), load_machine("juwels-booster"))
     assert "#SBATCH --array=0-3" in gpu and "--gres" not in gpu
 
 
@@ -411,6 +434,18 @@ def test_slurm_script_prints_a_launched_stage_and_refuses_the_others(repo):
     refused = sh([*module, "preprocess"], repo, env, check=False)
     assert refused.returncode == 2
     assert "stage 'preprocess' does not go through the launcher" in refused.stderr
+
+
+def test_a_job_array_needs_a_slurm_machine(monkeypatch):
+    from virgo_exps.launch.launcher import launch
+    from virgo_exps.machines import load_machine
+
+    monkeypatch.chdir(ROOT)
+    spec = JobSpec.job_array("generate", ["stages/generate.py"], 2)
+    with pytest.raises(ConfigError, match="a job array of 2 tasks needs a SLURM machine"):
+        launch(spec, load_machine("local"))
+    with pytest.raises(ValueError, match="single processes on one node"):
+        JobSpec("generate", ("stages/generate.py",), strategy="horovod", array=2)
 
 
 def test_hostlists_and_horovod_layout():
@@ -552,6 +587,28 @@ def test_generate_runs_as_a_job_array_and_writes_the_same_store(slurm_cluster, p
     }
     assert len(ours) > 3 and ours.keys() == local.keys()
     assert [k for k in ours if ours[k] != local[k]] == []
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_generate_array_does_not_need_the_trainings_horovod(slurm_cluster, tmp_path):
+    """generate submits its own job spec: with train.strategy horovod and Horovod not built, the
+    generate array still runs; the training itself is refused before anything is submitted."""
+    repo = make_repo(tmp_path / "repo", {"train": {"strategy": "horovod", "procs_per_node": 2}})
+    python = venv_without_horovod(tmp_path / "venv")
+    env = cluster_env(slurm_cluster, extra={"DVC_EXP_NAME": "no-hvd"})
+    env["PATH"] = f"{python.parent}{os.pathsep}{env['PATH']}"
+    gen = sh([str(python), "stages/generate.py", "--out", "data/raw.zarr"], repo, env, check=False, timeout=600)
+    out = gen.stdout + gen.stderr
+    assert gen.returncode == 0, out[-6000:]
+    assert re.search(r"submitted job \d+ \(virgo-generate-no-hvd, array of 2 tasks\)", out), out[-6000:]
+    assert "generate: 2 array tasks done" in out and (repo / "data" / "raw.zarr" / "zarr.json").is_file()
+    write_images(repo / "data" / "images.zarr")
+    cmd = train_cmd(repo, "no-hvd", "horovod", procs=2)
+    train = sh([str(python), *cmd[1:]], repo, env, check=False, timeout=600)
+    assert train.returncode != 0
+    assert "error: train.strategy: 'horovod' needs Horovod, which is not built in this environment" in train.stderr
+    assert "submitted job" not in train.stdout + train.stderr
 
 
 @pytest.mark.slurm

@@ -35,7 +35,7 @@ from test_slurm_launch import (
     needs_horovod,
     train_cmd,
 )
-from virgo_exps.launch import slurm
+from virgo_exps.launch.protocol import EXIT_INTERRUPTED
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -134,6 +134,6 @@ def test_requeues_are_limited_by_max_requeues(slurm_cluster, repo):
         rc = run.finish(timeout=120)
     finally:
         run.kill()
-    assert rc == slurm.EXIT_INTERRUPTED, run.output[-4000:]
+    assert rc == EXIT_INTERRUPTED, run.output[-4000:]
     assert "train.max_requeues is 0, so the job stops here" in run.output
     assert json.loads((repo / "out" / name / "checkpoints" / "status.json").read_text())["status"] == "interrupted"

@@ -1,7 +1,9 @@
 """One launcher for every stage that may run somewhere else than the login node.
 
-``run(stage, worker_argv, train_cfg)`` starts the stage's worker processes on
-the active machine (see :mod:`virgo_exps.machines`):
+``launch(spec)`` starts the work a stage describes in a
+:class:`~virgo_exps.launch.job.JobSpec` (its worker command, processes,
+strategy, job array, requeues) on the active machine (see
+:mod:`virgo_exps.machines`):
 
 - ``local``: directly, with torchrun / horovodrun for several processes; the
   output goes to the terminal and to ``logs/<stage>/<experiment>-local-<pid>.out``.
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import protocol
-from virgo_exps.launch.protocol import NO_FILES, WorkerFiles
+from virgo_exps.launch.job import JobSpec, dry_run_requested
 from virgo_exps.launch.strategy_table import check_software, horovodrun_of, strategy_row
 from virgo_exps.machines import Machine, load_machine
 from virgo_exps.paths import experiment_name, main_checkout
@@ -254,7 +256,10 @@ def _python() -> str:
 def local_command(
     cfg: TrainConfig, argv: list[str], python: str | None = None, deepspeed_launcher: str = "torchrun"
 ) -> list[str]:
-    """The command that starts all training processes on this machine (see the strategy table)."""
+    """The command that starts all training processes on this machine (see the strategy table).
+
+    ``cfg``: anything with ``strategy``, ``nodes`` and ``procs_per_node`` (a JobSpec, ``params.train``).
+    """
     python = python or _python()
     procs = cfg.procs_per_node
     if cfg.nodes != 1:
@@ -409,40 +414,34 @@ def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dic
     return rc
 
 
-def run(
-    stage: str,
-    argv: list[str],
-    cfg: TrainConfig | None = None,
-    machine: Machine | None = None,
-    files: WorkerFiles = NO_FILES,
-) -> int:
-    """Run a stage's worker command on the active machine; return its exit code.
-
-    ``files``: what the worker reads and writes that the launcher must know (see
-    :mod:`virgo_exps.launch.protocol`)."""
+def launch(spec: JobSpec, machine: Machine | None = None) -> int:
+    """Run ``spec`` on the active machine (or ``machine``); return its exit code."""
     machine = machine or load_machine()
-    if cfg is None:
-        cfg = TrainConfig()
-    if machine.kind == "local":
-        # Every strategy gets the same share of the cores per process (torchrun
-        # would set 1, a single process would take all): without this, strategy
-        # comparisons measure thread counts, not parallelism.
-        threads = max(1, (machine.max_procs or os.cpu_count() or 1) // cfg.procs_per_node)
-        env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads)}
-        if os.environ.get("VIRGO_DRY_RUN", "").strip().lower() not in ("", "0", "false", "no"):
-            print(
-                f"# dry run (VIRGO_DRY_RUN): nothing started; on machine '{machine.name}' the launcher would run:\n"
-                f"{shlex.join(local_command(cfg, argv, deepspeed_launcher=machine.deepspeed_launcher))}",
-                flush=True,
-            )
-            return 0
-        return run_local(
-            stage,
-            local_command(cfg, argv, deepspeed_launcher=machine.deepspeed_launcher),
-            machine,
-            cfg.procs_per_node,
-            env,
-        )
-    from virgo_exps.launch.slurm import submit
+    if machine.kind != "local":
+        from virgo_exps.launch.slurm import submit
 
-    return submit(stage, argv, cfg, machine, files=files)
+        return submit(spec, machine)
+    if spec.array:
+        raise ConfigError(
+            f"stage {spec.stage}: a job array of {spec.array} tasks needs a SLURM machine; "
+            f"machine '{machine.name}' runs the stage's work itself"
+        )
+    # Every strategy gets the same share of the cores per process (torchrun
+    # would set 1, a single process would take all): without this, strategy
+    # comparisons measure thread counts, not parallelism.
+    threads = max(1, (machine.max_procs or os.cpu_count() or 1) // spec.procs_per_node)
+    env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads)}
+    cmd = local_command(spec, list(spec.argv), deepspeed_launcher=machine.deepspeed_launcher)
+    if dry_run_requested():
+        print(
+            f"# dry run (VIRGO_DRY_RUN): nothing started; on machine '{machine.name}' the launcher would run:\n"
+            f"{shlex.join(cmd)}",
+            flush=True,
+        )
+        return 0
+    return run_local(spec.stage, cmd, machine, spec.procs_per_node, env)
+
+
+def run(stage: str, argv: list[str], cfg: TrainConfig | None = None, machine: Machine | None = None) -> int:
+    """:func:`launch` of a training (``cfg``: ``params.train``, defaults when None) running ``argv``."""
+    return launch(JobSpec.training(stage, argv, cfg or TrainConfig()), machine)

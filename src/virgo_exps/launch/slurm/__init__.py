@@ -48,9 +48,10 @@ task completed. The same watcher follows the whole array.
 submits nothing.
 """
 
+from virgo_exps.launch.job import dry_run_requested
 from virgo_exps.launch.slurm.query import FINAL_STATES, JobInfo, parse_show_job
 from virgo_exps.launch.slurm.script import JobContext, batch_script, fingerprint, srun_command
-from virgo_exps.launch.slurm.submit import dry_run_requested, dry_run_stage, main, submit, use_slurm_conf
+from virgo_exps.launch.slurm.submit import dry_run_stage, main, submit, use_slurm_conf
 
 __all__ = [
     "FINAL_STATES",

@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from virgo_exps.config import ConfigError, TrainConfig
+from virgo_exps.config import ConfigError
 from virgo_exps.launch import protocol
-from virgo_exps.launch.protocol import EXIT_INTERRUPTED, NO_FILES, WorkerFiles
+from virgo_exps.launch.job import JobSpec
+from virgo_exps.launch.protocol import EXIT_INTERRUPTED
 from virgo_exps.launch.strategy_table import STRATEGY_TABLE, strategy_row
 from virgo_exps.machines import Machine
 from virgo_exps.paths import experiment_name, main_checkout
@@ -134,18 +135,19 @@ def check_job_text(ctx: JobContext, machine_name: str = "") -> None:
             )
 
 
-def tasks_per_node(cfg: TrainConfig) -> int:
+def tasks_per_node(spec: JobSpec) -> int:
     """Slurm tasks per node: one torchrun per node, or one task per process (Horovod)."""
-    return cfg.procs_per_node if strategy_row(cfg.strategy).task_per_process else 1
+    return spec.procs_per_node if strategy_row(spec.strategy).task_per_process else 1
 
 
-def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0) -> str:
-    """The job step that starts every training process (a line of the batch script).
+def srun_command(spec: JobSpec, machine: Machine) -> str:
+    """The job step that starts every process of ``spec`` (a line of the batch script).
 
-    ``array``: a job array of that many tasks, each running ``argv`` once with
+    A job array (``spec.array`` tasks) runs ``spec.argv`` once a task with
     ``--part $SLURM_ARRAY_TASK_ID --parts <array> --workers $SLURM_CPUS_PER_TASK``.
     """
-    script = shlex.join(argv)
+    script = shlex.join(spec.argv)
+    array = spec.array
     extra = "".join(f" {shlex.quote(x)}" for x in machine.srun_extra)
     common = f'--cpus-per-task="$SLURM_CPUS_PER_TASK"{extra}'
     if array:
@@ -153,16 +155,16 @@ def srun_command(cfg: TrainConfig, argv: list[str], machine: Machine, array: int
             f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script} '
             f'--part "$SLURM_ARRAY_TASK_ID" --parts {array} --workers "$SLURM_CPUS_PER_TASK"'
         )
-    row = strategy_row(cfg.strategy)
+    row = strategy_row(spec.strategy)
     if row.deepspeed_runner and machine.deepspeed_launcher == "deepspeed":
         # DeepSpeed's runner once per node, without ssh: the node's rank is read on the node.
         return (
             f'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 {common} '
             'bash -c \'exec "$0" -m deepspeed.launcher.runner --node_rank="$SLURM_NODEID" "$@"\' "$VIRGO_PYTHON" '
             '--no_ssh --hostfile="$VIRGO_HOSTFILE" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" '
-            f'--num_nodes="$SLURM_JOB_NUM_NODES" --num_gpus={cfg.procs_per_node} --no_local_rank {script}'
+            f'--num_nodes="$SLURM_JOB_NUM_NODES" --num_gpus={spec.procs_per_node} --no_local_rank {script}'
         )
-    return _SRUN[row.srun](common, cfg.procs_per_node, script)
+    return _SRUN[row.srun](common, spec.procs_per_node, script)
 
 
 _SRUN = {  # StrategyRow.srun -> the job step
@@ -181,17 +183,18 @@ _SRUN = {  # StrategyRow.srun -> the job step
 }
 
 
-def _sbatch_options(ctx: JobContext, cfg: TrainConfig, machine: Machine, array: int = 0) -> list[str]:
+def _sbatch_options(ctx: JobContext, spec: JobSpec, machine: Machine) -> list[str]:
+    array = spec.array
     if array:  # independent CPU tasks of one core set each (data generation)
         nodes, tasks, cpus = 1, 1, machine.cpus_per_task
     else:
-        if not strategy_row(cfg.strategy).multi_node and cfg.nodes != 1:
+        if not strategy_row(spec.strategy).multi_node and spec.nodes != 1:
             *some, last = [name for name, row in STRATEGY_TABLE.items() if row.multi_node]
             others = f"{', '.join(some)} or {last}"
-            raise ConfigError(f"train.nodes: strategy '{cfg.strategy}' runs one process on one node; use {others}")
-        nodes, tasks = cfg.nodes, tasks_per_node(cfg)
+            raise ConfigError(f"train.nodes: strategy '{spec.strategy}' runs one process on one node; use {others}")
+        nodes, tasks = spec.nodes, tasks_per_node(spec)
         # CPUs of one Slurm task: torchrun's task holds all processes of its node.
-        cpus = machine.cpus_per_task * (cfg.procs_per_node if tasks == 1 else 1)
+        cpus = machine.cpus_per_task * (spec.procs_per_node if tasks == 1 else 1)
     opts = [
         f"--job-name={sbatch_arg(ctx.job_name)}",
         f"--output={sbatch_arg(ctx.array_log_pattern if array else ctx.log_pattern)}",
@@ -298,12 +301,10 @@ exit "$rc"
 """
 
 
-def batch_script(
-    ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0, files: WorkerFiles = NO_FILES
-) -> str:
-    """The complete batch script (deterministic for a given context, config and profile)."""
+def batch_script(ctx: JobContext, spec: JobSpec, machine: Machine) -> str:
+    """The complete batch script (deterministic for a given context, job spec and profile)."""
     check_job_text(ctx, machine.name)
-    opts = _sbatch_options(ctx, cfg, machine, array)
+    opts = _sbatch_options(ctx, spec, machine)
     q = shlex.quote
     lines = [
         "#!/bin/bash",
@@ -313,8 +314,8 @@ def batch_script(
         "",
         "set -uo pipefail",
         f"VIRGO_PYTHON={q(ctx.python)}",
-        f"VIRGO_STATUS_FILE={q(files.status_file)}",
-        f"VIRGO_MAX_REQUEUES={int(cfg.max_requeues)}",
+        f"VIRGO_STATUS_FILE={q(spec.files.status_file)}",
+        f"VIRGO_MAX_REQUEUES={int(spec.max_requeues)}",
         f"VIRGO_EXIT_INTERRUPTED={EXIT_INTERRUPTED}",
         f'cd {q(str(ctx.workdir))} || {{ echo "virgo: error: cannot cd into the workspace" >&2; exit 1; }}',
         f"export VIRGO_HOME={q(str(ctx.home))}",
@@ -325,34 +326,32 @@ def batch_script(
         f"MASTER_PORT={protocol.JOB_RENDEZVOUS_PORT}",
         "export MASTER_ADDR MASTER_PORT",
     ]
-    if not array and strategy_row(cfg.strategy).deepspeed_runner and machine.deepspeed_launcher == "deepspeed":
+    if not spec.array and strategy_row(spec.strategy).deepspeed_runner and machine.deepspeed_launcher == "deepspeed":
         hostfile = f'{q(str(ctx.log_dir / ctx.experiment))}-"$SLURM_JOB_ID".hostfile'
         lines += [
-            f"VIRGO_HOSTFILE={hostfile}  # the nodes of this job, {cfg.procs_per_node} slots each",
-            f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={cfg.procs_per_node}/" '
+            f"VIRGO_HOSTFILE={hostfile}  # the nodes of this job, {spec.procs_per_node} slots each",
+            f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={spec.procs_per_node}/" '
             '> "$VIRGO_HOSTFILE"',
         ]
     lines += [f"export {key}={q(value)}" for key, value in machine.env.items()]
     if machine.setup_script is not None:
         # module systems often read unset variables: no `set -u` while sourcing
         lines += ["set +u", f"source {q(str(machine.setup_script))}", "set -u"]
-    body = _BODY.replace("__SRUN__", srun_command(cfg, argv, machine, array))
+    body = _BODY.replace("__SRUN__", srun_command(spec, machine))
     body = body.replace("__INTERRUPTED__", protocol.STATUS_INTERRUPTED)
     return "\n".join(lines) + "\n" + body
 
 
-def fingerprint(
-    ctx: JobContext, cfg: TrainConfig, argv: list[str], machine: Machine, array: int = 0, files: WorkerFiles = NO_FILES
-) -> str:
+def fingerprint(ctx: JobContext, spec: JobSpec, machine: Machine) -> str:
     """Identifies what a job computes: its batch script and the params file the stage reads.
 
     The experiment name is left out: `dvc exp run` names every run afresh, and a
     re-run after a lost login session must still recognise the job it started.
     """
     anonymous = dataclasses.replace(ctx, experiment="*")
-    h = hashlib.sha256(batch_script(anonymous, cfg, argv, machine, array, files).encode())
-    if files.params and Path(files.params).is_file():
-        h.update(Path(files.params).read_bytes())
+    h = hashlib.sha256(batch_script(anonymous, spec, machine).encode())
+    if spec.files.params and Path(spec.files.params).is_file():
+        h.update(Path(spec.files.params).read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -10,17 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from virgo_exps.config import ConfigError, TrainConfig
-from virgo_exps.launch.protocol import NO_FILES, WorkerFiles
+from virgo_exps.config import ConfigError
+from virgo_exps.launch.job import JobSpec, dry_run_requested
 from virgo_exps.launch.slurm.query import find_active_jobs
 from virgo_exps.launch.slurm.script import JobContext, batch_script, fingerprint, sbatch_command
 from virgo_exps.launch.slurm.watch import Signals, SubmitInterrupted, cancel_and_wait, say, stop_child, watch, write
 from virgo_exps.launch.strategy_table import check_software, strategy_row
 from virgo_exps.machines import Machine
-
-
-def dry_run_requested() -> bool:
-    return os.environ.get("VIRGO_DRY_RUN", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def use_slurm_conf(machine: Machine) -> None:
@@ -39,24 +35,17 @@ def use_slurm_conf(machine: Machine) -> None:
     os.environ["SLURM_CONF"] = str(path)
 
 
-def submit(
-    stage: str,
-    argv: list[str],
-    cfg: TrainConfig,
-    machine: Machine,
-    ctx: JobContext | None = None,
-    array: int = 0,
-    files: WorkerFiles = NO_FILES,
-) -> int:
-    """Run ``argv`` (a python script and its arguments) as a SLURM job; return its exit code.
+def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> int:
+    """Run ``spec`` as a SLURM job; return its exit code.
 
-    ``array``: submit a job array of that many tasks instead (see :func:`srun_command`);
-    the exit code is then 0 only when every task completed.
+    A job array (``spec.array`` tasks, see :func:`~virgo_exps.launch.slurm.script.srun_command`)
+    gives 0 only when every task completed.
     """
+    stage, array = spec.stage, spec.array
     ctx = ctx or JobContext.current(stage)
     use_slurm_conf(machine)
-    script = batch_script(ctx, cfg, argv, machine, array, files)
-    comment = f"virgo:{fingerprint(ctx, cfg, argv, machine, array, files)}"
+    script = batch_script(ctx, spec, machine)
+    comment = f"virgo:{fingerprint(ctx, spec, machine)}"
     cmd = sbatch_command(ctx.script_path, comment)
     if dry_run_requested():
         print(
@@ -66,9 +55,8 @@ def submit(
             flush=True,
         )
         return 0
-    if not array:
-        # checked here, not after a wait in the queue: the job runs this same interpreter
-        check_software(strategy_row(cfg.strategy), ctx.python)
+    # checked here, not after a wait in the queue: the job runs this same interpreter
+    check_software(strategy_row(spec.strategy), ctx.python)
     for tool in ("sbatch", "scontrol", "squeue", "scancel"):
         if shutil.which(tool) is None:
             raise ConfigError(
