@@ -59,6 +59,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,9 @@ def tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def code_digest() -> str:
-    """SHA-256 of the package's source that determines the trajectory (:data:`TRAJECTORY_CODE`)."""
+def code_digest(extra: tuple[Path, ...] = ()) -> str:
+    """SHA-256 of the package's source that determines the trajectory (:data:`TRAJECTORY_CODE`),
+    then of ``extra`` files (a study's model code outside the package), named as given."""
     here = Path(__file__).parents[1]
     h = hashlib.sha256()
     for name in TRAJECTORY_CODE:
@@ -109,7 +111,28 @@ def code_digest() -> str:
         files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
         for f in files:
             h.update(f.relative_to(here).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in extra:
+        h.update(Path(f).as_posix().encode() + b"\0" + Path(f).read_bytes() + b"\0")
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelFactory:
+    """The study's side of training, given by its train stage: its networks and the code that defines them.
+
+    The trainer reads the split store (``<split>/x``, ``<split>/y``, see
+    :mod:`virgo_exps.study.dataset`) and builds the network with ``build``;
+    everything else (strategies, snapshots, outputs, tracking) is the same for
+    every study.
+    """
+
+    build: Callable[[str, int], nn.Module]  # (train.model, input channels) -> an untrained network
+    code: tuple[Path, ...] = ()  # its source files outside the package: part of the snapshot key
+
+
+def virgo_models() -> ModelFactory:
+    """The Virgo study's networks (their code, study/models.py, is in :data:`TRAJECTORY_CODE`)."""
+    return ModelFactory(build_model)
 
 
 def snapshot_refusal(snap: dict, config: dict, epochs: int) -> str | None:
@@ -205,8 +228,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, params: Params, strategy: Strategy, data: Path, outputs: TrainOutputs, tracker=None):
+    def __init__(
+        self,
+        params: Params,
+        strategy: Strategy,
+        data: Path,
+        outputs: TrainOutputs,
+        tracker=None,
+        models: ModelFactory | None = None,
+    ):
         self.params = params
+        self.models = models or virgo_models()
         self.cfg = params.train
         self.strategy = strategy
         self.data = Path(data)
@@ -242,7 +274,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.train_set = ImageDataset(self.data, "train")
         self.val_set = ImageDataset(self.data, "val")
-        model = build_model(self.cfg.model, self.train_set.n_channels)
+        model = self.models.build(self.cfg.model, self.train_set.n_channels)
         self.n_parameters = count_parameters(model)
         lr = self.cfg.lr * (s.world_size if self.cfg.lr_scaling == "linear" else 1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
@@ -279,7 +311,11 @@ class Trainer:
             ckpt = self.out.checkpoints.resolve()
             with contextlib.suppress(ValueError):
                 ckpt = ckpt.relative_to(Path.cwd().resolve())
-            mine = {"data": tree_digest(self.data), "code": code_digest(), "checkpoints": ckpt.as_posix()}
+            mine = {
+                "data": tree_digest(self.data),
+                "code": code_digest(self.models.code),
+                "checkpoints": ckpt.as_posix(),
+            }
         self._digests = self.strategy.all_gather_object(mine)[0]
         blob = json.dumps(self._config_key(), sort_keys=True, default=str).encode()
         self.live_dir = snapshot_root() / hashlib.sha256(blob).hexdigest()[:20]
