@@ -13,7 +13,7 @@ ARGS ?=
 
 .PHONY: help
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,15 @@ venv: $(STAMP) ## create .venv and install the pinned dependencies
 horovod: $(STAMP) ## build Horovod 0.28.1 into .venv (patched for torch >= 2.1; minutes)
 	bash scripts/install_horovod.sh $(PY)
 
+.PHONY: plots-offline
+plots-offline: $(STAMP) ## npm ci the pinned vega libraries and set a `dvc plots show` page that needs no network
+	@$(PY) scripts/plots_offline.py
+
 .PHONY: run
 run: $(STAMP) ## run the whole pipeline with `dvc exp run` on the active machine (default: local)
 	@if $(PY) -c "import sys, yaml; sys.exit(yaml.safe_load(open('params.yaml'))['train']['strategy'] != 'horovod')"; then \
 		$(MAKE) --no-print-directory horovod; fi
+	@$(MAKE) --no-print-directory plots-offline
 	$(VENV)/bin/virgo-exps run $(ARGS)
 
 .PHONY: report
@@ -77,11 +82,14 @@ lint: $(STAMP) ## ruff: lint and formatting check (configured in pyproject.toml)
 	$(VENV)/bin/ruff format --check src stages tests benchmarks
 
 .PHONY: test
-test: $(STAMP) ## install what the tests need (Horovod, Slurm when root), lint, and run the whole suite
+test: $(STAMP) ## install what the tests need (Horovod; Slurm and Chromium when root), lint, and run the whole suite
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory horovod
 	@if [ "$$(id -u)" = 0 ]; then bash scripts/install_slurm.sh; else \
 		echo "not root: Slurm tests will be skipped (they need to install and start slurmctld/slurmd)"; fi
+	@if [ "$$(id -u)" = 0 ]; then bash scripts/install_test_system.sh; else \
+		echo "not root: the browser test of the plots page is skipped unless chromium and npm are installed"; fi
+	@$(MAKE) --no-print-directory plots-offline
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest --durations=30 $(ARGS)
 
 .PHONY: test-fast
