@@ -42,7 +42,7 @@ class Machine:
     name: str
     path: Path
     kind: str = spec(REQUIRED, **_one_of(*KINDS), doc="run directly (local) or through SLURM")
-    description: str = spec("", None, "a string", "one line shown by `virgo-exps machines`")
+    description: str = spec("", None, "a string", "what the machine is, in one line")
     max_procs: int = spec(0, **_WHOLE, doc="local: processes allowed at once (0: number of cores)")
     partition: str | None = spec(None, None, "a partition name or null (the default)", "SLURM partition")
     account: str | None = spec(None, None, "a budget name or null", "SLURM account")
