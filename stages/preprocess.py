@@ -22,8 +22,7 @@ def run() -> int:
     check_input(args.source, args.params)  # the store was made with the generate params we were given
     from virgo_exps.study.preprocess import preprocess
 
-    summary = preprocess(args.source, cfg, args.out, workers=cfg.workers or None, device=cfg.device)
-    print(f"preprocess: {summary}", flush=True)
+    preprocess(args.source, cfg, args.out, workers=cfg.workers or None, device=cfg.device)  # prints its summary
     return 0
 
 
