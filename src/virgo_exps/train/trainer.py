@@ -75,6 +75,7 @@ from virgo_exps.machines import active_machine_name
 from virgo_exps.paths import snapshot_root
 from virgo_exps.study.dataset import ImageDataset, ShardSampler, eval_shard
 from virgo_exps.study.models import build_model, count_parameters, model_file_content
+from virgo_exps.train import cost
 from virgo_exps.train.monitoring import GpuMonitor, computation_fraction
 from virgo_exps.train.strategies import Strategy
 
@@ -710,6 +711,12 @@ class Trainer:
         if m["gpu_energy_wh"] is not None:
             samples = sum(len(self.train_set) // self.cfg.global_batch_size * self.cfg.global_batch_size for _ in h)
             m["gpu_energy_wh_per_sample"] = m["gpu_energy_wh"] / max(1, samples)
+        # What the run used (train/cost.py): every rank's own figures, gathered.
+        m["cost"] = cost.summarise(
+            self.strategy.all_gather_object(cost.rank_usage()),
+            [p["device"] for p in self.placement],
+            m["gpu_energy_wh"],
+        )
         return m
 
     def _write_outputs(self, metrics: dict, per_rank_gpu: list[dict]) -> None:
