@@ -13,6 +13,8 @@ Prints ONE JSON object:
   a private one under /dev/shm). ``data_mb`` is that peak minus the same sum taken before
   the ranks open the split (the interpreters and torch); ``ratio_2_over_1`` is the 2-rank
   peak over the 1-rank peak, for the data and for the whole node.
+* ``open_s``: seconds to open the split in that process (decompressing the store into the
+  node's copy, or into the process's memory).
 * ``throughput``: one process, each loader: samples/s of ``batch()`` over random local
   batches (the training loop's access), median of 5 epochs after one warm-up epoch;
   ``ratio_mapped_over_in_memory`` is the mapped loader's rate over the former one's.
@@ -130,11 +132,13 @@ def task_throughput(args) -> None:
     import torch
 
     torch.set_num_threads(1)
+    t0 = time.perf_counter()
     ds = open_loader(args.kind, Path(args.store))
+    opened = time.perf_counter() - t0
     epoch(ds, 0, 1, seed=0)  # warm-up
     times = [epoch(ds, 0, 1, seed=s) for s in range(1, 6)]
     n = len(ds) // BATCH * BATCH
-    print(json.dumps({"samples_per_s": n / float(np.median(times))}))
+    print(json.dumps({"samples_per_s": n / float(np.median(times)), "open_s": opened}))
     ds.close()
 
 
@@ -252,7 +256,7 @@ def main() -> None:
                     "data_ratio_2_over_1": two["data_mb"] / one["data_mb"],
                 }
             env = dict(os.environ, VIRGO_NODE_DATA=str(node), OMP_NUM_THREADS="1")
-            rate = {}
+            rate, opened = {}, {}
             for kind in ("in_memory", "mapped"):
                 out = subprocess.run(
                     [sys.executable, __file__, "--task", "throughput", "--kind", kind, "--store", str(store)],
@@ -261,7 +265,8 @@ def main() -> None:
                     text=True,
                     check=True,
                 ).stdout
-                rate[kind] = json.loads(out.strip().splitlines()[-1])["samples_per_s"]
+                measured = json.loads(out.strip().splitlines()[-1])
+                rate[kind], opened[kind] = measured["samples_per_s"], measured["open_s"]
         finally:
             shutil.rmtree(node, ignore_errors=True)
     split_mb = args.n * (CHANNELS + 1) * PATCH * PATCH * 4 / 2**20
@@ -276,6 +281,8 @@ def main() -> None:
                     "ratio_mapped_over_in_memory": rate["mapped"] / rate["in_memory"],
                     "local_batch": BATCH,
                 },
+                # seconds to open the split in one process: decompress it into the node's copy, or into memory
+                "open_s": opened,
             },
             indent=1,
         )
