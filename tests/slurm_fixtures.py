@@ -7,6 +7,8 @@ Fixtures:
 
 * ``slurm_cluster``   -- 1 node (host mode), at least 2 CPUs.
 * ``slurm_multinode`` -- 2 nodes in network namespaces, 1 CPU each.
+* ``slurm_accounting`` -- 1 node (host mode), at least 2 CPUs, with job
+  accounting (slurmdbd + MariaDB), so ``sacct`` answers.
 
 Both skip with a readable reason when not running as root or when Slurm cannot
 be installed, and always tear the cluster down at the end of the session.
@@ -25,13 +27,13 @@ import pytest
 from slurmsim import SimCluster, SlurmUnavailable, ensure_installed
 
 
-def _require_slurm(multinode: bool) -> None:
+def _require_slurm(multinode: bool, accounting: bool = False) -> None:
     if os.geteuid() != 0:
         pytest.skip(
             "Slurm tests need root (they start slurmctld/slurmd, munged and network namespaces); run pytest as root"
         )
     try:
-        ensure_installed(multinode=multinode)
+        ensure_installed(multinode=multinode, accounting=accounting)
     except SlurmUnavailable as exc:
         pytest.skip(f"Slurm is not available: {exc}")
 
@@ -40,7 +42,7 @@ def start_cluster(
     workdir: Path, nodes: int = 1, cpus_per_node: int | None = None, timeout: float = 60, **kwargs: object
 ) -> SimCluster:
     """Start a SimCluster or skip the test when Slurm cannot run here."""
-    _require_slurm(nodes >= 2)
+    _require_slurm(nodes >= 2, accounting=bool(kwargs.get("accounting")))
     cluster = SimCluster(workdir, nodes=nodes, cpus_per_node=cpus_per_node, **kwargs)  # type: ignore[arg-type]
     try:
         cluster.start(timeout=timeout)
@@ -65,6 +67,17 @@ def slurm_multinode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimClu
     """A running 2-node Slurm cluster (network namespaces, 1 CPU per node)."""
     workdir = tmp_path_factory.mktemp("slurm2")
     cluster = start_cluster(workdir, nodes=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_accounting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimCluster]:
+    """A running 1-node Slurm cluster (>= 2 CPUs) that keeps job accounting: ``sacct`` works."""
+    workdir = tmp_path_factory.mktemp("slurmacct")
+    cluster = start_cluster(workdir, nodes=1, cpus_per_node=max(2, os.cpu_count() or 1), accounting=True)
     try:
         yield cluster
     finally:

@@ -22,6 +22,14 @@ Needs root (daemons, namespaces, ``/etc/hosts``). Missing Debian packages
 (``slurmctld slurmd slurm-client munge``) are installed with ``apt-get`` when
 running as root; otherwise :class:`SlurmUnavailable` is raised.
 
+With ``accounting=True`` (``up --accounting``) the cluster keeps Slurm's job
+accounting, as a site does: a MariaDB server (``mariadb-server``) with its data
+in ``workdir/db``, and ``slurmdbd`` (``slurmdbd``) in front of it, started
+before slurmctld and stopped with the cluster; steps are sampled by
+``jobacct_gather/linux`` every 5 s, so ``sacct`` reports Elapsed, TotalCPU,
+AllocCPUS and MaxRSS of every job. Without it ``sacct`` answers that
+accounting storage is disabled.
+
 Behaviour of this Slurm (22.05) worth knowing (measured here):
 
 * ``sbatch -W`` polls slurmctld after 2 s, then 8 s, then every 32 s (the
@@ -90,6 +98,8 @@ __all__ = [
 STATE_FILE = "slurmsim-state.json"
 TAG_ENV = "VIRGO_SLURMSIM_TAG"
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+ACCOUNTING_PACKAGES = ("slurmdbd", "mariadb-server")
+ACCOUNTING_COMMANDS = ("slurmdbd", "sacct", "sacctmgr", "mariadbd", "mariadb-install-db", "mariadb")
 SLURM_COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol", "scancel")
 MUNGE_COMMANDS = ("munged", "munge", "unmunge")
 NETNS_COMMANDS = ("ip", "nsenter", "unshare", "hostname")
@@ -298,10 +308,12 @@ def _global_lock() -> contextlib.AbstractContextManager[None]:
 # --------------------------------------------------------------------------
 
 
-def missing_commands(multinode: bool = False) -> list[str]:
+def missing_commands(multinode: bool = False, accounting: bool = False) -> list[str]:
     cmds = list(SLURM_COMMANDS + MUNGE_COMMANDS)
     if multinode:
         cmds += list(NETNS_COMMANDS)
+    if accounting:
+        cmds += list(ACCOUNTING_COMMANDS)
     return [c for c in cmds if shutil.which(c) is None]
 
 
@@ -309,8 +321,8 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
-def ensure_installed(multinode: bool = False, *, install: bool = True) -> None:
-    """Make sure Slurm, munge (and the netns tools) are present.
+def ensure_installed(multinode: bool = False, *, install: bool = True, accounting: bool = False) -> None:
+    """Make sure Slurm, munge (and the netns tools, slurmdbd and MariaDB) are present.
 
     Installs the Debian packages with apt-get when running as root. Raises
     :class:`SlurmUnavailable` with a readable reason otherwise.
@@ -319,7 +331,7 @@ def ensure_installed(multinode: bool = False, *, install: bool = True) -> None:
         raise SlurmUnavailable(
             f"the Slurm simulator needs root (daemons, network namespaces, /etc/hosts); current euid is {os.geteuid()}"
         )
-    missing = missing_commands(multinode)
+    missing = missing_commands(multinode, accounting)
     if not missing:
         return
     if not install:
@@ -332,9 +344,11 @@ def ensure_installed(multinode: bool = False, *, install: bool = True) -> None:
     pkgs = list(APT_PACKAGES)
     if multinode:
         pkgs += ["iproute2", "util-linux"]
+    if accounting:
+        pkgs += list(ACCOUNTING_PACKAGES)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     with _global_lock():
-        missing = missing_commands(multinode)
+        missing = missing_commands(multinode, accounting)
         if not missing:
             return
         try:
@@ -342,24 +356,24 @@ def ensure_installed(multinode: bool = False, *, install: bool = True) -> None:
             _run(["apt-get", "install", "-y", "--no-install-recommends", *pkgs], env=env, timeout=1200)
         except (SlurmSimError, subprocess.TimeoutExpired) as exc:
             raise SlurmUnavailable(f"could not install {' '.join(pkgs)} with apt-get: {exc}") from exc
-    missing = missing_commands(multinode)
+    missing = missing_commands(multinode, accounting)
     if missing:
         raise SlurmUnavailable(f"still missing after apt-get install: {', '.join(missing)}")
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    """``python -m slurmsim install``: what the Slurm tests need, multi-node tools included.
+    """``python -m slurmsim install``: what the Slurm tests need, multi-node tools and accounting included.
 
     A no-op when everything is there. Without ``--strict`` a failure only warns
     (exit 0), so ``make test`` goes on and the Slurm tests skip with their
     reason; with it: 1 apt-get failed, 2 not root or no apt-get.
     """
-    missing = missing_commands(multinode=True)
+    missing = missing_commands(multinode=True, accounting=True)
     if not missing:
         return 0
     print(f"install_slurm: missing {' '.join(missing)}", file=sys.stderr)
     try:
-        ensure_installed(multinode=True)
+        ensure_installed(multinode=True, accounting=True)
     except SlurmUnavailable as exc:
         print(f"install_slurm: {exc}", file=sys.stderr)
         if args.strict:
@@ -519,13 +533,13 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _choose_ports(tag: str) -> tuple[int, int]:
-    base = 17000 + 2 * (int(tag, 16) % 2000)
+def _choose_ports(tag: str, first: int = 17000, what: str = "slurmctld/slurmd") -> tuple[int, int]:
+    base = first + 2 * (int(tag, 16) % 2000)
     for i in range(2000):
-        port = 17000 + (base - 17000 + 2 * i) % 4000
+        port = first + (base - first + 2 * i) % 4000
         if _port_free(port) and _port_free(port + 1):
             return port, port + 1
-    raise SlurmSimError("no free port pair for slurmctld/slurmd")
+    raise SlurmSimError(f"no free port pair for {what}")
 
 
 def _hosts_markers(tag: str) -> tuple[str, str]:
@@ -639,6 +653,7 @@ class SimCluster:
         min_job_age: int = 300,
         kill_wait: int = 5,
         cred_expire: int = 10,
+        accounting: bool = False,
     ) -> None:
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
@@ -654,6 +669,7 @@ class SimCluster:
         self.min_job_age = int(min_job_age)
         self.kill_wait = int(kill_wait)
         self.cred_expire = int(cred_expire)
+        self.accounting = bool(accounting)
         self.tag = hashlib.sha1(str(self.workdir.resolve()).encode()).hexdigest()[:6]
         self.partition = PARTITION
         self.conf_path = self.workdir / "slurm.conf"
@@ -675,7 +691,7 @@ class SimCluster:
     def __repr__(self) -> str:
         return (
             f"SimCluster(workdir={str(self.workdir)!r}, nodes={self.nodes}, "
-            f"cpus_per_node={self.cpus_per_node}, tag={self.tag!r})"
+            f"cpus_per_node={self.cpus_per_node}, tag={self.tag!r}, accounting={self.accounting})"
         )
 
     def __enter__(self) -> SimCluster:
@@ -811,8 +827,7 @@ class SimCluster:
             "MpiDefault=none",
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
+            *self._accounting_conf(),
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={self.logdir / 'jobcomp.log'}",
             "JobRequeue=1",
@@ -829,6 +844,101 @@ class SimCluster:
             f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf_path.write_text("\n".join(lines) + "\n")
+
+    # ------------------------------------------------------------ accounting
+    def _accounting_conf(self) -> list[str]:
+        """slurm.conf lines for accounting: slurmdbd and per-step sampling, or none at all."""
+        if not self.accounting:
+            return ["JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none"]
+        _, dbd_port = self._state["accounting_ports"]
+        return [
+            "JobAcctGatherType=jobacct_gather/linux",
+            "JobAcctGatherFrequency=task=5",
+            "AccountingStorageType=accounting_storage/slurmdbd",
+            # slurmctld runs in the host's network namespace in both modes
+            "AccountingStorageHost=127.0.0.1",
+            f"AccountingStoragePort={dbd_port}",
+        ]
+
+    def _start_accounting(self, timeout: float) -> None:
+        """MariaDB (data in workdir/db) and slurmdbd, then this cluster registered; before slurmctld."""
+        db_port, dbd_port = self._state["accounting_ports"]
+        db = self.workdir / "db"
+        sock = self.workdir / "run" / "mariadb.sock"
+        if not (db / "mysql").is_dir():
+            shutil.rmtree(db, ignore_errors=True)
+            _run(
+                [
+                    "mariadb-install-db",
+                    "--no-defaults",
+                    f"--datadir={db}",
+                    "--user=root",
+                    "--auth-root-authentication-method=socket",
+                    "--skip-test-db",
+                ],
+                timeout=300,
+            )
+        self._spawn(
+            "mariadbd",
+            [
+                shutil.which("mariadbd") or "mariadbd",
+                "--no-defaults",
+                f"--datadir={db}",
+                "--user=root",
+                f"--socket={sock}",
+                "--bind-address=127.0.0.1",
+                f"--port={db_port}",
+                f"--pid-file={self.workdir / 'run' / 'mariadb.pid'}",
+                f"--log-error={self.logdir / 'mariadb.log'}",
+                "--skip-name-resolve",
+                "--innodb-buffer-pool-size=64M",
+            ],
+        )
+        password = hashlib.sha1(f"slurmsim-{self.tag}-{time.time()}".encode()).hexdigest()[:16]
+        grant = (
+            f"CREATE OR REPLACE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{password}'; "
+            "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+        )
+        deadline = time.monotonic() + min(timeout, 60)
+        while _run(["mariadb", "--no-defaults", f"--socket={sock}", "-uroot", "-e", grant], check=False).returncode:
+            self._check_daemons_alive()
+            if time.monotonic() > deadline:
+                raise SlurmStartError("MariaDB does not answer on its socket\n" + _tail(self.logdir / "mariadb.log"))
+            time.sleep(0.3)
+        dbd_conf = self.workdir / "slurmdbd.conf"  # slurmdbd reads it beside $SLURM_CONF
+        dbd_conf.touch(mode=0o600)
+        dbd_conf.chmod(0o600)  # slurmdbd refuses a conf that others may read (it holds the password)
+        dbd_conf.write_text(
+            "\n".join(
+                [
+                    "# generated by slurmsim -- do not edit",
+                    "AuthType=auth/munge",
+                    "DbdAddr=127.0.0.1",
+                    "DbdHost=localhost",
+                    f"DbdPort={dbd_port}",
+                    "SlurmUser=root",
+                    "DebugLevel=info",
+                    f"LogFile={self.logdir / 'slurmdbd.log'}",
+                    f"PidFile={self.workdir / 'run' / 'slurmdbd.pid'}",
+                    "StorageType=accounting_storage/mysql",
+                    "StorageHost=127.0.0.1",
+                    f"StoragePort={db_port}",
+                    "StorageUser=slurm",
+                    f"StoragePass={password}",
+                    "StorageLoc=slurm_acct_db",
+                ]
+            )
+            + "\n"
+        )
+        self._spawn("slurmdbd", ["slurmdbd", "-D"])
+        while self.slurm("sacctmgr", "-n", "list", "cluster", check=False, timeout=15).returncode:
+            self._check_daemons_alive()
+            if time.monotonic() > deadline:
+                raise SlurmStartError("slurmdbd does not answer sacctmgr\n" + _tail(self.logdir / "slurmdbd.log"))
+            time.sleep(0.3)
+        listed = self.slurm("sacctmgr", "-n", "-P", "list", "cluster", "format=cluster").stdout.split()
+        if f"vs{self.tag}" not in listed:
+            self.slurm("sacctmgr", "-i", "add", "cluster", f"vs{self.tag}")
 
     # ------------------------------------------------------------ network
     def _setup_network(self) -> None:
@@ -935,6 +1045,8 @@ class SimCluster:
     def _log_tails(self) -> str:
         parts = []
         files = [self.logdir / "slurmctld.log", self.logdir / "slurmctld.out"]
+        if self.accounting:
+            files += [self.logdir / "slurmdbd.log", self.logdir / "slurmdbd.out", self.logdir / "mariadb.log"]
         for name in self.node_names:
             files += [self.logdir / f"slurmd-{name}.log", self.logdir / f"slurmd-{name}.out"]
         for path in files:
@@ -985,7 +1097,7 @@ class SimCluster:
         makes the first ``sbatch -W`` return only after its 10 s poll).
         """
         t0 = time.monotonic()
-        ensure_installed(self.multinode)
+        ensure_installed(self.multinode, accounting=self.accounting)
         self.workdir.mkdir(parents=True, exist_ok=True)
         with _flock(self.workdir / ".slurmsim.lock"):
             old = self._load_state()
@@ -1018,6 +1130,7 @@ class SimCluster:
                     "min_job_age": self.min_job_age,
                     "kill_wait": self.kill_wait,
                     "cred_expire": self.cred_expire,
+                    "accounting": self.accounting,
                 },
             }
             self._save_state()
@@ -1062,7 +1175,11 @@ class SimCluster:
         with _global_lock():
             ctld_port, slurmd_port = _choose_ports(self.tag)
             self._state.update(slurmctld_port=ctld_port, slurmd_port=slurmd_port)
+            if self.accounting:
+                self._state["accounting_ports"] = _choose_ports(self.tag, 23000, "MariaDB/slurmdbd")
             self._write_conf(ctld_port, slurmd_port)
+            if self.accounting:
+                self._start_accounting(timeout)
             self._spawn("slurmctld", self._slurmctld_argv())
             # wait for slurmctld to listen before releasing the port lock
             deadline = time.monotonic() + min(timeout, 30)
@@ -1276,7 +1393,13 @@ def stop_from_state(workdir: Path | str) -> bool:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    cluster = SimCluster(args.dir, nodes=args.nodes, cpus_per_node=args.cpus_per_node, min_job_age=args.min_job_age)
+    cluster = SimCluster(
+        args.dir,
+        nodes=args.nodes,
+        cpus_per_node=args.cpus_per_node,
+        min_job_age=args.min_job_age,
+        accounting=args.accounting,
+    )
     try:
         cluster.start(timeout=args.timeout, warmup=not args.no_warmup)
     except SlurmUnavailable as exc:
@@ -1341,6 +1464,9 @@ def main(argv: list[str] | None = None) -> int:
         "sbatch -W poll interval: <=5 -> 2 s, <=17 -> 8 s, else 32 s)",
     )
     up.add_argument("--no-warmup", action="store_true", help="do not run the warm-up job after the nodes are idle")
+    up.add_argument(
+        "--accounting", action="store_true", help="keep job accounting (slurmdbd + MariaDB in --dir), for sacct"
+    )
     install = sub.add_parser("install", help="apt-get install Slurm, munge and the netns tools where missing (root)")
     install.add_argument("--strict", action="store_true", help="exit non-zero (1, 2) when they cannot be installed")
     for p in (

@@ -6,9 +6,10 @@ dict of ``results/metrics.json`` (DVC shows each key as a column, so there
 are few):
 
 ``wall_s``
-    seconds from the start of the longest-running rank's process to the end of
-    its epochs (imports and data loading included; a requeued run counts from
-    its own start).
+    seconds from the start of the run's first process to the end of the
+    epochs: in a SLURM job its batch script (so the job's start), elsewhere a
+    rank or the launcher that started the ranks (torchrun's agent); imports
+    and data loading are included, a requeued run counts from its own start.
 ``cores``
     CPU cores allocated to the run: on SLURM the job's cores on every node
     (``SLURM_CPUS_ON_NODE``, what ``sacct`` calls AllocCPUS); elsewhere the
@@ -17,8 +18,10 @@ are few):
 ``core_h``
     ``cores * wall_s / 3600``: what the allocation costs.
 ``cpu_h``
-    CPU time the ranks used (user + system, their waited-for children
-    included), summed, in hours.
+    CPU time (user + system, waited-for children included) of the ranks and
+    the run's other processes, summed, in hours: in a SLURM job every process
+    of the job (batch script, srun, launchers, ranks), elsewhere the ranks and
+    their launchers.
 ``cpu_eff``
     ``cpu_h / core_h``: busy over allocated (1 means every allocated core was
     busy all the time).
@@ -43,6 +46,7 @@ says so in one line and our figures stand alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -73,25 +77,85 @@ def _threads() -> int:
     return max(1, min(int(omp), usable)) if omp.isdigit() and int(omp) > 0 else usable
 
 
+# Command-line marks of the processes that start the ranks on a node (outside a Slurm job).
+_LAUNCHERS = ("torch.distributed.run", "torchrun", "deepspeed.launcher", "horovod.runner", "horovodrun")
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _machine_id() -> str:
+    """The running kernel (ranks that share one see the same processes), else the host name."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _figures(proc: psutil.Process) -> dict:
+    return {"pid": proc.pid, "started": proc.create_time(), "cpu_s": _cpu_s(proc)}
+
+
+def _job_processes(job: int) -> list[psutil.Process]:
+    """Every process of SLURM job ``job`` on this machine: what its slurmstepd processes started (the
+    batch script, srun, every step's tasks and their children)."""
+    mark = f"[{job}."
+    # Job ids are per cluster: a process is the job's when its environment names the same job and cluster.
+    ours = {"SLURM_JOB_ID": str(job), "SLURM_CLUSTER_NAME": os.environ.get("SLURM_CLUSTER_NAME")}
+    found: list[psutil.Process] = []
+    for stepd in psutil.process_iter(["cmdline"]):
+        title = " ".join(stepd.info["cmdline"] or [])  # "slurmstepd: [12.batch]", one word or two
+        if title.startswith("slurmstepd:") and mark in title:
+            with contextlib.suppress(psutil.Error):
+                for proc in stepd.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        env = proc.environ()
+                        if all(env.get(k) == v for k, v in ours.items()):
+                            found.append(proc)
+    return found
+
+
+def _launchers(proc: psutil.Process) -> list[psutil.Process]:
+    """The processes above this rank that started the ranks of its node (torchrun's agent and the like)."""
+    found = []
+    with contextlib.suppress(psutil.Error):  # an ancestor ended or is not ours to read
+        for parent in proc.parents():
+            if parent.pid <= 1 or not any(mark in " ".join(parent.cmdline()) for mark in _LAUNCHERS):
+                break
+            found.append(parent)
+    return found
+
+
 def rank_usage() -> dict:
-    """This process's figures so far: host, wall and CPU seconds, peak memory, cores."""
+    """This process's figures so far (host, CPU seconds, peak memory, cores), and those of the run's
+    other processes on its machine: in a SLURM job every process of the job, elsewhere the launchers."""
     proc = psutil.Process()
-    times = proc.cpu_times()
-    cpu_s = times.user + times.system + times.children_user + times.children_system
+    job = _slurm_job_id()
+    others = []
+    for other in _job_processes(job) if job is not None else _launchers(proc):
+        if other.pid != proc.pid:
+            with contextlib.suppress(psutil.Error):
+                others.append(_figures(other))
     # ru_maxrss is in KiB on Linux; a waited-for child (a data loader worker) may have peaked higher.
     peak_kib = max(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
     )
     node_cores = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    mine = _figures(proc)
     return {
         "host": socket.gethostname(),
-        "wall_s": max(0.0, time.time() - proc.create_time()),
-        "cpu_s": float(cpu_s),
+        "machine": _machine_id(),
+        "pid": proc.pid,
+        "wall_s": max(0.0, time.time() - min([mine["started"]] + [p["started"] for p in others])),
+        "cpu_s": mine["cpu_s"],
         "max_rss_mb": peak_kib / 1024.0,
         "threads": _threads(),
-        "node_cores": int(node_cores) if node_cores.isdigit() and _slurm_job_id() is not None else None,
-        "slurm_job": _slurm_job_id(),
+        "node_cores": int(node_cores) if node_cores.isdigit() and job is not None else None,
+        "slurm_job": job,
+        "others": others,
     }
 
 
@@ -108,7 +172,10 @@ def summarise(per_rank: list[dict], devices: list[str] | None = None, energy_wh:
         slurm = [r["node_cores"] for r in ranks if r.get("node_cores")]
         # SLURM allocates per node (every rank there sees the same number); elsewhere each rank's threads.
         cores += max(slurm) if slurm else sum(r["threads"] for r in ranks)
-    cpu_s = sum(r["cpu_s"] for r in per_rank)
+    # A process seen by several ranks of a machine (a launcher, the batch script, another rank) counts once.
+    ranks = {(r.get("machine"), r.get("pid")) for r in per_rank}
+    others = {(r.get("machine"), p["pid"]): p["cpu_s"] for r in per_rank for p in r.get("others", [])}
+    cpu_s = sum(r["cpu_s"] for r in per_rank) + sum(v for k, v in others.items() if k not in ranks)
     core_h = cores * wall_s / 3600.0
     gpus = sum(1 for d in devices or [] if d.startswith("cuda"))
     jobs = {r.get("slurm_job") for r in per_rank} - {None}
