@@ -76,7 +76,7 @@ from virgo_exps.paths import snapshot_root
 from virgo_exps.study.dataset import ImageDataset, ShardSampler, eval_shard
 from virgo_exps.study.models import build_model, count_parameters, model_file_content
 from virgo_exps.train import cost
-from virgo_exps.train.monitoring import GpuMonitor, computation_fraction
+from virgo_exps.train.monitoring import GpuMonitor, HostLoad, computation_fraction
 from virgo_exps.train.strategies import Strategy
 
 SNAPSHOT = "snapshot.pt"
@@ -181,9 +181,13 @@ class EpochRecord:
     val_time_s: float
     samples_per_s: float
     lr: float
-    # The host's 1-minute load average over its cores when the epoch ended:
-    # above 1, other work competed for the CPUs while the epoch was timed.
+    # The host's load while the epoch ran: mean runnable tasks per core,
+    # sampled (the most loaded host of the run); above 1, other work competed
+    # for the CPUs while the epoch was timed.
     load_avg: float | None = None
+    # Compute processes of other jobs seen on a rank's GPU during the epoch
+    # (None without a GPU): they share the device the epoch was timed on.
+    gpu_other_procs: int | None = None
 
 
 class Interrupted(Exception):
@@ -202,12 +206,14 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
-def _host_load() -> float | None:
-    """1-minute load average divided by the cores this process may use (None where not available)."""
-    try:
-        return os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return None
+def _busiest(per_rank: list[tuple[float | None, int | None]]) -> dict:
+    """The epoch's load figures from every rank's (host load, other GPU processes): the worst of each."""
+    loads = [load for load, _ in per_rank if load is not None]
+    others = [n for _, n in per_rank if n is not None]
+    return {
+        "load_avg": round(max(loads), 3) if loads else None,
+        "gpu_other_procs": max(others) if others else None,
+    }
 
 
 _atomic_write_text = fsio.write_text
@@ -601,6 +607,7 @@ class Trainer:
         resumed = self._load_snapshot()
         gpu = GpuMonitor(local_rank=s.local_rank)
         gpu.start()
+        host_load = HostLoad().start()
         # Where each rank runs: recorded, never part of what DVC hashes.
         self.placement = s.all_gather_object({"host": socket.gethostname(), "device": _device_name(s.device)})
         if s.is_main and self.tracker is not None:
@@ -624,6 +631,7 @@ class Trainer:
         try:
             self._profile()
             while self.epoch < self.cfg.epochs:
+                host_load.window(), gpu.others_window()  # start this epoch's window
                 loss_sum, train_time, steps, steps_run = self._run_epoch()
                 if self._should_stop():
                     raise Interrupted
@@ -639,7 +647,7 @@ class Trainer:
                     val_time_s=val_time,
                     samples_per_s=steps_run * self.cfg.global_batch_size / train_time if train_time > 0 else 0.0,
                     lr=self.scheduler.get_last_lr()[0],
-                    load_avg=_host_load(),
+                    **_busiest(s.all_gather_object((host_load.window(), gpu.others_window()))),
                 )
                 self.history.append(rec)
                 self.epoch += 1
@@ -679,6 +687,7 @@ class Trainer:
                 )
             raise
         finally:
+            host_load.stop()
             if s.is_main and self.tracker is not None:
                 self.tracker.end(status)
 
