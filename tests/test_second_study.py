@@ -96,6 +96,9 @@ def test_the_tiny_study_owns_nothing_of_the_machinery():
 def test_the_tiny_study_runs_locally_single_and_ddp(tmp_path, src_before):
     repo = make_tiny_repo(tmp_path / "tiny")
     env = tool_env({"OMP_NUM_THREADS": "1"})
+    # the machinery's checks of params against the machine, without the Virgo study's sections
+    check = sh([str(BIN / "virgo-exps"), "check"], repo, env)
+    assert "params.yaml: valid; machine: local (local)" in check.stdout
     out = exp_run(repo, env)
     assert "Running stage 'data'" in out and "launch: train on 'local'" in out
     single = finished(repo, epochs=3, world=1, strategy="single")

@@ -109,7 +109,7 @@ def _visible_gpus() -> int:
 
 def check_device(params: Params) -> None:
     """``preprocess.device`` exists here (preprocessing runs on this machine, also on SLURM machines)."""
-    if params.preprocess.device != "cuda":
+    if params.preprocess is None or params.preprocess.device != "cuda":
         return
     import torch
 
@@ -273,14 +273,18 @@ def check_budget(params: Params, budget: Budget) -> None:
 
 def check(
     params_path: str | os.PathLike = "params.yaml", machine: Machine | None = None
-) -> tuple[Params, Machine, Budget]:
-    """Every check, in order; raise ConfigError (one line) at the first problem."""
+) -> tuple[Params, Machine, Budget | None]:
+    """Every check, in order; raise ConfigError (one line) at the first problem.
+
+    The disk and memory budget is the Virgo study's (None for a params file without its sections)."""
     params = load_params(params_path)
     machine = machine or load_machine()
     check_tracking_uri()
     check_tracking_secret(machine)
     check_machine(params, machine)
     check_device(params)
+    if params.generate is None or params.preprocess is None:
+        return params, machine, None
     budget = estimate(params, machine)
     check_budget(params, budget)
     return params, machine, budget
@@ -305,8 +309,10 @@ def check_tracking_secret(machine: Machine) -> None:
             )
 
 
-def summary(params_path: str | os.PathLike, machine: Machine, budget: Budget) -> str:
+def summary(params_path: str | os.PathLike, machine: Machine, budget: Budget | None) -> str:
     """The line ``virgo-exps check`` prints when everything passed."""
+    if budget is None:
+        return f"{params_path}: valid; machine: {machine.name} ({machine.kind})"
     return (
         f"{params_path}: valid; machine: {machine.name} ({machine.kind}); data needs up to "
         f"{_fmt(budget.disk)} on disk ({_fmt(budget.disk_free)} free), ~{_fmt(budget.memory)} of memory "
