@@ -35,8 +35,8 @@ from test_slurm_launch import cluster_env, job_id_of, train_cmd
 from virgo_exps.train import cost
 
 START_S = 2.0  # Slurm's times are whole seconds; the batch script starts within a second of Start
-TAIL_S = 15.0  # epochs' end to the job's end; seen here: ~5 s on a loaded 2-core machine
-CPU_TOL_S, CPU_TOL_REL = 5.0, 0.10  # seen here: 2.7 s of 15 s
+TAIL_S = 20.0  # epochs' end to the job's end; seen here: 5-8 s on a loaded 2-core machine
+CPU_TOL_S, CPU_TOL_REL = 5.0, 0.10  # seen here: 2.7-3 s of 15-17 s
 
 on_slurm = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -118,6 +118,7 @@ def test_the_accounting_command_writes_both(slurm_accounting, trained):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+    print(proc.stdout)
     assert f"sacct: job {job} COMPLETED" in proc.stdout, proc.stdout
     saved = json.loads(out.read_text())
     assert saved["ours"] == ours and saved["sacct"]["alloc_cpus"] == ours["cores"]

@@ -50,7 +50,7 @@ def _run(workdir, name: str, strategy: str, procs: int, threads: int) -> tuple[d
 
 def _consistent(c: dict) -> None:
     assert c["core_h"] == pytest.approx(c["cores"] * c["wall_s"] / 3600, rel=1e-3)
-    assert c["cpu_eff"] == pytest.approx(c["cpu_h"] / c["core_h"], rel=1e-3)
+    assert c["cpu_eff"] == pytest.approx(c["cpu_h"] / c["core_h"], abs=1e-4)  # rounded to 4 places
     assert 0 < c["cpu_eff"] <= 1.05
     assert c["gpus"] == 0 and c["gpu_h"] == 0 and c["energy_wh"] is None  # CPU only here
     assert c["slurm_job"] is None
@@ -123,3 +123,29 @@ def test_slurm_cores_count_once_per_node():
     assert c["core_h"] == pytest.approx(8 * 100 / 3600) and c["gpu_h"] == pytest.approx(3 * 100 / 3600)
     assert c["cpu_eff"] == pytest.approx(150 / 800)
     assert c["node_rss_mb"] == 20.0
+
+
+@pytest.mark.slow
+def test_the_scalability_report_shows_cost_per_group_and_in_total(workdir, tmp_path):
+    from virgo_exps.scalability.report import summarize, write_report
+    from virgo_exps.scalability.sources import load_files
+
+    out = workdir / "out"
+    for name, strategy, procs in (("cost-single", "single", 1), ("cost-ddp", "ddp", 2)):
+        if not (out / name / "metrics.json").exists():
+            _run(workdir, name, strategy, procs, threads=1)
+    recorded = {n: json.loads((out / n / "metrics.json").read_text())["cost"] for n in ("cost-single", "cost-ddp")}
+    runs, notes = load_files([out / "cost-single", out / "cost-ddp"])
+    report = summarize(runs, source_notes=notes)
+    by_world = {int(w): row for w, row in zip(report.groups["world_size"], report.groups.to_dict("records"))}
+    assert by_world[1]["core_h"] == pytest.approx(recorded["cost-single"]["core_h"])
+    assert by_world[2]["core_h_total"] == pytest.approx(recorded["cost-ddp"]["core_h"])
+    assert by_world[2]["cpu_eff"] == pytest.approx(recorded["cost-ddp"]["cpu_eff"])
+    total = sum(c["core_h"] for c in recorded.values())
+    assert report.cost["core_h"] == pytest.approx(total) and report.cost["runs"] == 2
+    page = write_report(report, tmp_path / "report")
+    line = f"Cost: {total:.4g} core-hours in total over 2 run(s)"
+    assert line in (page / "console.txt").read_text()
+    assert line in (page / "index.html").read_text()
+    assert "core-h/run" in (page / "index.html").read_text()
+    assert json.loads((page / "scalability.json").read_text())["cost"]["core_h"] == pytest.approx(total)

@@ -86,6 +86,10 @@ def render(
         else:
             parts.append("<p>Scaling: " + "; ".join(f"<b>{_e(s)}</b>: {_e(m)}" for s, m in modes.items()) + ".</p>")
     parts += ["<h2>Summary</h2>", _table(summary)]
+    if getattr(report, "cost", None):
+        from virgo_exps.scalability.report import cost_line
+
+        parts.append(f'<p class="cost">{_e(cost_line(report.cost))}.</p>')
     if not report.groups.empty:
         bases = dict(zip(report.groups["series"], report.groups["baseline"]))
         parts.append(

@@ -21,6 +21,8 @@ world sizes (nodes x processes per node). For each world size of a group:
   one-process ``single`` run of an otherwise equal configuration;
 - computation fraction with the seconds per epoch it stands for, final
   validation loss, GPU utilisation and energy where they were measured;
+- cost (train/cost.py): core-hours per run and in total, CPU efficiency,
+  GPU-hours, over every run of a group, and the total of the report;
 - flags for figures to distrust: efficiency above 100 %, speedup above the
   world size, spread wider than the differences to neighbouring groups.
 
@@ -83,7 +85,40 @@ DEFINITIONS = {
     "gpu_energy_wh": "GPU energy of a whole run summed over ranks (Wh), median over runs; gpu_energy_wh_total sums "
     "the group's runs",
     "gpu_energy_wh_per_sample": "GPU energy per training sample processed (Wh), median over runs",
+    "core_h": "core-hours of a run: allocated CPU cores x wall time (the job's cores on SLURM), median over runs; "
+    "core_h_total sums the group's runs (the report's total is under Cost)",
+    "cpu_eff": "CPU time used / core-hours allocated, median over runs (1 = every allocated core busy throughout)",
+    "gpu_h": "GPU-hours: GPUs x wall time, summed over the group's runs",
 }
+
+
+def cost_of(run: Run, key: str) -> float | None:
+    """A figure of the run's ``cost`` (nested in metrics.json, flattened as ``cost.<key>`` by some sources)."""
+    nested = run.metrics.get("cost")
+    return _num(nested.get(key) if isinstance(nested, dict) else run.metrics.get(f"cost.{key}"))
+
+
+def cost_total(runs: list[Run]) -> dict:
+    """What the runs cost together; ``runs_without`` counts those that recorded no cost."""
+    core = [v for v in (cost_of(r, "core_h") for r in runs) if v is not None]
+    gpu = [v for v in (cost_of(r, "gpu_h") for r in runs) if v is not None]
+    return {
+        "core_h": float(sum(core)) if core else None,
+        "gpu_h": float(sum(gpu)) if gpu else None,
+        "runs": len(core),
+        "runs_without": len(runs) - len(core),
+    }
+
+
+def cost_line(total: dict) -> str:
+    if total["core_h"] is None:
+        return "Cost: not recorded by any run (runs made before the trainer recorded cost figures)"
+    line = f"Cost: {total['core_h']:.4g} core-hours in total over {total['runs']} run(s)"
+    if total["gpu_h"]:
+        line += f", {total['gpu_h']:.4g} GPU-hours"
+    if total["runs_without"]:
+        line += f"; {total['runs_without']} run(s) recorded no cost and are not counted"
+    return line
 
 
 @dataclass
@@ -98,6 +133,7 @@ class Report:
     split_on: dict[str, list[str]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     duplicates: dict[str, str] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)  # cost_total of the runs reported
 
 
 def _param(run: Run, key: str):
@@ -146,6 +182,8 @@ def _group_row(series: str, scaling: str, runs: list[Run]) -> dict:
     losses = [v for v in (_num(r.metrics.get("val_loss")) for r in runs) if v is not None]
     epoch_time = _median(times)
     comp = _median(r.metrics.get("computation_fraction") for r in runs)
+    core_h = [v for v in (cost_of(r, "core_h") for r in runs) if v is not None]
+    gpu_h = [v for v in (cost_of(r, "gpu_h") for r in runs) if v is not None]
     row = {
         "series": series,
         "strategy": first.strategy,
@@ -173,6 +211,10 @@ def _group_row(series: str, scaling: str, runs: list[Run]) -> dict:
         "gpu_energy_wh_total": float(sum(energies)) if energies else None,
         "gpu_energy_wh_per_sample": _median(r.metrics.get("gpu_energy_wh_per_sample") for r in runs),
         "excluded_epochs": sum(len(r.excluded) for r in runs),
+        "core_h": _median(core_h),
+        "core_h_total": float(sum(core_h)) if core_h else None,
+        "cpu_eff": _median(cost_of(r, "cpu_eff") for r in runs),
+        "gpu_h": float(sum(gpu_h)) if gpu_h else None,
     }
     return row
 
@@ -418,6 +460,8 @@ def summarize(
                 "val_loss": _num(r.metrics.get("val_loss")),
                 "computation_fraction": _num(r.metrics.get("computation_fraction")),
                 "gpu_energy_wh": _num(r.metrics.get("gpu_energy_wh")),
+                "core_h": cost_of(r, "core_h"),
+                "cpu_eff": cost_of(r, "cpu_eff"),
                 "machine": r.machine,
                 "device": r.device,
                 "software": grouping._short_hash(r.software),
@@ -441,6 +485,7 @@ def summarize(
         groups_of.split_on,
         provenance(usable or runs, repo),
         dropped,
+        cost_total(usable),
     )
 
 
@@ -506,6 +551,12 @@ def display_table(report: Report) -> pd.DataFrame:
         out["GPU Wh/run"] = [_fmt(v) for v in g["gpu_energy_wh"]]
         out["GPU Wh total"] = [_fmt(v) for v in g["gpu_energy_wh_total"]]
         out["Wh/sample"] = [_fmt(v, ".3g") for v in g["gpu_energy_wh_per_sample"]]
+    if "core_h" in g and g["core_h"].notna().any():
+        out["core-h/run"] = [_fmt(v, ".3g") for v in g["core_h"]]
+        out["core-h total"] = [_fmt(v, ".3g") for v in g["core_h_total"]]
+        out["CPU eff"] = [_pct(v) for v in g["cpu_eff"]]
+        if g["gpu_h"].fillna(0).any():
+            out["GPU-h total"] = [_fmt(v, ".3g") for v in g["gpu_h"]]
     out["flags"] = [f"! {f}" if f else "" for f in g["flags"]]
     return out
 
@@ -525,6 +576,8 @@ def console_text(report: Report, stamp: str | None = None) -> str:
     if not table.empty:
         lines += ["", table.to_string(index=False), ""]
         lines.append(baselines_line(report))
+    if report.cost:
+        lines.append(cost_line(report.cost))
     if report.notes:
         lines += ["", "Notes:"] + [f"  - {n}" for n in report.notes]
     return "\n".join(lines) + "\n"
@@ -577,6 +630,7 @@ def write_report(report: Report, out: str | os.PathLike, title: str = "Scalabili
             "duplicates": report.duplicates,
             "definitions": DEFINITIONS,
             "notes": report.notes,
+            "cost": report.cost,
             "groups": _records(report.groups),
             "experiments": _records(report.experiments),
             "common_params": _jsonable(report.common),
