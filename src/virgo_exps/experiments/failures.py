@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from virgo_exps.launch.protocol import experiment_of_log
+from virgo_exps import dvcrun
+from virgo_exps.launch.protocol import announced_logs, experiment_of_log
 from virgo_exps.paths import main_checkout
 
 FAILED_DIR = Path("logs") / "failed"
@@ -41,13 +41,14 @@ class Failure:
         return asdict(self)
 
 
-def _dvc() -> str:
-    here = Path(sys.executable).parent / "dvc"
-    return str(here) if here.exists() else "dvc"
-
-
 def _run(cmd: list[str], cwd: Path) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    return proc.stdout + proc.stderr
+
+
+def _dvc(args: list[str], cwd: Path) -> str:
+    """What ``dvc <args>`` printed (stdout, then stderr), whatever its exit code."""
+    proc = dvcrun.run(args, cwd, check=False)
     return proc.stdout + proc.stderr
 
 
@@ -70,12 +71,12 @@ def failed_stage(text: str) -> str:
 
 
 def launcher_logs(text: str) -> list[str]:
-    """Stage logs the launcher announced (``launch: log <path>``)."""
-    return re.findall(r"^launch: log (\S+)", text, flags=re.M)
+    """Stage logs the launcher announced (:func:`virgo_exps.launch.protocol.log_announcement`)."""
+    return announced_logs(text)
 
 
 def queue_rows(repo: Path) -> list[dict]:
-    out = _run([_dvc(), "queue", "status"], repo)
+    out = _dvc(["queue", "status"], repo)
     rows = []
     for line in out.splitlines():
         m = _QUEUE_ROW.match(line.strip())
@@ -132,7 +133,7 @@ def failures(repo: Path | str = ".") -> list[Failure]:
         if row["status"] != "Failed":
             continue
         name = row["name"]
-        text = _run([_dvc(), "queue", "logs", name], repo)
+        text = _dvc(["queue", "logs", name], repo)
         kept = record(text, name, root)
         logs = [_rel(kept, root)]
         logs += [_rel(Path(p), root) for p in launcher_logs(text)]

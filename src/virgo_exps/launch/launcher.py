@@ -360,7 +360,7 @@ def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dic
     """Run ``cmd`` here, teeing its output to the stage log; forward Ctrl-C/SIGTERM/SIGHUP."""
     log = local_log_path(stage)
     print(f"launch: {stage} on '{machine.name}': {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    print(f"launch: log {log}", file=sys.stderr, flush=True)
+    print(protocol.log_announcement(log), file=sys.stderr, flush=True)
     full_env = {**os.environ, **machine.env, **(env or {})}
     with core_slots(procs, machine), open(log, "ab") as out:
         # Own session: a terminal's Ctrl-C reaches the training through `forward` only (once).

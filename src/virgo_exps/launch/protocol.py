@@ -70,6 +70,16 @@ def job_log_pattern(experiment: str, array: bool = False, literal=str) -> str:
     return job_log_name(literal(experiment), "%A", "%a") if array else job_log_name(literal(experiment), "%j")
 
 
+def log_announcement(path: Path) -> str:
+    """The line by which the launcher tells where a stage's log is (on stderr, so in DVC's output)."""
+    return f"launch: log {path}"
+
+
+def announced_logs(text: str) -> list[str]:
+    """The logs :func:`log_announcement` lines in ``text`` name (a path without spaces or ';')."""
+    return re.findall(r"^launch: log (\S+?)(?=;|\s|$)", text, flags=re.M)
+
+
 _LOG_NAME = re.compile(r"^(?P<exp>.+?)-(?:local-\d+|\d+(?:_\d+)?)\.out$")
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from virgo_exps.launch.protocol import EXIT_INTERRUPTED
+from virgo_exps.launch.protocol import EXIT_INTERRUPTED, log_announcement
 from virgo_exps.launch.slurm.query import JobGone, JobInfo, in_squeue, run_tool, show_job
 from virgo_exps.launch.slurm.script import JobContext
 
@@ -271,7 +271,7 @@ def _finish(job_id: str, ctx: JobContext, info: JobInfo | None, rc: int, followe
         hint = " (the training was interrupted and not requeued; running the stage again continues from the snapshot)"
     errors = "".join(f"launch:   {line}\n" for line in error_lines(log))
     write(
-        f"launch: error: {what}{hint}\nlaunch: log {log}; its last {LOG_TAIL_LINES} lines:\n"
+        f"launch: error: {what}{hint}\n{log_announcement(log)}; its last {LOG_TAIL_LINES} lines:\n"
         f"{log_tail(log)}\n"
         f"launch: error: {what}{hint}\n" + (f"launch: errors reported in the log:\n{errors}" if errors else "")
     )
