@@ -65,6 +65,17 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _flat(metrics: dict, prefix: str = "") -> dict:
+    """Nested metrics (the ``cost`` figures) as ``cost.core_h`` rows."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _plain(value: float, _pos=None) -> str:
     return f"{value:g}"
 
@@ -388,7 +399,7 @@ Rows: {listing}.
         else f"GPU energy: {_fmt(metrics['gpu_energy_wh'])} Wh, "
         f"utilisation {_fmt(metrics.get('gpu_utilization_pct'))} %."
     )
-    rows = "\n".join(f"| {md_text(k)} | {md_text(_fmt(v))} |" for k, v in sorted(metrics.items()))
+    rows = "\n".join(f"| {md_text(k)} | {md_text(_fmt(v))} |" for k, v in sorted(_flat(metrics).items()))
     table = df.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else df.to_string(index=False)
     revision = git_revision(Path(params_path).resolve().parent if params_path is not None else Path.cwd())
     if lock_path is None:
