@@ -156,3 +156,16 @@ def test_each_bad_value_fails_the_first_stage_with_one_clear_line(tmp_path):
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and f"{section}.{key}" in lines[0], proc.stderr
         assert (repo / "version.lock").read_text() == original_lock
+
+
+def test_console_shows_progress_and_the_log_keeps_the_chatter(pipeline):
+    """Two DDP ranks under torchrun: the profiler's per-rank probe lines reach the stage log, not the console."""
+    repo, _ = pipeline
+    proc = exp_run(repo, "-S", "train.strategy=ddp", "-S", "train.procs_per_node=2")
+    console = proc.stdout + proc.stderr
+    assert re.search(r"^epoch 2/2: train_loss", console, re.M), console[-3000:]
+    logs = sorted((repo / "logs" / "train").glob("*-local-*.out"), key=lambda p: p.stat().st_mtime)
+    log = logs[-1].read_text()
+    assert "epoch 2/2: train_loss" in log
+    assert "profiler_st" in log  # the torch profiler's USDT lines, one per rank
+    assert "profiler_st" not in console and "USDT" not in console, console[-3000:]

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from virgo_exps.config import ConfigError, TrainConfig
-from virgo_exps.launch import protocol
+from virgo_exps.launch import console, protocol
 from virgo_exps.launch.job import JobSpec, dry_run_requested
 from virgo_exps.launch.strategy_table import check_software, horovodrun_of, strategy_row
 from virgo_exps.machines import Machine, load_machine
@@ -396,11 +396,7 @@ def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dic
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             assert proc.stdout is not None
-            for line in iter(proc.stdout.readline, b""):
-                out.write(line)
-                out.flush()
-                sys.stderr.buffer.write(line)
-                sys.stderr.flush()
+            console.tee(proc.stdout, out, sys.stderr.buffer)  # the log gets every line, the console no chatter
             rc = proc.wait()
         finally:
             for s, h in old.items():

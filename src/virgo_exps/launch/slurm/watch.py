@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from virgo_exps.launch.console import ConsoleFilter
 from virgo_exps.launch.protocol import EXIT_INTERRUPTED, log_announcement
 from virgo_exps.launch.slurm.query import JobGone, JobInfo, in_squeue, run_tool, show_job
 from virgo_exps.launch.slurm.script import JobContext
@@ -45,10 +46,17 @@ class LogFollower:
         self.path = path
         self.enabled = enabled
         self.offset = 0
+        self.filter = ConsoleFilter()  # the log keeps the chatter, the console does not show it
 
     def set_path(self, path: Path) -> None:
         if path != self.path:
+            self.flush()
             self.path, self.offset = path, 0
+
+    def flush(self) -> None:
+        """Show a last line the log ended without a newline."""
+        if self.enabled:
+            write(self.filter.flush())
 
     def poll(self) -> None:
         if not self.enabled or self.path is None:
@@ -61,7 +69,7 @@ class LogFollower:
             return
         if data:
             self.offset += len(data)
-            write(data)
+            write(self.filter.feed(data))
 
 
 def error_lines(path: Path | None, limit: int = 5) -> list[str]:
@@ -254,6 +262,7 @@ def _report_change(info: JobInfo, last: tuple | None) -> None:
 def _finish(job_id: str, ctx: JobContext, info: JobInfo | None, rc: int, follower: LogFollower) -> int:
     time.sleep(0.05)
     follower.poll()
+    follower.flush()
     log = follower.path
     state = info.state if info else "UNKNOWN"
     nodes = info.nodes if info else "?"
