@@ -25,7 +25,6 @@ several processes), so validating params stays cheap.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -38,8 +37,6 @@ from virgo_exps.machines import Machine, load_machine
 from virgo_exps.paths import main_checkout, repo_root
 from virgo_exps.train.tracking import check_tracking_uri
 
-# What each strategy needs beyond torch, as an importable module.
-STRATEGY_MODULES = {"deepspeed": "deepspeed", "horovod": "horovod"}
 # Per chunk of the generated store, the generate stage keeps a few Python
 # objects (chunk index, task bookkeeping): counted generously.
 BYTES_PER_CHUNK = 200
@@ -60,7 +57,6 @@ def _fmt(n: float) -> str:
 def check_machine(params: Params, machine: Machine) -> None:
     """Nodes, processes, GPUs and the strategy's software on ``machine``; raise ConfigError."""
     cfg = params.train
-    module = STRATEGY_MODULES.get(cfg.strategy)
     if machine.kind == "local":
         # The launcher's own refusals (several nodes here, horovodrun missing).
         from virgo_exps.launch.launcher import local_command
@@ -89,16 +85,9 @@ def check_machine(params: Params, machine: Machine) -> None:
                 f"requests {machine.gpus_per_node} GPU(s) per node, one per process; set train.procs_per_node "
                 f"to at most {machine.gpus_per_node} or raise gpus_per_node in machines/{machine.name}/machine.yaml"
             )
-    if module and importlib.util.find_spec(module) is None:
-        if module == "horovod":
-            raise ConfigError(
-                "train.strategy: 'horovod' needs Horovod, which is not built in this environment; "
-                "run `make horovod` (a few minutes) or choose 'ddp' or 'deepspeed'"
-            )
-        raise ConfigError(
-            f"train.strategy: {cfg.strategy!r} needs the Python package '{module}', which is not installed in "
-            f"this environment ({sys.prefix}); install it (`pip install -e .`) or choose another strategy"
-        )
+    from virgo_exps.launch.strategy_table import check_software, strategy_row
+
+    check_software(strategy_row(cfg.strategy), sys.executable)  # the launcher's own check, and its words
 
 
 def _visible_gpus() -> int:

@@ -36,6 +36,7 @@ class StrategyRow:
     deepspeed_runner: bool = False
     needs_horovod: bool = False
     multi_node: bool = True
+    package: str | None = None  # the Python package it needs beyond torch (an extra of pyproject.toml)
 
     @property
     def task_per_process(self) -> bool:
@@ -54,9 +55,21 @@ STRATEGY_TABLE: dict[str, StrategyRow] = {
         StrategyRow("single", f"{_PACKAGE}.single:SingleStrategy", local="plain", srun="plain", multi_node=False),
         StrategyRow("ddp", f"{_PACKAGE}.ddp:DDPStrategy", local="torchrun", srun="torchrun"),
         StrategyRow(
-            "deepspeed", f"{_PACKAGE}.deepspeed:DeepSpeedStrategy", "torchrun", "torchrun", deepspeed_runner=True
+            "deepspeed",
+            f"{_PACKAGE}.deepspeed:DeepSpeedStrategy",
+            "torchrun",
+            "torchrun",
+            deepspeed_runner=True,
+            package="deepspeed",
         ),
-        StrategyRow("horovod", f"{_PACKAGE}.horovod:HorovodStrategy", "horovodrun", "hvd_slurm", needs_horovod=True),
+        StrategyRow(
+            "horovod",
+            f"{_PACKAGE}.horovod:HorovodStrategy",
+            "horovodrun",
+            "hvd_slurm",
+            needs_horovod=True,
+            package="horovod",
+        ),
     )
 }
 STRATEGY_NAMES = tuple(STRATEGY_TABLE)
@@ -89,7 +102,13 @@ def horovod_built(python: str) -> bool:
 
 def check_software(row: StrategyRow, python: str) -> None:
     """Refuse a strategy whose software this environment lacks (one ConfigError line)."""
-    if row.needs_horovod and not horovod_built(python):
-        from virgo_exps.config import ConfigError
+    from virgo_exps.config import ConfigError
 
+    if row.needs_horovod and not horovod_built(python):
         raise ConfigError(HOROVOD_MISSING)
+    if row.package and importlib.util.find_spec(row.package) is None:
+        raise ConfigError(
+            f"train.strategy: {row.name!r} needs the Python package '{row.package}', which is not installed in "
+            f"this environment ({Path(python).parent.parent}); install it (`pip install -e .`) or choose another "
+            "strategy"
+        )

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from virgo_exps.launch.strategy_table import HOROVOD_MISSING
 from virgo_exps.train.strategies.base import Strategy
-
-_HINT = (
-    "Horovod is not installed in this environment; build it with "
-    "`make horovod` (scripts/install_horovod.sh), or choose train.strategy ddp or deepspeed"
-)
 
 
 def _hvd():
     try:
         import horovod.torch as hvd
     except ImportError as exc:  # pragma: no cover - depends on the build
-        raise RuntimeError(f"{_HINT} ({exc})") from None
+        raise RuntimeError(f"{HOROVOD_MISSING} ({exc})") from None
     return hvd
 
 
