@@ -92,7 +92,6 @@ import functools
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -101,6 +100,7 @@ from pathlib import Path
 
 import numpy as np
 
+from virgo_exps import fsio
 from virgo_exps import provenance as _provenance
 from virgo_exps import store as _store
 from virgo_exps.config import GenerateConfig
@@ -479,13 +479,9 @@ def ensure_partial(cfg: GenerateConfig, path: Path) -> None:
     path = Path(path)
     if not (path / "zarr.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.init-{socket.gethostname()}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = fsio.temp_path(path, "init")
         _create_store(cfg, tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another task created it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        fsio.move_into_place(tmp, path, exclusive=True)  # False: another task created it first
     _check_store(cfg, path)
 
 

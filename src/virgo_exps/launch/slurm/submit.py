@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from virgo_exps import fsio
 from virgo_exps.config import ConfigError
 from virgo_exps.launch.job import JobSpec, dry_run_requested
 from virgo_exps.launch.slurm.query import find_active_jobs
@@ -85,9 +86,7 @@ def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> in
             )
             return watch(job_id, ctx, None, signals, follow)
         ctx.log_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ctx.script_path.with_name(f".{ctx.script_path.name}.{os.getpid()}")
-        tmp.write_text(script)
-        os.replace(tmp, ctx.script_path)
+        fsio.write_text(ctx.script_path, script)
         say(f"{stage} on '{machine.name}': {shlex.join(cmd)}")
         sbatch = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
