@@ -1,0 +1,91 @@
+"""A train stage's entry point, the same for every study.
+
+A study's ``stages/train.py`` says only what is its own, its networks and
+what to check before starting::
+
+    from virgo_exps.train import stage
+
+    def models():  # called in each worker
+        return ModelFactory(build_model)
+
+    if __name__ == "__main__":
+        stage.main(models, check=None, description=__doc__)
+
+Without ``--worker`` the script loads the params, runs ``check(params, args)``
+and starts the workers on the active machine through the one launcher
+(directly, torchrun, horovodrun, or a SLURM job); each worker runs the same
+script with ``--worker`` and trains with the strategy of ``train.strategy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from virgo_exps.cli.main import stage_main, worker_main
+from virgo_exps.config import Params, load_params
+
+OUTPUTS = ("checkpoints", "model", "metrics", "epochs", "ranks")
+
+
+def parse(description: str | None = None, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", type=Path, required=True)
+    for name in OUTPUTS:
+        parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument("--worker", action="store_true", help="run as one training process")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    return parser.parse_args(argv)
+
+
+def launch(args: argparse.Namespace, check: Callable[[Params, argparse.Namespace], None] | None) -> int:
+    from virgo_exps.launch import launcher
+    from virgo_exps.launch.job import JobSpec
+    from virgo_exps.launch.protocol import WorkerFiles
+
+    params = load_params(args.params)
+    if check is not None:
+        check(params, args)
+    # The workers run this same script, from the same directory, with --worker.
+    argv = [sys.argv[0], *sys.argv[1:], "--worker"]
+    files = WorkerFiles(params=str(args.params), checkpoints=str(args.checkpoints))
+    return launcher.launch(JobSpec.training("train", argv, params.train, files))
+
+
+def work(args: argparse.Namespace, models: Callable[[], Any], strategy_box: list) -> int:
+    from virgo_exps.launch.protocol import EXIT_INTERRUPTED
+    from virgo_exps.train.strategies import get_strategy
+    from virgo_exps.train.tracking import Tracker
+    from virgo_exps.train.trainer import Interrupted, Trainer, TrainOutputs
+
+    params = load_params(args.params)
+    strategy = get_strategy(params.train.strategy)
+    strategy_box.append(strategy)
+    strategy.init()
+    outputs = TrainOutputs(**{name: getattr(args, name) for name in OUTPUTS})
+    trainer = Trainer(params, strategy, args.data, outputs, Tracker(enabled=not args.no_tracking), models())
+    try:
+        trainer.fit()
+    except Interrupted:
+        return EXIT_INTERRUPTED
+    finally:
+        strategy.shutdown()
+    return 0
+
+
+def main(
+    models: Callable[[], Any],
+    check: Callable[[Params, argparse.Namespace], None] | None = None,
+    description: str | None = None,
+) -> None:
+    """Run the train stage: ``models()`` gives the study's :class:`~virgo_exps.train.trainer.ModelFactory`."""
+    args = parse(description)
+    if args.worker:
+        box: list = []
+        worker_main(lambda: work(args, models, box), lambda: box[0].rank if box else -1)
+    else:
+        stage_main(lambda: launch(args, check))
