@@ -137,3 +137,50 @@ def test_other_gpu_processes_are_told_apart_by_their_launcher():
         for p in (launcher, stranger):
             p.kill()
             p.wait()
+
+
+RANK = """
+import sys, threading, time
+import torch
+from virgo_exps.train.monitoring import HostLoad, runnable_tasks
+
+torch.set_num_threads(4)  # more busy threads than cores, all of this rank
+stop = time.monotonic() + 3.0
+a = torch.randn(256, 256)
+def spin():
+    while time.monotonic() < stop:
+        a @ a
+if sys.argv[1] == "0":
+    load = HostLoad(interval=0.05).start()
+    threading.Thread(target=spin).start()
+    time.sleep(0.5)
+    load.window()
+    raw = []
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        raw.append(runnable_tasks())
+        time.sleep(0.05)
+    print(load.window(), sum(raw) / len(raw), flush=True)
+    load.stop()
+else:
+    spin()
+"""
+
+
+def test_a_runs_own_threads_are_not_other_work(tmp_path):
+    """Two ranks under one launcher, each keeping more threads busy than the cores: the run alone."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK)
+    launcher = (
+        "import subprocess, sys\n"
+        f"ps = [subprocess.Popen([sys.executable, {str(script)!r}, str(r)], stdout=subprocess.PIPE, text=True) "
+        "for r in (0, 1)]\n"
+        "print(ps[0].communicate()[0], end='')\n"
+        "ps[1].wait()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    load, raw = (float(v) for v in out.stdout.split())
+    cores = len(os.sched_getaffinity(0))
+    assert raw / cores > LOAD_LIMIT, raw  # the host was busy beyond its cores, by the run's own threads
+    assert load <= LOAD_LIMIT, (load, raw)  # which count as its two processes: the epoch is the run's own

@@ -166,19 +166,24 @@ def runnable_tasks(stat_path: str = "/proc/stat") -> int | None:
 
 
 class HostLoad:
-    """Mean runnable tasks per usable core over a window, sampled every ``interval`` seconds.
+    """Runnable tasks per usable core over a window, sampled every ``interval`` seconds.
 
-    A run that keeps its cores busy reads about 1.0; more than that means other
-    work competed for the same cores while the window was timed.
+    The run itself counts one per process of its job on this host that is
+    running, however many threads it keeps busy (Horovod's background thread,
+    gloo's, the data loader's): a run alone reads at most its processes per
+    core, about 1.0 when it has a core per rank. More than that is other work
+    competing for the same cores while the window was timed.
     """
 
-    def __init__(self, interval: float = 0.1):
-        self.interval = interval
+    def __init__(self, interval: float = 0.1, refresh: float = 2.0):
+        self.interval, self.refresh = interval, refresh
         self.cores = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._lock = threading.Lock()
         self._sum, self._n = 0, 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._job: set[int] = {os.getpid()}
+        self._job_at = 0.0
 
     def start(self) -> HostLoad:
         if runnable_tasks() is None:
@@ -187,13 +192,30 @@ class HostLoad:
         self._thread.start()
         return self
 
+    def sample(self) -> int | None:
+        """Runnable tasks now, with the run's own processes counted once each (None off Linux)."""
+        n = runnable_tasks()
+        if n is None:
+            return None
+        now = time.monotonic()
+        if now - self._job_at > self.refresh:
+            self._job, self._job_at = job_processes(os.getpid()), now
+        threads = processes = 0
+        for pid in self._job:
+            running = running_threads(pid)
+            threads += running
+            processes += running > 0
+        # This sampling thread runs while it reads: its process counts as running.
+        if os.getpid() in self._job and running_threads(os.getpid()) == 0:
+            processes += 1
+        return max(0, n - threads) + processes
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            n = runnable_tasks()
+            n = self.sample()
             if n is not None:
-                # this sampling thread is itself running while it reads
                 with self._lock:
-                    self._sum += max(0, n - 1)
+                    self._sum += n
                     self._n += 1
             self._stop.wait(self.interval)
 
@@ -209,6 +231,61 @@ class HostLoad:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+def running_threads(pid: int) -> int:
+    """Threads of ``pid`` running or waiting for a CPU now (state R)."""
+    count = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "R":
+                    count += 1
+        except (OSError, IndexError):
+            continue
+    return count
+
+
+def _all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def job_processes(own_pid: int) -> set[int]:
+    """This rank's job on this host: the processes under its launcher (torchrun, the DeepSpeed
+    or Horovod launcher, the stage, the Slurm step), and on SLURM every process of the same job
+    (the simulated cluster's other nodes share this host)."""
+    pids = _all_pids()
+    children: dict[int, list[int]] = {}
+    for pid in pids:
+        parent = _parent(pid)
+        if parent is not None:
+            children.setdefault(parent, []).append(pid)
+    job = {own_pid}
+    root = _parent(own_pid)
+    todo = [root] if root and root > 1 else []
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            if child not in job:
+                job.add(child)
+                todo.append(child)
+    slurm_job = os.environ.get("SLURM_JOB_ID")
+    if slurm_job:
+        mark = f"SLURM_JOB_ID={slurm_job}".encode()
+        cluster = os.environ.get("SLURM_CLUSTER_NAME")
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    env = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if mark in env and (cluster is None or f"SLURM_CLUSTER_NAME={cluster}".encode() in env):
+                job.add(pid)
+    return job
 
 
 def _parent(pid: int) -> int | None:

@@ -144,8 +144,13 @@ def dry_run_stage(stage: str = "train", dvc_file: str = "dvc.yaml") -> int:
     return subprocess.run(argv, env={**os.environ, "VIRGO_DRY_RUN": "1"}).returncode
 
 
+# Modules whose import makes a stage script go through the launcher: the
+# launcher itself, and the train stage entry point every study's train stage uses.
+LAUNCHING = ("virgo_exps.launch", "virgo_exps.train.stage")
+
+
 def _uses_launcher(script: Path) -> bool:
-    """Whether a stage script imports :mod:`virgo_exps.launch` (read, not run)."""
+    """Whether a stage script imports one of :data:`LAUNCHING` (read, not run)."""
     import ast
 
     try:
@@ -155,8 +160,8 @@ def _uses_launcher(script: Path) -> bool:
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
         if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
-        if any(n == "virgo_exps.launch" or n.startswith("virgo_exps.launch.") for n in names):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        if any(n == m or n.startswith(m + ".") for n in names for m in LAUNCHING):
             return True
     return False
 
