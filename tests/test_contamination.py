@@ -144,7 +144,7 @@ import sys, threading, time
 import torch
 from virgo_exps.train.monitoring import HostLoad, runnable_tasks
 
-torch.set_num_threads(4)  # more busy threads than cores, all of this rank
+torch.set_num_threads(2)  # with its sampler, more busy threads than cores, all of this rank
 stop = time.monotonic() + 3.0
 a = torch.randn(256, 256)
 def spin():
