@@ -1,0 +1,191 @@
+"""The page of a search sweep: how the search went, what mattered, the best trial and what it all cost.
+
+:func:`build` writes ``index.html`` and its PNGs into one folder (figures by relative path, so the folder
+can be copied or served as it is): the optimisation history, the parameter importances (they need at
+least two complete trials; the page says so when there are fewer), the parallel coordinates of the
+trials, every trial with its state, value, parameters and cost, the best trial with the ``dvc exp
+apply`` line that brings it into the workspace, and the total cost. The figures are Optuna's own
+(``optuna.visualization.matplotlib``) drawn from the sweep's journal.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+
+from virgo_exps import fsio
+from virgo_exps.sweeps import search
+from virgo_exps.sweeps.spec import SweepSpec, trial_name
+
+DPI = 110
+# The cost columns of a trial (keys of metrics.json's "cost", kept by search.tell as the "cost" attr).
+COST_KEYS = (("wall_s", "wall s"), ("core_h", "core-h"), ("gpu_h", "GPU-h"), ("energy_wh", "energy Wh"))
+STYLE = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
+th { background: #f0f0f0; }
+td:first-child, th:first-child { text-align: left; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; max-width: 48%; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #444; }
+pre { background: #f6f6f6; padding: 0.5em 0.8em; }
+.note { background: #fff8d0; padding: 0.4em 0.6em; border-left: 4px solid #d8b400; }
+tr.best td { background: #e8f6e8; }
+"""
+
+
+def _e(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, float):
+        return html.escape(f"{v:.4g}")
+    return html.escape(str(v))
+
+
+def _figure(draw, path: Path) -> str | None:
+    """Draw one of Optuna's matplotlib plots into ``path``; None and the reason when it cannot be drawn."""
+    plt.close("all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        try:
+            ax = draw()
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+    axes = ax if not hasattr(ax, "figure") else [ax]
+    fig = next(iter(getattr(axes, "flat", axes))).figure
+    fig.set_size_inches(7.5, 4.8)
+    fig.tight_layout()
+    with fsio.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    plt.close(fig)
+    return None
+
+
+def _cost(trial) -> dict[str, Any]:
+    cost = trial.user_attrs.get("cost")
+    return cost if isinstance(cost, dict) else {}
+
+
+def _pruned_epoch(trial) -> int | None:
+    if trial.state.name != "PRUNED":
+        return None
+    if trial.user_attrs.get("pruned_at_epoch") is not None:
+        return trial.user_attrs["pruned_at_epoch"]
+    return max(trial.intermediate_values) if trial.intermediate_values else None
+
+
+def build(spec: SweepSpec, sweep_dir: Path, out_dir: Path) -> Path:
+    """Write the sweep's page into ``out_dir``; return the path of its index.html."""
+    import optuna.visualization.matplotlib as ovm
+    from optuna.trial import TrialState
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study = search.open_study(spec, sweep_dir)
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    counts = {s: sum(1 for t in trials if t.state.name.lower() == s) for s in ("complete", "pruned", "fail", "running")}
+    target_name = spec.metric
+
+    figures: list[tuple[str, str, str | None]] = []  # (file, caption, why it is missing)
+    if complete:
+        why = _figure(lambda: ovm.plot_optimization_history(study, target_name=target_name), out_dir / "history.png")
+    else:
+        why = "no complete trial yet"
+    figures.append(("history.png", f"{target_name} of each complete trial and the best so far", why))
+    if len(complete) >= 2:
+        why = _figure(lambda: ovm.plot_param_importances(study, target_name=target_name), out_dir / "importances.png")
+    else:
+        why = f"parameter importances need at least 2 complete trials; this sweep has {len(complete)}"
+    figures.append(("importances.png", f"how much each parameter explains of {target_name} (fANOVA)", why))
+    if complete:
+        why = _figure(lambda: ovm.plot_parallel_coordinate(study, target_name=target_name), out_dir / "parallel.png")
+    else:
+        why = "no complete trial yet"
+    figures.append(("parallel.png", f"parameters of the complete trials, coloured by {target_name}", why))
+
+    best = None
+    if complete:
+        pick = min if spec.direction == "minimize" else max
+        best = pick(complete, key=lambda t: t.value)
+
+    keys = list(spec.space)
+    head = ["trial", "experiment", "state", target_name, *keys, "pruned at epoch", *(label for _, label in COST_KEYS)]
+    rows = []
+    totals = dict.fromkeys(k for k, _ in COST_KEYS)
+    for t in trials:
+        cost = _cost(t)
+        for k, _ in COST_KEYS:
+            if isinstance(cost.get(k), int | float):
+                totals[k] = (totals[k] or 0.0) + cost[k]
+        cells = [
+            t.number,
+            t.user_attrs.get("experiment", trial_name(spec.name, t.number)),
+            t.state.name.lower(),
+            t.value,
+            *(t.params.get(k) for k in keys),
+            _pruned_epoch(t),
+            *(cost.get(k) for k, _ in COST_KEYS),
+        ]
+        css = ' class="best"' if best is not None and t.number == best.number else ""
+        rows.append(f"<tr{css}>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    table = (
+        "<table><thead><tr>"
+        + "".join(f"<th>{_e(h)}</th>" for h in head)
+        + "</tr></thead><tbody>\n"
+        + "\n".join(rows)
+        + "\n</tbody></table>"
+    )
+
+    parts = [
+        "<!doctype html>",
+        '<html><head><meta charset="utf-8">',
+        f"<title>Sweep {_e(spec.name)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Sweep {_e(spec.name)}</h1>",
+        f"<p>{_e(spec.direction)} <b>{_e(target_name)}</b> over {len(keys)} parameter(s); "
+        f"{len(trials)} of {spec.trials} trial(s) asked: {counts['complete']} complete, {counts['pruned']} pruned, "
+        f"{counts['fail']} failed, {counts['running']} running. Sampler {_e(spec.sampler)}, "
+        f"pruner {_e(spec.pruner)}.</p>",
+        "<h2>Best trial</h2>",
+    ]
+    if best is None:
+        parts.append('<p class="note">No complete trial yet.</p>')
+    else:
+        exp = best.user_attrs.get("experiment", trial_name(spec.name, best.number))
+        params = ", ".join(f"{k} = {best.params[k]}" for k in keys if k in best.params)
+        parts += [
+            f"<p>Trial {best.number} ({_e(exp)}): {_e(target_name)} = {_e(best.value)} with {_e(params)}.</p>",
+            "<p>To bring it into the workspace:</p>",
+            f"<pre>dvc exp apply {_e(exp)}</pre>",
+        ]
+    parts.append("<h2>Figures</h2>")
+    for name, caption, why in figures:
+        if why is None:
+            parts.append(
+                f'<figure><img src="{name}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+            )
+        else:
+            parts.append(f'<p class="note">{_e(caption)}: not drawn, {_e(why)}.</p>')
+    total = ", ".join(f"{_e(totals[k])} {label}" for k, label in COST_KEYS if totals[k] is not None)
+    parts += [
+        "<h2>Trials</h2>",
+        table,
+        "<h2>Cost</h2>",
+        f"<p>All trials together (pruned and failed ones included): {total or 'no cost recorded'}.</p>",
+        "</body></html>",
+    ]
+    index = out_dir / "index.html"
+    fsio.write_text(index, "\n".join(parts) + "\n")
+    return index
+
+
+__all__ = ["build"]

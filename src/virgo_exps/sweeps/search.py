@@ -1,0 +1,206 @@
+"""The search behind a sweep: one Optuna study per sweep, kept in a journal file in the sweep dir.
+
+Every task of the sweep's job array opens the same study (:func:`open_study`), asks it for a trial
+(:func:`ask`: the trial number and its ``-S`` overrides), runs ``dvc exp run`` with :func:`trial_env`
+(so that rank 0 of the trainer reports each epoch's validation loss and the pruner may stop the run) and
+tells the outcome (:func:`tell`). The study lives in ``<sweep dir>/optuna.journal``, an append-only file
+guarded by an open-exclusive lock file, which works on NFS-like shared file systems without a database
+server; a second submission of the same sweep opens the same study and continues up to the budget.
+
+Sampling: TPE (or random), a few random trials first. With a ``seed`` in the spec each ask seeds the
+sampler from (seed, trials so far), so parallel tasks do not draw the same point and a rerun of the
+same sequence of asks draws the same points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from virgo_exps.sweeps.spec import SweepSpec, trial_name
+
+if TYPE_CHECKING:
+    import optuna
+
+JOURNAL = "optuna.journal"
+ASK_LOCK = "ask.lock"
+TRIAL_ENV = "VIRGO_SWEEP_TRIAL"  # read by virgo_exps.train.trainer (SWEEP_TRIAL_ENV)
+STATES = ("complete", "pruned", "fail")
+
+
+def journal_path(sweep_dir: Path) -> Path:
+    return Path(sweep_dir) / JOURNAL
+
+
+def _storage(sweep_dir: Path):
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+
+    path = str(journal_path(sweep_dir))
+    return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def pruner_args(spec: SweepSpec) -> tuple[str, dict[str, Any]]:
+    """The Optuna pruner class name and its arguments (also handed to the trainer through :func:`trial_env`).
+
+    Steps are epochs: the median pruner stops a trial whose validation loss after an epoch is worse than
+    the median of the earlier trials' losses after the same epoch, once ``startup_trials`` trials have
+    finished, and never in the first ``warmup_epochs`` epochs of a trial.
+    """
+    if spec.pruner == "median":
+        return "MedianPruner", {"n_startup_trials": spec.startup_trials, "n_warmup_steps": spec.warmup_epochs}
+    return "NopPruner", {}
+
+
+def _pruner(spec: SweepSpec):
+    import optuna
+
+    name, args = pruner_args(spec)
+    return getattr(optuna.pruners, name)(**args)
+
+
+def _sampler(spec: SweepSpec, asked: int):
+    import optuna
+
+    seed = None if spec.seed is None else (spec.seed * 1_000_003 + asked) % 2**32
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # Random trials first: a third of the budget, from 2 up to Optuna's usual 10.
+    startup = min(10, max(2, spec.trials // 3))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def _quiet() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def open_study(spec: SweepSpec, sweep_dir: Path) -> optuna.Study:
+    """The sweep's study: created on first use, loaded afterwards (a second submission continues it)."""
+    import optuna
+
+    if spec.kind != "search":
+        raise ValueError(f"sweep {spec.name!r} is a grid: it has no search study")
+    _quiet()
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        storage=_storage(sweep_dir),
+        sampler=_sampler(spec, 0),
+        pruner=_pruner(spec),
+        study_name=spec.name,
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+    if study.direction.name.lower() != spec.direction:
+        raise ValueError(
+            f"sweep {spec.name!r}: the study in {journal_path(sweep_dir)} was made to {study.direction.name.lower()} "
+            f"{spec.metric}, the spec says {spec.direction}; use a new sweep name"
+        )
+    return study
+
+
+class _AskLock:
+    """Count-then-ask as one step across tasks, so that the budget is never overrun."""
+
+    def __init__(self, sweep_dir: Path):
+        from optuna.storages.journal import JournalFileOpenLock
+
+        self._lock = JournalFileOpenLock(str(Path(sweep_dir) / ASK_LOCK))
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def _suggest(trial: optuna.Trial, key: str, p: dict[str, Any]) -> str:
+    kind = p["type"]
+    if kind == "choice":
+        return str(trial.suggest_categorical(key, list(p["values"])))
+    if kind == "int":
+        return str(trial.suggest_int(key, p["low"], p["high"], step=p.get("step", 1), log=bool(p.get("log"))))
+    value = trial.suggest_float(key, p["low"], p["high"], log=kind == "loguniform", step=p.get("step"))
+    return repr(float(value))
+
+
+def ask(spec: SweepSpec, sweep_dir: Path) -> tuple[int, dict[str, str]] | None:
+    """The next trial: its number and its ``-S`` overrides; None when ``spec.trials`` trials were asked."""
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    with _AskLock(sweep_dir):
+        study = open_study(spec, sweep_dir)
+        asked = len(study.get_trials(deepcopy=False))
+        if asked >= spec.trials:
+            return None
+        study.sampler = _sampler(spec, asked)
+        trial = study.ask()
+        overrides = {key: _suggest(trial, key, p) for key, p in spec.space.items()}
+        trial.set_user_attr("experiment", trial_name(spec.name, trial.number))
+    return trial.number, overrides
+
+
+def _trial_id(spec: SweepSpec, storage, number: int) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(spec.name), number)
+
+
+def tell(
+    spec: SweepSpec, sweep_dir: Path, number: int, value: float | None, state: str, attrs: dict | None = None
+) -> None:
+    """Record trial ``number``'s outcome: ``complete`` with the metric's value, ``pruned`` or ``fail``.
+
+    ``attrs`` are kept with the trial (experiment name, cost, log path) before it is finished. Telling a
+    trial that is already finished (a requeued task telling again) changes nothing.
+    """
+    from optuna.trial import TrialState
+
+    if state not in STATES:
+        raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
+    study = open_study(spec, sweep_dir)
+    storage = _storage(sweep_dir)
+    frozen = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(frozen):
+        raise ValueError(f"sweep {spec.name!r} has no trial {number} (trials 0-{len(frozen) - 1} were asked)")
+    if frozen[number].state.is_finished():
+        return
+    trial_id = _trial_id(spec, storage, number)
+    for key, item in (attrs or {}).items():
+        storage.set_trial_user_attr(trial_id, key, json.loads(json.dumps(item, default=str)))
+    if state == "complete":
+        if value is None or not math.isfinite(float(value)):
+            storage.set_trial_user_attr(trial_id, "fail_reason", f"{spec.metric} is {value!r}")
+            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            return
+        study.tell(number, float(value), state=TrialState.COMPLETE, skip_if_finished=True)
+    elif state == "pruned":
+        study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+    else:
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def trial_env(spec: SweepSpec, sweep_dir: Path, number: int) -> dict[str, str]:
+    """The environment of trial ``number``'s ``dvc exp run``: where rank 0 of the trainer reports to."""
+    name, args = pruner_args(spec)
+    info = {
+        "journal": str(journal_path(sweep_dir).resolve()),
+        "study": spec.name,
+        "number": int(number),
+        "pruner": name,
+        "pruner_args": args,
+    }
+    return {TRIAL_ENV: json.dumps(info, sort_keys=True)}
+
+
+def metric_of(metrics: dict[str, Any], key: str) -> Any:
+    """``metrics["a"]["b"]`` for ``key`` ``"a.b"`` (None when absent)."""
+    value: Any = metrics
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+__all__ = ["JOURNAL", "TRIAL_ENV", "ask", "journal_path", "metric_of", "open_study", "pruner_args", "tell", "trial_env"]
