@@ -208,8 +208,9 @@ def _parameter(key: str, raw: Any, where: str) -> dict[str, Any]:
     kind = raw.get("type")
     if kind not in TYPES:
         raise ConfigError(f"{where}: type: {kind!r} is not allowed; expected one of {', '.join(TYPES)}")
-    values = validate(_SHAPES[kind], raw, where, sep=": ")
-    values["type"] = kind
+    shape = _SHAPES[kind]
+    defaults = {f.name: f.default for f in dataclasses.fields(shape) if f.default is not dataclasses.MISSING}
+    values = {**defaults, **validate(shape, raw, where, sep=": "), "type": kind}
     if kind == "choice":
         parsed = [parse_value(key, v, f"{where}: values") for v in values["values"]]
         if len(set(map(str, parsed))) != len(parsed):
@@ -276,8 +277,8 @@ def load(path: str | Path) -> SweepSpec:
     given_trials = raw.get("trials")
     if grid is not None:
         raw["trials"] = 1  # a grid's trials are its combinations (checked below); the placeholder passes the check
-    values = validate(_SweepFile, raw, shown, sep=": ")
-    values.setdefault("name", path.stem)
+    defaults = {f.name: f.default for f in dataclasses.fields(_SweepFile)}
+    values = {**defaults, "name": path.stem, **validate(_SweepFile, raw, shown, sep=": ")}
     if NAME_RE.fullmatch(values["name"]) is None:
         raise ConfigError(
             f"{shown}: name: {values['name']!r} is not a sweep name; use letters, digits, - and _ (set name:)"
