@@ -106,7 +106,8 @@ def build(spec: SweepSpec, sweep_dir: Path, out_dir: Path) -> Path:
         why = _figure(lambda: ovm.plot_param_importances(study, target_name=target_name), out_dir / "importances.png")
     else:
         why = f"parameter importances need at least 2 complete trials; this sweep has {len(complete)}"
-    figures.append(("importances.png", f"how much each parameter explains of {target_name} (fANOVA)", why))
+    caption = f"how much each parameter explains of {target_name}, from {len(complete)} complete trial(s)"
+    figures.append(("importances.png", caption, why))
     if complete:
         why = _figure(lambda: ovm.plot_parallel_coordinate(study, target_name=target_name), out_dir / "parallel.png")
     else:

@@ -40,6 +40,13 @@ Interruption: SIGUSR1 or SIGTERM sets a flag; at the next step boundary all
 ranks agree to stop (one tiny all-reduce), rank 0 writes a snapshot and every
 rank exits with :data:`EXIT_INTERRUPTED`, which the SLURM launcher takes as
 "requeue me". The local launcher turns Ctrl-C into SIGTERM.
+
+Sweep trials: with ``VIRGO_SWEEP_TRIAL`` set (by :func:`virgo_exps.sweeps.search.trial_env`), rank 0
+reports each epoch's validation loss to the sweep's Optuna trial and asks whether to prune; the answer
+reaches every rank through the same kind of all-reduce, so all stop after the same epoch. A pruned run
+ends normally (exit 0): its final snapshot has status ``pruned`` and results/metrics.json has
+``"pruned": true`` and ``"pruned_at_epoch"``, so DVC records the experiment. Without the variable
+nothing of this runs and Optuna is not imported.
 """
 
 from __future__ import annotations
@@ -86,6 +93,10 @@ LOCK = "lock"
 RESUMABLE_KEYS = {"train.epochs", "train.max_requeues"}
 # The code that computes a step (relative to the package): part of the snapshot key.
 TRAJECTORY_CODE = ("train/trainer.py", "study/dataset.py", "study/models.py", "train/strategies")
+# The sweep trial a run reports to (JSON: journal, study, number, pruner); see SweepTrial.
+SWEEP_TRIAL_ENV = "VIRGO_SWEEP_TRIAL"
+# Snapshot states written to --checkpoints: the run is over (no requeue).
+FINAL_STATES = ("complete", "pruned")
 
 
 def tree_digest(path: Path) -> str:
@@ -234,6 +245,30 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class SweepTrial:
+    """Rank 0's link to the Optuna trial named by ``VIRGO_SWEEP_TRIAL``; Optuna is imported only here."""
+
+    def __init__(self, text: str):
+        import optuna
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+
+        info = json.loads(text)
+        journal = str(info["journal"])
+        storage = JournalStorage(JournalFileBackend(journal, lock_obj=JournalFileOpenLock(journal)))
+        pruner = getattr(optuna.pruners, info["pruner"])(**info.get("pruner_args", {}))
+        study = optuna.load_study(study_name=info["study"], storage=storage, pruner=pruner)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(info["study"]), int(info["number"])
+        )
+        self.trial = optuna.trial.Trial(study, trial_id)
+        self.label = f"{info['study']} trial {info['number']}"
+
+    def should_prune(self, epoch: int, val_loss: float) -> bool:
+        """Report ``val_loss`` for ``epoch`` and return the pruner's verdict."""
+        self.trial.report(val_loss, epoch)
+        return self.trial.should_prune()
+
+
 class Trainer:
     def __init__(
         self,
@@ -267,6 +302,8 @@ class Trainer:
         self._lock = None
         self._complete = False
         self._final_written = False  # the final snapshot is in --checkpoints
+        self._pruned_at: int | None = None  # the epoch after which a sweep's pruner stopped the run
+        self._sweep: SweepTrial | None = None  # rank 0 of a sweep trial (VIRGO_SWEEP_TRIAL)
 
     # -- set-up -----------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -365,12 +402,12 @@ class Trainer:
         rng = self.strategy.all_gather_object(
             {"rng": _rng_state(), "loss_sum": self._loss_sum.clone(), "epoch_steps": self._epoch_steps}
         )
-        self._final_written = status == "complete"
+        self._final_written = status in FINAL_STATES
         if not self.strategy.is_main:
             return
         # Running and interrupted states stay outside DVC's outputs; the final
         # one is the --checkpoints output (what a longer run continues from).
-        folder = self.out.checkpoints if status == "complete" else self.live_dir
+        folder = self.out.checkpoints if status in FINAL_STATES else self.live_dir
         folder.mkdir(parents=True, exist_ok=True)
         self.out.checkpoints.mkdir(parents=True, exist_ok=True)
         snapshot = {
@@ -496,6 +533,25 @@ class Trainer:
         flag = torch.tensor([1.0 if self._stop else 0.0])
         if self.strategy.world_size > 1:
             flag = self.strategy.all_reduce(flag, op="max")
+        return bool(flag.item() > 0)
+
+    def _prune_now(self, epoch: int, val_loss: float) -> bool:
+        """Sweep trials only: rank 0 reports the epoch and asks the pruner; every rank gets the verdict."""
+        s = self.strategy
+        verdict = False
+        if self._sweep is not None:
+            try:
+                verdict = self._sweep.should_prune(epoch, val_loss)
+            except Exception as exc:  # the run goes on unpruned rather than dying on its bookkeeping
+                print(
+                    f"train: cannot report to {self._sweep.label} ({type(exc).__name__}: {exc}); "
+                    "training on without pruning",
+                    file=sys.stderr,
+                )
+                self._sweep = None
+        flag = torch.tensor([1.0 if verdict else 0.0])
+        if s.world_size > 1:
+            flag = s.all_reduce(flag, op="max")
         return bool(flag.item() > 0)
 
     def _run_batch(self, indices: list[int]) -> torch.Tensor:
@@ -628,6 +684,16 @@ class Trainer:
             for rec in self.history:
                 self.tracker.log_metrics({k: v for k, v in asdict(rec).items() if k != "epoch"}, rec.epoch)
         status = "FAILED"
+        sweep = bool(os.environ.get(SWEEP_TRIAL_ENV))  # the same on every rank: all join _prune_now
+        if sweep and s.is_main:
+            try:
+                self._sweep = SweepTrial(os.environ[SWEEP_TRIAL_ENV])
+            except Exception as exc:  # as in _prune_now: the training itself does not depend on it
+                print(
+                    f"train: cannot open the sweep trial of {SWEEP_TRIAL_ENV} ({type(exc).__name__}: {exc}); "
+                    "training on without pruning",
+                    file=sys.stderr,
+                )
         try:
             self._profile()
             while self.epoch < self.cfg.epochs:
@@ -664,11 +730,21 @@ class Trainer:
                     )
                     if self.tracker is not None:
                         self.tracker.log_metrics({k: v for k, v in asdict(rec).items() if k != "epoch"}, rec.epoch)
+                if sweep and self._prune_now(rec.epoch, rec.val_loss) and self.epoch < self.cfg.epochs:
+                    self._pruned_at = rec.epoch
+                    if s.is_main:
+                        print(
+                            f"train: pruned by the sweep after epoch {rec.epoch}/{self.cfg.epochs} "
+                            f"(val_loss {rec.val_loss:.4f}); writing the outputs of the epochs done",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    break
             gpu_stats = gpu.stop()
             per_rank_gpu = s.all_gather_object(gpu_stats)
             metrics = self._final_metrics(per_rank_gpu)
-            if not self._final_written:  # all epochs came from a running snapshot
-                self._save_snapshot("complete")
+            if not self._final_written:  # all epochs came from a running snapshot, or the run was pruned
+                self._save_snapshot("pruned" if self._pruned_at is not None else "complete")
             if s.is_main:
                 self._write_outputs(metrics, per_rank_gpu)
             s.barrier()
@@ -715,6 +791,9 @@ class Trainer:
         }
         energies = [g.get("energy_wh") for g in per_rank_gpu if g.get("energy_wh") is not None]
         utils = [g.get("utilization_pct") for g in per_rank_gpu if g.get("utilization_pct") is not None]
+        if self._pruned_at is not None:
+            m["pruned"] = True
+            m["pruned_at_epoch"] = self._pruned_at
         m["gpu_energy_wh"] = float(sum(energies)) if energies else None
         m["gpu_utilization_pct"] = float(np.mean(utils)) if utils else None
         if m["gpu_energy_wh"] is not None:
