@@ -326,6 +326,14 @@ def test_search_prunes_records_and_continues(tmp_path):
     total = sum(ran[n][1]["cost"]["core_h"] for n in ran)
     assert f"{total:.4g} core-h" in text
 
+    # The best trial, applied and run again without the sweep, is up to date: nothing reruns, same metrics.
+    dvc(repo, "exp", "apply", s.experiment(best.number))
+    rerun = dvc(repo, "exp", "run")
+    log = rerun.stdout + rerun.stderr
+    for stage in ("generate", "preprocess", "train", "report"):  # environment always runs (it checks the venv)
+        assert f"Stage '{stage}' didn't change, skipping" in log, log[-3000:]
+    assert json.loads((repo / "results" / "metrics.json").read_text()) == ran[best.number][1]
+
     # A second submission opens the same study and goes on numbering up to its (larger) budget.
     more = dataclasses.replace(s, trials=5)
     number, _ = search.ask(more, sweep_dir)
