@@ -317,7 +317,7 @@ def test_search_prunes_records_and_continues(tmp_path):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value)
     assert f"dvc exp apply {s.experiment(best.number)}" in text
-    for png in ("history.png", "parallel.png"):
+    for png in ("history.png", "parallel.png", "epochs.png"):
         assert (out.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if len(complete) >= 2:
         assert (out.parent / "importances.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,9 +3,10 @@
 :func:`build` writes ``index.html`` and its PNGs into one folder (figures by relative path, so the folder
 can be copied or served as it is): the optimisation history, the parameter importances (they need at
 least two complete trials; the page says so when there are fewer), the parallel coordinates of the
-trials, every trial with its state, value, parameters and cost, the best trial with the ``dvc exp
-apply`` line that brings it into the workspace, and the total cost. The figures are Optuna's own
-(``optuna.visualization.matplotlib``) drawn from the sweep's journal.
+trials, each trial's validation loss epoch by epoch (pruned ones stop early), every trial with its
+state, value, parameters and cost, the best trial with the ``dvc exp apply`` line that brings it into
+the workspace, and the total cost. The figures are Optuna's own (``optuna.visualization.matplotlib``)
+drawn from the sweep's journal.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def _figure(draw, path: Path) -> str | None:
     return None
 
 
+def _log_if_wide(ax, trials):
+    """A log y axis when the losses span more than two decades (a diverged trial would flatten the rest)."""
+    values = [v for t in trials for v in t.intermediate_values.values() if v == v and abs(v) != float("inf")]
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
+    return ax
+
+
 def _cost(trial) -> dict[str, Any]:
     cost = trial.user_attrs.get("cost")
     return cost if isinstance(cost, dict) else {}
@@ -113,6 +122,13 @@ def build(spec: SweepSpec, sweep_dir: Path, out_dir: Path) -> Path:
     else:
         why = "no complete trial yet"
     figures.append(("parallel.png", f"parameters of the complete trials, coloured by {target_name}", why))
+
+    reported = [t for t in trials if t.intermediate_values]
+    if reported:
+        why = _figure(lambda: _log_if_wide(ovm.plot_intermediate_values(study), reported), out_dir / "epochs.png")
+    else:
+        why = "no trial has reported an epoch yet"
+    figures.append(("epochs.png", "validation loss after each epoch of every trial (pruned ones end early)", why))
 
     best = None
     if complete:
