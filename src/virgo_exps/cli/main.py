@@ -243,10 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("dvc_args", nargs=argparse.REMAINDER)
     from virgo_exps.cli import scalability as scalability_cli
     from virgo_exps.cli import share as share_cli
+    from virgo_exps.cli import sweep as sweep_cli
     from virgo_exps.experiments import verify
 
     scalability_cli.add_parser(sub)
     share_cli.add_parser(sub)
+    sweep_cli.add_parser(sub)
     verify.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "verify":
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(share_cli.run(args))
     if args.command == "scalability":
         sys.exit(scalability_cli.run(args))
+    if args.command == "sweep":
+        sys.exit(sweep_cli.run(args))
     if args.command == "run":
         sys.exit(run_pipeline(args.dvc_args))
     if args.command == "preset":

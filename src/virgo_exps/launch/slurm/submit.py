@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -36,6 +37,50 @@ def use_slurm_conf(machine: Machine) -> None:
     os.environ["SLURM_CONF"] = str(path)
 
 
+IN_ALLOCATION_ENV = "VIRGO_IN_ALLOCATION"
+
+
+def in_allocation() -> bool:
+    """``VIRGO_IN_ALLOCATION=1`` inside a SLURM job: run the stage's step in this allocation, submit nothing.
+
+    Set by a sweep's array task, whose own allocation has the resources of the train stage.
+    """
+    return os.environ.get(IN_ALLOCATION_ENV, "") == "1" and bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def run_in_allocation(ctx: JobContext, script: str) -> int:
+    """Run the batch script with bash in the current allocation (its ``#SBATCH`` lines are comments).
+
+    The job step starts with ``srun`` inside the allocation; the script's requeue logic requeues the
+    enclosing job (``scontrol requeue $SLURM_JOB_ID``). The output goes to the stage log under the
+    allocation's job id and to stderr. A stop signal ends the script's processes, never the allocation.
+    """
+    job_id = os.environ["SLURM_JOB_ID"]
+    ctx.log_dir.mkdir(parents=True, exist_ok=True)
+    fsio.write_text(ctx.script_path, script)
+    log_path = ctx.log_file(job_id)
+    say(f"{ctx.stage}: running the job step in the current allocation (job {job_id}); log {log_path}")
+    with open(log_path, "ab") as log, Signals() as signals:
+        proc = subprocess.Popen(
+            ["bash", str(ctx.script_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, b""):
+            log.write(line)
+            log.flush()
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+            if signals.received is not None:
+                break
+        if signals.received is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            return 128 + signals.received
+        return proc.wait()
+
+
 def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> int:
     """Run ``spec`` as a SLURM job; return its exit code.
 
@@ -58,6 +103,8 @@ def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> in
         return 0
     # checked here, not after a wait in the queue: the job runs this same interpreter
     check_software(strategy_row(spec.strategy), ctx.python)
+    if in_allocation():
+        return run_in_allocation(ctx, script)
     for tool in ("sbatch", "scontrol", "squeue", "scancel"):
         if shutil.which(tool) is None:
             raise ConfigError(

@@ -1,0 +1,109 @@
+"""``virgo-exps sweep submit | status | page``: many trials of the train stage as one SLURM job array.
+
+virgo-exps sweep submit --grid lrgrid -S train.lr=0.001,0.01 -S train.seed=0,1 --parallel 2
+virgo-exps sweep submit sweeps/lr-wd.yaml          # an Optuna search (a second submission continues it)
+virgo-exps sweep status lrgrid                     # done / running / pending / failed / pruned, best, cost
+virgo-exps sweep page lrgrid --out results/sweep   # the sweep's page (history, importances, best trial)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from virgo_exps.config import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="a sweep of the train stage as one SLURM job array (grid or search)")
+    sub = p.add_subparsers(dest="sweep_command", required=True)
+    s = sub.add_parser(
+        "submit",
+        help="check, write the sweep dir in the team store, submit one job array and return its id",
+        description="Each array task clones the sweep commit, runs one trial as `dvc exp run -n <name>-<nnn> -S "
+        "...` inside its own allocation and pushes it to the team store.",
+    )
+    s.add_argument("spec", nargs="?", type=Path, help="a sweep file (YAML), e.g. sweeps/lr-wd.yaml")
+    s.add_argument("--grid", metavar="NAME", help="a grid sweep named NAME from the -S lists")
+    s.add_argument("-S", dest="sets", action="append", default=[], metavar="KEY=V1,V2", help="a grid parameter")
+    s.add_argument("--parallel", type=int, default=1, help="trials running at once (the array throttle)")
+    s.add_argument("--metric", default="val_loss", help="key of results/metrics.json to rank by (grid)")
+    s.add_argument("--direction", default="minimize", choices=("minimize", "maximize"))
+    s.add_argument("--store", type=Path, help="the team store (default: the one of this checkout's shared cache)")
+    s.add_argument("--repo", type=Path, default=Path("."), help="the checkout to sweep (default: here)")
+    for name, what in (("status", "trials done / running / pending / failed, best and cost so far"), ("page", "")):
+        q = sub.add_parser(name, help=what or "the sweep's page: history, importances, best trial, cost")
+        q.add_argument("name", help="the sweep's name")
+        q.add_argument("--store", type=Path, help="the team store (default: the one of this checkout)")
+        q.add_argument("--repo", type=Path, default=Path("."))
+        if name == "page":
+            q.add_argument("--out", type=Path, help="output folder (default: results/sweeps/<name>)")
+
+
+def _submit(args) -> int:
+    from virgo_exps.sweeps import spec as sweep_spec
+    from virgo_exps.sweeps.submit import submit
+
+    if (args.spec is None) == (args.grid is None):
+        raise ConfigError("give a sweep file or --grid NAME with -S lists (one of them)")
+    spec = (
+        sweep_spec.load(args.spec)
+        if args.spec
+        else sweep_spec.from_grid(args.grid, args.sets, args.parallel, args.metric, args.direction)
+    )
+    record = submit(args.repo, spec, args.store)
+    print(
+        f"submitted sweep {spec.name}: job array {record['job_id']} ({spec.trials} trials, {spec.parallel} at a "
+        f"time); sweep dir {record['store']}/sweeps/{spec.name}; `virgo-exps sweep status {spec.name}`"
+    )
+    print(record["job_id"])
+    return 0
+
+
+def _dir(args) -> Path:
+    from virgo_exps.sweeps.submit import find_store, sweep_dir
+
+    return sweep_dir(find_store(args.repo.absolute(), args.store).root, args.name)
+
+
+def _status(args) -> int:
+    from virgo_exps.sweeps import spec as sweep_spec
+    from virgo_exps.sweeps.status import render, status
+    from virgo_exps.sweeps.submit import read_sweep
+
+    directory = _dir(args)
+    spec = sweep_spec.from_dict(read_sweep(directory)["spec"])
+    print(render(status(directory), spec.metric))
+    return 0
+
+
+def _page(args) -> int:
+    from virgo_exps.sweeps import page
+    from virgo_exps.sweeps import spec as sweep_spec
+    from virgo_exps.sweeps.submit import read_sweep
+
+    directory = _dir(args)
+    spec = sweep_spec.from_dict(read_sweep(directory)["spec"])
+    out = args.out or (args.repo / "results" / "sweeps" / args.name)
+    print(page.build(spec, directory, out))
+    return 0
+
+
+def run(args) -> int:
+    try:
+        return {"submit": _submit, "status": _status, "page": _page}[args.sweep_command](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="virgo-exps")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

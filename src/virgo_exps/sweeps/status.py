@@ -1,0 +1,112 @@
+"""Where a sweep stands: trials done / running / pending / failed / pruned, the best so far, the cost so far.
+
+Read from the sweep dir (``tasks/<index>.json``, written by each task) and, for what the tasks have not
+written yet, from ``squeue`` (a task that the queue no longer lists and that never finished was lost).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from virgo_exps.sweeps import spec as sweep_spec
+from virgo_exps.sweeps.submit import read_sweep
+
+COST_KEYS = ("core_h", "cpu_h", "gpu_h", "wall_s")
+
+
+@dataclass
+class Status:
+    name: str
+    job_id: str | None
+    trials: int
+    counts: dict[str, int]
+    best: dict | None
+    cost: dict[str, float]
+    failed: list[dict] = field(default_factory=list)
+    tasks: list[dict] = field(default_factory=list)
+
+
+def _queued(job_id: str | None) -> dict[int, str]:
+    """index -> squeue state of the array's tasks still in the queue (a pending range counts each index)."""
+    if not job_id:
+        return {}
+    proc = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%K %T"], capture_output=True, text=True)
+    out: dict[int, str] = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            out[int(parts[0])] = parts[1]
+    return out
+
+
+def status(directory: Path) -> Status:
+    record = read_sweep(directory)
+    spec = sweep_spec.from_dict(record["spec"])
+    queued = _queued(record.get("job_id"))
+    tasks = []
+    for path in sorted((Path(directory) / "tasks").glob("*.json"), key=lambda p: int(p.stem)):
+        tasks.append(json.loads(path.read_text()))
+    counts = {"done": 0, "running": 0, "pending": 0, "failed": 0, "pruned": 0}
+    seen: set[int] = set()
+    failed = []
+    for t in tasks:
+        seen.add(int(t["index"]))
+        state = t.get("state")
+        if state == "running":
+            q = queued.get(int(t["index"]))
+            if q is None:
+                state = "failed"  # no longer in the queue, never finished: lost
+                t = {**t, "state": "failed", "reason": "the task left the queue without finishing"}
+            elif q != "RUNNING":
+                state = "pending"  # requeued, waiting
+        if state in counts:
+            counts[state] += 1
+        if state == "failed":
+            failed.append(t)
+    for index in range(spec.trials):
+        if index not in seen:
+            counts["running" if queued.get(index) == "RUNNING" else "pending"] += 1
+    done = [t for t in tasks if t.get("state") == "done" and isinstance(t.get("metric"), (int, float))]
+    done = [t for t in done if math.isfinite(t["metric"])]
+    best = None
+    if done:
+        pick = min if spec.direction == "minimize" else max
+        best = pick(done, key=lambda t: t["metric"])
+    cost = {k: 0.0 for k in COST_KEYS}
+    for t in tasks:
+        for k in COST_KEYS:
+            v = (t.get("cost") or {}).get(k)
+            if isinstance(v, (int, float)):
+                cost[k] += v
+    return Status(spec.name, record.get("job_id"), spec.trials, counts, best, cost, failed, tasks)
+
+
+def render(s: Status, metric: str) -> str:
+    c = s.counts
+    lines = [
+        f"sweep {s.name} (job {s.job_id}): {s.trials} trials: {c['done']} done, {c['running']} running, "
+        f"{c['pending']} pending, {c['failed']} failed, {c['pruned']} pruned"
+    ]
+    if s.best:
+        lines.append(
+            f"best so far: {s.best['experiment']} {metric} {s.best['metric']:.6g} "
+            f"({', '.join(f'{k}={v}' for k, v in s.best['overrides'].items())}); "
+            f"`dvc exp apply {s.best['experiment']}` after `dvc exp pull team {s.best['experiment']}`"
+        )
+    else:
+        lines.append("best so far: none yet")
+    lines.append(
+        f"cost so far: {s.cost['core_h']:.4f} core-hours, {s.cost['gpu_h']:.4f} GPU-hours, "
+        f"{s.cost['wall_s']:.0f} s of training wall time"
+    )
+    for t in s.failed:
+        why = t.get("reason") or f"exit code {t.get('exit_code')}"
+        lines.append(f"failed: {t.get('experiment')} ({why}); log {t.get('log')}")
+    return "\n".join(lines)
+
+
+__all__ = ["Status", "render", "status"]

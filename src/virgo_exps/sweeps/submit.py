@@ -1,0 +1,236 @@
+"""Submitting a sweep: checks, the sweep dir in the team store, ONE SLURM job array, then return.
+
+The sweep dir is ``<store>/sweeps/<name>/``:
+
+- ``sweep.json``: the spec, the commit (pushed to the store's git as ``refs/heads/sweeps/<name>``), the
+  submitting checkout, the machine, the array job id;
+- ``sweep.sbatch``: the array's batch script; each task runs ``python -m virgo_exps.sweeps.task <dir>``;
+- ``tasks/<index>.json``: each task's state (written by the task), ``logs/``: the tasks' logs,
+  ``work/<experiment>/``: each trial's clone.
+
+Nothing of ours stays on the submitting host: sbatch returns the job id and the command ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from virgo_exps import fsio
+from virgo_exps.config import ConfigError
+from virgo_exps.experiments.share import GIT_DIR, MARKER, Layout
+from virgo_exps.launch.slurm.script import sbatch_arg, slurm_filename
+from virgo_exps.launch.slurm.submit import use_slurm_conf
+from virgo_exps.launch.strategy_table import strategy_row
+from virgo_exps.machines import Machine, load_machine
+from virgo_exps.sweeps import spec as sweep_spec
+from virgo_exps.sweeps.spec import SweepSpec
+
+SWEEPS_DIR = "sweeps"
+SWEEP_FILE = "sweep.json"
+SCRIPT_FILE = "sweep.sbatch"
+
+
+def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise ConfigError(f"git {' '.join(args)} failed in {repo}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    dvc = Path(sys.executable).with_name("dvc")
+    cmd = [str(dvc)] if dvc.exists() else [sys.executable, "-m", "dvc"]
+    proc = subprocess.run([*cmd, *args], cwd=repo, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise ConfigError(f"dvc {' '.join(args)} failed in {repo}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def sweep_dir(store: Path, name: str) -> Path:
+    return Path(store) / SWEEPS_DIR / name
+
+
+def branch(name: str) -> str:
+    return f"sweeps/{name}"
+
+
+def read_sweep(directory: Path) -> dict:
+    path = Path(directory) / SWEEP_FILE
+    if not path.is_file():
+        raise ConfigError(f"{directory}: no {SWEEP_FILE}; not a sweep dir (submit with `virgo-exps sweep submit`)")
+    return json.loads(path.read_text())
+
+
+def find_store(repo: Path, store: Path | None = None) -> Layout:
+    """The team store: ``store``, else the one this checkout's shared DVC cache belongs to."""
+    if store is None:
+        got = _dvc(repo, "config", "cache.dir", check=False).stdout.strip()
+        if got:
+            cache = Path(got) if Path(got).is_absolute() else (repo / ".dvc" / got)
+            if (cache.parent / MARKER).is_file():
+                store = cache.parent
+    if store is None:
+        raise ConfigError(
+            "no team store: this checkout's DVC cache is not a shared one; run `virgo-exps share --dir DIR "
+            "--group GROUP` first, or pass --store DIR"
+        )
+    store = Path(store).absolute()
+    marker = store / MARKER
+    if not marker.is_file() or not (store / GIT_DIR).is_dir():
+        raise ConfigError(f"--store {store}: not a team store (no {MARKER}); create it with `virgo-exps share`")
+    group = json.loads(marker.read_text()).get("group", "")
+    return Layout(store, group)
+
+
+def _params_with(repo: Path, overrides: dict[str, str]) -> dict:
+    params = yaml.safe_load((repo / "params.yaml").read_text()) or {}
+    for key, text in overrides.items():
+        section, _, name = key.partition(".")
+        params.setdefault(section, {})[name] = yaml.safe_load(text)
+    return params
+
+
+def resources(repo: Path, spec: SweepSpec, machine: Machine) -> tuple[int, int, int]:
+    """(nodes, tasks per node, CPUs per task) of one array task: the largest the train stage asks for
+    over the grid's trials (a search: params.yaml)."""
+    trials = [sweep_spec.overrides_of(spec, n) for n in range(len(spec.grid))] if spec.kind == "grid" else [{}]
+    nodes = tasks = cpus = 1
+    for overrides in trials:
+        train = _params_with(repo, overrides).get("train", {})
+        strategy = str(train.get("strategy", "single"))
+        n, procs = int(train.get("nodes", 1)), int(train.get("procs_per_node", 1))
+        per_process = strategy_row(strategy).task_per_process
+        t = procs if per_process else 1
+        c = machine.cpus_per_task * (1 if per_process else procs)
+        nodes, tasks, cpus = max(nodes, n), max(tasks, t), max(cpus, c)
+    return nodes, tasks, cpus
+
+
+def batch_script(directory: Path, spec: SweepSpec, machine: Machine, res: tuple[int, int, int]) -> str:
+    nodes, tasks, cpus = res
+    logs = directory / "logs"
+    opts = [
+        f"--job-name={sbatch_arg('virgo-sweep-' + spec.name)}",
+        f"--output={sbatch_arg(slurm_filename(str(logs)) + '/task-%A_%a.out')}",
+        "--open-mode=append",  # a requeued task appends to the same log
+        f"--chdir={sbatch_arg(str(directory))}",
+        f"--array=0-{spec.trials - 1}%{spec.parallel}",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={tasks}",
+        f"--cpus-per-task={cpus}",
+        f"--time={machine.time}",
+        # to the job steps (the training), which write their snapshot and ask for a requeue
+        f"--signal=USR1@{machine.signal_seconds}",
+        "--requeue",
+    ]
+    if machine.partition:
+        opts.append(f"--partition={sbatch_arg(machine.partition)}")
+    if machine.account:
+        opts.append(f"--account={sbatch_arg(machine.account)}")
+    if machine.gpus_per_node:
+        opts.append(
+            f"--gres=gpu:{machine.gpus_per_node}"
+            if machine.gpu_option == "gres"
+            else f"--gpus-per-node={machine.gpus_per_node}"
+        )
+    if machine.mem:
+        opts.append(f"--mem={machine.mem}")
+    opts += list(machine.sbatch_extra)
+    q = shlex.quote
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            f"# Sweep '{spec.name}' ({spec.kind}, {spec.trials} trials, {spec.parallel} at a time) on machine "
+            f"'{machine.name}', written by `virgo-exps sweep submit`.",
+            *(f"#SBATCH {o}" for o in opts),
+            "",
+            f"export VIRGO_MACHINE={q(machine.name)}",
+            f"exec {q(sys.executable)} -m virgo_exps.sweeps.task {q(str(directory))}",
+            "",
+        ]
+    )
+
+
+def check_checkout(repo: Path) -> str:
+    """Refuse a checkout the sweep could not reproduce; return its commit."""
+    dirty = _git(repo, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    if dirty:
+        raise ConfigError(
+            f"uncommitted changes ({dirty.splitlines()[0].strip()} ...): every trial clones the commit; "
+            "commit them (or `git stash`) first"
+        )
+    stale = _dvc(repo, "status", "train", "--with-deps", "--json").stdout.strip() or "{}"
+    # Stages that always run (the environment check) are run by every trial anyway.
+    upstream = sorted(
+        k for k, v in json.loads(stale).items() if not k.endswith(("train", ":train")) and "always changed" not in v
+    )
+    if upstream:
+        raise ConfigError(
+            f"data stages not up to date: {', '.join(upstream)}; run `dvc repro {upstream[-1]}`, commit dvc.lock, "
+            "then submit (trials link the data from the shared cache, they do not make it)"
+        )
+    return _git(repo, "rev-parse", "HEAD").stdout.strip()
+
+
+def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Machine | None = None) -> dict:
+    """Check, write the sweep dir, push the commit, submit the array; return sweep.json's content."""
+    repo = Path(repo).absolute()
+    machine = machine or load_machine()
+    if machine.kind != "slurm":
+        raise ConfigError(
+            f"machine '{machine.name}' is not a SLURM machine: a sweep is a job array; set VIRGO_MACHINE to a "
+            "slurm profile (e.g. simcluster)"
+        )
+    for tool in ("sbatch", "squeue"):
+        if shutil.which(tool) is None:
+            raise ConfigError(f"`{tool}` is not on PATH; submit from the cluster's login node")
+    layout = find_store(repo, store)
+    commit = check_checkout(repo)
+    directory = sweep_dir(layout.root, spec.name)
+    if (directory / SWEEP_FILE).exists():
+        old = read_sweep(directory)
+        if spec.kind == "grid" or old.get("spec", {}).get("kind") != "search":
+            raise ConfigError(
+                f"sweep '{spec.name}' exists already ({directory}, job {old.get('job_id')}); choose another name"
+            )
+    _git(repo, "push", "-q", "-f", str(layout.git), f"{commit}:refs/heads/{branch(spec.name)}")
+    use_slurm_conf(machine)
+    for sub in ("logs", "tasks", "work"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    res = resources(repo, spec, machine)
+    record = {
+        "spec": spec.to_dict(),
+        "commit": commit,
+        "branch": branch(spec.name),
+        "checkout": str(repo),
+        "store": str(layout.root),
+        "group": layout.group,
+        "machine": machine.name,
+        "resources": {"nodes": res[0], "ntasks_per_node": res[1], "cpus_per_task": res[2]},
+        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "job_id": None,
+    }
+    fsio.write_text(directory / SWEEP_FILE, json.dumps(record, indent=2) + "\n")
+    script = directory / SCRIPT_FILE
+    fsio.write_text(script, batch_script(directory, spec, machine, res))
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRGO_HOME", "DVC_EXP_NAME", "VIRGO_IN_ALLOCATION")}
+    env["VIRGO_MACHINE"] = machine.name
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env)
+    job_id = proc.stdout.strip().split(";")[0]
+    if proc.returncode != 0 or not job_id.isdigit():
+        raise ConfigError(f"sbatch failed (exit code {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+    record["job_id"] = job_id
+    fsio.write_text(directory / SWEEP_FILE, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+__all__ = ["SWEEP_FILE", "branch", "find_store", "read_sweep", "resources", "submit", "sweep_dir"]

@@ -1,0 +1,182 @@
+"""One array task of a sweep: ``python -m virgo_exps.sweeps.task <sweep dir>`` (run by the sweep's batch script).
+
+1. its trial: the array index (grid) or the next trial of the study (search), kept in ``tasks/<index>.json``
+   so that a requeued task runs the same trial again;
+2. its own clone of the sweep commit in ``work/<experiment>`` (from the store's git), pointed at the team
+   store with symlinks into the shared cache: the data stages' outputs are linked, never copied;
+3. ``dvc exp run -n <experiment> -S ...`` with ``VIRGO_IN_ALLOCATION=1``: the train stage's job step runs
+   inside this task's allocation. A requeued task (time limit, node failure, ``scontrol requeue``) comes back
+   here, resets the clone's tracked files and runs the same command: the trainer resumes at its snapshot
+   (``.virgo/snapshots`` of the clone, kept across requeues);
+4. ``dvc exp push`` to the store; a search also tells the study the metric (or pruned / failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from virgo_exps import fsio
+from virgo_exps.experiments.share import DEFAULT_NAME, Layout, configure_clone
+from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
+from virgo_exps.sweeps import spec as sweep_spec
+from virgo_exps.sweeps.submit import read_sweep
+
+RUNNING, DONE, FAILED, PRUNED, SKIPPED = "running", "done", "failed", "pruned", "skipped"
+
+
+def say(text: str) -> None:
+    print(f"sweep task: {text} ({time.strftime('%Y-%m-%dT%H:%M:%S')})", file=sys.stderr, flush=True)
+
+
+def task_file(directory: Path, index: int) -> Path:
+    return Path(directory) / "tasks" / f"{index}.json"
+
+
+def log_path(directory: Path, job_id: str, index: int) -> Path:
+    return Path(directory) / "logs" / f"task-{job_id}_{index}.out"
+
+
+def _write_state(directory: Path, index: int, state: dict) -> None:
+    fsio.write_text(task_file(directory, index), json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def _dvc_cmd() -> list[str]:
+    dvc = Path(sys.executable).with_name("dvc")
+    return [str(dvc)] if dvc.exists() else [sys.executable, "-m", "dvc"]
+
+
+def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> int:
+    say(f"$ {' '.join(cmd)}")
+    return subprocess.run(cmd, cwd=cwd, env=env).returncode
+
+
+def _check(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
+    rc = _run(cmd, cwd, env)
+    if rc != 0:
+        raise RuntimeError(f"{cmd[0]} {cmd[1]} failed with exit code {rc}")
+
+
+def prepare_clone(work: Path, record: dict, layout: Layout) -> bool:
+    """The trial's clone at the sweep commit; True when it existed (a requeued task)."""
+    commit = record["commit"]
+    if (work / ".dvc").is_dir():
+        # A requeued task: back to the commit (`dvc exp run` had written the -S values), keep
+        # .virgo/snapshots (ignored by git) and the outputs DVC tracks.
+        _check(["git", "reset", "-q", "--hard", commit], work)
+        (work / ".dvc" / "tmp" / "rwlock").unlink(missing_ok=True)
+        return True
+    partial = work.with_name(work.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    _check(["git", "clone", "-q", "--branch", record["branch"], str(layout.git), str(partial)], work.parent)
+    _check(["git", "checkout", "-q", commit], partial)
+    configure_clone(partial, layout, DEFAULT_NAME, link_type="symlink")
+    partial.rename(work)
+    return False
+
+
+def _metrics(work: Path) -> dict:
+    path = work / "results" / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_task(directory: Path, index: int, job_id: str) -> int:
+    directory = Path(directory).absolute()
+    record = read_sweep(directory)
+    spec = sweep_spec.from_dict(record["spec"])
+    layout = Layout(Path(record["store"]), record.get("group", ""))
+    path = task_file(directory, index)
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    log = str(log_path(directory, job_id, index))
+    if "trial" in state:
+        number, overrides = int(state["trial"]), dict(state["overrides"])
+    elif spec.kind == "grid":
+        number, overrides = index, sweep_spec.overrides_of(spec, index)
+    else:
+        from virgo_exps.sweeps import search
+
+        asked = search.ask(spec, directory)
+        if asked is None:
+            _write_state(directory, index, {"index": index, "state": SKIPPED, "log": log})
+            say("the search's budget is used up: nothing to run")
+            return 0
+        number, overrides = asked
+    name = spec.experiment(number)
+    state = {
+        **state,
+        "index": index,
+        "trial": number,
+        "experiment": name,
+        "overrides": overrides,
+        "state": RUNNING,
+        "job_id": job_id,
+        "node": os.environ.get("SLURMD_NODENAME", ""),
+        "restarts": restarts,
+        "log": log,
+        "started": state.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_state(directory, index, state)
+    say(f"trial {number} ({name}) with {overrides}; restart {restarts}")
+    work = directory / "work" / name
+    try:
+        resumed = prepare_clone(work, record, layout)
+        if resumed:
+            say(f"requeued: re-entering {work}; the training resumes from its snapshot")
+        env = {k: v for k, v in os.environ.items() if k not in ("DVC_EXP_NAME", "VIRGO_HOME")}
+        env.update({IN_ALLOCATION_ENV: "1", "VIRGO_HOME": str(work)})
+        if spec.kind == "search":
+            from virgo_exps.sweeps import search
+
+            env.update(search.trial_env(spec, directory, number))
+        rc = _run([*_dvc_cmd(), "exp", "run", "-n", name, *sweep_spec.set_args(overrides)], work, env)
+        metrics = _metrics(work) if rc == 0 else {}
+        if rc == 0:
+            _check([*_dvc_cmd(), "exp", "push", DEFAULT_NAME, name], work, env)
+    except (RuntimeError, OSError) as exc:
+        say(f"error: {exc}")
+        rc, metrics = 1, {}
+    from virgo_exps.sweeps.search import metric_of
+
+    value = metric_of(metrics, spec.metric)
+    pruned = bool(metrics.get("pruned"))
+    final = FAILED if rc != 0 else (PRUNED if pruned else DONE)
+    state.update(
+        state=final,
+        exit_code=rc,
+        metric=value,
+        cost=metrics.get("cost"),
+        pruned_at_epoch=metrics.get("pruned_at_epoch"),
+        ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    _write_state(directory, index, state)
+    if spec.kind == "search":
+        from virgo_exps.sweeps import search
+
+        told = {"done": "complete", "pruned": "pruned", "failed": "fail"}[final]
+        search.tell(spec, directory, number, value, told, {"experiment": name, "cost": metrics.get("cost"), "log": log})
+    shown = f", {spec.metric} {value}" if value is not None else ""
+    say(f"trial {number} ({name}): {final}{shown}; log {log}")
+    return 0 if final != FAILED else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m virgo_exps.sweeps.task SWEEP_DIR (run by a sweep's array task)", file=sys.stderr)
+        return 2
+    index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID", "local")
+    return run_task(Path(argv[0]), index, job_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

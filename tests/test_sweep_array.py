@@ -1,0 +1,235 @@
+"""A sweep is one SLURM job array (real Slurm with 2 nodes of 1 CPU, real DVC, a team store made by `share`).
+
+One grid of 6 trials submitted with `virgo-exps sweep submit --grid ... --parallel 2` and shared by every
+test of the module: the submit command returns at once and leaves no process of ours on the host; squeue
+never shows more than 2 running tasks; every trial is a DVC experiment pushed to the team store, which a
+second clone pulls; `sweep status` counts them and names the best and the cost. One task is requeued in the
+middle of its training (`scontrol requeue`) and its experiment resumes at its snapshot with the metrics of
+an uninterrupted run. A one-trial sweep whose value the first stage refuses is listed as failed with its log.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BIN, make_repo, sh, tool_env, wait_until
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+EPOCHS = 4
+PARAMS = {"preprocess": {"fmax": 64.0}, "train": {"epochs": EPOCHS}}
+LRS, SEEDS = ("0.001", "0.003", "0.01"), ("0", "1")
+REQUEUED = 3  # the array index whose task is requeued mid-training (lr 0.003, seed 1)
+RTOL = 1e-4
+
+
+def vx(repo: Path, *args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return sh([str(BIN / "virgo-exps"), *args], repo, env=env, check=check)
+
+
+def dvc(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return sh([str(BIN / "dvc"), *args], repo, env=env or tool_env(), check=check)
+
+
+def squeue(cluster, job_id: str) -> dict[int, str]:
+    out = cluster.slurm("squeue", "-h", "-r", "-j", job_id, "-o", "%K %T", check=False).stdout
+    return {int(k): v for k, v in (line.split() for line in out.splitlines() if line.strip()) if k.isdigit()}
+
+
+def our_processes(roots: list[Path]) -> list[str]:
+    """Processes whose working folder is under ``roots``, not started by slurmd (a job step or batch script)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if not any(cwd.startswith(str(r)) for r in roots):
+            continue
+        pid, slurm = int(entry.name), False
+        while pid > 1:
+            try:
+                stat = (Path("/proc") / str(pid) / "stat").read_text()
+            except OSError:
+                break
+            if stat[stat.find("(") + 1 : stat.rfind(")")].startswith("slurmstepd"):
+                slurm = True
+                break
+            pid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        if not slurm:
+            found.append(f"{entry.name}: {cmd}")
+    return found
+
+
+def finished(directory: Path, trials: int) -> bool:
+    states = []
+    for i in range(trials):
+        path = directory / "tasks" / f"{i}.json"
+        states.append(json.loads(path.read_text()).get("state") if path.is_file() else None)
+    return all(s in ("done", "failed", "pruned") for s in states)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, slurm_multinode):
+    cluster = slurm_multinode
+    base = tmp_path_factory.mktemp("sweep-array")
+    repo = make_repo(base / "repo", PARAMS)
+    env = {k: v for k, v in tool_env().items() if not k.startswith("SLURM_")}
+    env.update({**cluster.env, "VIRGO_MACHINE": "simcluster", "OMP_NUM_THREADS": "1"})
+    local = {**env, "VIRGO_MACHINE": "local"}
+    # The data stages made once and committed: trials link their outputs from the shared cache.
+    dvc(repo, "repro", "preprocess", env=local)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "data"], repo)
+    (repo / ".slurmsim").symlink_to(cluster.workdir, target_is_directory=True)
+    store = base / "store"
+    group = grp.getgrgid(os.getgid()).gr_name
+    vx(repo, "share", "--dir", str(store), "--group", group, env=env)
+
+    grid = ["-S", f"train.lr={','.join(LRS)}", "-S", f"train.seed={','.join(SEEDS)}"]
+    started = time.monotonic()
+    submitted = vx(repo, "sweep", "submit", "--grid", "lrgrid", *grid, "--parallel", "2", env=env)
+    submit_s = time.monotonic() - started
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    leftover = our_processes([repo])  # the submit command's processes: all gone
+    directory = store / "sweeps" / "lrgrid"
+
+    # Sample the queue while the sweep runs; requeue one task in the middle of its training.
+    samples: list[dict[int, str]] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append(squeue(cluster, job_id))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    requeued_at = None
+    try:
+        task_log = directory / "logs" / f"task-{job_id}_{REQUEUED}.out"
+        wait_until(
+            lambda: task_log.is_file() and re.search(r"epoch 2/\d+:", task_log.read_text()),
+            timeout=400,
+            what=f"epoch 2 of task {REQUEUED}",
+            interval=0.3,
+        )
+        requeued_at = task_log.read_text().count("\n")
+        cluster.slurm("scontrol", "requeue", f"{job_id}_{REQUEUED}")
+        # A trial whose value the first stage refuses (global batch larger than the training split).
+        bad = vx(repo, "sweep", "submit", "--grid", "badgrid", "-S", "train.global_batch_size=64", env=env)
+        bad_job = bad.stdout.strip().splitlines()[-1]
+        wait_until(lambda: finished(directory, 6), timeout=900, what="all trials of lrgrid", interval=2)
+        wait_until(lambda: finished(store / "sweeps" / "badgrid", 1), timeout=300, what="badgrid", interval=1)
+        wait_until(lambda: not squeue(cluster, job_id) and not squeue(cluster, bad_job), timeout=120, what="queue")
+    finally:
+        stop.set()
+        sampler.join()
+    return {
+        "cluster": cluster,
+        "repo": repo,
+        "store": store,
+        "group": group,
+        "env": env,
+        "local": local,
+        "job_id": job_id,
+        "dir": directory,
+        "submit_s": submit_s,
+        "submitted": submitted.stdout,
+        "leftover": leftover,
+        "samples": samples,
+        "requeued_at": requeued_at,
+        "base": base,
+    }
+
+
+def test_one_array_at_most_two_running_and_nothing_left_on_the_host(sweep):
+    assert sweep["job_id"].isdigit(), sweep["submitted"]
+    assert sweep["submit_s"] < 60, sweep["submit_s"]
+    assert sweep["leftover"] == [], sweep["leftover"]
+    script = (sweep["dir"] / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-5%2" in script and "#SBATCH --requeue" in script
+    info = sweep["cluster"].slurm("scontrol", "show", "job", sweep["job_id"], check=False).stdout
+    assert info == "" or f"ArrayJobId={sweep['job_id']}" in info
+    running = [sum(1 for s in sample.values() if s == "RUNNING") for sample in sweep["samples"]]
+    assert len(running) > 20 and max(running) == 2, running  # both nodes used, never more than 2
+    record = json.loads((sweep["dir"] / "sweep.json").read_text())
+    assert record["job_id"] == sweep["job_id"] and record["spec"]["trials"] == 6
+
+
+def test_every_trial_is_an_experiment_a_second_clone_pulls(sweep):
+    store, env = sweep["store"], sweep["env"]
+    other = sweep["base"] / "second"
+    sh(["git", "clone", "-q", "--branch", "sweeps/lrgrid", str(store / "experiments.git"), str(other)], sweep["base"])
+    vx(other, "share", "--dir", str(store), "--group", sweep["group"], env=env)
+    names = [f"lrgrid-{n:03d}" for n in range(6)]
+    dvc(other, "exp", "pull", "team", *names, env=env)
+    shown = json.loads(dvc(other, "exp", "show", "--json", env=env).stdout)
+    rows = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") in names:
+                    rows[rev["name"]] = rev["data"]
+    assert sorted(rows) == names, sorted(rows)
+    for n, name in enumerate(names):
+        params = rows[name]["params"]["params.yaml"]["data"]["train"]
+        assert (str(params["lr"]), str(params["seed"])) == (LRS[n // 2], SEEDS[n % 2]), (name, params)
+        metrics = rows[name]["metrics"]["results/metrics.json"]["data"]
+        assert np.isfinite(metrics["val_loss"]) and metrics["cost"]["core_h"] > 0, metrics
+        assert metrics["machine"] == "simcluster", metrics
+    # Data linked from the shared cache, not copied.
+    work = sweep["dir"] / "work" / "lrgrid-000" / "data"
+    linked = [p for p in work.rglob("*") if p.is_symlink()]
+    assert linked and all(str(p.resolve()).startswith(str(store / "dvc-cache")) for p in linked[:20])
+
+
+def test_status_counts_best_and_cost(sweep):
+    out = vx(sweep["repo"], "sweep", "status", "lrgrid", env=sweep["env"]).stdout
+    assert "6 trials: 6 done, 0 running, 0 pending, 0 failed, 0 pruned" in out, out
+    states = [json.loads((sweep["dir"] / "tasks" / f"{i}.json").read_text()) for i in range(6)]
+    best = min(states, key=lambda t: t["metric"])
+    assert f"best so far: {best['experiment']} val_loss {best['metric']:.6g}" in out, out
+    total = sum(t["cost"]["core_h"] for t in states)
+    assert total > 0 and f"cost so far: {total:.4f} core-hours" in out, out
+
+
+def test_a_requeued_task_resumes_at_its_snapshot(sweep):
+    assert sweep["requeued_at"] is not None
+    state = json.loads((sweep["dir"] / "tasks" / f"{REQUEUED}.json").read_text())
+    assert state["state"] == "done" and state["restarts"] >= 1, state
+    log = Path(state["log"]).read_text()
+    after = "\n".join(log.splitlines()[sweep["requeued_at"] :])
+    assert "requeued: re-entering" in after, after[-3000:]
+    m = re.search(r"train: resuming from .* at epoch (\d+)", after)
+    assert m and int(m.group(1)) > 1, after[-3000:]
+    # The same trial uninterrupted, on the local machine: the same metrics.
+    repo = sweep["repo"]
+    lr, seed = LRS[REQUEUED // 2], SEEDS[REQUEUED % 2]
+    dvc(repo, "exp", "run", "-n", "reference", "-S", f"train.lr={lr}", "-S", f"train.seed={seed}", env=sweep["local"])
+    ref = json.loads((repo / "results" / "metrics.json").read_text())
+    got = json.loads((sweep["dir"] / "work" / state["experiment"] / "results" / "metrics.json").read_text())
+    assert got["epochs"] == ref["epochs"] == EPOCHS, (got["epochs"], ref["epochs"])
+    np.testing.assert_allclose(got["val_loss"], ref["val_loss"], rtol=RTOL)
+    np.testing.assert_allclose(got["train_loss"], ref["train_loss"], rtol=RTOL)
+
+
+def test_a_failed_trial_is_listed_with_its_log(sweep):
+    out = vx(sweep["repo"], "sweep", "status", "badgrid", env=sweep["env"]).stdout
+    assert "1 trials: 0 done, 0 running, 0 pending, 1 failed" in out, out
+    m = re.search(r"failed: badgrid-000 \(exit code \d+\); log (\S+)", out)
+    assert m, out
+    assert "train.global_batch_size: 64 is larger than the training split" in Path(m.group(1)).read_text()
