@@ -341,3 +341,99 @@ def test_search_prunes_records_and_continues(tmp_path):
     search.tell(more, sweep_dir, number, None, "fail", attrs={"log": "never ran"})
     again = search.open_study(more, sweep_dir).trials
     assert len(again) == 5 and again[4].state == TrialState.FAIL and again[4].user_attrs["log"] == "never ran"
+
+
+# --- the same search as a sweep: one job array on a 2-node Slurm cluster ---------------------------------------
+
+ARRAY_SWEEP = f"""
+name: lr-array
+metric: val_loss
+direction: minimize
+trials: 8
+parallel: 2
+pruner: median
+startup_trials: 1
+warmup_epochs: 0
+seed: 5
+parameters:
+  train.lr: {{type: loguniform, low: 1.0e-4, high: {BAD_LR + 1}}}
+"""
+
+
+def sweep_finished(directory: Path, trials: int) -> bool:
+    states = []
+    for i in range(trials):
+        path = directory / "tasks" / f"{i}.json"
+        states.append(json.loads(path.read_text()).get("state") if path.is_file() else None)
+    return all(s in ("done", "failed", "pruned", "skipped") for s in states)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_search_sweep_as_a_job_array(tmp_path, slurm_multinode):
+    import grp
+    import os
+
+    from optuna.trial import TrialState
+
+    from conftest import wait_until
+    from virgo_exps.sweeps import search
+
+    cluster = slurm_multinode
+    repo = make_repo(tmp_path / "repo", {"preprocess": {"fmax": 64.0}, "train": {"epochs": EPOCHS}})
+    env = {k: v for k, v in tool_env().items() if not k.startswith("SLURM_")}
+    env.update({**cluster.env, "VIRGO_MACHINE": "simcluster", "OMP_NUM_THREADS": "1"})
+    local = {**env, "VIRGO_MACHINE": "local"}
+    vx = [str(BIN / "virgo-exps")]
+    (repo / "sweeps" / "lr-array.yaml").write_text(ARRAY_SWEEP)
+    dvc(repo, "repro", "preprocess", env=local)  # the data, made once and committed with the sweep file
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "data and sweep"], repo)
+    (repo / ".slurmsim").symlink_to(cluster.workdir, target_is_directory=True)
+    store = tmp_path / "store"
+    sh([*vx, "share", "--dir", str(store), "--group", grp.getgrgid(os.getgid()).gr_name], repo, env=env)
+
+    s = sweep_spec.load(repo / "sweeps" / "lr-array.yaml")
+    directory = store / "sweeps" / s.name
+    # The first two trials (running together) train well; the next two diverge and start when one good
+    # trial is complete, so the median pruner has a trial to compare with. The other four are TPE's.
+    study = search.open_study(s, directory)
+    for lr in (GOOD_LR, GOOD_LR / 3, BAD_LR, BAD_LR):
+        study.enqueue_trial({"train.lr": lr})
+    submitted = sh([*vx, "sweep", "submit", "sweeps/lr-array.yaml"], repo, env=env)
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    assert job_id.isdigit(), submitted.stdout
+    wait_until(lambda: sweep_finished(directory, s.trials), timeout=1500, what="the 8 trials", interval=2)
+
+    tasks = [json.loads((directory / "tasks" / f"{i}.json").read_text()) for i in range(s.trials)]
+    states = {t["trial"]: t["state"] for t in tasks}
+    assert sorted(states) == list(range(s.trials)) and "failed" not in states.values(), tasks
+    trials = search.open_study(s, directory).trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert len(pruned) >= 1, [(t.number, t.state.name, t.params) for t in trials]
+    for t in trials:
+        assert states[t.number] == {"COMPLETE": "done", "PRUNED": "pruned"}[t.state.name], (t.number, states)
+    for t in pruned:
+        got = json.loads((directory / "work" / s.experiment(t.number) / "results" / "metrics.json").read_text())
+        assert got["pruned"] is True and got["pruned_at_epoch"] == max(t.intermediate_values) < EPOCHS, got
+    assert {t.number for t in pruned} >= {2, 3}  # both diverging trials
+
+    status = sh([*vx, "sweep", "status", s.name], repo, env=env).stdout
+    done = sum(1 for v in states.values() if v == "done")
+    assert f"{s.trials} trials: {done} done" in status and f"{len(pruned)} pruned" in status, status
+
+    # The best trial, pulled from the team store and applied: nothing reruns, its metrics stay.
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = s.experiment(min(complete, key=lambda t: t.value).number)
+    page_dir = tmp_path / "page"
+    sh([*vx, "sweep", "page", s.name, "--out", str(page_dir)], repo, env=env)
+    text = (page_dir / "index.html").read_text()
+    assert f"dvc exp apply {best}" in text and (page_dir / "importances.png").is_file()
+    dvc(repo, "exp", "pull", "team", best, env=local)
+    dvc(repo, "exp", "apply", best, env=local)
+    expected = (directory / "work" / best / "results" / "metrics.json").read_text()
+    log = dvc(repo, "exp", "run", env=local)
+    log = log.stdout + log.stderr
+    for stage in ("generate", "preprocess", "train", "report"):
+        assert f"Stage '{stage}' didn't change, skipping" in log, log[-3000:]
+    assert json.loads((repo / "results" / "metrics.json").read_text()) == json.loads(expected)
