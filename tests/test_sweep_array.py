@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, make_repo, sh, tool_env, wait_until
+from conftest import BIN, ROOT, make_repo, sh, tool_env, wait_until
+from virgo_exps.machines import load_machine
+from virgo_exps.sweeps import spec as sweep_spec
+from virgo_exps.sweeps.status import render, status
+from virgo_exps.sweeps.submit import batch_script, resources
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-EPOCHS = 4
+EPOCHS = 30  # ~0.1 s an epoch: a window of seconds to requeue a task in the middle of its training
 PARAMS = {"preprocess": {"fmax": 64.0}, "train": {"epochs": EPOCHS}}
 LRS, SEEDS = ("0.001", "0.003", "0.01"), ("0", "1")
 REQUEUED = 3  # the array index whose task is requeued mid-training (lr 0.003, seed 1)
@@ -80,6 +82,47 @@ def finished(directory: Path, trials: int) -> bool:
         path = directory / "tasks" / f"{i}.json"
         states.append(json.loads(path.read_text()).get("state") if path.is_file() else None)
     return all(s in ("done", "failed", "pruned") for s in states)
+
+
+# --- units: the array's batch script, the status read back -------------------------------------------------
+
+
+def test_each_task_asks_what_the_largest_trial_of_the_train_stage_asks():
+    spec = sweep_spec.from_grid("g", ["train.strategy=ddp", "train.procs_per_node=1,2"], parallel=5)
+    machine = load_machine("simcluster")
+    res = resources(ROOT, spec, machine)
+    assert res == (1, 1, 2 * machine.cpus_per_task)
+    script = batch_script(Path("/store/sweeps/g"), spec, machine, res)
+    for line in (
+        "#SBATCH --array=0-1%2",  # the throttle is at most the number of trials
+        f"#SBATCH --cpus-per-task={2 * machine.cpus_per_task}",
+        f"#SBATCH --signal=USR1@{machine.signal_seconds}",
+        "#SBATCH --requeue",
+        "#SBATCH --output=/store/sweeps/g/logs/task-%A_%a.out",
+    ):
+        assert line in script.splitlines(), script
+    assert script.rstrip().endswith("-m virgo_exps.sweeps.task /store/sweeps/g"), script
+
+
+def test_status_counts_each_state_and_names_the_best_the_cost_and_the_failed_log(tmp_path):
+    spec = sweep_spec.from_grid("g", ["train.lr=0.1,0.2,0.3,0.4,0.5"], parallel=2, direction="maximize")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": spec.to_dict(), "job_id": None}))
+    cost = {"core_h": 0.25, "gpu_h": 0.0, "cpu_h": 0.2, "wall_s": 30.0}
+    for index, state, metric in ((0, "done", 1.5), (1, "done", 2.5), (2, "failed", None), (3, "pruned", 9.0)):
+        task = {"index": index, "trial": index, "experiment": f"g-{index:03d}", "state": state, "metric": metric}
+        task.update(overrides=spec.grid[index], cost=cost, exit_code=0 if state != "failed" else 1, log=f"/l/{index}")
+        (tmp_path / "tasks" / f"{index}.json").write_text(json.dumps(task))
+    s = status(tmp_path)
+    assert s.counts == {"done": 2, "running": 0, "pending": 1, "failed": 1, "pruned": 1}
+    out = render(s, "val_loss")
+    assert "5 trials: 2 done, 0 running, 1 pending, 1 failed, 1 pruned" in out
+    assert "best so far: g-001 val_loss 2.5 (train.lr=0.2)" in out, out  # maximize; a pruned trial is not best
+    assert "cost so far: 1.0000 core-hours" in out and "120 s" in out, out
+    assert "failed: g-002 (exit code 1); log /l/2" in out, out
+
+
+# --- the sweep on a real cluster ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +199,8 @@ def sweep(tmp_path_factory, slurm_multinode):
     }
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_one_array_at_most_two_running_and_nothing_left_on_the_host(sweep):
     assert sweep["job_id"].isdigit(), sweep["submitted"]
     assert sweep["submit_s"] < 60, sweep["submit_s"]
@@ -170,6 +215,8 @@ def test_one_array_at_most_two_running_and_nothing_left_on_the_host(sweep):
     assert record["job_id"] == sweep["job_id"] and record["spec"]["trials"] == 6
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_every_trial_is_an_experiment_a_second_clone_pulls(sweep):
     store, env = sweep["store"], sweep["env"]
     other = sweep["base"] / "second"
@@ -197,6 +244,8 @@ def test_every_trial_is_an_experiment_a_second_clone_pulls(sweep):
     assert linked and all(str(p.resolve()).startswith(str(store / "dvc-cache")) for p in linked[:20])
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_status_counts_best_and_cost(sweep):
     out = vx(sweep["repo"], "sweep", "status", "lrgrid", env=sweep["env"]).stdout
     assert "6 trials: 6 done, 0 running, 0 pending, 0 failed, 0 pruned" in out, out
@@ -207,6 +256,8 @@ def test_status_counts_best_and_cost(sweep):
     assert total > 0 and f"cost so far: {total:.4f} core-hours" in out, out
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_a_requeued_task_resumes_at_its_snapshot(sweep):
     assert sweep["requeued_at"] is not None
     state = json.loads((sweep["dir"] / "tasks" / f"{REQUEUED}.json").read_text())
@@ -227,6 +278,8 @@ def test_a_requeued_task_resumes_at_its_snapshot(sweep):
     np.testing.assert_allclose(got["train_loss"], ref["train_loss"], rtol=RTOL)
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_a_failed_trial_is_listed_with_its_log(sweep):
     out = vx(sweep["repo"], "sweep", "status", "badgrid", env=sweep["env"]).stdout
     assert "1 trials: 0 done, 0 running, 0 pending, 1 failed" in out, out

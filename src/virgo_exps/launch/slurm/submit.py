@@ -60,25 +60,32 @@ def run_in_allocation(ctx: JobContext, script: str) -> int:
     fsio.write_text(ctx.script_path, script)
     log_path = ctx.log_file(job_id)
     say(f"{ctx.stage}: running the job step in the current allocation (job {job_id}); log {log_path}")
-    with open(log_path, "ab") as log, Signals() as signals:
+    received: list[int] = []
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             ["bash", str(ctx.script_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
-        assert proc.stdout is not None
-        for line in iter(proc.stdout.readline, b""):
-            log.write(line)
-            log.flush()
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.buffer.write(line)
-                sys.stderr.flush()
-            if signals.received is not None:
-                break
-        if signals.received is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
-            return 128 + signals.received
-        return proc.wait()
+
+        def stop(signum, frame):  # end the script's processes; the allocation is not ours to cancel
+            if not received:
+                received.append(signum)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+
+        old = {s: signal.signal(s, stop) for s in Signals.SIGNALS}
+        try:
+            assert proc.stdout is not None
+            for line in iter(proc.stdout.readline, b""):
+                log.write(line)
+                log.flush()
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.flush()
+            rc = proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    return 128 + received[0] if received else rc
 
 
 def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> int:
