@@ -32,6 +32,7 @@ EPOCHS = 30  # ~0.1 s an epoch: a window of seconds to requeue a task in the mid
 PARAMS = {"preprocess": {"fmax": 64.0}, "train": {"epochs": EPOCHS}}
 LRS, SEEDS = ("0.001", "0.003", "0.01"), ("0", "1")
 REQUEUED = 3  # the array index whose task is requeued mid-training (lr 0.003, seed 1)
+CRASHED = 5  # the array index whose node is killed mid-training
 RTOL = 1e-4
 
 
@@ -161,7 +162,7 @@ def sweep(tmp_path_factory, slurm_multinode):
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    requeued_at = None
+    requeued_at = crashed_at = killed = None
     try:
         task_log = directory / "logs" / f"task-{job_id}_{REQUEUED}.out"
         wait_until(
@@ -172,6 +173,25 @@ def sweep(tmp_path_factory, slurm_multinode):
         )
         requeued_at = task_log.read_text().count("\n")
         cluster.slurm("scontrol", "requeue", f"{job_id}_{REQUEUED}")
+        # A node fails under another task: Slurm requeues it, it resumes on a node that works.
+        crash_log = directory / "logs" / f"task-{job_id}_{CRASHED}.out"
+        wait_until(
+            lambda: crash_log.is_file() and re.search(r"epoch 2/\d+:", crash_log.read_text()),
+            timeout=400,
+            what=f"epoch 2 of task {CRASHED}",
+            interval=0.3,
+        )
+        crashed_at = crash_log.read_text().count("\n")
+        killed = json.loads((directory / "tasks" / f"{CRASHED}.json").read_text())["node"]
+        cluster.kill_node(killed)
+        wait_until(
+            lambda: json.loads((directory / "tasks" / f"{CRASHED}.json").read_text())["restarts"] >= 1,
+            timeout=180,
+            what=f"task {CRASHED} requeued after the node failure",
+            interval=1,
+        )
+        cluster.restart_node(killed, timeout=120)
+        killed = None
         # A trial whose value the first stage refuses (global batch larger than the training split).
         bad = vx(repo, "sweep", "submit", "--grid", "badgrid", "-S", "train.global_batch_size=64", env=env)
         bad_job = bad.stdout.strip().splitlines()[-1]
@@ -180,6 +200,8 @@ def sweep(tmp_path_factory, slurm_multinode):
         wait_until(lambda: not squeue(cluster, job_id) and not squeue(cluster, bad_job), timeout=120, what="queue")
     finally:
         stop.set()
+        if killed is not None:
+            cluster.restart_node(killed, timeout=120)
         sampler.join()
     return {
         "cluster": cluster,
@@ -195,6 +217,7 @@ def sweep(tmp_path_factory, slurm_multinode):
         "leftover": leftover,
         "samples": samples,
         "requeued_at": requeued_at,
+        "crashed_at": crashed_at,
         "base": base,
     }
 
@@ -276,6 +299,19 @@ def test_a_requeued_task_resumes_at_its_snapshot(sweep):
     assert got["epochs"] == ref["epochs"] == EPOCHS, (got["epochs"], ref["epochs"])
     np.testing.assert_allclose(got["val_loss"], ref["val_loss"], rtol=RTOL)
     np.testing.assert_allclose(got["train_loss"], ref["train_loss"], rtol=RTOL)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_task_whose_node_fails_is_requeued_and_resumes(sweep):
+    assert sweep["crashed_at"] is not None
+    state = json.loads((sweep["dir"] / "tasks" / f"{CRASHED}.json").read_text())
+    assert state["state"] == "done" and state["restarts"] >= 1, state
+    after = "\n".join(Path(state["log"]).read_text().splitlines()[sweep["crashed_at"] :])
+    assert "requeued: re-entering" in after, after[-3000:]
+    m = re.search(r"train: resuming from .* at epoch (\d+)", after)
+    assert m and int(m.group(1)) > 1, after[-3000:]
+    assert state["metric"] is not None and np.isfinite(state["metric"])
 
 
 @pytest.mark.slurm
