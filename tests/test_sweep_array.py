@@ -32,6 +32,7 @@ EPOCHS = 30  # ~0.1 s an epoch: a window of seconds to requeue a task in the mid
 PARAMS = {"preprocess": {"fmax": 64.0}, "train": {"epochs": EPOCHS}}
 LRS, SEEDS = ("0.001", "0.003", "0.01"), ("0", "1")
 REQUEUED = 3  # the array index whose task is requeued mid-training (lr 0.003, seed 1)
+SIGNALLED = 4  # the array index whose job step gets the time limit's signal (USR1)
 CRASHED = 5  # the array index whose node is killed mid-training
 RTOL = 1e-4
 
@@ -162,7 +163,7 @@ def sweep(tmp_path_factory, slurm_multinode):
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    requeued_at = crashed_at = killed = None
+    requeued_at = signalled_at = crashed_at = killed = None
     try:
         task_log = directory / "logs" / f"task-{job_id}_{REQUEUED}.out"
         wait_until(
@@ -173,6 +174,17 @@ def sweep(tmp_path_factory, slurm_multinode):
         )
         requeued_at = task_log.read_text().count("\n")
         cluster.slurm("scontrol", "requeue", f"{job_id}_{REQUEUED}")
+        # The time limit's signal (USR1 to the job step) on another task: the training writes its
+        # snapshot and exits 85, the step's script requeues the task itself.
+        signal_log = directory / "logs" / f"task-{job_id}_{SIGNALLED}.out"
+        wait_until(
+            lambda: signal_log.is_file() and re.search(r"epoch 2/\d+:", signal_log.read_text()),
+            timeout=400,
+            what=f"epoch 2 of task {SIGNALLED}",
+            interval=0.3,
+        )
+        signalled_at = signal_log.read_text().count("\n")
+        cluster.slurm("scancel", "--signal=USR1", f"{job_id}_{SIGNALLED}")
         # A node fails under another task: Slurm requeues it, it resumes on a node that works.
         crash_log = directory / "logs" / f"task-{job_id}_{CRASHED}.out"
         wait_until(
@@ -218,6 +230,7 @@ def sweep(tmp_path_factory, slurm_multinode):
         "samples": samples,
         "requeued_at": requeued_at,
         "crashed_at": crashed_at,
+        "signalled_at": signalled_at,
         "base": base,
     }
 
@@ -303,11 +316,15 @@ def test_a_requeued_task_resumes_at_its_snapshot(sweep):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_task_whose_node_fails_is_requeued_and_resumes(sweep):
-    assert sweep["crashed_at"] is not None
-    state = json.loads((sweep["dir"] / "tasks" / f"{CRASHED}.json").read_text())
+@pytest.mark.parametrize("how", ["time limit signal", "node failure"])
+def test_a_task_stopped_by_the_time_limit_or_a_node_failure_is_requeued_and_resumes(sweep, how):
+    index, at = (SIGNALLED, "signalled_at") if how == "time limit signal" else (CRASHED, "crashed_at")
+    assert sweep[at] is not None
+    state = json.loads((sweep["dir"] / "tasks" / f"{index}.json").read_text())
     assert state["state"] == "done" and state["restarts"] >= 1, state
-    after = "\n".join(Path(state["log"]).read_text().splitlines()[sweep["crashed_at"] :])
+    after = "\n".join(Path(state["log"]).read_text().splitlines()[sweep[at] :])
+    if how == "time limit signal":
+        assert re.search(r"virgo: step ended with exit code 85[\s\S]*virgo: requeueing job", after), after[-3000:]
     assert "requeued: re-entering" in after, after[-3000:]
     m = re.search(r"train: resuming from .* at epoch (\d+)", after)
     assert m and int(m.group(1)) > 1, after[-3000:]

@@ -85,6 +85,11 @@ def _page(args) -> int:
 
     directory = _dir(args)
     spec = sweep_spec.from_dict(read_sweep(directory)["spec"])
+    if spec.kind != "search":
+        raise ConfigError(
+            f"sweep {spec.name} is a grid: its page is built from an Optuna study, which only a search has; "
+            f"use `virgo-exps sweep status {spec.name}` and `dvc exp show`"
+        )
     out = args.out or (args.repo / "results" / "sweeps" / args.name)
     print(page.build(spec, directory, out))
     return 0
