@@ -30,11 +30,17 @@ class Status:
     tasks: list[dict] = field(default_factory=list)
 
 
-def _queued(job_id: str | None) -> dict[int, str]:
-    """index -> squeue state of the array's tasks still in the queue (a pending range counts each index)."""
+def _queued(job_id: str | None) -> dict[int, str] | None:
+    """index -> squeue state of the array's tasks still in the queue (a pending range counts each index);
+    None when the queue cannot be asked (no squeue here, controller down)."""
     if not job_id:
         return {}
-    proc = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%K %T"], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%K %T"], capture_output=True, text=True)
+    except OSError:
+        return None
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        return None
     out: dict[int, str] = {}
     for line in proc.stdout.splitlines():
         parts = line.split()
@@ -46,7 +52,8 @@ def _queued(job_id: str | None) -> dict[int, str]:
 def status(directory: Path) -> Status:
     record = read_sweep(directory)
     spec = sweep_spec.from_dict(record["spec"])
-    queued = _queued(record.get("job_id"))
+    asked = _queued(record.get("job_id"))
+    queued = asked or {}
     tasks = []
     for path in sorted((Path(directory) / "tasks").glob("*.json"), key=lambda p: int(p.stem)):
         tasks.append(json.loads(path.read_text()))
@@ -56,12 +63,12 @@ def status(directory: Path) -> Status:
     for t in tasks:
         seen.add(int(t["index"]))
         state = t.get("state")
-        if state == "running":
+        if state == "running" and asked is not None:
             q = queued.get(int(t["index"]))
             if q is None:
                 state = "failed"  # no longer in the queue, never finished: lost
                 t = {**t, "state": "failed", "reason": "the task left the queue without finishing"}
-            elif q != "RUNNING":
+            elif q not in ("RUNNING", "COMPLETING"):
                 state = "pending"  # requeued, waiting
         if state in counts:
             counts[state] += 1
