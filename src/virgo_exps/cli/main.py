@@ -277,3 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             print(preflight.summary(args.params, machine, budget))
 
         stage_main(body)
+
+
+if __name__ == "__main__":
+    main()
