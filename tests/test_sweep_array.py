@@ -339,3 +339,57 @@ def test_a_failed_trial_is_listed_with_its_log(sweep):
     m = re.search(r"failed: badgrid-000 \(exit code \d+\); log (\S+)", out)
     assert m, out
     assert "train.global_batch_size: 64 is larger than the training split" in Path(m.group(1)).read_text()
+
+
+def _task_again(sweep, index: int) -> subprocess.CompletedProcess:
+    """The array task ``index`` started once more, as Slurm restarts a requeued task (same array job id)."""
+    env = {
+        **sweep["env"],
+        "SLURM_ARRAY_JOB_ID": sweep["job_id"],
+        "SLURM_ARRAY_TASK_ID": str(index),
+        "SLURM_RESTART_COUNT": "9",
+    }
+    return sh([str(BIN / "python"), "-m", "virgo_exps.sweeps.task", str(sweep["dir"])], sweep["repo"], env=env)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_task_requeued_after_its_trial_was_recorded_keeps_the_record(sweep):
+    """A node lost after the trial's experiment was recorded (during the push, or before the task wrote
+    its state) requeues the task: it neither runs the trial again nor records it as failed."""
+    path = sweep["dir"] / "tasks" / "0.json"
+    before = json.loads(path.read_text())
+    assert before["state"] == "done"
+    again = _task_again(sweep, 0)
+    assert "is already done; pushing it again" in again.stderr, again.stderr[-3000:]
+    assert json.loads(path.read_text()) == before
+    # Requeued between `dvc exp run` and the state: the recorded experiment is taken, not run again.
+    path.write_text(json.dumps({**before, "state": "running"}))
+    again = _task_again(sweep, 0)
+    out = again.stdout + again.stderr
+    assert "lrgrid-000 is already recorded" in out and "Running stage 'train'" not in out, out[-3000:]
+    after = json.loads(path.read_text())
+    assert after["state"] == "done" and after["metric"] == before["metric"], after
+    assert after["cost"] == before["cost"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_submission_sbatch_refuses_can_be_made_again(sweep, tmp_path):
+    """sbatch refusing the array (here: a partition the cluster does not have) leaves nothing that blocks
+    the same submission once the profile is right."""
+    repo, env = sweep["repo"], sweep["env"]
+    sh(["git", "reset", "-q", "--hard", "HEAD"], repo)
+    bad = repo / "machines" / "nopart"
+    bad.mkdir()
+    profile = (repo / "machines" / "simcluster" / "machine.yaml").read_text()
+    (bad / "machine.yaml").write_text(profile.replace("partition: null", "partition: nosuchpart"))
+    (bad / "env.sh").write_text((repo / "machines" / "simcluster" / "env.sh").read_text())
+    grid = ["sweep", "submit", "--grid", "resubmit", "-S", "train.lr=0.002"]
+    refused = vx(repo, *grid, env={**env, "VIRGO_MACHINE": "nopart"}, check=False)
+    assert refused.returncode == 2 and "sbatch failed" in refused.stderr, refused.stderr
+    submitted = vx(repo, *grid, env=env)
+    job = submitted.stdout.strip().splitlines()[-1]
+    assert job.isdigit(), submitted.stdout
+    sweep["cluster"].slurm("scancel", job, check=False)
+    wait_until(lambda: not squeue(sweep["cluster"], job), timeout=120, what=f"job {job} cancelled")

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import BIN, make_repo, sh, tool_env
 from virgo_exps.config import ConfigError
@@ -278,6 +279,15 @@ def test_search_prunes_records_and_continues(tmp_path):
         extra = {"train.strategy": "ddp", "train.procs_per_node": "2"} if n == 1 else None
         number, overrides, metrics, output = run_trial(repo, s, sweep_dir, extra)
         assert number == n
+        if n == 1:
+            # The task requeued after the pruned snapshot, before it recorded the trial: the train
+            # command run again in the same workspace stays pruned at the same epoch.
+            cmd = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["train"]["cmd"].split()
+            again = sh([str(BIN / "python"), *cmd[1:]], repo, env=tool_env(search.trial_env(s, sweep_dir, number)))
+            log = again.stdout + again.stderr
+            assert f"epoch {metrics['pruned_at_epoch'] + 1}/" not in log, log[-3000:]
+            rerun = json.loads((repo / "results" / "metrics.json").read_text())
+            assert rerun["pruned"] is True and rerun["pruned_at_epoch"] == metrics["pruned_at_epoch"], rerun
         ran[number] = (overrides, metrics, output)
     assert search.ask(s, sweep_dir) is None  # the budget is used up
 
@@ -437,3 +447,35 @@ def test_search_sweep_as_a_job_array(tmp_path, slurm_multinode):
     for stage in ("generate", "preprocess", "train", "report"):
         assert f"Stage '{stage}' didn't change, skipping" in log, log[-3000:]
     assert json.loads((repo / "results" / "metrics.json").read_text()) == json.loads(expected)
+
+    # A second submission continues the search to a larger budget. While the first array is still
+    # in the queue it is refused; afterwards the new array's tasks ask the study for the trials left
+    # (the others end as skipped) and the first array's records are kept under its job id.
+    sh(["git", "reset", "-q", "--hard", "HEAD"], repo)
+    spec_file = repo / "sweeps" / "lr-array.yaml"
+    spec_file.write_text(ARRAY_SWEEP.replace("trials: 8", "trials: 9"))
+    sh(["git", "commit", "-q", "-am", "one trial more"], repo)
+    again = sh([*vx, "sweep", "submit", "sweeps/lr-array.yaml"], repo, env=env).stdout.strip().splitlines()[-1]
+    refused = sh([*vx, "sweep", "submit", "sweeps/lr-array.yaml"], repo, env=env, check=False)
+    assert refused.returncode == 2 and f"its job array {again} is still in the queue" in refused.stderr
+
+    def continued() -> bool:
+        paths = [directory / "tasks" / f"{i}.json" for i in range(9)]
+        return all(p.is_file() and json.loads(p.read_text())["job_id"] == again for p in paths) and sweep_finished(
+            directory, 9
+        )
+
+    wait_until(continued, timeout=600, what="the continued search", interval=2)
+    kept = {i: json.loads((directory / "tasks" / f"{job_id}_{i}.json").read_text()) for i in range(s.trials)}
+    assert {t["trial"]: t["state"] for t in kept.values()} == states
+    now = [json.loads((directory / "tasks" / f"{i}.json").read_text()) for i in range(9)]
+    assert all(t["job_id"] == again for t in now), now
+    ran = [t for t in now if t["state"] != "skipped"]
+    assert [t["trial"] for t in ran] == [8] and ran[0]["state"] in ("done", "pruned"), now
+    trials = search.open_study(s, directory).trials
+    assert len(trials) == 9 and all(t.state.is_finished() for t in trials)
+    finished_now = {**states, 8: ran[0]["state"]}
+    status = sh([*vx, "sweep", "status", s.name], repo, env=env).stdout
+    done = sum(1 for v in finished_now.values() if v == "done")
+    pruned_n = sum(1 for v in finished_now.values() if v == "pruned")
+    assert f"9 trials: {done} done, 0 running, 0 pending, 0 failed, {pruned_n} pruned" in status, status

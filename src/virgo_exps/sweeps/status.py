@@ -55,16 +55,20 @@ def status(directory: Path) -> Status:
     asked = _queued(record.get("job_id"))
     queued = asked or {}
     tasks = []
-    for path in sorted((Path(directory) / "tasks").glob("*.json"), key=lambda p: int(p.stem)):
+    # tasks/<index>.json: the current array's tasks; tasks/<job>_<index>.json: an earlier submission's
+    for path in sorted((Path(directory) / "tasks").glob("*.json"), key=lambda p: p.stem.rjust(40)):
         tasks.append(json.loads(path.read_text()))
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0, "pruned": 0}
     seen: set[int] = set()
     failed = []
+    current = str(record.get("job_id"))
     for t in tasks:
-        seen.add(int(t["index"]))
+        mine = str(t.get("job_id")) == current
+        if mine:
+            seen.add(int(t["index"]))
         state = t.get("state")
-        if state == "running" and asked is not None:
-            q = queued.get(int(t["index"]))
+        if state == "running" and (asked is not None or not mine):
+            q = queued.get(int(t["index"])) if mine else None
             if q is None:
                 state = "failed"  # no longer in the queue, never finished: lost
                 t = {**t, "state": "failed", "reason": "the task left the queue without finishing"}
@@ -74,9 +78,13 @@ def status(directory: Path) -> Status:
             counts[state] += 1
         if state == "failed":
             failed.append(t)
+    # Array tasks not started yet: each still has a trial to run while the budget lasts (a continued
+    # search's array has as many tasks as the budget; the surplus ends as skipped, not a trial).
+    left = max(0, spec.trials - sum(counts.values()))
     for index in range(spec.trials):
-        if index not in seen:
+        if index not in seen and left > 0:
             counts["running" if queued.get(index) == "RUNNING" else "pending"] += 1
+            left -= 1
     done = [t for t in tasks if t.get("state") == "done" and isinstance(t.get("metric"), (int, float))]
     done = [t for t in done if math.isfinite(t["metric"])]
     best = None

@@ -160,6 +160,14 @@ def batch_script(directory: Path, spec: SweepSpec, machine: Machine, res: tuple[
     )
 
 
+def _still_queued(job_id: str) -> bool:
+    """Whether any task of the job array ``job_id`` is still pending, running or requeued."""
+    proc = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise ConfigError(f"squeue -j {job_id} failed: {proc.stderr.strip()}; is the cluster's controller up?")
+    return bool(proc.stdout.strip())
+
+
 def check_checkout(repo: Path) -> str:
     """Refuse a checkout the sweep could not reproduce; return its commit."""
     dirty = _git(repo, "status", "--porcelain", "--untracked-files=no").stdout.strip()
@@ -196,12 +204,22 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
     layout = find_store(repo, store)
     commit = check_checkout(repo)
     directory = sweep_dir(layout.root, spec.name)
+    previous = None
     if (directory / SWEEP_FILE).exists():
         old = read_sweep(directory)
-        if spec.kind == "grid" or old.get("spec", {}).get("kind") != "search":
+        if old.get("job_id") is None:
+            pass  # an earlier submission whose sbatch failed: nothing ran, start again
+        elif spec.kind == "grid" or old.get("spec", {}).get("kind") != "search":
             raise ConfigError(
                 f"sweep '{spec.name}' exists already ({directory}, job {old.get('job_id')}); choose another name"
             )
+        elif _still_queued(str(old["job_id"])):
+            raise ConfigError(
+                f"sweep '{spec.name}': its job array {old['job_id']} is still in the queue; continue the search "
+                f"once it has ended (`squeue -j {old['job_id']}`), or cancel it (`scancel {old['job_id']}`)"
+            )
+        else:
+            previous = old
     _git(repo, "push", "-q", "-f", str(layout.git), f"{commit}:refs/heads/{branch(spec.name)}")
     use_slurm_conf(machine)
     for sub in ("logs", "tasks", "work"):
@@ -227,6 +245,9 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
     proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env)
     job_id = proc.stdout.strip().split(";")[0]
     if proc.returncode != 0 or not job_id.isdigit():
+        # nothing was submitted: the sweep's record is the earlier submission's again, or none
+        if previous is not None:
+            fsio.write_text(directory / SWEEP_FILE, json.dumps(previous, indent=2) + "\n")
         raise ConfigError(f"sbatch failed (exit code {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
     record["job_id"] = job_id
     fsio.write_text(directory / SWEEP_FILE, json.dumps(record, indent=2) + "\n")

@@ -80,6 +80,14 @@ def prepare_clone(work: Path, record: dict, layout: Layout) -> bool:
     return False
 
 
+def _experiments(work: Path) -> set[str]:
+    """Names of the experiments recorded in the clone (its refs under refs/exps)."""
+    proc = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=work, capture_output=True, text=True
+    )
+    return {line.rsplit("/", 1)[-1] for line in proc.stdout.split()} if proc.returncode == 0 else set()
+
+
 def _metrics(work: Path) -> dict:
     path = work / "results" / "metrics.json"
     try:
@@ -95,8 +103,28 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     layout = Layout(Path(record["store"]), record.get("group", ""))
     path = task_file(directory, index)
     state = json.loads(path.read_text()) if path.is_file() else {}
+    if state and str(state.get("job_id")) != str(job_id):
+        # The record of an earlier submission's task of this index (a search continued to a larger
+        # budget): kept under its job's name, never taken over.
+        os.replace(path, path.with_name(f"{state.get('job_id')}_{index}.json"))
+        state = {}
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     log = str(log_path(directory, job_id, index))
+    if state.get("state") in (DONE, PRUNED):
+        # Requeued after its trial was recorded (e.g. a node lost during the push): push again
+        # (nothing new is sent when it arrived) and say so; the trial is not run a second time.
+        say(f"trial {state['trial']} ({state['experiment']}) is already {state['state']}; pushing it again")
+        rc = _run(
+            [*_dvc_cmd(), "exp", "push", DEFAULT_NAME, state["experiment"]], directory / "work" / state["experiment"]
+        )
+        if spec.kind == "search":
+            from virgo_exps.sweeps import search
+
+            told = {DONE: "complete", PRUNED: "pruned"}[state["state"]]
+            attrs = {"experiment": state["experiment"], "cost": state.get("cost"), "log": state.get("log")}
+            # a trial the study has finished already is left as it is
+            search.tell(spec, directory, int(state["trial"]), state.get("metric"), told, attrs)
+        return 0 if rc == 0 else 1
     if "trial" in state:
         number, overrides = int(state["trial"]), dict(state["overrides"])
     elif spec.kind == "grid":
@@ -106,7 +134,7 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
 
         asked = search.ask(spec, directory)
         if asked is None:
-            _write_state(directory, index, {"index": index, "state": SKIPPED, "log": log})
+            _write_state(directory, index, {"index": index, "state": SKIPPED, "job_id": job_id, "log": log})
             say("the search's budget is used up: nothing to run")
             return 0
         number, overrides = asked
@@ -137,7 +165,13 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
             from virgo_exps.sweeps import search
 
             env.update(search.trial_env(spec, directory, number))
-        rc = _run([*_dvc_cmd(), "exp", "run", "-n", name, *sweep_spec.set_args(overrides)], work, env)
+        if resumed and name in _experiments(work):
+            # Requeued after `dvc exp run` had recorded the experiment, before the task wrote its
+            # state: the experiment is the trial's result; running it again would be refused.
+            say(f"{name} is already recorded in {work}; taking its results")
+            rc = _run([*_dvc_cmd(), "exp", "apply", name], work, env)
+        else:
+            rc = _run([*_dvc_cmd(), "exp", "run", "-n", name, *sweep_spec.set_args(overrides)], work, env)
         metrics = _metrics(work) if rc == 0 else {}
         if rc == 0:
             _check([*_dvc_cmd(), "exp", "push", DEFAULT_NAME, name], work, env)

@@ -451,7 +451,8 @@ class Trainer:
     def _choose_snapshot(self) -> Path | None:
         """Rank 0: the snapshot to resume from (the candidate furthest along), or None; says why not."""
         config, best, best_pos = self._config_key(), None, None
-        for path in (self.live_dir / SNAPSHOT, self.out.checkpoints / SNAPSHOT):
+        # The final snapshot first: at the same position it wins (a pruned or complete state is the record).
+        for path in (self.out.checkpoints / SNAPSHOT, self.live_dir / SNAPSHOT):
             if not path.exists():
                 continue
             try:
@@ -493,6 +494,11 @@ class Trainer:
         self._loss_sum = mine["loss_sum"].clone()
         self._epoch_steps = mine["epoch_steps"]
         done = snap.get("status") == "complete" and self.epoch == self.cfg.epochs
+        if snap.get("status") == "pruned" and os.environ.get(SWEEP_TRIAL_ENV):
+            # The trial was pruned after this epoch and its task requeued before the outputs were
+            # written: it stays pruned there. (Without a sweep, a run continues from the snapshot.)
+            self._pruned_at = self.epoch
+            done = True
         self._final_written = done and path == self.out.checkpoints / SNAPSHOT
         if self.strategy.is_main and done:
             print(
@@ -696,7 +702,7 @@ class Trainer:
                 )
         try:
             self._profile()
-            while self.epoch < self.cfg.epochs:
+            while self.epoch < self.cfg.epochs and self._pruned_at is None:
                 host_load.window(), gpu.others_window()  # start this epoch's window
                 loss_sum, train_time, steps, steps_run = self._run_epoch()
                 if self._should_stop():

@@ -111,6 +111,12 @@ def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> in
     # checked here, not after a wait in the queue: the job runs this same interpreter
     check_software(strategy_row(spec.strategy), ctx.python)
     if in_allocation():
+        if array:
+            raise ConfigError(
+                f"stage '{stage}' is a job array of {array} tasks and cannot run inside another job's allocation "
+                f"({IN_ALLOCATION_ENV}=1, job {os.environ.get('SLURM_JOB_ID')}); sweep over train parameters only, "
+                "or make the data first (`dvc repro preprocess`) and commit dvc.lock"
+            )
         return run_in_allocation(ctx, script)
     for tool in ("sbatch", "scontrol", "squeue", "scancel"):
         if shutil.which(tool) is None:
