@@ -27,7 +27,7 @@ import yaml
 from virgo_exps import fsio
 from virgo_exps.config import ConfigError
 from virgo_exps.experiments.share import GIT_DIR, MARKER, Layout
-from virgo_exps.launch.slurm.script import sbatch_arg, slurm_filename
+from virgo_exps.launch.slurm.script import machine_options, sbatch_arg, slurm_filename
 from virgo_exps.launch.slurm.submit import use_slurm_conf
 from virgo_exps.launch.strategy_table import strategy_row
 from virgo_exps.machines import Machine, load_machine
@@ -131,20 +131,8 @@ def batch_script(directory: Path, spec: SweepSpec, machine: Machine, res: tuple[
         # to the job steps (the training), which write their snapshot and ask for a requeue
         f"--signal=USR1@{machine.signal_seconds}",
         "--requeue",
+        *machine_options(machine),
     ]
-    if machine.partition:
-        opts.append(f"--partition={sbatch_arg(machine.partition)}")
-    if machine.account:
-        opts.append(f"--account={sbatch_arg(machine.account)}")
-    if machine.gpus_per_node:
-        opts.append(
-            f"--gres=gpu:{machine.gpus_per_node}"
-            if machine.gpu_option == "gres"
-            else f"--gpus-per-node={machine.gpus_per_node}"
-        )
-    if machine.mem:
-        opts.append(f"--mem={machine.mem}")
-    opts += list(machine.sbatch_extra)
     q = shlex.quote
     return "\n".join(
         [

@@ -208,11 +208,18 @@ def _sbatch_options(ctx: JobContext, spec: JobSpec, machine: Machine) -> list[st
         f"--signal=B:USR1@{machine.signal_seconds}",
         "--requeue",
     ]
+    return opts + machine_options(machine, gpus=not array)
+
+
+def machine_options(machine: Machine, gpus: bool = True) -> list[str]:
+    """The sbatch options a machine profile adds to every job: partition, account, GPUs (unless
+    ``gpus`` is false: the CPU tasks of a data array), memory and its own extra lines."""
+    opts = []
     if machine.partition:
         opts.append(f"--partition={sbatch_arg(machine.partition)}")
     if machine.account:
         opts.append(f"--account={sbatch_arg(machine.account)}")
-    if machine.gpus_per_node and not array:
+    if machine.gpus_per_node and gpus:
         opts.append(
             f"--gres=gpu:{machine.gpus_per_node}"
             if machine.gpu_option == "gres"
@@ -220,8 +227,7 @@ def _sbatch_options(ctx: JobContext, spec: JobSpec, machine: Machine) -> list[st
         )
     if machine.mem:
         opts.append(f"--mem={machine.mem}")
-    opts += list(machine.sbatch_extra)
-    return opts
+    return opts + list(machine.sbatch_extra)
 
 
 # The part of the batch script after the settings: start the step, pass the
