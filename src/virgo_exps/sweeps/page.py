@@ -23,25 +23,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from virgo_exps import fsio
+from virgo_exps.scalability.html import STYLE as REPORT_STYLE
 from virgo_exps.sweeps import search
 from virgo_exps.sweeps.spec import SweepSpec, trial_name
 
 DPI = 110
 # The cost columns of a trial (keys of metrics.json's "cost", kept by search.tell as the "cost" attr).
 COST_KEYS = (("wall_s", "wall s"), ("core_h", "core-h"), ("gpu_h", "GPU-h"), ("energy_wh", "energy Wh"))
-STYLE = """
-body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
-th { background: #f0f0f0; }
-td:first-child, th:first-child { text-align: left; }
-figure { display: inline-block; margin: 0.5em; vertical-align: top; max-width: 48%; }
-figure img { max-width: 100%; border: 1px solid #ddd; }
-figcaption { font-size: 0.85em; color: #444; }
+# The scalability page's look, and what this page adds: command lines, notes, the best trial's row.
+STYLE = (
+    REPORT_STYLE
+    + """
 pre { background: #f6f6f6; padding: 0.5em 0.8em; }
 .note { background: #fff8d0; padding: 0.4em 0.6em; border-left: 4px solid #d8b400; }
 tr.best td { background: #e8f6e8; }
 """
+)
 
 
 def _e(v: Any) -> str:
