@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TMUX_SESSION ?= virgo
 ARGS ?=
+# Workers for `make test` (pytest-xdist); JOBS=0 runs the suite in one process.
+JOBS ?= 2
 
 .DEFAULT_GOAL := help
 
@@ -90,7 +92,7 @@ test: $(STAMP) ## install what the tests need (Horovod; Slurm and Chromium when 
 	@if [ "$$(id -u)" = 0 ]; then bash scripts/install_test_system.sh; else \
 		echo "not root: the browser test of the plots page is skipped unless chromium and npm are installed"; fi
 	@$(MAKE) --no-print-directory plots-offline
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest --durations=30 $(ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" JOBS=$(JOBS) bash scripts/test.sh $(ARGS)
 
 .PHONY: test-fast
 test-fast: $(STAMP) ## the unit tests only (no dvc, no Slurm, no multi-process runs)

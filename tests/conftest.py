@@ -144,3 +144,25 @@ def write_images(path: Path, seed: int = 0, n_train: int = 64, n_val: int = 16) 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")
+
+
+# The longest modules first, so that two workers (`make test`, pytest-xdist with --dist loadscope: a module
+# stays on one worker with its module fixtures) do not end with one of them running a long module alone.
+# Only the order changes; a module missing here runs after these, in the order pytest found it.
+LONGEST_FIRST = (
+    "test_sweep_search",
+    "test_slurm_multinode",
+    "test_sweeps",
+    "test_sweep_array",
+    "test_resume_trust",
+    "test_slurm_launch",
+    "test_slurm_requeue",
+    "test_share",
+    "test_trainer",
+    "test_scalability",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))

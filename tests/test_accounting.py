@@ -34,6 +34,8 @@ from conftest import BIN, make_repo, sh, write_images
 from test_slurm_launch import cluster_env, job_id_of, train_cmd
 from virgo_exps.train import cost
 
+# They compare our wall clock with Slurm's to the second: alone (`make test` runs `serial` after the rest).
+pytestmark = pytest.mark.serial
 START_S = 2.0  # Slurm's times are whole seconds; the batch script starts within a second of Start
 TAIL_S = 20.0  # epochs' end to the job's end; seen here: 5-8 s on a loaded 2-core machine
 CPU_TOL_S, CPU_TOL_REL = 5.0, 0.10  # seen here: 2.7-3 s of 15-17 s

@@ -25,7 +25,8 @@ from conftest import BIN, make_repo, sh, tool_env
 from virgo_exps.scalability.sources import LOAD_LIMIT
 from virgo_exps.train.monitoring import HostLoad, other_gpu_processes
 
-pytestmark = pytest.mark.slow
+# Load on the host is what these tests measure: they run alone (`make test` runs `serial` after the rest).
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 HOG = "while True: pass"
 

@@ -697,7 +697,10 @@ def test_report_over_real_dvc_experiments(tmp_path):
     assert ddp2g["baseline"] == f"{ddp} @ 1 (1x1)" and ddp2g["runs"] == ddp2
     assert ddp2g["speedup"] == pytest.approx(ddp1["epoch_time_s"] / ddp2g["epoch_time_s"])
     assert ddp2g["efficiency"] == pytest.approx(ddp2g["speedup"] / 2)
-    assert ddp2g["spread_over"] == "2 epochs (1 run)"  # 3 epochs, the first one is warm-up
+    # 3 epochs, the first one is warm-up: the spread is over the 2 timed epochs, less any the trainer
+    # recorded under host load (a busy machine can load one; if both are, both are kept and noted).
+    assert ddp2g["excluded_epochs"] in (0, 1)
+    assert ddp2g["spread_over"] == ("2 epochs (1 run)" if ddp2g["excluded_epochs"] == 0 else "none"), ddp2g
     # The cluster run is not measured against a local baseline: its own group, and it says so.
     assert sim["runs"] == "workspace" and sim["baseline"] == f"{cluster} @ 2 (1x2)" and sim["speedup"] == 1.0
     assert sim["speedup_vs_single"] is None and ddp2g["speedup_vs_single"] > 0

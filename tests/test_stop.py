@@ -30,7 +30,9 @@ import pytest
 
 from conftest import BIN, make_repo, sh, tool_env, wait_until
 
-STOP_S = 30  # "within seconds", with room for a loaded 2-core machine
+# They time how fast a signal stops a run: alone (`make test` runs `serial` after the rest).
+pytestmark = pytest.mark.serial
+STOP_S = 60  # "within seconds", with room for a loaded 2-core machine
 LONG = ["-S", "train.epochs=400"]  # a training that is still running when signalled
 
 
