@@ -174,3 +174,33 @@ def test_version_lock_lists_what_make_run_installs(tmp_path):
     # with the horovod strategy, make run builds Horovod, and the lock names it
     assert "horovod" in collect(strategy="horovod")["packages"]
     assert render(collect(strategy="single")) == render(collect(strategy="ddp")) == text
+
+
+def test_torch_build_recorded_as_torch_reports_it_and_a_cpu_build_is_not_imported():
+    """The environment stage runs on every `dvc exp run`: it reads a CPU build's CUDA version from torch's
+    version.py instead of importing torch, and records what torch itself reports."""
+    import json
+    import subprocess
+
+    ours = (
+        "import json, sys\n"
+        "from virgo_exps.environment import _torch_build\n"
+        "print(json.dumps([_torch_build(), 'torch' in sys.modules]))"
+    )
+    theirs = (
+        "import json, torch\n"
+        "build = {'cuda': torch.version.cuda or 'none', 'nccl': 'none',\n"
+        "         'cudnn': str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else 'none'}\n"
+        "if torch.version.cuda:\n"
+        "    try: build['nccl'] = '.'.join(str(v) for v in torch.cuda.nccl.version())\n"
+        "    except Exception: pass\n"
+        "print(json.dumps(build))"
+    )
+
+    def run(code: str):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout)
+
+    (recorded, imported), reported = run(ours), run(theirs)
+    assert recorded == reported
+    assert imported == (reported["cuda"] != "none")

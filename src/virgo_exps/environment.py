@@ -14,6 +14,7 @@ are known (the login node that runs this stage may have no GPU at all).
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import sys
 from importlib import metadata
@@ -49,13 +50,46 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _torch_cuda() -> str | None:
+    """``torch.version.cuda`` read from torch's ``version.py`` without importing torch (about a second
+    on every run of this stage); a build that cannot be read that way is imported."""
+    spec = importlib.util.find_spec("torch")
+    where = list(spec.submodule_search_locations or []) if spec else []
+    try:
+        version_spec = importlib.util.spec_from_file_location("_virgo_torch_version", Path(where[0]) / "version.py")
+        module = importlib.util.module_from_spec(version_spec)
+        version_spec.loader.exec_module(module)
+        return module.cuda
+    except (IndexError, OSError, AttributeError, ImportError):
+        import torch
+
+        return torch.version.cuda
+
+
+def _torch_build() -> dict:
+    """CUDA, cuDNN and NCCL that torch was built with. A CPU build has neither cuDNN nor NCCL, so
+    torch itself is only imported for a CUDA build."""
+    if not _torch_cuda():
+        return {"cuda": "none", "cudnn": "none", "nccl": "none"}
+    import torch
+
+    build = {
+        "cuda": torch.version.cuda or "none",
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+        "nccl": "none",
+    }
+    try:
+        build["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+    except Exception:  # a CUDA build on a node without a driver
+        pass
+    return build
+
+
 def collect(
     machine_name: str | None = None, strategy: str | None = None, params_path: str | Path = "params.yaml"
 ) -> dict:
     """The environment record. ``strategy`` (default: ``train.strategy`` of
     ``params_path``) adds the packages only that strategy uses."""
-    import torch
-
     load_machine(machine_name)  # a broken profile stops the pipeline before any stage runs
     if strategy is None:
         strategy = _strategy_from(params_path)
@@ -65,17 +99,8 @@ def collect(
         "implementation": sys.implementation.name,
         "platform": f"{platform.system()}-{platform.machine()}",
         "packages": {name: _version(name) for name in names},
-        "torch_build": {
-            "cuda": torch.version.cuda or "none",
-            "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
-            "nccl": "none",
-        },
+        "torch_build": _torch_build(),
     }
-    if torch.version.cuda:
-        try:
-            info["torch_build"]["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
-        except Exception:  # a CUDA build on a node without a driver
-            pass
     return info
 
 
