@@ -146,20 +146,24 @@ def repo(tmp_path: Path) -> Path:
     return make_repo(tmp_path / "repo")
 
 
-# The longest modules first, so that two workers (`make test`, pytest-xdist with --dist loadscope: a module
-# stays on one worker with its module fixtures) do not end with one of them running a long module alone.
+# The longest modules first, so that neither of two workers (`make test`: pytest-xdist, --dist loadscope
+# --no-loadscope-reorder, a module stays on one worker with its module fixtures) ends with a long module alone.
 # Only the order changes; a module missing here runs after these, in the order pytest found it.
 LONGEST_FIRST = (
     "test_sweep_search",
     "test_slurm_multinode",
-    "test_sweeps",
     "test_sweep_array",
-    "test_resume_trust",
-    "test_slurm_launch",
-    "test_slurm_requeue",
-    "test_share",
+    "test_sweeps",
     "test_trainer",
+    "test_resume_trust",
+    "test_share",
+    "test_slurm_launch",
     "test_scalability",
+    "test_slurm_requeue",
+    "test_pipeline",
+    "test_preflight",
+    "test_secrets",
+    "test_slurmsim",
 )
 
 

@@ -9,6 +9,7 @@ show up in it. Which processes map the copy is read from ``/proc/<pid>/maps``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -79,6 +80,18 @@ def gone(pid: int) -> bool:
         return True
 
 
+def unlocked(node: Path) -> bool:
+    """Whether no process holds a lock on a copy under ``node`` (each lock can be taken exclusively)."""
+    for lock in node.glob(f"{PREFIX}*.lock"):
+        with open(lock, "rb") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    return True
+
+
 def two_ranks(node: Path) -> dict[int, set[tuple[int, str]]] | None:
     """What each process maps of the training split's copy, once 2 processes map it."""
     found = {pid: ms for pid, ms in train_maps(node).items() if ms}
@@ -127,6 +140,9 @@ def test_a_killed_job_leaves_a_copy_that_the_next_start_removes(project, tmp_pat
         os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     wait_until(lambda: all(gone(pid) for pid in ranks), 60, "the killed ranks to be gone")
+    # A killed rank's main thread can show as a zombie while its other threads still exit and keep its
+    # files (and so its locks) open: wait until the kernel has released every lock of the job.
+    wait_until(lambda: unlocked(node), 60, "the killed job's locks to be released")
     stale = [n for n in copies(node) if n.endswith(".f32")]
     assert any(n.endswith("-train.f32") for n in stale), copies(node)  # SIGKILL: no chance to clean up
     # The next start on this node, here of another store, removes what nobody maps any more.

@@ -70,8 +70,8 @@ def _io(data: bytes):
 CASES = [
     # (workspace file, store, stage that writes it, the next command that reads it)
     ("results/model.pt", "results/model.pt", "train", None),
-    ("data/images.zarr/train/x/c/0/0/0/0", "data/images.zarr", "preprocess", ["-S", "train.seed=1"]),
-    ("data/raw.zarr/strain/c/1/0/0", "data/raw.zarr", "generate", ["-S", "preprocess.split_seed=1"]),
+    ("data/images.zarr/train/x/c.0.0.0.0", "data/images.zarr", "preprocess", ["-S", "train.seed=1"]),
+    ("data/raw.zarr/strain/c.1.0.0", "data/raw.zarr", "generate", ["-S", "preprocess.split_seed=1"]),
 ]
 
 
@@ -84,7 +84,7 @@ def test_flipped_byte_in_the_cache_fails_the_next_reader(pipeline, rel, store, s
         assert load_model(target)["sha256"]  # the intact file loads
     else:
         assert verify_store(repo / store) == []
-        assert '"crc32c"' in (repo / rel.split("/c/")[0] / "zarr.json").read_text()
+        assert '"crc32c"' in (repo / rel.rsplit("/", 1)[0] / "zarr.json").read_text()
     obj = _cache_object(repo, good)
     lock = (repo / "dvc.lock").read_bytes()
     bad = bytearray(good)
@@ -128,6 +128,18 @@ def test_flipped_byte_in_the_cache_fails_the_next_reader(pipeline, rel, store, s
         sh(["git", "checkout", "--", "params.yaml"], repo)
         sh(["dvc", "checkout", "--force"], repo, check=False)
     assert target.read_bytes() == good
+
+
+def test_chunk_files_lie_side_by_side_in_their_array_folder(pipeline):
+    """Both stores keep one file per chunk directly in the array's folder (``c.3.0.0``) and no folder per
+    chunk index, so a linked checkout (a queued experiment, a sweep task) adds one link per chunk and
+    nothing more; the data is in DVC's cache once."""
+    for store in ("data/raw.zarr", "data/images.zarr"):
+        root = pipeline / store
+        chunks = [p for p in root.rglob("c.*")]
+        assert chunks and not [p for p in root.rglob("*") if p.is_dir() and p.name == "c"], store
+        assert all(p.parent.joinpath("zarr.json").is_file() for p in chunks), store
+        assert '"separator": "."' in (chunks[0].parent / "zarr.json").read_text(), store
 
 
 def test_a_flipped_byte_raises_on_read_and_names_the_chunk(tmp_path):

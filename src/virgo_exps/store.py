@@ -99,6 +99,12 @@ def publish(partial: Path, out: Path) -> None:
 fsync_tree = fsio.fsync_dir
 
 
+# Chunk files side by side in their array's folder (``c.3.0.0``), not one folder per index
+# (``c/3/0/0``): a linked checkout (a queued experiment, a sweep task) makes one link per chunk
+# file and, with nested keys, two folders per chunk as well, so its disk would grow with the data.
+CHUNK_KEYS = {"name": "default", "separator": "."}
+
+
 def compressors():
     """The codecs of every array we write: compression, then a checksum.
 

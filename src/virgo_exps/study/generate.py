@@ -442,6 +442,7 @@ def _create_store(cfg: GenerateConfig, path: Path) -> None:
         chunks=(min(cfg.chunk_size, cfg.n_samples), n_ch, n_time),
         dtype="float32",
         compressors=_store.compressors(),
+        chunk_key_encoding=_store.CHUNK_KEYS,
         fill_value=0.0,
         dimension_names=("sample", "channel", "time"),
         attributes={"channels": channel_names(cfg.n_aux), "sample_rate": cfg.sample_rate},

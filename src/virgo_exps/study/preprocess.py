@@ -359,6 +359,7 @@ def _create_output(path: Path, splits: dict, n_aux: int, p: int) -> object:
             chunks=(c, n_aux, p, p),
             dtype="float32",
             compressors=comp,
+            chunk_key_encoding=_store.CHUNK_KEYS,
             dimension_names=("sample", "channel", "time", "frequency"),
         )
         sub.create_array(
@@ -367,10 +368,17 @@ def _create_output(path: Path, splits: dict, n_aux: int, p: int) -> object:
             chunks=(c, 1, p, p),
             dtype="float32",
             compressors=comp,
+            chunk_key_encoding=_store.CHUNK_KEYS,
             dimension_names=("sample", "channel", "time", "frequency"),
         )
         sub.create_array(
-            "index", shape=(n,), chunks=(max(1, n),), dtype="int64", compressors=comp, dimension_names=("sample",)
+            "index",
+            shape=(n,),
+            chunks=(max(1, n),),
+            dtype="int64",
+            compressors=comp,
+            chunk_key_encoding=_store.CHUNK_KEYS,
+            dimension_names=("sample",),
         )
         sub.create_array(
             "window",
@@ -378,6 +386,7 @@ def _create_output(path: Path, splits: dict, n_aux: int, p: int) -> object:
             chunks=(max(1, n), 2),
             dtype="int32",
             compressors=comp,
+            chunk_key_encoding=_store.CHUNK_KEYS,
             dimension_names=("sample", "corner"),
         )
         sub["index"][:] = index.astype(np.int64)
