@@ -5,10 +5,11 @@
 
 For each size, a copy of the project in a temporary git repository runs the
 pipeline once (1 epoch), then queues an experiment that changes only
-``report.title`` and runs it with ``dvc queue start``. DVC builds that
-experiment's temporary workspace under ``.dvc/tmp/exps/`` from the cache, with
-the repository's ``cache.type``; nothing but the report reruns, so the time and
-the disk of the experiment are its set-up cost. Both are measured for the
+``generate.workers`` (how many processes generate the data, not what they
+generate: no stage depends on it) and runs it with ``dvc queue start``. DVC
+builds that experiment's temporary workspace under ``.dvc/tmp/exps/`` from the
+cache, with the repository's ``cache.type``, checks every stage and reruns
+none, so the time and the disk of the experiment are its set-up cost. Both are measured for the
 project's setting (``reflink,symlink``: links to the read-only cache) and for
 DVC's default (``reflink,copy``: a full copy of ``data/`` on file systems
 without reflinks).
@@ -60,8 +61,8 @@ def _make_repo(dest: Path, n_samples: int, cache_type: str) -> None:
 
 
 def _queued_experiment(repo: Path) -> tuple[float, int]:
-    """Wall time and peak disk of one queued, report-only experiment."""
-    run(["dvc", "exp", "run", "--queue", "-n", "bench-title", "-S", "report.title=benchmark"], repo)
+    """Wall time and peak disk of one queued experiment that reruns no stage."""
+    run(["dvc", "exp", "run", "--queue", "-n", "bench-setup", "-S", "generate.workers=1"], repo)
     exps = repo / ".dvc" / "tmp" / "exps"
     peak = [0]
     done = threading.Event()
@@ -89,13 +90,13 @@ def _queued_experiment(repo: Path) -> tuple[float, int]:
         proc = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=env(), capture_output=True, text=True)
         # DVC reads its workers' state files while they write them: a failed look is tried again.
         status = proc.stdout if proc.returncode == 0 else ""
-        line = next((ln for ln in status.splitlines() if "bench-title" in ln), "")
+        line = next((ln for ln in status.splitlines() if "bench-setup" in ln), "")
         if "Success" in line:
             break
         if "Failed" in line:
             raise SystemExit(
                 f"benchmark: the queued experiment failed:\n{status}\n"
-                + run(["dvc", "queue", "logs", "bench-title"], repo)[-3000:]
+                + run(["dvc", "queue", "logs", "bench-setup"], repo)[-3000:]
             )
         time.sleep(0.2)
     else:
