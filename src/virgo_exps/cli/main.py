@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import traceback
 from collections.abc import Callable
 
 from virgo_exps.config import ConfigError, DamagedInputError, describe
+
+
+@contextlib.contextmanager
+def _known_errors():
+    """A configuration error exits 2, a damaged input 3, each with one line naming what and the fix."""
+    try:
+        yield
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except DamagedInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
 
 
 def stage_main(run: Callable[[], int | None]) -> None:
@@ -21,13 +35,8 @@ def stage_main(run: Callable[[], int | None]) -> None:
 
     bind_stage_to_starter()
     try:
-        code = run()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except DamagedInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(3)
+        with _known_errors():
+            code = run()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -37,13 +46,8 @@ def stage_main(run: Callable[[], int | None]) -> None:
 def worker_main(run: Callable[[], int | None], rank: Callable[[], int]) -> None:
     """Like :func:`stage_main` for a training process: a crash names the rank."""
     try:
-        code = run()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except DamagedInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(3)
+        with _known_errors():
+            code = run()
     except SystemExit:
         raise
     except BaseException as exc:
@@ -221,6 +225,14 @@ def apply_preset(preset_file: str, params_file: str) -> int:
             raise ConfigError(f"{params_file}: could not merge {preset_file} while keeping the layout; edit it by hand")
     print(f"{params_file}: merged {preset_file}")
     return 0
+
+
+def subcommand_main(add_parser: Callable, run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """Stand-alone entry of one subcommand's module (``python -m virgo_exps.cli.<module>``): the same
+    parser and the same run as under ``virgo-exps``."""
+    parser = argparse.ArgumentParser(prog="virgo-exps")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

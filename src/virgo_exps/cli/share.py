@@ -8,7 +8,6 @@ virgo-exps resume <exp> --epochs 10 [--queue]              # continue <exp> from
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -134,10 +133,9 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m ...``), the same as the ``virgo-exps`` subcommand."""
-    parser = argparse.ArgumentParser(prog="virgo-exps")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    return run(parser.parse_args(argv))
+    from virgo_exps.cli.main import subcommand_main
+
+    return subcommand_main(add_parser, run, argv)
 
 
 if __name__ == "__main__":

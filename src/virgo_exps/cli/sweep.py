@@ -8,7 +8,6 @@ virgo-exps sweep page lrgrid --out results/sweep   # the sweep's page (history, 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -104,10 +103,10 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="virgo-exps")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    return run(parser.parse_args(argv))
+    """Stand-alone entry (``python -m ...``), the same as the ``virgo-exps`` subcommand."""
+    from virgo_exps.cli.main import subcommand_main
+
+    return subcommand_main(add_parser, run, argv)
 
 
 if __name__ == "__main__":
