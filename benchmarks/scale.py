@@ -57,6 +57,27 @@ def sizes(n: int, params: dict) -> tuple[int, int]:
     return raw, images
 
 
+def paper_study(fraction: float) -> tuple[int, dict, int, int]:
+    """Samples, params (params.yaml with presets/paper.yaml merged in) and estimated raw and images
+    bytes of ``fraction`` of the paper's study."""
+    n = int(round(PAPER_SAMPLES * fraction))
+    preset = yaml.safe_load((ROOT / "presets" / "paper.yaml").read_text())
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    merged = {k: {**base.get(k, {}), **preset.get(k, {})} for k in base}
+    return (n, merged, *sizes(n, merged))
+
+
+def require_free(need: int, what: str) -> None:
+    """Stop before anything is written when ``need`` bytes would not fit in the temporary folder."""
+    tmp_root = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(tmp_root).free
+    if need > 0.9 * free:
+        raise SystemExit(
+            f"benchmark: {what} need up to {need / 1e9:.1f} GB on {tmp_root} but {free / 1e9:.1f} GB are free; "
+            "use a smaller --fraction or free space"
+        )
+
+
 def disk_bytes(path: Path) -> int:
     if not path.exists():
         return 0
@@ -179,20 +200,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="train.epochs (default 1)")
     ap.add_argument("--keep", action="store_true", help="leave the project copy in place and print its path")
     args = ap.parse_args()
-    n = int(round(PAPER_SAMPLES * args.fraction))
-    preset = yaml.safe_load((ROOT / "presets" / "paper.yaml").read_text())
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    merged = {k: {**base.get(k, {}), **preset.get(k, {})} for k in base}
-    raw, images = sizes(n, merged)
-    tmp_root = Path(tempfile.gettempdir())
-    free = shutil.disk_usage(tmp_root).free
-    need = 2 * (raw + images)  # the workspace and DVC's cache (a copy unless links are configured)
-    if need > 0.9 * free:
-        raise SystemExit(
-            f"benchmark: {n} samples need up to {need / 1e9:.1f} GB on {tmp_root} (raw {raw / 1e9:.1f} GB + images "
-            f"{images / 1e9:.1f} GB, in the workspace and in DVC's cache) but {free / 1e9:.1f} GB are free; "
-            "use a smaller --fraction or free space"
-        )
+    n, merged, raw, images = paper_study(args.fraction)
+    # the workspace and DVC's cache (a copy unless links are configured)
+    require_free(
+        2 * (raw + images),
+        f"{n} samples (raw {raw / 1e9:.1f} GB + images {images / 1e9:.1f} GB, in the workspace and in DVC's cache)",
+    )
 
     tmp = Path(tempfile.mkdtemp(prefix="virgo-scale-"))
     node = Path(tempfile.mkdtemp(prefix="virgo-scale-node-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import yaml
-from _project import BIN, ROOT, copy_project, env, run
-from scale import PAPER_SAMPLES, TreeMemory, disk_bytes, run_stage, sizes
+from _project import BIN, copy_project, env, run
+from scale import TreeMemory, disk_bytes, paper_study, require_free, run_stage
 
 
 def digests(store: Path) -> dict[str, str]:
@@ -85,20 +85,11 @@ def main() -> None:
         raise SystemExit("benchmark: needs root (it starts slurmctld/slurmd in network namespaces)")
     from slurmsim import SimCluster
 
-    n = int(round(PAPER_SAMPLES * args.fraction))
-    preset = yaml.safe_load((ROOT / "presets" / "paper.yaml").read_text())
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    merged = {k: {**base.get(k, {}), **preset.get(k, {})} for k in base}
-    raw, images = sizes(n, merged)
-    tmp_root = Path(tempfile.gettempdir())
-    free = shutil.disk_usage(tmp_root).free
-    need = 2 * (raw + images)  # the cluster's stores and this machine's
-    if need > 0.9 * free:
-        raise SystemExit(
-            f"benchmark: {n} samples need up to {need / 1e9:.1f} GB on {tmp_root} (two copies of raw "
-            f"{raw / 1e9:.1f} GB + images {images / 1e9:.1f} GB) but {free / 1e9:.1f} GB are free; "
-            "use a smaller --fraction or free space"
-        )
+    n, _params, raw, images = paper_study(args.fraction)
+    # the cluster's stores and this machine's
+    require_free(
+        2 * (raw + images), f"{n} samples (two copies of raw {raw / 1e9:.1f} GB + images {images / 1e9:.1f} GB)"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="virgo-scale-cluster-"))
     node = Path(tempfile.mkdtemp(prefix="virgo-scale-node-"))
     extra = {"VIRGO_NODE_DATA": str(node)}
