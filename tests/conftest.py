@@ -98,6 +98,44 @@ def _project_files() -> list[str]:
     return [f for f in out if f and (ROOT / f).is_file()]
 
 
+# The train stage's worker command as stages/train.py hands it to the launcher (dvc.yaml's cmd, with --worker).
+TRAIN_WORKER_ARGV = [
+    "stages/train.py",
+    "--params",
+    "params.yaml",
+    "--data",
+    "data/images.zarr",
+    "--checkpoints",
+    "checkpoints",
+    "--model",
+    "results/model.pt",
+    "--worker",
+]
+
+
+def train_stage_cmd(params: str, out: str, data: str = "data/images.zarr") -> list[str]:
+    """The train stage run by hand rather than by DVC: every output under ``out``, no tracking."""
+    return [
+        str(BIN / "python"),
+        "stages/train.py",
+        "--params",
+        params,
+        "--data",
+        data,
+        "--checkpoints",
+        f"{out}/checkpoints",
+        "--model",
+        f"{out}/model.pt",
+        "--metrics",
+        f"{out}/metrics.json",
+        "--epochs",
+        f"{out}/epochs.csv",
+        "--ranks",
+        f"{out}/ranks.json",
+        "--no-tracking",
+    ]
+
+
 def update_params(repo: Path, changes: dict) -> None:
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())

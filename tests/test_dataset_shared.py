@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, make_repo, tool_env, wait_until, write_images
+from conftest import make_repo, tool_env, train_stage_cmd, wait_until, write_images
 from virgo_exps.study.dataset import PREFIX, ImageDataset, split_digest
 
 
@@ -37,10 +37,7 @@ def start(repo: Path, name: str, node: Path, env: dict | None = None, epochs: in
         strategy="ddp", procs_per_node=2, epochs=epochs, global_batch_size=8, warmup_steps=2, profile_steps=2
     )
     (repo / f"params-{name}.yaml").write_text(yaml.safe_dump(params))
-    out = f"out/{name}"
-    cmd = [str(BIN / "python"), "stages/train.py", "--params", f"params-{name}.yaml", "--data", "data/images.zarr"]
-    cmd += ["--checkpoints", f"{out}/checkpoints", "--model", f"{out}/model.pt", "--metrics", f"{out}/metrics.json"]
-    cmd += ["--epochs", f"{out}/epochs.csv", "--ranks", f"{out}/ranks.json", "--no-tracking"]
+    cmd = train_stage_cmd(f"params-{name}.yaml", f"out/{name}")
     full_env = tool_env({"VIRGO_NODE_DATA": str(node), **(env or {})})
     return subprocess.Popen(
         cmd, cwd=repo, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, make_repo, sh, tool_env
+from conftest import BIN, TRAIN_WORKER_ARGV, make_repo, sh, tool_env
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import slurm
 from virgo_exps.launch.job import JobSpec
@@ -54,19 +54,7 @@ REFUSED = {
 HOSTILE_DIR = 'it\'s "100%j" $HOME #1 é'
 
 CHECKOUT = "/home/user/virgo-exps"
-ARGV = [
-    "stages/train.py",
-    "--params",
-    "params.yaml",
-    "--data",
-    "data/images.zarr",
-    "--checkpoints",
-    "checkpoints",
-    "--model",
-    "results/model.pt",
-    "--worker",
-]
-TRAIN = JobSpec.training("train", ARGV, TrainConfig())  # what stages/train.py asks the launcher for
+TRAIN = JobSpec.training("train", TRAIN_WORKER_ARGV, TrainConfig())  # what stages/train.py asks the launcher for
 
 
 def context(name: str, home: str = CHECKOUT) -> slurm.JobContext:

@@ -31,7 +31,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, ROOT, make_repo, sh, tool_env, wait_until, write_images
+from conftest import BIN, ROOT, TRAIN_WORKER_ARGV, make_repo, sh, tool_env, train_stage_cmd, wait_until, write_images
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import hvd_slurm, slurm
 from virgo_exps.launch.job import JobSpec
@@ -83,25 +83,7 @@ def train_cmd(
         **train,
     )
     (repo / f"params-{name}.yaml").write_text(yaml.safe_dump(params))
-    return [
-        str(BIN / "python"),
-        "stages/train.py",
-        "--params",
-        f"params-{name}.yaml",
-        "--data",
-        data,
-        "--checkpoints",
-        f"out/{name}/checkpoints",
-        "--model",
-        f"out/{name}/model.pt",
-        "--metrics",
-        f"out/{name}/metrics.json",
-        "--epochs",
-        f"out/{name}/epochs.csv",
-        "--ranks",
-        f"out/{name}/ranks.json",
-        "--no-tracking",
-    ]
+    return train_stage_cmd(f"params-{name}.yaml", f"out/{name}", data)
 
 
 class Running:
@@ -229,18 +211,6 @@ FAKE = slurm.JobContext(
     home=Path(CHECKOUT),
     python=f"{CHECKOUT}/.venv/bin/python",
 )
-ARGV = [
-    "stages/train.py",
-    "--params",
-    "params.yaml",
-    "--data",
-    "data/images.zarr",
-    "--checkpoints",
-    "checkpoints",
-    "--model",
-    "results/model.pt",
-    "--worker",
-]
 FILES = WorkerFiles(params="params.yaml", checkpoints="checkpoints")  # what stages/train.py hands the launcher
 CASES = {
     "slurm-single": ("slurm", TrainConfig(strategy="single")),
@@ -257,7 +227,9 @@ def generated(case: str, monkeypatch) -> str:
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     machine_name, cfg = CASES[case]
-    script = slurm.batch_script(FAKE, JobSpec.training("train", ARGV, cfg, FILES), load_machine(machine_name))
+    script = slurm.batch_script(
+        FAKE, JobSpec.training("train", TRAIN_WORKER_ARGV, cfg, FILES), load_machine(machine_name)
+    )
     return script.replace(str(ROOT), CHECKOUT)
 
 
@@ -302,7 +274,7 @@ def test_single_strategy_on_several_nodes_is_refused(monkeypatch):
 
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match="train.nodes"):
-        spec = JobSpec.training("train", ARGV, TrainConfig(strategy="single", nodes=2))
+        spec = JobSpec.training("train", TRAIN_WORKER_ARGV, TrainConfig(strategy="single", nodes=2))
         slurm.batch_script(FAKE, spec, load_machine("slurm"))
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, make_repo, sh, tool_env, wait_until, write_images
+from conftest import BIN, make_repo, sh, tool_env, train_stage_cmd, wait_until, write_images
 
 RTOL = 1e-4  # observed: ~1e-6 between DDP/DeepSpeed on 2 ranks and a single process
 EPOCHS = 3
@@ -65,25 +65,7 @@ def train(
     out = repo / "out" / name
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-    cmd = [
-        str(BIN / "python"),
-        "stages/train.py",
-        "--params",
-        pfile.name,
-        "--data",
-        "data/images.zarr",
-        "--checkpoints",
-        f"out/{name}/checkpoints",
-        "--model",
-        f"out/{name}/model.pt",
-        "--metrics",
-        f"out/{name}/metrics.json",
-        "--epochs",
-        f"out/{name}/epochs.csv",
-        "--ranks",
-        f"out/{name}/ranks.json",
-        "--no-tracking",
-    ]
+    cmd = train_stage_cmd(pfile.name, f"out/{name}")
     full_env = tool_env(env)
     if popen:
         return subprocess.Popen(
