@@ -207,4 +207,5 @@ LONGEST_FIRST = (
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__ if item.module else "", len(rank)))
+    module = lambda item: getattr(getattr(item, "module", None), "__name__", "")  # noqa: E731
+    items.sort(key=lambda item: rank.get(module(item), len(rank)))

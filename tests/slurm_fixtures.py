@@ -51,11 +51,20 @@ def start_cluster(
     return cluster
 
 
+def first_job_id(kind: int) -> int:
+    """Where a session cluster's job ids start. The 1-node clusters share the host's network, and a job
+    derives its rendezvous port from its id (20000 + id % 10000): with several pytest-xdist workers,
+    each worker's cluster of each ``kind`` (0: plain, 1: accounting) gets its own slice of the ids."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    return 1 + (index * 2 + kind) * (10000 // (2 * workers))
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimCluster]:
     """A running 1-node Slurm cluster (partition ``debug``, >= 2 CPUs)."""
     workdir = tmp_path_factory.mktemp("slurm1")
-    cluster = start_cluster(workdir, nodes=1, cpus_per_node=max(2, os.cpu_count() or 1))
+    cluster = start_cluster(workdir, nodes=1, cpus_per_node=max(2, os.cpu_count() or 1), first_job_id=first_job_id(0))
     try:
         yield cluster
     finally:
@@ -77,7 +86,9 @@ def slurm_multinode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimClu
 def slurm_accounting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimCluster]:
     """A running 1-node Slurm cluster (>= 2 CPUs) that keeps job accounting: ``sacct`` works."""
     workdir = tmp_path_factory.mktemp("slurmacct")
-    cluster = start_cluster(workdir, nodes=1, cpus_per_node=max(2, os.cpu_count() or 1), accounting=True)
+    cluster = start_cluster(
+        workdir, nodes=1, cpus_per_node=max(2, os.cpu_count() or 1), accounting=True, first_job_id=first_job_id(1)
+    )
     try:
         yield cluster
     finally:

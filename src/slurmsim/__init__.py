@@ -663,6 +663,7 @@ class SimCluster:
         kill_wait: int = 5,
         cred_expire: int = 10,
         accounting: bool = False,
+        first_job_id: int = 1,
     ) -> None:
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
@@ -679,6 +680,9 @@ class SimCluster:
         self.kill_wait = int(kill_wait)
         self.cred_expire = int(cred_expire)
         self.accounting = bool(accounting)
+        # Where this cluster's job ids start: clusters on the same host network whose jobs derive a port
+        # from their id (20000 + id % 10000) keep apart by starting in different ranges.
+        self.first_job_id = int(first_job_id)
         self.tag = hashlib.sha1(str(self.workdir.resolve()).encode()).hexdigest()[:6]
         self.partition = PARTITION
         self.conf_path = self.workdir / "slurm.conf"
@@ -841,6 +845,7 @@ class SimCluster:
             f"JobCompLoc={self.logdir / 'jobcomp.log'}",
             "JobRequeue=1",
             f"MinJobAge={self.min_job_age}",
+            f"FirstJobId={self.first_job_id}",
             f"KillWait={self.kill_wait}",
             "OverTimeLimit=0",
             "InactiveLimit=0",
@@ -1140,6 +1145,7 @@ class SimCluster:
                     "kill_wait": self.kill_wait,
                     "cred_expire": self.cred_expire,
                     "accounting": self.accounting,
+                    "first_job_id": self.first_job_id,
                 },
             }
             self._save_state()

@@ -50,26 +50,27 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def _torch_cuda() -> str | None:
-    """``torch.version.cuda`` read from torch's ``version.py`` without importing torch (about a second
-    on every run of this stage); a build that cannot be read that way is imported."""
+def _torch_gpu_build() -> str | None:
+    """``torch.version.cuda`` (or ``.hip`` for a ROCm build) read from torch's ``version.py`` without
+    importing torch (about a second on every run of this stage); a build that cannot be read that way
+    is imported."""
     spec = importlib.util.find_spec("torch")
     where = list(spec.submodule_search_locations or []) if spec else []
     try:
         version_spec = importlib.util.spec_from_file_location("_virgo_torch_version", Path(where[0]) / "version.py")
         module = importlib.util.module_from_spec(version_spec)
         version_spec.loader.exec_module(module)
-        return module.cuda
+        return module.cuda or getattr(module, "hip", None)
     except (IndexError, OSError, AttributeError, ImportError):
         import torch
 
-        return torch.version.cuda
+        return torch.version.cuda or getattr(torch.version, "hip", None)
 
 
 def _torch_build() -> dict:
-    """CUDA, cuDNN and NCCL that torch was built with. A CPU build has neither cuDNN nor NCCL, so
-    torch itself is only imported for a CUDA build."""
-    if not _torch_cuda():
+    """CUDA, cuDNN and NCCL that torch was built with (on ROCm: MIOpen and RCCL, as torch reports them).
+    A CPU build has none of them, so torch itself is only imported for a GPU build."""
+    if not _torch_gpu_build():
         return {"cuda": "none", "cudnn": "none", "nccl": "none"}
     import torch
 

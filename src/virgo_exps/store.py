@@ -171,8 +171,8 @@ def chunk_ok(path: Path) -> bool:
 
 
 def damaged_chunks(root: Path | str, array, rows: tuple[int, int] | None = None) -> list[str]:
-    """Keys (``<array>/c/...``) of the chunk files of ``array`` in the store at
-    ``root`` whose crc32c checksum does not match their bytes; only chunks
+    """Keys (``<array>/c.0.0``, or ``<array>/c/0/0`` in a store with nested keys) of the chunk files of
+    ``array`` in the store at ``root`` whose crc32c checksum does not match their bytes; only chunks
     holding rows ``[start, stop)`` along the first axis when ``rows`` is given.
     (A chunk file that does not exist is not reported: zarr leaves chunks that
     hold only the fill value unwritten.)"""
