@@ -196,7 +196,8 @@ def test_an_interrupted_queued_experiment_resumes_in_the_next_one(repo, tmp_path
         for p in psutil.process_iter(["cmdline", "cwd"])
         if (p.info["cmdline"] or [])[1:2] == ["stages/train.py"]
         and "--worker" not in p.info["cmdline"]
-        and ".dvc/tmp/exps" in (p.info["cwd"] or "")
+        # this repository's queue only: another worker's tests may run queued experiments too
+        and (p.info["cwd"] or "").startswith(str(repo / ".dvc" / "tmp" / "exps"))
     ]
     assert len(stages) == 1, stages
     stages[0].send_signal(signal.SIGTERM)  # what the launcher forwards on Ctrl-C, SIGTERM or SIGHUP
