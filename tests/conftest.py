@@ -207,5 +207,8 @@ LONGEST_FIRST = (
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    module = lambda item: getattr(getattr(item, "module", None), "__name__", "")  # noqa: E731
-    items.sort(key=lambda item: rank.get(module(item), len(rank)))
+
+    def place(item) -> int:
+        return rank.get(getattr(getattr(item, "module", None), "__name__", ""), len(rank))
+
+    items.sort(key=place)

@@ -99,12 +99,6 @@ def publish(partial: Path, out: Path) -> None:
 fsync_tree = fsio.fsync_dir
 
 
-# Chunk files side by side in their array's folder (``c.3.0.0``), not one folder per index
-# (``c/3/0/0``): a linked checkout (a queued experiment, a sweep task) makes one link per chunk
-# file and, with nested keys, two folders per chunk as well, so its disk would grow with the data.
-CHUNK_KEYS = {"name": "default", "separator": "."}
-
-
 def compressors():
     """The codecs of every array we write: compression, then a checksum.
 
@@ -128,6 +122,14 @@ def compressors():
 
 class CorruptStoreError(DamagedInputError):
     """A chunk of one of our stores does not match its checksum."""
+
+
+def array_options() -> dict:
+    """What every array we write is created with (``create_array(..., **array_options())``): the codecs
+    of :func:`compressors`, and chunk files side by side in the array's folder (``c.3.0.0``), not one
+    folder per index (``c/3/0/0``). A linked checkout (a queued experiment, a sweep task) makes one link
+    per chunk file; with nested keys it made two folders per chunk as well, so its disk grew with the data."""
+    return {"compressors": compressors(), "chunk_key_encoding": {"name": "default", "separator": "."}}
 
 
 def restore_hint(store: Path | str, damaged: Path | str | None = None, stage: str | None = None) -> str:

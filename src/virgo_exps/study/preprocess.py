@@ -348,7 +348,7 @@ def _create_output(path: Path, splits: dict, n_aux: int, p: int) -> object:
     import zarr
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    comp = _store.compressors()
+    opts = _store.array_options()
     for split, index in splits.items():
         n = int(index.size)
         c = max(1, min(OUT_CHUNK, n))
@@ -358,8 +358,7 @@ def _create_output(path: Path, splits: dict, n_aux: int, p: int) -> object:
             shape=(n, n_aux, p, p),
             chunks=(c, n_aux, p, p),
             dtype="float32",
-            compressors=comp,
-            chunk_key_encoding=_store.CHUNK_KEYS,
+            **opts,
             dimension_names=("sample", "channel", "time", "frequency"),
         )
         sub.create_array(
@@ -367,8 +366,7 @@ def _create_output(path: Path, splits: dict, n_aux: int, p: int) -> object:
             shape=(n, 1, p, p),
             chunks=(c, 1, p, p),
             dtype="float32",
-            compressors=comp,
-            chunk_key_encoding=_store.CHUNK_KEYS,
+            **opts,
             dimension_names=("sample", "channel", "time", "frequency"),
         )
         sub.create_array(
@@ -376,8 +374,7 @@ def _create_output(path: Path, splits: dict, n_aux: int, p: int) -> object:
             shape=(n,),
             chunks=(max(1, n),),
             dtype="int64",
-            compressors=comp,
-            chunk_key_encoding=_store.CHUNK_KEYS,
+            **opts,
             dimension_names=("sample",),
         )
         sub.create_array(
@@ -385,8 +382,7 @@ def _create_output(path: Path, splits: dict, n_aux: int, p: int) -> object:
             shape=(n, 2),
             chunks=(max(1, n), 2),
             dtype="int32",
-            compressors=comp,
-            chunk_key_encoding=_store.CHUNK_KEYS,
+            **opts,
             dimension_names=("sample", "corner"),
         )
         sub["index"][:] = index.astype(np.int64)
