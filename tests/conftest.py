@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,9 +31,17 @@ TINY = {
 }
 
 
+# The trainer keeps one decompressed copy of a split per node and reuses it while a job maps it
+# (virgo_exps.study.dataset). Two pytest workers are one node: each gets its own folder for those
+# copies, so that a test never maps a copy made by a test of the other worker.
+NODE_DATA_ENV = "VIRGO_NODE_DATA"
+
+
 def tool_env(extra: dict | None = None) -> dict:
     """The environment a user has after activating .venv, without inherited tracking settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "VIRGO_"))}
+    if os.environ.get(NODE_DATA_ENV):  # this test process's own folder for the node's data copies
+        env[NODE_DATA_ENV] = os.environ[NODE_DATA_ENV]
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("GIT_AUTHOR_NAME", "test")
     env.setdefault("GIT_AUTHOR_EMAIL", "test@example.invalid")
@@ -85,6 +94,41 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def mapped_files(prefix: str) -> dict[str, set[int]]:
+    """Per path that starts with ``prefix``, the processes of this machine that map it (from /proc/<pid>/maps)."""
+    found: dict[str, set[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            lines = (entry / "maps").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith(prefix):
+                found.setdefault(parts[5], set()).add(int(entry.name))
+    return found
+
+
+DEEPSPEED_SHM = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+
+
+def shm_left_behind(since: float, prefix: str = DEEPSPEED_SHM) -> list[str]:
+    """Files under ``prefix`` made at or after ``since`` (a time.time()) that no process maps any more:
+    what a finished run left in the node's memory (another test's live run maps its own)."""
+    folder, start = Path(prefix).parent, Path(prefix).name
+    new = []
+    for p in folder.glob(f"{start}*"):
+        try:
+            if p.stat().st_mtime >= since - 1:
+                new.append(str(p))
+        except FileNotFoundError:  # removed meanwhile
+            continue
+    mapped = mapped_files(prefix)
+    return sorted(p for p in new if p not in mapped)
 
 
 def _project_files() -> list[str]:
@@ -177,6 +221,21 @@ def write_images(path: Path, seed: int = 0, n_train: int = 64, n_val: int = 16) 
         group.create_array(f"{split}/y", data=y, chunks=(32, 1, 16, 16))
     group.attrs["norm"] = {"x_mean": [0.0] * 3, "x_std": [1.0] * 3, "y_mean": 0.0, "y_std": 1.0}
     group.attrs["complete"] = True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def node_data_folder():
+    """This pytest process's folder for the node's data copies, in /dev/shm as by default, removed at the end."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
+    folder = Path(tempfile.mkdtemp(prefix="virgo-tests-node-", dir=base))
+    before = os.environ.get(NODE_DATA_ENV)
+    os.environ[NODE_DATA_ENV] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(NODE_DATA_ENV, None)
+    else:
+        os.environ[NODE_DATA_ENV] = before
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

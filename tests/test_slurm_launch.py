@@ -31,7 +31,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, ROOT, TRAIN_WORKER_ARGV, make_repo, sh, tool_env, train_stage_cmd, wait_until, write_images
+from conftest import BIN, ROOT, TRAIN_WORKER_ARGV, make_repo, sh, shm_left_behind, tool_env, train_stage_cmd, wait_until, write_images
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import hvd_slurm, slurm
 from virgo_exps.launch.job import JobSpec
@@ -638,6 +638,7 @@ def test_two_processes_per_strategy(slurm_cluster, repo, strategy):
             shutil.copytree(repo / "machines" / "slurm", folder)
             spec = yaml.safe_load((folder / "machine.yaml").read_text())
             (folder / "machine.yaml").write_text(yaml.safe_dump({**spec, "deepspeed_launcher": "deepspeed"}))
+    start = time.time()
     proc = sh(
         train_cmd(repo, name, strategy, procs=2),
         repo,
@@ -653,6 +654,7 @@ def test_two_processes_per_strategy(slurm_cluster, repo, strategy):
         assert '-m deepspeed.launcher.runner --node_rank="$SLURM_NODEID"' in script
         hostfile = repo / "logs" / "train" / f"{name}-{job}.hostfile"
         assert hostfile.read_text() == f"{slurm_cluster.node_names[0]} slots=2\n"
+        assert shm_left_behind(start) == []  # DeepSpeed's all-reduce buffers went with the job
     metrics = json.loads((repo / "out" / name / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["strategy"] == strategy and metrics["epochs"] == EPOCHS
     log = (repo / "logs" / "train" / f"{name}-{job}.out").read_text()

@@ -17,7 +17,12 @@ the page cache instead of refused.
 The file is named by a digest of the split's content (the store's metadata and,
 per chunk file, its name, size and the crc32c checksum the preprocess stage
 appends to it; the bytes themselves when a chunk carries no checksum), so a
-changed store never maps a stale copy. Who may remove it is settled with
+changed store never maps a stale copy. The copy is made from checksummed reads,
+so it holds the split's verified content; a chunk damaged later without a change
+to its checksum (bit rot in a cache object) has the same name, and while a job of
+the node still maps the intact copy a new job maps it too: it trains on the right
+data, and the damage is reported by the next job that decompresses the split.
+Who may remove it is settled with
 ``flock`` on a lock file beside it, which the kernel releases when a process
 dies however it dies:
 

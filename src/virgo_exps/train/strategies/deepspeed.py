@@ -7,6 +7,7 @@ DeepSpeed owns the backward pass and the optimiser step (``engine.backward``,
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -24,6 +25,29 @@ class DeepSpeedStrategy(TorchDistStrategy):
         deepspeed.init_distributed(dist_backend=backend(), timeout=self._timeout())
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self._unlink_shm_buffer()
+
+    def _unlink_shm_buffer(self) -> None:
+        """Remove the name of this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+        When all ranks are on one node, DeepSpeed's CPU communication gives each rank a buffer
+        in /dev/shm (``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``,
+        about 69 MB) and never removes it: every run would leave one per rank in the node's
+        memory, and a killed run too. The ranks open each other's buffers while DeepSpeed
+        initialises, so after a barrier the names are no longer needed; the mappings stay
+        valid and the kernel frees the memory when the last rank exits, however it exits.
+        """
+        self.barrier()
+        name = "_".join(
+            (
+                "deepspeed_allreduce_buffer",
+                str(os.getuid()),
+                os.environ.get("MASTER_ADDR", ""),
+                os.environ.get("MASTER_PORT", ""),
+                str(self.rank),
+            )
+        )
+        Path("/dev/shm", name).unlink(missing_ok=True)
 
     def wrap(self, model, optimizer, micro_batch):
         import deepspeed
