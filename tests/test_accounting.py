@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, make_repo, sh, write_images
-from test_slurm_launch import cluster_env, job_id_of, train_cmd
+from test_slurm_launch import Running, cluster_env, job_id_of, train_cmd
 from virgo_exps.train import cost
 
 # They compare our wall clock with Slurm's to the second: alone (`make test` runs `serial` after the rest).
@@ -103,6 +103,49 @@ def test_sacct_agrees_with_what_the_run_recorded(slurm_accounting, trained):
     # The step's MaxRSS is sampled (every 5 s) over the task's processes: both ranks and torchrun's agent.
     assert theirs["max_rss_mb"] is not None
     assert 0.5 * ours["max_rss_mb"] <= theirs["max_rss_mb"] <= 2 * ours["node_rss_mb"], (theirs, ours)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_requeued_job_is_counted_over_all_its_attempts(slurm_accounting, tmp_path):
+    """USR1 mid-run (what Slurm sends before a time limit): the job is requeued and resumes. Our figures
+    add up both attempts, as sacct --duplicates does; sacct's default (the last attempt) would not."""
+    repo = make_repo(tmp_path / "repo")
+    write_images(repo / "data" / "images.zarr", n_train=128)
+    run = Running(
+        train_cmd(repo, "requeued", strategy="ddp", procs=2, epochs=6),
+        repo,
+        cluster_env(slurm_accounting, extra={"DVC_EXP_NAME": "requeued"}),
+    )
+    try:
+        run.wait_for(r"epoch 2/6:", timeout=300)
+        job = job_id_of(run.output)
+        slurm_accounting.slurm("scancel", "--signal=USR1", "--batch", job)
+        rc = run.finish(timeout=600)
+    finally:
+        run.kill()
+    assert rc == 0, run.output[-5000:]
+    assert f"job {job} requeued (restart 1)" in run.output and "train: resuming from" in run.output
+    ours = json.loads((repo / "out" / "requeued" / "metrics.json").read_text())["cost"]
+    theirs = _accounted(slurm_accounting, job)
+    last = cost.sacct_usage(job, env=slurm_accounting.command_env())["steps"]
+    report = (
+        f"ours: {ours['attempts']} attempts, wall {ours['wall_s']:.1f} s, CPU {ours['cpu_h'] * 3600:.1f} s; "
+        f"sacct: {theirs['attempts']} attempts, elapsed {theirs['elapsed_s']:.0f} s, CPU {theirs['cpu_s']:.1f} s"
+    )
+    print(report)
+    assert ours["attempts"] == theirs["attempts"] == 2, report
+    assert [r["State"] for r in last if r["JobID"] == job][0] == "REQUEUED", last
+    # each attempt's tail (after its snapshot: the requeue, or the outputs) is Slurm's only
+    tails = theirs["elapsed_s"] - ours["wall_s"]
+    assert -2 * START_S <= tails <= 2 * TAIL_S, report
+    cpu = ours["cpu_h"] * 3600
+    assert abs(theirs["cpu_s"] - cpu) <= max(2 * CPU_TOL_S, CPU_TOL_REL * theirs["cpu_s"]), report
+    assert ours["core_h"] == pytest.approx(2 * ours["wall_s"] / 3600, rel=1e-3)
+    shown = cost.describe(
+        cost.accounting_report(repo / "out" / "requeued" / "metrics.json", slurm_accounting.command_env())
+    )
+    assert shown.startswith("ours:  2 attempts, wall ") and f"sacct: job {job} COMPLETED, 2 attempts, " in shown, shown
 
 
 @pytest.mark.slurm

@@ -20,6 +20,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import BIN, make_repo, tool_env, write_images
 from test_trainer import train
@@ -80,6 +81,71 @@ def test_two_processes_add_up(workdir):
     # Ours is the ranks' share of what the kernel accounted to the whole tree (launcher and torchrun besides).
     ours = c["cpu_h"] * 3600
     assert 0.3 * tree_cpu < ours < tree_cpu
+
+
+@pytest.mark.slow
+def test_a_resumed_run_counts_every_attempt(workdir):
+    """Stopped by a signal in epoch 2, then resumed: the record is the sum of both attempts, not the last."""
+    name, env = "cost-resumed", {"OMP_NUM_THREADS": "1"}
+    cpu0, t0 = _children_cpu_s(), time.time()
+    first, out = train(workdir, name, "ddp", 2, env={**env, "VIRGO_FAULT_STOP_AT_STEP": "11"}, epochs=2)
+    wall1 = time.time() - t0
+    assert first.returncode != 0 and not (out / "metrics.json").exists()
+    status = json.loads((out / "checkpoints" / "status.json").read_text())
+    assert status["status"] == "interrupted"
+    (attempt1,) = torch.load(status["snapshot"], map_location="cpu", weights_only=False)["cost_attempts"]
+    assert attempt1["attempts"] == 1 and 0 < attempt1["wall_s"] < wall1 and attempt1["cores"] == 2
+    t1 = time.time()
+    second, _ = train(workdir, name, "ddp", 2, env=env, epochs=2, fresh=False)
+    wall2, tree_cpu = time.time() - t1, _children_cpu_s() - cpu0
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    c = json.loads((out / "metrics.json").read_text())["cost"]
+    _consistent(c)
+    assert c["attempts"] == 2 and c["cores"] == 2
+    # the second attempt's own share lies inside what was seen of it from here
+    this_wall = c["wall_s"] - attempt1["wall_s"]
+    assert 0 < this_wall < wall2
+    assert c["wall_s"] > max(attempt1["wall_s"], this_wall)
+    assert c["core_h"] == pytest.approx(attempt1["core_h"] + 2 * this_wall / 3600, rel=1e-3)
+    assert attempt1["cpu_h"] < c["cpu_h"] and c["cpu_h"] * 3600 < tree_cpu
+    assert c["max_rss_mb"] >= attempt1["max_rss_mb"]
+
+
+def test_attempts_combine_into_one_record():
+    a = {
+        "wall_s": 100.0,
+        "cores": 4,
+        "core_h": 4 * 100 / 3600,
+        "cpu_h": 0.05,
+        "max_rss_mb": 900.0,
+        "node_rss_mb": 3000.0,
+        "gpus": 0,
+        "gpu_h": 0.0,
+        "energy_wh": None,
+        "slurm_job": 7,
+        "attempts": 1,
+        "cpu_eff": 0.45,
+    }
+    b = {
+        **a,
+        "wall_s": 50.0,
+        "core_h": 4 * 50 / 3600,
+        "cpu_h": 0.04,
+        "max_rss_mb": 950.0,
+        "node_rss_mb": 2800.0,
+        "energy_wh": 2.0,
+        "cpu_eff": 0.72,
+    }
+    c = cost.combine([a, b])
+    assert c["attempts"] == 2 and c["wall_s"] == 150.0 and c["cores"] == 4 and c["slurm_job"] == 7
+    assert c["core_h"] == pytest.approx(4 * 150 / 3600) and c["cpu_h"] == pytest.approx(0.09)
+    assert c["cpu_eff"] == pytest.approx(0.09 / (4 * 150 / 3600), abs=1e-4)
+    assert c["max_rss_mb"] == 950.0 and c["node_rss_mb"] == 3000.0
+    assert c["energy_wh"] == 2.0  # the attempts that measured energy
+    assert cost.combine([a]) == {**a, "cpu_eff": round(a["cpu_h"] / a["core_h"], 4)}
+    with pytest.raises(ValueError):
+        cost.combine([])
 
 
 @pytest.mark.slow

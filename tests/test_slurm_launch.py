@@ -31,7 +31,18 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, ROOT, TRAIN_WORKER_ARGV, make_repo, sh, shm_left_behind, tool_env, train_stage_cmd, wait_until, write_images
+from conftest import (
+    BIN,
+    ROOT,
+    TRAIN_WORKER_ARGV,
+    make_repo,
+    sh,
+    shm_left_behind,
+    tool_env,
+    train_stage_cmd,
+    wait_until,
+    write_images,
+)
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import hvd_slurm, slurm
 from virgo_exps.launch.job import JobSpec

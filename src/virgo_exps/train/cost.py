@@ -35,6 +35,11 @@ are few):
 ``slurm_job``
     the SLURM job id the run ran in (None outside SLURM): the key to
     ``sacct``.
+``attempts``
+    how many attempts the run took: a run resumed from a snapshot (a
+    requeued job, a rerun after a stop) adds the figures of the attempts
+    before it, which its snapshot carries (:func:`combine`); ``wall_s`` and
+    the hours are then sums over the attempts.
 
 On a machine with Slurm's accounting, :func:`sacct_usage` reads the same job
 back (``sacct -j``) and :func:`compare` puts both side by side; ``python -m
@@ -191,6 +196,39 @@ def summarise(per_rank: list[dict], devices: list[str] | None = None, energy_wh:
         "gpu_h": gpus * wall_s / 3600.0,
         "energy_wh": energy_wh,
         "slurm_job": min(jobs) if jobs else None,
+        "attempts": 1,
+    }
+
+
+def combine(attempts: list[dict]) -> dict:
+    """The ``cost`` dict of a run made in several attempts (a requeued or resumed training), oldest first.
+
+    Time, core-, CPU- and GPU-hours and energy add up; ``cores``, ``gpus`` and ``slurm_job`` are the last
+    attempt's (the allocation that finished the run); memory is the largest peak of any attempt;
+    ``attempts`` says how many there were. An attempt counts until its last snapshot: all of it when it
+    was stopped by a signal (the snapshot is written at the stop), up to its last finished epoch when it
+    was killed without warning.
+    """
+    if not attempts:
+        raise ValueError("no attempts to combine")
+    last = attempts[-1]
+
+    def total(key: str) -> float | None:
+        values = [a.get(key) for a in attempts if isinstance(a.get(key), (int, float))]
+        return float(sum(values)) if values else None
+
+    core_h, cpu_h = total("core_h") or 0.0, total("cpu_h") or 0.0
+    return {
+        **last,
+        "wall_s": round(total("wall_s") or 0.0, 3),
+        "core_h": core_h,
+        "cpu_h": cpu_h,
+        "cpu_eff": round(cpu_h / core_h, 4) if core_h > 0 else None,
+        "max_rss_mb": max(a["max_rss_mb"] for a in attempts),
+        "node_rss_mb": max(a["node_rss_mb"] for a in attempts),
+        "gpu_h": total("gpu_h") or 0.0,
+        "energy_wh": total("energy_wh"),
+        "attempts": len(attempts),
     }
 
 
@@ -231,14 +269,16 @@ class AccountingUnavailable(RuntimeError):
 def sacct_usage(job_id: int | str, env: dict[str, str] | None = None, timeout: float = 30) -> dict:
     """The job's figures as Slurm accounted them; raises :class:`AccountingUnavailable` with the reason.
 
-    ``elapsed_s``, ``alloc_cpus`` and ``state`` are the job's; ``cpu_s`` is its
-    TotalCPU (all steps, user + system); ``max_rss_mb`` the largest MaxRSS of
-    its steps (one task's peak); ``core_h`` is CPUTimeRAW in hours
-    (AllocCPUS x Elapsed). ``steps`` keeps every line as sacct printed it.
+    ``alloc_cpus`` and ``state`` are the job's (its last attempt's, when it was
+    requeued); ``elapsed_s``, ``cpu_s`` (TotalCPU: all steps, user + system)
+    and ``core_h`` (CPUTimeRAW, AllocCPUS x Elapsed, in hours) are summed over
+    its ``attempts``; ``max_rss_mb`` is the largest MaxRSS of its steps (one
+    task's peak). ``steps`` keeps every line as sacct printed it.
     """
     if shutil.which("sacct", path=(env or os.environ).get("PATH")) is None:
         raise AccountingUnavailable("sacct is not installed here")
-    cmd = ["sacct", "-j", str(job_id), "--parsable2", "--noheader", "-o", ",".join(SACCT_FIELDS)]
+    # --duplicates: every attempt of a requeued job, not only its last (our figures add the attempts up too)
+    cmd = ["sacct", "-j", str(job_id), "--duplicates", "--parsable2", "--noheader", "-o", ",".join(SACCT_FIELDS)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
@@ -247,19 +287,26 @@ def sacct_usage(job_id: int | str, env: dict[str, str] | None = None, timeout: f
         first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
         raise AccountingUnavailable(f"sacct: {first.removeprefix('sacct: ')}")
     rows = [dict(zip(SACCT_FIELDS, line.split("|"))) for line in proc.stdout.splitlines() if line.strip()]
-    job = next((r for r in rows if r["JobID"] == str(job_id)), None)
-    if job is None:
+    attempts = [r for r in rows if r["JobID"] == str(job_id)]  # one line per attempt, oldest first
+    if not attempts:
         raise AccountingUnavailable(f"job {job_id} is not in Slurm's accounting (accounting off when it ran?)")
+    job = attempts[-1]
     rss = [v for v in (parse_memory_mb(r["MaxRSS"]) for r in rows) if v is not None]
-    cpu_time_raw = float(job["CPUTimeRAW"]) if job["CPUTimeRAW"].isdigit() else None
+
+    def total(values: list[float | None]) -> float | None:
+        return None if any(v is None for v in values) else float(sum(values))
+
+    raw = [float(r["CPUTimeRAW"]) if r["CPUTimeRAW"].isdigit() else None for r in attempts]
+    core_s = total(raw)
     return {
         "job": str(job_id),
         "state": job["State"],
-        "elapsed_s": parse_duration(job["Elapsed"]),
+        "attempts": len(attempts),
+        "elapsed_s": total([parse_duration(r["Elapsed"]) for r in attempts]),
         "alloc_cpus": int(job["AllocCPUS"]) if job["AllocCPUS"].isdigit() else None,
-        "cpu_s": parse_duration(job["TotalCPU"]),
+        "cpu_s": total([parse_duration(r["TotalCPU"]) for r in attempts]),
         "max_rss_mb": max(rss) if rss else None,
-        "core_h": cpu_time_raw / 3600.0 if cpu_time_raw is not None else None,
+        "core_h": core_s / 3600.0 if core_s is not None else None,
         "steps": rows,
     }
 
@@ -302,7 +349,9 @@ def describe(report: dict) -> str:
     if ours:
         eff = ours.get("cpu_eff")
         lines.append(
-            f"ours:  wall {ours['wall_s']:.0f} s, {ours['cores']} cores, {ours['core_h']:.4g} core-h, "
+            "ours:  "
+            + (f"{ours['attempts']} attempts, " if (ours.get("attempts") or 1) > 1 else "")
+            + f"wall {ours['wall_s']:.0f} s, {ours['cores']} cores, {ours['core_h']:.4g} core-h, "
             f"{ours['cpu_h'] * 3600:.0f} CPU s"
             + (f" ({eff:.0%} efficiency)" if eff is not None else "")
             + f", peak {ours['max_rss_mb']:.0f} MiB per rank"
@@ -315,7 +364,9 @@ def describe(report: dict) -> str:
     else:
         rss = f", MaxRSS {sacct['max_rss_mb']:.0f} MiB" if sacct.get("max_rss_mb") is not None else ""
         lines.append(
-            f"sacct: job {sacct['job']} {sacct['state']}, elapsed {sacct['elapsed_s']:.0f} s, "
+            f"sacct: job {sacct['job']} {sacct['state']}, "
+            + (f"{sacct['attempts']} attempts, " if (sacct.get("attempts") or 1) > 1 else "")
+            + f"elapsed {sacct['elapsed_s']:.0f} s, "
             f"{sacct['alloc_cpus']} cores, {sacct['core_h']:.4g} core-h, {sacct['cpu_s']:.0f} CPU s{rss}"
         )
     return "\n".join(lines)

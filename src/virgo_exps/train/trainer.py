@@ -304,6 +304,8 @@ class Trainer:
         self._final_written = False  # the final snapshot is in --checkpoints
         self._pruned_at: int | None = None  # the epoch after which a sweep's pruner stopped the run
         self._sweep: SweepTrial | None = None  # rank 0 of a sweep trial (VIRGO_SWEEP_TRIAL)
+        # The cost of the attempts this run resumed from (their snapshots carry it): train/cost.py combine().
+        self._earlier_cost: list[dict] = []
 
     # -- set-up -----------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -399,9 +401,16 @@ class Trainer:
             self._lock = None
 
     def _save_snapshot(self, status: str) -> None:
-        rng = self.strategy.all_gather_object(
-            {"rng": _rng_state(), "loss_sum": self._loss_sum.clone(), "epoch_steps": self._epoch_steps}
+        gathered = self.strategy.all_gather_object(
+            {
+                "rng": _rng_state(),
+                "loss_sum": self._loss_sum.clone(),
+                "epoch_steps": self._epoch_steps,
+                "usage": cost.rank_usage(),
+            }
         )
+        usage = [g.pop("usage") for g in gathered]
+        rng = gathered
         self._final_written = status in FINAL_STATES
         if not self.strategy.is_main:
             return
@@ -424,6 +433,8 @@ class Trainer:
             "history": [asdict(r) for r in self.history],
             "computation": self.computation,
             "status": status,
+            # what every attempt so far used, this one up to now: a resumed run adds it to its own
+            "cost_attempts": [*self._earlier_cost, cost.summarise(usage, [p["device"] for p in self.placement])],
         }
         _atomic_torch_save(snapshot, folder / SNAPSHOT)
         state = (
@@ -489,6 +500,7 @@ class Trainer:
         self.global_step = snap["global_step"]
         self.history = [EpochRecord(**r) for r in snap["history"]]
         self.computation = snap.get("computation")
+        self._earlier_cost = list(snap.get("cost_attempts", []))
         mine = snap["rng"][self.strategy.rank]
         _set_rng_state(mine["rng"])
         self._loss_sum = mine["loss_sum"].clone()
@@ -806,11 +818,13 @@ class Trainer:
             samples = sum(len(self.train_set) // self.cfg.global_batch_size * self.cfg.global_batch_size for _ in h)
             m["gpu_energy_wh_per_sample"] = m["gpu_energy_wh"] / max(1, samples)
         # What the run used (train/cost.py): every rank's own figures, gathered.
-        m["cost"] = cost.summarise(
+        # A resumed run adds what its earlier attempts used (their snapshots' figures).
+        this = cost.summarise(
             self.strategy.all_gather_object(cost.rank_usage()),
             [p["device"] for p in self.placement],
             m["gpu_energy_wh"],
         )
+        m["cost"] = cost.combine([*self._earlier_cost, this])
         return m
 
     def _write_outputs(self, metrics: dict, per_rank_gpu: list[dict]) -> None:
