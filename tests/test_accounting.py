@@ -32,6 +32,7 @@ import pytest
 
 from conftest import BIN, make_repo, sh, write_images
 from test_slurm_launch import Running, cluster_env, job_id_of, train_cmd
+from test_slurmsim import _ports
 from virgo_exps.train import cost
 
 # They compare our wall clock with Slurm's to the second: alone (`make test` runs `serial` after the rest).
@@ -83,6 +84,9 @@ def _times(cluster, job: str) -> tuple[float, float]:
 def test_sacct_agrees_with_what_the_run_recorded(slurm_accounting, trained):
     repo, ours, job = trained
     assert ours["slurm_job"] == int(job)
+    # MariaDB and slurmdbd listen below the jobs' rendezvous ports (20000 + id % 10000) as the others do
+    daemons = [*_ports(slurm_accounting).values(), *slurm_accounting._state["accounting_ports"]]
+    assert len(daemons) == 5 and all(p < 20000 for p in daemons), daemons
     theirs = _accounted(slurm_accounting, job)
     report = (
         f"ours: wall {ours['wall_s']:.1f} s, {ours['cores']} cores, CPU {ours['cpu_h'] * 3600:.1f} s; "

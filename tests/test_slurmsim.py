@@ -154,6 +154,38 @@ def test_cluster_attributes(slurm_cluster):
     assert slurm_cluster.is_running()
 
 
+def _ports(cluster) -> dict[str, int]:
+    conf = Path(cluster.env["SLURM_CONF"]).read_text()
+    return {k: int(v) for k, v in re.findall(r"^(\w+Port)=(\d+)$", conf, re.M)}
+
+
+def test_the_daemons_listen_below_the_jobs_rendezvous_ports(slurm_cluster, slurm_multinode):
+    """A job's rendezvous port is 20000 + its id % 10000: no daemon of any cluster may hold one of those."""
+    for cluster in (slurm_cluster, slurm_multinode):
+        ports = _ports(cluster)
+        assert {"SlurmctldPort", "SlurmdPort"} <= set(ports), ports
+        assert all(p < 20000 for p in ports.values()), ports
+
+
+def test_a_name_another_cluster_added_gets_a_block_of_its_own(tmp_path, monkeypatch):
+    """The one-node fallback: a host name that resolves only through another cluster's block of
+    /etc/hosts is added again, in this cluster's block, so that it outlives the other cluster."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    monkeypatch.setattr(slurmsim, "HOSTS_FILE", hosts)
+    slurmsim._hosts_add("aaaaaa", [("127.0.0.1", "nodeq")])
+    assert slurmsim._in_managed_block("nodeq") and not slurmsim._in_managed_block("localhost")
+    slurmsim._hosts_add("bbbbbb", [("127.0.0.1", "nodeq")])
+    assert slurmsim._hosts_remove("aaaaaa")
+    assert hosts.read_text().splitlines() == [
+        "127.0.0.1 localhost",
+        "# >>> virgo-slurmsim bbbbbb (managed block, removed on stop)",
+        "127.0.0.1 nodeq",
+        "# <<< virgo-slurmsim bbbbbb",
+    ]
+    assert slurmsim._hosts_remove("bbbbbb") and hosts.read_text() == "127.0.0.1 localhost\n"
+
+
 # ----------------------------------------------------------------- 2 nodes
 
 EXCHANGE = """\

@@ -542,7 +542,13 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _choose_ports(tag: str, first: int = 17000, what: str = "slurmctld/slurmd") -> tuple[int, int]:
+# The daemons' ports lie below 20000: a job's rendezvous port is 20000 + its id % 10000
+# (virgo_exps.launch.protocol), and a daemon listening there would refuse that job later.
+DAEMON_PORTS = 16000  # slurmctld/slurmd pairs: 16000-19999
+ACCOUNTING_PORTS = 12000  # MariaDB/slurmdbd pairs: 12000-15999
+
+
+def _choose_ports(tag: str, first: int = DAEMON_PORTS, what: str = "slurmctld/slurmd") -> tuple[int, int]:
     base = first + 2 * (int(tag, 16) % 2000)
     for i in range(2000):
         port = first + (base - first + 2 * i) % 4000
@@ -555,6 +561,33 @@ def _hosts_markers(tag: str) -> tuple[str, str]:
     return (f"# >>> virgo-slurmsim {tag} (managed block, removed on stop)", f"# <<< virgo-slurmsim {tag}")
 
 
+def _hosts_rewrite(text: str) -> None:
+    """Give /etc/hosts the content ``text`` in place (it is often a bind mount: no rename), never empty
+    on the way: the new content is written over the old, then the rest cut off, so a name lookup of
+    another process in between sees the old lines or the new ones (and at worst a stale tail)."""
+    with open(HOSTS_FILE, "r+" if HOSTS_FILE.exists() else "w") as fh:
+        fh.seek(0)
+        fh.write(text)
+        fh.truncate()
+
+
+def _in_managed_block(name: str) -> bool:
+    """Whether ``name`` is in a block of /etc/hosts that some cluster added (and removes when it stops)."""
+    try:
+        lines = HOSTS_FILE.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    inside = False
+    for line in lines:
+        if line.startswith("# >>> virgo-slurmsim "):
+            inside = True
+        elif line.startswith("# <<< virgo-slurmsim "):
+            inside = False
+        elif inside and name in line.split()[1:]:
+            return True
+    return False
+
+
 def _hosts_add(tag: str, entries: list[tuple[str, str]]) -> None:
     begin, end = _hosts_markers(tag)
     block = [begin] + [f"{addr} {name}" for addr, name in entries] + [end]
@@ -565,9 +598,7 @@ def _hosts_add(tag: str, entries: list[tuple[str, str]]) -> None:
             text = HOSTS_FILE.read_text()
         if text and not text.endswith("\n"):
             text += "\n"
-        # rewrite in place: /etc/hosts is often a bind mount (no rename)
-        with open(HOSTS_FILE, "w") as fh:
-            fh.write(text + "\n".join(block) + "\n")
+        _hosts_rewrite(text + "\n".join(block) + "\n")
 
 
 def _hosts_remove(tag: str, *, locked: bool = False) -> bool:
@@ -590,8 +621,7 @@ def _hosts_remove(tag: str, *, locked: bool = False) -> bool:
                 continue
             out.append(line)
         if found:
-            with open(HOSTS_FILE, "w") as fh:
-                fh.write("".join(out))
+            _hosts_rewrite("".join(out))
         return found
 
 
@@ -1176,10 +1206,11 @@ class SimCluster:
             self._setup_network()
         else:
             self.controller_address = "127.0.0.1"
-            self.node_addresses = [
-                socket.gethostbyname(self.node_names[0]) if _resolvable(self.node_names[0]) else "127.0.0.1"
-            ]
-            if not _resolvable(self.node_names[0]):
+            # A name that resolves only through another cluster's block gets a block of this cluster's
+            # own: the other one goes when its cluster stops.
+            own = _resolvable(self.node_names[0]) and not _in_managed_block(self.node_names[0])
+            self.node_addresses = [socket.gethostbyname(self.node_names[0]) if own else "127.0.0.1"]
+            if not own:
                 self._state["hosts_block"] = True
                 self._save_state()
                 _hosts_add(self.tag, [("127.0.0.1", self.node_names[0])])
@@ -1191,7 +1222,7 @@ class SimCluster:
             ctld_port, slurmd_port = _choose_ports(self.tag)
             self._state.update(slurmctld_port=ctld_port, slurmd_port=slurmd_port)
             if self.accounting:
-                self._state["accounting_ports"] = _choose_ports(self.tag, 23000, "MariaDB/slurmdbd")
+                self._state["accounting_ports"] = _choose_ports(self.tag, ACCOUNTING_PORTS, "MariaDB/slurmdbd")
             self._write_conf(ctld_port, slurmd_port)
             if self.accounting:
                 self._start_accounting(timeout)
