@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,52 @@ def exp_metrics(repo: Path) -> dict[str, tuple[dict, dict]]:
                     data["metrics"]["results/metrics.json"]["data"],
                 )
     return out
+
+
+ASK_AND_DIE = """
+import os, sys
+from pathlib import Path
+from virgo_exps.sweeps import search, spec
+number, overrides = search.ask(spec.load(Path(sys.argv[1])), Path(sys.argv[2]), task=sys.argv[3])
+print(number, overrides, flush=True)
+if sys.argv[4] == "kill":
+    os.kill(os.getpid(), 9)  # a node lost before the task wrote its state file
+"""
+
+
+def test_a_task_killed_after_its_ask_gets_the_same_trial_back(tmp_path):
+    """An array task killed between asking the study and writing its state is requeued under the same
+    name and asks again: it gets its own running trial back, with the same values, and the budget is
+    not spent on a trial that nobody would ever finish."""
+    from virgo_exps.sweeps import search
+
+    spec_file = write(tmp_path, SEARCH, "lr-test.yaml")
+    sweep_dir = tmp_path / "sweep"
+
+    def task(name: str, how: str = "exit") -> tuple[str, int]:
+        proc = subprocess.run(
+            [str(BIN / "python"), "-c", ASK_AND_DIE, str(spec_file), str(sweep_dir), name, how],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=tool_env(),
+        )
+        return proc.stdout.strip(), proc.returncode
+
+    first, rc = task("41_0", "kill")
+    assert rc == -9 and first.startswith("0 {"), first
+    assert task("41_0") == (first, 0)  # requeued: trial 0 again, the same values
+    other, _ = task("41_1")
+    assert other.startswith("1 {") and other[1:] != first[1:]
+    s = sweep_spec.load(spec_file)
+    search.tell(s, sweep_dir, 0, 0.5, "complete")
+    assert task("41_0")[0].startswith("2 {")  # a finished trial is not handed out again
+    trials = search.open_study(s, sweep_dir).trials
+    assert [(t.user_attrs["task"], t.state.name) for t in trials] == [
+        ("41_0", "COMPLETE"),
+        ("41_1", "RUNNING"),
+        ("41_0", "RUNNING"),
+    ]
 
 
 @pytest.mark.slow

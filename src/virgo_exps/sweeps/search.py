@@ -117,28 +117,53 @@ class _AskLock:
         self._lock.release()
 
 
-def _suggest(trial: optuna.Trial, key: str, p: dict[str, Any]) -> str:
-    kind = p["type"]
-    if kind == "choice":
-        return str(trial.suggest_categorical(key, list(p["values"])))
-    if kind == "int":
-        return str(trial.suggest_int(key, p["low"], p["high"], step=p.get("step", 1), log=bool(p.get("log"))))
-    value = trial.suggest_float(key, p["low"], p["high"], log=kind == "loguniform", step=p.get("step"))
+def _override(p: dict[str, Any], value: Any) -> str:
+    """A parameter's value as its ``-S`` override."""
+    if p["type"] == "choice":
+        return str(value)
+    if p["type"] == "int":
+        return str(int(value))
     return repr(float(value))
 
 
-def ask(spec: SweepSpec, sweep_dir: Path) -> tuple[int, dict[str, str]] | None:
-    """The next trial: its number and its ``-S`` overrides; None when ``spec.trials`` trials were asked."""
+def _suggest(trial: optuna.Trial, key: str, p: dict[str, Any]) -> str:
+    kind = p["type"]
+    if kind == "choice":
+        return _override(p, trial.suggest_categorical(key, list(p["values"])))
+    if kind == "int":
+        return _override(p, trial.suggest_int(key, p["low"], p["high"], step=p.get("step", 1), log=bool(p.get("log"))))
+    return _override(p, trial.suggest_float(key, p["low"], p["high"], log=kind == "loguniform", step=p.get("step")))
+
+
+def ask(spec: SweepSpec, sweep_dir: Path, task: str | None = None) -> tuple[int, dict[str, str]] | None:
+    """The next trial: its number and its ``-S`` overrides; None when ``spec.trials`` trials were asked.
+
+    ``task`` names the asker (``<array job>_<index>``) and is kept with the trial. A task asks again
+    only when it was requeued before it recorded its trial: it then gets back the running trial it was
+    given, not a new one, so that no trial stays running in the study with nobody to finish it.
+    """
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
     with _AskLock(sweep_dir):
         study = open_study(spec, sweep_dir)
-        asked = len(study.get_trials(deepcopy=False))
-        if asked >= spec.trials:
+        trials = study.get_trials(deepcopy=False)
+        if task is not None:
+            from optuna.trial import TrialState
+
+            for old in trials:
+                if old.state == TrialState.RUNNING and old.user_attrs.get("task") == task:
+                    if all(key in old.params for key in spec.space):
+                        return old.number, {key: _override(p, old.params[key]) for key, p in spec.space.items()}
+                    # killed in the middle of this ask: the trial has no complete set of values
+                    study.tell(old.number, state=TrialState.FAIL, skip_if_finished=True)
+                    trials = study.get_trials(deepcopy=False)
+        if len(trials) >= spec.trials:
             return None
-        study.sampler = _sampler(spec, asked)
+        study.sampler = _sampler(spec, len(trials))
         trial = study.ask()
         overrides = {key: _suggest(trial, key, p) for key, p in spec.space.items()}
         trial.set_user_attr("experiment", trial_name(spec.name, trial.number))
+        if task is not None:
+            trial.set_user_attr("task", task)
     return trial.number, overrides
 
 

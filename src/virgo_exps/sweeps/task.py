@@ -132,7 +132,8 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     else:
         from virgo_exps.sweeps import search
 
-        asked = search.ask(spec, directory)
+        # the task's name: a task requeued between this ask and its state file gets the same trial back
+        asked = search.ask(spec, directory, task=f"{job_id}_{index}")
         if asked is None:
             _write_state(directory, index, {"index": index, "state": SKIPPED, "job_id": job_id, "log": log})
             say("the search's budget is used up: nothing to run")
