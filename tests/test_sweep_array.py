@@ -27,6 +27,7 @@ from virgo_exps.machines import load_machine
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.status import render, status
 from virgo_exps.sweeps.submit import batch_script, resources
+from virgo_exps.sweeps.task import allocated, allocation
 
 EPOCHS = 30  # ~0.1 s an epoch: a window of seconds to requeue a task in the middle of its training
 PARAMS = {"preprocess": {"fmax": 64.0}, "train": {"epochs": EPOCHS}}
@@ -122,6 +123,22 @@ def test_status_counts_each_state_and_names_the_best_the_cost_and_the_failed_log
     assert "best so far: g-001 val_loss 2.5 (train.lr=0.2)" in out, out  # maximize; a pruned trial is not best
     assert "cost so far: 1.0000 core-hours" in out and "120 s" in out, out
     assert "failed: g-002 (exit code 1); log /l/2" in out, out
+    assert "allocated so far" not in out  # tasks of before allocations were recorded
+
+
+def test_the_allocation_of_a_task_adds_up_its_attempts():
+    assert allocated({"SLURM_JOB_CPUS_PER_NODE": "4(x2),2", "SLURM_JOB_NUM_NODES": "3"}) == (10, 0)
+    assert allocated({"SLURM_JOB_CPUS_PER_NODE": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NUM_NODES": "2"}) == (2, 8)
+    assert allocated({}) == (None, 0)
+    attempts = [
+        {"started": 100.0, "ended": 160.0, "cores": 4},  # requeued with SIGTERM
+        {"started": 200.0, "cores": 4},  # its node lost: no end
+        {"started": 300.0, "ended": 330.0, "cores": 2, "gpus": 1},
+    ]
+    a = allocation(attempts)
+    assert a["attempts"] == 3 and a["unmeasured"] == 1 and a["wall_s"] == 90.0
+    assert a["core_h"] == pytest.approx((4 * 60 + 2 * 30) / 3600) and a["gpu_h"] == pytest.approx(30 / 3600)
+    assert allocation([{"started": 0.0, "ended": 10.0, "cores": None}])["core_h"] is None
 
 
 # --- the sweep on a real cluster ------------------------------------------------------------------------------
@@ -290,6 +307,21 @@ def test_status_counts_best_and_cost(sweep):
     assert f"best so far: {best['experiment']} val_loss {best['metric']:.6g}" in out, out
     total = sum(t["cost"]["core_h"] for t in states)
     assert total > 0 and f"cost so far: {total:.4f} core-hours" in out, out
+    # The allocations: every attempt of every task, failed trials in their own sweep.
+    alloc = sum(t["allocation"]["core_h"] for t in states)
+    attempts = sum(t["allocation"]["attempts"] for t in states)
+    assert attempts == 6 + 3, states  # three tasks were requeued once
+    line = f"allocated so far: {alloc:.4f} core-hours, 0.0000 GPU-hours over {attempts} task attempt(s)"
+    assert line in out and "1 attempt(s) killed without notice are not counted" in out, out
+    for t in [t for t in states if not t["allocation"]["unmeasured"]]:
+        # a task's allocation holds its training (bar the second between the job's and the task's start);
+        # not so when an attempt went unmeasured: the training counts the lost one up to its last epoch
+        assert t["allocation"]["wall_s"] > t["cost"]["wall_s"] - 2 * t["allocation"]["attempts"], t
+    bad = json.loads((sweep["store"] / "sweeps" / "badgrid" / "tasks" / "0.json").read_text())
+    assert bad["state"] == "failed" and bad["cost"] is None
+    assert bad["allocation"]["attempts"] == 1 and bad["allocation"]["core_h"] > 0, bad
+    out = vx(sweep["repo"], "sweep", "status", "badgrid", env=sweep["env"]).stdout
+    assert f"allocated so far: {bad['allocation']['core_h']:.4f} core-hours" in out, out
 
 
 @pytest.mark.slurm
@@ -298,6 +330,9 @@ def test_a_requeued_task_resumes_at_its_snapshot(sweep):
     assert sweep["requeued_at"] is not None
     state = json.loads((sweep["dir"] / "tasks" / f"{REQUEUED}.json").read_text())
     assert state["state"] == "done" and state["restarts"] >= 1, state
+    # both attempts are counted: the task's allocations (the requeue's SIGTERM ended the first) and the training
+    assert state["allocation"]["attempts"] == 2 and state["allocation"]["unmeasured"] == 0, state["allocation"]
+    assert state["cost"]["attempts"] == 2, state["cost"]
     log = Path(state["log"]).read_text()
     after = "\n".join(log.splitlines()[sweep["requeued_at"] :])
     assert "requeued: re-entering" in after, after[-3000:]
@@ -329,6 +364,10 @@ def test_a_task_stopped_by_the_time_limit_or_a_node_failure_is_requeued_and_resu
     m = re.search(r"train: resuming from .* at epoch (\d+)", after)
     assert m and int(m.group(1)) > 1, after[-3000:]
     assert state["metric"] is not None and np.isfinite(state["metric"])
+    # a lost node gives its attempt no end: counted as unmeasured; the training counts it to its last epoch
+    assert state["allocation"]["attempts"] == 2, state["allocation"]
+    assert state["allocation"]["unmeasured"] == (1 if how == "node failure" else 0), state["allocation"]
+    assert state["cost"]["attempts"] == 2, state["cost"]
 
 
 @pytest.mark.slurm

@@ -190,13 +190,24 @@ def build(spec: SweepSpec, sweep_dir: Path, out_dir: Path) -> Path:
         else:
             parts.append(f'<p class="note">{_e(caption)}: not drawn, {_e(why)}.</p>')
     total = ", ".join(f"{_e(totals[k])} {label}" for k, label in COST_KEYS if totals[k] is not None)
+    allocs = [a for a in (t.user_attrs.get("allocation") for t in trials) if isinstance(a, dict)]
+    alloc_core_h = sum(a["core_h"] for a in allocs if isinstance(a.get("core_h"), int | float))
+    lost = sum(a.get("unmeasured") or 0 for a in allocs)
     parts += [
         "<h2>Trials</h2>",
         table,
         "<h2>Cost</h2>",
-        f"<p>All trials together (pruned and failed ones included): {total or 'no cost recorded'}.</p>",
-        "</body></html>",
+        f"<p>The trainings of all trials (pruned and failed ones included): {total or 'no cost recorded'}.</p>",
     ]
+    if allocs:
+        parts.append(
+            f"<p>Allocated to the array's tasks: {_e(alloc_core_h)} core-hours over "
+            f"{sum(a.get('attempts') or 0 for a in allocs)} attempt(s) of {len(allocs)} trial(s), "
+            "failed trials included"
+            + (f"; {lost} attempt(s) killed without notice are not counted" if lost else "")
+            + ".</p>"
+        )
+    parts.append("</body></html>")
     index = out_dir / "index.html"
     fsio.write_text(index, "\n".join(parts) + "\n")
     return index

@@ -1,5 +1,9 @@
 """Where a sweep stands: trials done / running / pending / failed / pruned, the best so far, the cost so far.
 
+The cost is told twice: the trainings' own figures (``cost`` of each trial's metrics, all attempts of a
+resumed training), and what the tasks' allocations cost (``allocation`` of each task's state: cores x
+time of every attempt, from the task's start to its end, failed trials included).
+
 Read from the sweep dir (``tasks/<index>.json``, written by each task) and, for what the tasks have not
 written yet, from ``squeue`` (a task that the queue no longer lists and that never finished was lost).
 """
@@ -97,6 +101,14 @@ def status(directory: Path) -> Status:
             v = (t.get("cost") or {}).get(k)
             if isinstance(v, (int, float)):
                 cost[k] += v
+    # What the tasks' allocations cost, every attempt and every trial (failed ones too).
+    cost.update(alloc_core_h=0.0, alloc_gpu_h=0.0, attempts=0, unmeasured=0)
+    for t in tasks:
+        alloc = t.get("allocation") or {}
+        for key, total in (("core_h", "alloc_core_h"), ("gpu_h", "alloc_gpu_h"), ("attempts", "attempts")):
+            if isinstance(alloc.get(key), (int, float)):
+                cost[total] += alloc[key]
+        cost["unmeasured"] += alloc.get("unmeasured") or 0
     return Status(spec.name, record.get("job_id"), spec.trials, counts, best, cost, failed, tasks)
 
 
@@ -118,6 +130,13 @@ def render(s: Status, metric: str) -> str:
         f"cost so far: {s.cost['core_h']:.4f} core-hours, {s.cost['gpu_h']:.4f} GPU-hours, "
         f"{s.cost['wall_s']:.0f} s of training wall time"
     )
+    if s.cost.get("attempts"):
+        lost = s.cost["unmeasured"]
+        lines.append(
+            f"allocated so far: {s.cost['alloc_core_h']:.4f} core-hours, {s.cost['alloc_gpu_h']:.4f} GPU-hours "
+            f"over {s.cost['attempts']:.0f} task attempt(s), failed trials included"
+            + (f"; {lost:.0f} attempt(s) killed without notice are not counted" if lost else "")
+        )
     for t in s.failed:
         why = t.get("reason") or f"exit code {t.get('exit_code')}"
         lines.append(f"failed: {t.get('experiment')} ({why}); log {t.get('log')}")

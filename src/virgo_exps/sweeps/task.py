@@ -9,13 +9,21 @@
    here, resets the clone's tracked files and runs the same command: the trainer resumes at its snapshot
    (``.virgo/snapshots`` of the clone, kept across requeues);
 4. ``dvc exp push`` to the store; a search also tells the study the metric (or pruned / failed).
+
+Every attempt of the task (a requeued task makes several) is kept in its state file with its start, its
+end and the cores and GPUs of its allocation; ``allocation`` adds them up: what the trial's allocations
+cost, whatever became of it (a failed trial writes no metrics, so this is its only cost). An attempt ends
+when the task finishes or is sent SIGTERM (a requeue, a cancel); one killed without notice (its node lost)
+has no end and is counted in ``unmeasured``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +52,34 @@ def log_path(directory: Path, job_id: str, index: int) -> Path:
 
 def _write_state(directory: Path, index: int, state: dict) -> None:
     fsio.write_text(task_file(directory, index), json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def allocated(env: dict | None = None) -> tuple[int | None, int]:
+    """(cores, GPUs) of this job's allocation on all its nodes (cores None outside SLURM)."""
+    env = os.environ if env is None else env
+    cores: int | None = None
+    per_node = env.get("SLURM_JOB_CPUS_PER_NODE", "")  # e.g. "4(x2),2"
+    if per_node:
+        parts = [re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", p.strip()) for p in per_node.split(",")]
+        if all(parts):
+            cores = sum(int(m.group(1)) * int(m.group(2) or 1) for m in parts)
+    nodes = env.get("SLURM_JOB_NUM_NODES", "1")
+    gpus = env.get("SLURM_GPUS_ON_NODE", "")
+    return cores, int(gpus) * int(nodes) if gpus.isdigit() and nodes.isdigit() else 0
+
+
+def allocation(attempts: list[dict]) -> dict:
+    """What a task's attempts were allocated, added up (see the module's docstring)."""
+    closed = [a for a in attempts if a.get("ended") is not None]
+    wall = sum(a["ended"] - a["started"] for a in closed)
+    known = all(a.get("cores") is not None for a in closed)
+    return {
+        "wall_s": round(wall, 3),
+        "core_h": sum(a["cores"] * (a["ended"] - a["started"]) for a in closed) / 3600 if known else None,
+        "gpu_h": sum(a.get("gpus", 0) * (a["ended"] - a["started"]) for a in closed) / 3600,
+        "attempts": len(attempts),
+        "unmeasured": len(attempts) - len(closed),
+    }
 
 
 def _dvc_cmd() -> list[str]:
@@ -140,8 +176,13 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
             return 0
         number, overrides = asked
     name = spec.experiment(number)
+    cores, gpus = allocated()
+    attempts = [*state.get("attempts", []), {"restart": restarts, "started": round(time.time(), 3), "cores": cores}]
+    if gpus:
+        attempts[-1]["gpus"] = gpus
     state = {
         **state,
+        "attempts": attempts,
         "index": index,
         "trial": number,
         "experiment": name,
@@ -154,6 +195,18 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         "started": state.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     _write_state(directory, index, state)
+
+    def close_attempt() -> None:
+        attempts[-1].setdefault("ended", round(time.time(), 3))
+        state["allocation"] = allocation(attempts)
+
+    def on_term(signum, frame):  # requeued or cancelled: this attempt ends here, the trial stays running
+        close_attempt()
+        _write_state(directory, index, state)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_term)
     say(f"trial {number} ({name}) with {overrides}; restart {restarts}")
     work = directory / "work" / name
     try:
@@ -184,6 +237,8 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     value = metric_of(metrics, spec.metric)
     pruned = bool(metrics.get("pruned"))
     final = FAILED if rc != 0 else (PRUNED if pruned else DONE)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    close_attempt()
     state.update(
         state=final,
         exit_code=rc,
@@ -197,7 +252,8 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         from virgo_exps.sweeps import search
 
         told = {"done": "complete", "pruned": "pruned", "failed": "fail"}[final]
-        search.tell(spec, directory, number, value, told, {"experiment": name, "cost": metrics.get("cost"), "log": log})
+        attrs = {"experiment": name, "cost": metrics.get("cost"), "allocation": state["allocation"], "log": log}
+        search.tell(spec, directory, number, value, told, attrs)
     shown = f", {spec.metric} {value}" if value is not None else ""
     say(f"trial {number} ({name}): {final}{shown}; log {log}")
     return 0 if final != FAILED else 1
