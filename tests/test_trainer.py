@@ -193,6 +193,46 @@ def test_a_changed_config_starts_afresh(workdir, baseline):
 
 
 @pytest.mark.slow
+def test_a_lock_left_by_a_killed_deepspeed_load_does_not_hang_the_next_run(workdir, tmp_path):
+    """torch's extension loader waits forever for a lock file that a killed process left: the DeepSpeed
+    strategy removes one older than a load could be, says so, and trains."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    from virgo_exps.train.strategies.deepspeed import SHM_EXTENSION, STALE_BUILD_LOCK_S
+
+    folder = tmp_path / "extensions"
+    built = sorted(Path(get_default_build_root()).glob(f"*/{SHM_EXTENSION}"))
+    if built:  # the extension as the earlier DeepSpeed runs built it (else this run builds it, about a minute)
+        shutil.copytree(built[0], folder / SHM_EXTENSION)
+    lock = folder / SHM_EXTENSION / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    env = {**deepspeed_runner(workdir), "TORCH_EXTENSIONS_DIR": str(folder)}
+    proc, out = train(workdir, "stale-lock", "deepspeed", procs=2, env=env, epochs=1, popen=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"the run hung on the extension's lock:\n{output[-3000:]}") from None
+    assert proc.returncode == 0, output[-3000:]
+    assert f"train: removed {lock}, left 11 minutes ago by a process that died" in output, output[-3000:]
+    assert (out / "metrics.json").is_file()
+    # a fresh lock (a load under way in another process) is left alone
+    from virgo_exps.train.strategies.deepspeed import remove_stale_build_locks
+
+    lock.touch()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+    try:
+        assert remove_stale_build_locks() == [] and lock.exists()
+    finally:
+        del os.environ["TORCH_EXTENSIONS_DIR"]
+        lock.unlink()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "strategy", ["ddp", "deepspeed", pytest.param("horovod", marks=[pytest.mark.horovod, needs_horovod])]
 )

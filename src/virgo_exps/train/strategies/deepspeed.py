@@ -7,11 +7,50 @@ DeepSpeed owns the backward pass and the optimiser step (``engine.backward``,
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
 
 from virgo_exps.train.strategies.torchdist import TorchDistStrategy, backend
+
+# DeepSpeed's shared-memory communication is a small C++ extension that every process loads through
+# torch.utils.cpp_extension, under a lock file in the user's extension folder. A process killed while
+# it holds the lock (a load takes seconds, the first build about a minute) leaves it behind, and every
+# later DeepSpeed process of that user on the node waits for it forever, without a word.
+SHM_EXTENSION = "deepspeed_shm_comm"
+STALE_BUILD_LOCK_S = 600.0
+
+
+def extension_lock_files() -> list[Path]:
+    """The lock files of DeepSpeed's shared-memory extension that torch would wait for."""
+    folder = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if folder:
+        return [Path(folder) / SHM_EXTENSION / "lock"]
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return sorted(Path(get_default_build_root()).glob(f"*/{SHM_EXTENSION}/lock"))
+
+
+def remove_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove the extension's lock files older than ``max_age_s`` (left by a killed process); say so."""
+    removed = []
+    for lock in extension_lock_files():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > max_age_s:
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+            print(
+                f"train: removed {lock}, left {age / 60:.0f} minutes ago by a process that died while loading "
+                f"DeepSpeed's shared-memory extension (a load takes seconds); every DeepSpeed process would "
+                "have waited for it",
+                file=sys.stderr,
+            )
+    return removed
 
 
 class DeepSpeedStrategy(TorchDistStrategy):
@@ -22,6 +61,8 @@ class DeepSpeedStrategy(TorchDistStrategy):
 
         self._read_env()
         self._pick_device()
+        if self.local_rank == 0:
+            remove_stale_build_locks()
         deepspeed.init_distributed(dist_backend=backend(), timeout=self._timeout())
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
