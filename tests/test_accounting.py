@@ -140,6 +140,9 @@ def test_a_requeued_job_is_counted_over_all_its_attempts(slurm_accounting, tmp_p
     print(report)
     assert ours["attempts"] == theirs["attempts"] == 2, report
     assert [r["State"] for r in last if r["JobID"] == job][0] == "REQUEUED", last
+    # sacct without --duplicates shows the last attempt only: what a sum must not be read from
+    plain = slurm_accounting.slurm("sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State").stdout.split()
+    assert plain == [f"{job}|COMPLETED"], plain
     # each attempt's tail (after its snapshot: the requeue, or the outputs) is Slurm's only
     tails = theirs["elapsed_s"] - ours["wall_s"]
     assert -2 * START_S <= tails <= 2 * TAIL_S, report

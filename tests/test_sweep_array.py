@@ -126,6 +126,38 @@ def test_status_counts_each_state_and_names_the_best_the_cost_and_the_failed_log
     assert "allocated so far" not in out  # tasks of before allocations were recorded
 
 
+def test_status_adds_up_the_allocations_and_names_the_attempts_lost(tmp_path):
+    spec = sweep_spec.from_grid("g", ["train.lr=0.1,0.2,0.3"], parallel=2)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": spec.to_dict(), "job_id": None}))
+    tasks = [
+        # failed: no metrics, so no training cost; its allocation counts
+        {"state": "failed", "exit_code": 1, "attempts": [{"started": 0.0, "ended": 30.0, "cores": 2}]},
+        # requeued once by a lost node, then done
+        {
+            "state": "done",
+            "metric": 1.0,
+            "attempts": [{"started": 0.0, "cores": 4}, {"started": 90.0, "ended": 150.0, "cores": 4}],
+        },
+        # its node lost, never requeued: the queue no longer has it, its last attempt never ended
+        {"state": "running", "attempts": [{"started": 10.0, "cores": 4}]},
+    ]
+    for index, task in enumerate(tasks):
+        task.update(
+            index=index, trial=index, experiment=f"g-{index:03d}", overrides=spec.grid[index], log=f"/l/{index}"
+        )
+        (tmp_path / "tasks" / f"{index}.json").write_text(json.dumps(task))
+    s = status(tmp_path)
+    assert s.counts == {"done": 1, "running": 0, "pending": 0, "failed": 2, "pruned": 0}
+    assert s.cost["alloc_core_h"] == pytest.approx((2 * 30 + 4 * 60) / 3600)
+    assert s.cost["attempts"] == 4 and s.cost["unmeasured"] == 2
+    out = render(s, "val_loss")
+    assert (
+        "allocated so far: 0.0833 core-hours, 0.0000 GPU-hours over 4 task attempt(s), failed trials included; "
+        "2 attempt(s) killed without notice are not counted" in out
+    ), out
+
+
 def test_the_allocation_of_a_task_adds_up_its_attempts():
     assert allocated({"SLURM_JOB_CPUS_PER_NODE": "4(x2),2", "SLURM_JOB_NUM_NODES": "3"}) == (10, 0)
     assert allocated({"SLURM_JOB_CPUS_PER_NODE": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NUM_NODES": "2"}) == (2, 8)

@@ -304,6 +304,15 @@ def test_a_task_killed_after_its_ask_gets_the_same_trial_back(tmp_path):
         ("41_1", "RUNNING"),
         ("41_0", "RUNNING"),
     ]
+    # Killed in the middle of an ask (one of two values drawn): that trial is failed and a new one asked.
+    study = search.open_study(s, sweep_dir)
+    half = study.ask()
+    half.set_user_attr("task", "41_2")
+    half.suggest_float("train.lr", 1e-4, 1.0, log=True)
+    number, overrides = search.ask(s, sweep_dir, task="41_2")
+    assert number == half.number + 1 and set(overrides) == set(s.space)
+    states = {t.number: t.state.name for t in search.open_study(s, sweep_dir).trials}
+    assert states[half.number] == "FAIL" and states[number] == "RUNNING"
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -170,10 +171,20 @@ def test_interrupted_then_resumed_run_is_bit_identical(workdir, strategy, procs)
 def test_more_epochs_continue_from_the_final_snapshot(workdir, baseline):
     proc, out = train(workdir, "extend", epochs=2)
     assert proc.returncode == 0
+    shorter = json.loads((out / "metrics.json").read_text())["cost"]
     proc, _ = train(workdir, "extend", epochs=EPOCHS, fresh=False)
     assert proc.returncode == 0 and "resuming from" in proc.stderr
     for key, value in weights(baseline).items():
         assert torch.equal(value, weights(out)[key])
+    # the longer run's record counts its own epochs only: the shorter run's record has the first two
+    longer = json.loads((out / "metrics.json").read_text())["cost"]
+    assert shorter["attempts"] == longer["attempts"] == 1
+    # the same final snapshot reused to write the outputs again: nothing inherited either
+    (out / "metrics.json").unlink()
+    proc, _ = train(workdir, "extend", epochs=EPOCHS, fresh=False)
+    assert proc.returncode == 0 and "reusing" in proc.stderr, proc.stderr[-2000:]
+    again = json.loads((out / "metrics.json").read_text())["cost"]
+    assert again["attempts"] == 1 and again["wall_s"] < longer["wall_s"] + shorter["wall_s"]
 
 
 @pytest.mark.slow
@@ -193,7 +204,7 @@ def test_a_changed_config_starts_afresh(workdir, baseline):
 
 
 @pytest.mark.slow
-def test_a_lock_left_by_a_killed_deepspeed_load_does_not_hang_the_next_run(workdir, tmp_path):
+def test_a_lock_left_by_a_killed_deepspeed_load_does_not_hang_the_next_run(workdir, tmp_path, monkeypatch):
     """torch's extension loader waits forever for a lock file that a killed process left: the DeepSpeed
     strategy removes one older than a load could be, says so, and trains."""
     from torch.utils.cpp_extension import get_default_build_root
@@ -224,12 +235,8 @@ def test_a_lock_left_by_a_killed_deepspeed_load_does_not_hang_the_next_run(workd
     from virgo_exps.train.strategies.deepspeed import remove_stale_build_locks
 
     lock.touch()
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
-    try:
-        assert remove_stale_build_locks() == [] and lock.exists()
-    finally:
-        del os.environ["TORCH_EXTENSIONS_DIR"]
-        lock.unlink()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(folder))
+    assert remove_stale_build_locks() == [] and lock.exists()
 
 
 @pytest.mark.slow

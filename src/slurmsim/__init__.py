@@ -565,10 +565,15 @@ def _hosts_rewrite(text: str) -> None:
     """Give /etc/hosts the content ``text`` in place (it is often a bind mount: no rename), never empty
     on the way: the new content is written over the old, then the rest cut off, so a name lookup of
     another process in between sees the old lines or the new ones (and at worst a stale tail)."""
-    with open(HOSTS_FILE, "r+" if HOSTS_FILE.exists() else "w") as fh:
+    data = text.encode()
+    with open(HOSTS_FILE, "r+b" if HOSTS_FILE.exists() else "wb") as fh:
+        old = len(fh.read())
         fh.seek(0)
-        fh.write(text)
-        fh.truncate()
+        # a shorter text is padded with empty lines up to the old length first, so that what a reader
+        # may see before the cut is the new lines and empty ones, never the tail of an old line
+        fh.write(data + b"\n" * max(0, old - len(data)))
+        fh.flush()
+        fh.truncate(len(data))
 
 
 def _in_managed_block(name: str) -> bool:
@@ -588,10 +593,10 @@ def _in_managed_block(name: str) -> bool:
     return False
 
 
-def _hosts_add(tag: str, entries: list[tuple[str, str]]) -> None:
+def _hosts_add(tag: str, entries: list[tuple[str, str]], *, locked: bool = False) -> None:
     begin, end = _hosts_markers(tag)
     block = [begin] + [f"{addr} {name}" for addr, name in entries] + [end]
-    with _global_lock():
+    with contextlib.nullcontext() if locked else _global_lock():
         text = HOSTS_FILE.read_text() if HOSTS_FILE.exists() else ""
         if begin in text.splitlines():
             _hosts_remove(tag, locked=True)
@@ -1208,12 +1213,14 @@ class SimCluster:
             self.controller_address = "127.0.0.1"
             # A name that resolves only through another cluster's block gets a block of this cluster's
             # own: the other one goes when its cluster stops.
-            own = _resolvable(self.node_names[0]) and not _in_managed_block(self.node_names[0])
-            self.node_addresses = [socket.gethostbyname(self.node_names[0]) if own else "127.0.0.1"]
-            if not own:
-                self._state["hosts_block"] = True
-                self._save_state()
-                _hosts_add(self.tag, [("127.0.0.1", self.node_names[0])])
+            with _global_lock():  # decided and added at once: another cluster may remove its block meanwhile
+                name = self.node_names[0]
+                own = _resolvable(name) and not _in_managed_block(name)
+                self.node_addresses = [socket.gethostbyname(name) if own else "127.0.0.1"]
+                if not own:
+                    self._state["hosts_block"] = True
+                    self._save_state()
+                    _hosts_add(self.tag, [("127.0.0.1", name)], locked=True)
             self._state.update(controller_address=self.controller_address, node_addresses=self.node_addresses)
         self._state["munge_user"] = True
         self._save_state()

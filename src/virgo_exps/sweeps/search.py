@@ -28,6 +28,7 @@ JOURNAL = "optuna.journal"
 ASK_LOCK = "ask.lock"
 TRIAL_ENV = "VIRGO_SWEEP_TRIAL"  # read by virgo_exps.train.trainer (SWEEP_TRIAL_ENV)
 STATES = ("complete", "pruned", "fail")
+ABANDONED = "abandoned in the middle of an ask (its task was killed); asked again"
 
 
 def journal_path(sweep_dir: Path) -> Path:
@@ -153,17 +154,21 @@ def ask(spec: SweepSpec, sweep_dir: Path, task: str | None = None) -> tuple[int,
                 if old.state == TrialState.RUNNING and old.user_attrs.get("task") == task:
                     if all(key in old.params for key in spec.space):
                         return old.number, {key: _override(p, old.params[key]) for key, p in spec.space.items()}
-                    # killed in the middle of this ask: the trial has no complete set of values
+                    # killed in the middle of this ask: the trial has no complete set of values; it
+                    # failed without running and does not count against the budget
+                    storage = _storage(sweep_dir)
+                    storage.set_trial_user_attr(_trial_id(spec, storage, old.number), "fail_reason", ABANDONED)
                     study.tell(old.number, state=TrialState.FAIL, skip_if_finished=True)
                     trials = study.get_trials(deepcopy=False)
-        if len(trials) >= spec.trials:
+        counted = [t for t in trials if t.user_attrs.get("fail_reason") != ABANDONED]
+        if len(counted) >= spec.trials:
             return None
         study.sampler = _sampler(spec, len(trials))
         trial = study.ask()
+        if task is not None:  # first: a task killed in the middle of this ask finds its trial again
+            trial.set_user_attr("task", task)
         overrides = {key: _suggest(trial, key, p) for key, p in spec.space.items()}
         trial.set_user_attr("experiment", trial_name(spec.name, trial.number))
-        if task is not None:
-            trial.set_user_attr("task", task)
     return trial.number, overrides
 
 

@@ -64,9 +64,10 @@ def status(directory: Path) -> Status:
         tasks.append(json.loads(path.read_text()))
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0, "pruned": 0}
     seen: set[int] = set()
+    states: dict[int, str] = {}  # position of a task's record in ``tasks`` -> its state as counted
     failed = []
     current = str(record.get("job_id"))
-    for t in tasks:
+    for position, t in enumerate(tasks):
         mine = str(t.get("job_id")) == current
         if mine:
             seen.add(int(t["index"]))
@@ -78,6 +79,7 @@ def status(directory: Path) -> Status:
                 t = {**t, "state": "failed", "reason": "the task left the queue without finishing"}
             elif q not in ("RUNNING", "COMPLETING"):
                 state = "pending"  # requeued, waiting
+        states[position] = state
         if state in counts:
             counts[state] += 1
         if state == "failed":
@@ -101,10 +103,16 @@ def status(directory: Path) -> Status:
             v = (t.get("cost") or {}).get(k)
             if isinstance(v, (int, float)):
                 cost[k] += v
-    # What the tasks' allocations cost, every attempt and every trial (failed ones too).
+    # What the tasks' allocations cost, every attempt and every trial (failed ones too). An attempt without
+    # an end is the running one of a running task; any other was killed without notice (its node lost).
+    from virgo_exps.sweeps.task import allocation
+
     cost.update(alloc_core_h=0.0, alloc_gpu_h=0.0, attempts=0, unmeasured=0)
-    for t in tasks:
-        alloc = t.get("allocation") or {}
+    for position, t in enumerate(tasks):
+        attempts = t.get("attempts") or []
+        alloc = allocation(attempts) if attempts else {}
+        if alloc and states.get(position) == "running" and attempts[-1].get("ended") is None:
+            alloc["unmeasured"] -= 1
         for key, total in (("core_h", "alloc_core_h"), ("gpu_h", "alloc_gpu_h"), ("attempts", "attempts")):
             if isinstance(alloc.get(key), (int, float)):
                 cost[total] += alloc[key]

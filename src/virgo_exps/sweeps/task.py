@@ -202,11 +202,14 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
 
     def on_term(signum, frame):  # requeued or cancelled: this attempt ends here, the trial stays running
         close_attempt()
-        _write_state(directory, index, state)
+        try:
+            _write_state(directory, index, state)
+        except OSError as exc:  # the end goes unrecorded; the task must still end as the signal asks
+            say(f"cannot record the end of this attempt ({exc})")
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
-    signal.signal(signal.SIGTERM, on_term)
+    previous = signal.signal(signal.SIGTERM, on_term)
     say(f"trial {number} ({name}) with {overrides}; restart {restarts}")
     work = directory / "work" / name
     try:
@@ -237,7 +240,7 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     value = metric_of(metrics, spec.metric)
     pruned = bool(metrics.get("pruned"))
     final = FAILED if rc != 0 else (PRUNED if pruned else DONE)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, previous)
     close_attempt()
     state.update(
         state=final,

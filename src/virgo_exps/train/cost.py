@@ -1,15 +1,16 @@
 """What a training run used, from our own measurements and from Slurm's accounting.
 
-Every rank measures itself when the epochs end (:func:`rank_usage`); the
-trainer gathers the figures and :func:`summarise` turns them into the ``cost``
-dict of ``results/metrics.json`` (DVC shows each key as a column, so there
-are few):
+Every rank measures itself (:func:`rank_usage`) at each snapshot and when the
+epochs end; the trainer gathers the figures and :func:`summarise` turns them
+into one attempt's cost, :func:`combine` adds up the attempts of a resumed run,
+and the result is the ``cost`` dict of ``results/metrics.json`` (DVC shows each
+key as a column, so there are few). For one attempt:
 
 ``wall_s``
     seconds from the start of the run's first process to the end of the
     epochs: in a SLURM job its batch script (so the job's start), elsewhere a
     rank or the launcher that started the ranks (torchrun's agent); imports
-    and data loading are included, a requeued run counts from its own start.
+    and data loading are included.
 ``cores``
     CPU cores allocated to the run: on SLURM the job's cores on every node
     (``SLURM_CPUS_ON_NODE``, what ``sacct`` calls AllocCPUS); elsewhere the
@@ -36,10 +37,13 @@ are few):
     the SLURM job id the run ran in (None outside SLURM): the key to
     ``sacct``.
 ``attempts``
-    how many attempts the run took: a run resumed from a snapshot (a
-    requeued job, a rerun after a stop) adds the figures of the attempts
-    before it, which its snapshot carries (:func:`combine`); ``wall_s`` and
-    the hours are then sums over the attempts.
+    how many attempts the run took: a run resumed from a running or
+    interrupted snapshot (a requeued job, a rerun after a stop) adds the
+    figures of the attempts before it, which the snapshot carries
+    (:func:`combine`); ``wall_s``, the hours and the energy are then sums over
+    the attempts, ``cores`` the last attempt's. A run that continues another
+    run's final snapshot (more epochs) counts only its own work: the other
+    run's record has the rest.
 
 On a machine with Slurm's accounting, :func:`sacct_usage` reads the same job
 back (``sacct -j``) and :func:`compare` puts both side by side; ``python -m
@@ -68,7 +72,7 @@ import psutil
 SACCT_FIELDS = ("JobID", "Elapsed", "AllocCPUS", "TotalCPU", "MaxRSS", "CPUTimeRAW", "State")
 
 
-def _slurm_job_id() -> int | None:
+def slurm_job_id() -> int | None:
     value = os.environ.get("SLURM_JOB_ID", "")
     return int(value) if value.isdigit() else None
 
@@ -137,7 +141,7 @@ def rank_usage() -> dict:
     """This process's figures so far (host, CPU seconds, peak memory, cores), and those of the run's
     other processes on its machine: in a SLURM job every process of the job, elsewhere the launchers."""
     proc = psutil.Process()
-    job = _slurm_job_id()
+    job = slurm_job_id()
     others = []
     for other in _job_processes(job) if job is not None else _launchers(proc):
         if other.pid != proc.pid:

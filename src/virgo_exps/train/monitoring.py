@@ -87,6 +87,7 @@ class GpuMonitor:
         self.others_max = 0  # compute processes of other jobs on the device, most seen since the last window
         self._energy0 = None
         self._energy1 = None
+        self._stopped: dict | None = None  # what stop() returned
 
     def start(self) -> None:
         if not torch.cuda.is_available():
@@ -132,10 +133,24 @@ class GpuMonitor:
         n, self.others_max = self.others_max, 0
         return n
 
+    def energy_wh_so_far(self) -> float | None:
+        """GPU energy since start() (up to stop() once stopped); None off GPU or where nothing measures it."""
+        if self._stopped is not None:
+            return self._stopped.get("energy_wh")
+        if self._thread is None:
+            return None
+        now = self._energy_mj() if self._energy0 is not None else None
+        if now is not None:
+            return (now - self._energy0) / 3.6e6
+        samples = list(self.samples)
+        if len(samples) > 1:
+            return sum(0.5 * (a[2] + b[2]) * (b[0] - a[0]) for a, b in zip(samples, samples[1:])) / 3600.0
+        return None
+
     def stop(self) -> dict:
         """Stop sampling; return utilisation and energy (empty off GPU)."""
         if self._thread is None:
-            return {}
+            return self._stopped or {}
         self._stop.set()
         self._thread.join()
         self._thread = None
@@ -150,6 +165,7 @@ class GpuMonitor:
             joules = sum(0.5 * (a[2] + b[2]) * (b[0] - a[0]) for a, b in zip(self.samples, self.samples[1:]))
             out["energy_wh"] = joules / 3600.0
             out["energy_source"] = "power_integrated"
+        self._stopped = out
         return out
 
 

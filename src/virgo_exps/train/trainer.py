@@ -306,6 +306,7 @@ class Trainer:
         self._sweep: SweepTrial | None = None  # rank 0 of a sweep trial (VIRGO_SWEEP_TRIAL)
         # The cost of the attempts this run resumed from (their snapshots carry it): train/cost.py combine().
         self._earlier_cost: list[dict] = []
+        self._gpu: GpuMonitor | None = None  # this attempt's (its energy goes into each snapshot's cost)
 
     # -- set-up -----------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -407,9 +408,11 @@ class Trainer:
                 "loss_sum": self._loss_sum.clone(),
                 "epoch_steps": self._epoch_steps,
                 "usage": cost.rank_usage(),
+                "energy_wh": self._gpu.energy_wh_so_far() if self._gpu is not None else None,
             }
         )
         usage = [g.pop("usage") for g in gathered]
+        energies = [e for e in (g.pop("energy_wh") for g in gathered) if e is not None]
         rng = gathered
         self._final_written = status in FINAL_STATES
         if not self.strategy.is_main:
@@ -434,7 +437,10 @@ class Trainer:
             "computation": self.computation,
             "status": status,
             # what every attempt so far used, this one up to now: a resumed run adds it to its own
-            "cost_attempts": [*self._earlier_cost, cost.summarise(usage, [p["device"] for p in self.placement])],
+            "cost_attempts": [
+                *self._earlier_cost,
+                cost.summarise(usage, [p["device"] for p in self.placement], sum(energies) if energies else None),
+            ],
         }
         _atomic_torch_save(snapshot, folder / SNAPSHOT)
         state = (
@@ -484,6 +490,17 @@ class Trainer:
                 best, best_pos = path, pos
         return best
 
+    def _inherited_cost(self, snap: dict, path: Path) -> list[dict]:
+        """The cost of the attempts this run continues: those of a running or interrupted snapshot (no
+        record has them yet). A final snapshot's belong to the run that wrote it, whose metrics.json has
+        them, so a run that continues or reuses it starts its own count, unless it is that very run
+        again: the same SLURM job, requeued between the final snapshot and its outputs."""
+        attempts = list(snap.get("cost_attempts", []))
+        if path != self.out.checkpoints / SNAPSHOT or not attempts:
+            return attempts
+        job = cost.slurm_job_id()
+        return attempts if job is not None and attempts[-1].get("slurm_job") == job else []
+
     def _load_snapshot(self) -> bool:
         chosen = self._choose_snapshot() if self.strategy.is_main else None
         # A str on every rank ("" for none): Horovod names a collective after the object's type.
@@ -500,7 +517,7 @@ class Trainer:
         self.global_step = snap["global_step"]
         self.history = [EpochRecord(**r) for r in snap["history"]]
         self.computation = snap.get("computation")
-        self._earlier_cost = list(snap.get("cost_attempts", []))
+        self._earlier_cost = self._inherited_cost(snap, path)
         mine = snap["rng"][self.strategy.rank]
         _set_rng_state(mine["rng"])
         self._loss_sum = mine["loss_sum"].clone()
@@ -679,7 +696,7 @@ class Trainer:
     def _fit(self) -> dict:
         s = self.strategy
         resumed = self._load_snapshot()
-        gpu = GpuMonitor(local_rank=s.local_rank)
+        gpu = self._gpu = GpuMonitor(local_rank=s.local_rank)
         gpu.start()
         host_load = HostLoad().start()
         # Where each rank runs: recorded, never part of what DVC hashes.
