@@ -96,9 +96,10 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def mapped_files(prefix: str) -> dict[str, set[int]]:
-    """Per path that starts with ``prefix``, the processes of this machine that map it (from /proc/<pid>/maps)."""
-    found: dict[str, set[int]] = {}
+def mappings_of(prefix: str) -> list[tuple[int, int, str]]:
+    """(pid, inode, path) of every file mapping of this machine's processes whose path starts with ``prefix``
+    (from /proc/<pid>/maps; one row a mapped region)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -109,7 +110,15 @@ def mapped_files(prefix: str) -> dict[str, set[int]]:
         for line in lines:
             parts = line.split(maxsplit=5)
             if len(parts) == 6 and parts[5].startswith(prefix):
-                found.setdefault(parts[5], set()).add(int(entry.name))
+                found.append((int(entry.name), int(parts[4]), parts[5]))
+    return found
+
+
+def mapped_files(prefix: str) -> dict[str, set[int]]:
+    """Per path that starts with ``prefix``, the processes of this machine that map it."""
+    found: dict[str, set[int]] = {}
+    for pid, _, path in mappings_of(prefix):
+        found.setdefault(path, set()).add(pid)
     return found
 
 

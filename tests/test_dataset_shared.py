@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import make_repo, tool_env, train_stage_cmd, wait_until, write_images
+from conftest import make_repo, mappings_of, tool_env, train_stage_cmd, wait_until, write_images
 from virgo_exps.study.dataset import PREFIX, ImageDataset, split_digest
 
 
@@ -47,17 +47,8 @@ def start(repo: Path, name: str, node: Path, env: dict | None = None, epochs: in
 def mappings(node: Path) -> dict[int, set[tuple[int, str]]]:
     """Per process of this machine, the (inode, path) of the files under ``node`` it maps."""
     found: dict[int, set[tuple[int, str]]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            lines = (entry / "maps").read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].startswith(str(node) + "/"):
-                found.setdefault(int(entry.name), set()).add((int(parts[4]), parts[5]))
+    for pid, inode, path in mappings_of(str(node) + "/"):
+        found.setdefault(pid, set()).add((inode, path))
     return found
 
 
