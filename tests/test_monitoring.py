@@ -63,6 +63,17 @@ def test_energy_from_the_cumulative_counter(on_gpu):
     assert out["utilization_pct"] == pytest.approx(60.0) and out["gpu_name"] == "Fake GPU"
 
 
+def test_energy_so_far_for_a_snapshot_then_the_same_as_stop(on_gpu):
+    on_gpu(fake_nvml(energy_counter=True))
+    mon = monitoring.GpuMonitor(interval=0.02)
+    assert mon.energy_wh_so_far() is None  # not started
+    mon.start()
+    assert mon.energy_wh_so_far() == pytest.approx(7_200.0 / 3.6e6)  # one reading after the start's
+    out = mon.stop()
+    assert out["energy_wh"] == pytest.approx(2 * 7_200.0 / 3.6e6)
+    assert mon.energy_wh_so_far() == out["energy_wh"] and mon.stop() == out  # stopped: what stop() said
+
+
 def test_energy_from_power_samples_and_their_timestamps(on_gpu):
     on_gpu(fake_nvml(energy_counter=False, power_w=100.0))
     out, mon = run_monitor()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
+from virgo_exps.sweeps.task import allocation
 
 COST_KEYS = ("core_h", "cpu_h", "gpu_h", "wall_s")
 
@@ -64,10 +65,12 @@ def status(directory: Path) -> Status:
         tasks.append(json.loads(path.read_text()))
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0, "pruned": 0}
     seen: set[int] = set()
-    states: dict[int, str] = {}  # position of a task's record in ``tasks`` -> its state as counted
     failed = []
     current = str(record.get("job_id"))
-    for position, t in enumerate(tasks):
+    # What the tasks' allocations cost, every attempt and every trial (failed ones too). An attempt without
+    # an end is the running one of a running task; any other was killed without notice (its node lost).
+    alloc_total = {"alloc_core_h": 0.0, "alloc_gpu_h": 0.0, "attempts": 0, "unmeasured": 0}
+    for t in tasks:
         mine = str(t.get("job_id")) == current
         if mine:
             seen.add(int(t["index"]))
@@ -79,7 +82,14 @@ def status(directory: Path) -> Status:
                 t = {**t, "state": "failed", "reason": "the task left the queue without finishing"}
             elif q not in ("RUNNING", "COMPLETING"):
                 state = "pending"  # requeued, waiting
-        states[position] = state
+        attempts = t.get("attempts") or []
+        if attempts:
+            alloc = allocation(attempts)
+            in_progress = state == "running" and attempts[-1].get("ended") is None
+            alloc_total["alloc_core_h"] += alloc["core_h"] or 0.0
+            alloc_total["alloc_gpu_h"] += alloc["gpu_h"]
+            alloc_total["attempts"] += alloc["attempts"]
+            alloc_total["unmeasured"] += alloc["unmeasured"] - in_progress
         if state in counts:
             counts[state] += 1
         if state == "failed":
@@ -103,20 +113,7 @@ def status(directory: Path) -> Status:
             v = (t.get("cost") or {}).get(k)
             if isinstance(v, (int, float)):
                 cost[k] += v
-    # What the tasks' allocations cost, every attempt and every trial (failed ones too). An attempt without
-    # an end is the running one of a running task; any other was killed without notice (its node lost).
-    from virgo_exps.sweeps.task import allocation
-
-    cost.update(alloc_core_h=0.0, alloc_gpu_h=0.0, attempts=0, unmeasured=0)
-    for position, t in enumerate(tasks):
-        attempts = t.get("attempts") or []
-        alloc = allocation(attempts) if attempts else {}
-        if alloc and states.get(position) == "running" and attempts[-1].get("ended") is None:
-            alloc["unmeasured"] -= 1
-        for key, total in (("core_h", "alloc_core_h"), ("gpu_h", "alloc_gpu_h"), ("attempts", "attempts")):
-            if isinstance(alloc.get(key), (int, float)):
-                cost[total] += alloc[key]
-        cost["unmeasured"] += alloc.get("unmeasured") or 0
+    cost.update(alloc_total)
     return Status(spec.name, record.get("job_id"), spec.trials, counts, best, cost, failed, tasks)
 
 

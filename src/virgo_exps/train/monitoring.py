@@ -139,12 +139,20 @@ class GpuMonitor:
             return self._stopped.get("energy_wh")
         if self._thread is None:
             return None
+        measured = self._energy_wh()
+        return measured[0] if measured else None
+
+    def _energy_wh(self) -> tuple[float, str] | None:
+        """GPU energy since start() and how it was measured: NVML's energy counter, else the sampled
+        power integrated over time; None when neither can say."""
         now = self._energy_mj() if self._energy0 is not None else None
         if now is not None:
-            return (now - self._energy0) / 3.6e6
+            self._energy1 = now
+            return (now - self._energy0) / 3.6e6, "nvml_total_energy_counter"
         samples = list(self.samples)
         if len(samples) > 1:
-            return sum(0.5 * (a[2] + b[2]) * (b[0] - a[0]) for a, b in zip(samples, samples[1:])) / 3600.0
+            joules = sum(0.5 * (a[2] + b[2]) * (b[0] - a[0]) for a, b in zip(samples, samples[1:]))
+            return joules / 3600.0, "power_integrated"
         return None
 
     def stop(self) -> dict:
@@ -154,17 +162,12 @@ class GpuMonitor:
         self._stop.set()
         self._thread.join()
         self._thread = None
-        self._energy1 = self._energy_mj()
         out: dict = {"gpu_name": self._nvml.nvmlDeviceGetName(self._handle)}
         if self.samples:
             out["utilization_pct"] = sum(s[1] for s in self.samples) / len(self.samples)
-        if self._energy0 is not None and self._energy1 is not None:
-            out["energy_wh"] = (self._energy1 - self._energy0) / 3.6e6
-            out["energy_source"] = "nvml_total_energy_counter"
-        elif len(self.samples) > 1:
-            joules = sum(0.5 * (a[2] + b[2]) * (b[0] - a[0]) for a, b in zip(self.samples, self.samples[1:]))
-            out["energy_wh"] = joules / 3600.0
-            out["energy_source"] = "power_integrated"
+        measured = self._energy_wh()
+        if measured:
+            out["energy_wh"], out["energy_source"] = measured
         self._stopped = out
         return out
 
