@@ -53,7 +53,9 @@ def mappings(node: Path) -> dict[int, set[tuple[int, str]]]:
 
 
 def copies(node: Path) -> list[str]:
-    return sorted(p.name for p in node.iterdir() if p.name.startswith(PREFIX))
+    """The files of this user's folder for data copies under ``node`` (virgo_exps.study.dataset.private_dir)."""
+    mine = node / f"{PREFIX}{os.getuid()}"
+    return sorted(p.name for p in mine.iterdir() if p.name.startswith(PREFIX)) if mine.is_dir() else []
 
 
 def train_maps(node: Path) -> dict[int, set[tuple[int, str]]]:
@@ -70,7 +72,7 @@ def gone(pid: int) -> bool:
 
 def unlocked(node: Path) -> bool:
     """Whether no process holds a lock on a copy under ``node`` (each lock can be taken exclusively)."""
-    for lock in node.glob(f"{PREFIX}*.lock"):
+    for lock in node.glob(f"{PREFIX}*/{PREFIX}*.lock"):
         with open(lock, "rb") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,7 +139,8 @@ def test_a_killed_job_leaves_a_copy_that_the_next_start_removes(project, tmp_pat
     other = tmp_path / "other.zarr"
     write_images(other, seed=8)
     with ImageDataset(other, "train", node_dir=node) as ds:
-        assert copies(node) == sorted([ds.copy_path.name, ds.copy_path.stem + ".create", ds.copy_path.stem + ".lock"])
+        stem = ds.copy_path.stem
+        assert copies(node) == sorted([ds.copy_path.name, f"{stem}.create", f"{stem}.lock", f"{stem}.sha256"])
     assert copies(node) == []
 
 
