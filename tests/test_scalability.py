@@ -763,3 +763,15 @@ def test_dollar_signs_in_names_and_stamp_are_drawn_as_text(tmp_path):
     for name in ("epoch_time.png", "speedup.png", "efficiency.png", "computation.png"):
         assert (out / name).stat().st_size > 0
     assert "cost x$\\q$y" in (out / "index.html").read_text()
+
+
+def test_a_diverged_run_is_left_out_not_pooled(tmp_path):
+    write_run(tmp_path, "ok", "ddp", 1, [3.0, 1.0, 1.0])
+    write_run(tmp_path, "diverged", "ddp", 2, [3.0, 0.5, 0.5])
+    path = tmp_path / "diverged" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["val_loss"] = None  # what an older trainer wrote for a loss that was nan
+    path.write_text(json.dumps(metrics))
+    report = summarize(load_files([tmp_path])[0])
+    assert "diverged left out (not a successful run: val_loss is None" in " ".join(report.notes)
+    assert list(report.groups["world_size"]) == [1]

@@ -48,6 +48,7 @@ import pandas as pd
 
 from virgo_exps import fsio
 from virgo_exps.scalability import groups as grouping
+from virgo_exps.train import outcome
 from virgo_exps.scalability.sources import LOAD_LIMIT, Run
 from virgo_exps.scalability.sources import _number as _num
 
@@ -375,7 +376,10 @@ def summarize(
         )
     usable = []
     for r in runs:
-        if r.epoch_time is None or r.epoch_time <= 0:
+        failed = outcome.metrics_refusal(r.metrics, losses=("val_loss",))
+        if failed:
+            notes.append(f"{r.name} left out (not a successful run: {failed})")
+        elif r.epoch_time is None or r.epoch_time <= 0:
             notes.append(f"{r.name} left out (no epoch time in its metrics)")
         else:
             usable.append(r)

@@ -58,6 +58,7 @@ def launch(args: argparse.Namespace, check: Callable[[Params, argparse.Namespace
 
 def work(args: argparse.Namespace, models: Callable[[], Any], strategy_box: list) -> int:
     from virgo_exps.launch.protocol import EXIT_INTERRUPTED
+    from virgo_exps.train import outcome
     from virgo_exps.train.strategies import get_strategy
     from virgo_exps.train.tracking import Tracker
     from virgo_exps.train.trainer import Interrupted, Trainer, TrainOutputs
@@ -72,6 +73,10 @@ def work(args: argparse.Namespace, models: Callable[[], Any], strategy_box: list
         trainer.fit()
     except Interrupted:
         return EXIT_INTERRUPTED
+    except outcome.RunFailed as exc:
+        if strategy.rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return outcome.EXIT_FAILED_RUN
     finally:
         strategy.shutdown()
     return 0

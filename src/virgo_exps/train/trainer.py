@@ -82,7 +82,7 @@ from virgo_exps.machines import active_machine_name
 from virgo_exps.paths import snapshot_root
 from virgo_exps.study.dataset import ImageDataset, ShardSampler, eval_shard
 from virgo_exps.study.models import build_model, count_parameters, model_file_content
-from virgo_exps.train import cost
+from virgo_exps.train import cost, outcome
 from virgo_exps.train.monitoring import GpuMonitor, HostLoad, computation_fraction
 from virgo_exps.train.strategies import Strategy
 
@@ -307,6 +307,7 @@ class Trainer:
         # The cost of the attempts this run resumed from (their snapshots carry it): train/cost.py combine().
         self._earlier_cost: list[dict] = []
         self._gpu: GpuMonitor | None = None  # this attempt's (its energy goes into each snapshot's cost)
+        self._first_bad: int | None = None  # this epoch's first step (1-based) whose loss was not finite
 
     # -- set-up -----------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -609,13 +610,17 @@ class Trainer:
         if self.step_in_epoch == 0:
             self._loss_sum = torch.zeros(1, dtype=torch.float64)
             self._epoch_steps = 0
+            self._first_bad = None
         steps_run = 0
         s.barrier()
         t0 = time.perf_counter()
         for indices in self.sampler:
             if self._should_stop():
                 raise Interrupted
-            self._loss_sum += self._run_batch(indices).cpu().double()
+            loss = self._run_batch(indices).cpu().double()
+            if self._first_bad is None and not bool(torch.isfinite(loss).all()):
+                self._first_bad = self.step_in_epoch + 1
+            self._loss_sum += loss
             self._epoch_steps += 1
             steps_run += 1
             self.step_in_epoch += 1
@@ -739,6 +744,12 @@ class Trainer:
                 val_loss, val_time = self._validate()
                 steps_done = self.sampler.steps_per_epoch()
                 train_loss = s.all_reduce(torch.tensor([loss_sum]), "sum").item() / max(1, steps) / s.world_size
+                # Every rank decides the same (the losses are reduced, the first bad steps gathered).
+                bad = [(r, b) for r, b in enumerate(s.all_gather_object(self._first_bad)) if b is not None]
+                first = min(bad, key=lambda rb: (rb[1], rb[0])) if bad else None
+                why = outcome.epoch_refusal(self.epoch + 1, train_loss, val_loss, first)
+                if why:
+                    raise outcome.RunFailed(f"train: {why}")
                 rec = EpochRecord(
                     epoch=self.epoch + 1,
                     step=self.global_step,
