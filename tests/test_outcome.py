@@ -48,7 +48,8 @@ def test_a_diverged_run_records_nothing_and_says_where(tmp_path):
     proc = sh(cmd, repo, tool_env({"MLFLOW_TRACKING_URI": uri, "DVC_EXP_NAME": "diverged"}), check=False)
     assert proc.returncode != 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if "stopped being finite" in ln]
-    assert len(lines) == 1 and lines[0].startswith("error: train: the training loss stopped being finite at epoch 1, step ")
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: train: the training loss stopped being finite at epoch 1, step ")
     for name in ("metrics.json", "model.pt", "epochs.csv", "ranks.json", "checkpoints/snapshot.pt"):
         assert not (repo / "out" / name).exists(), f"{name} written for a run that diverged"
     from mlflow.tracking import MlflowClient

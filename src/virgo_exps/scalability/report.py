@@ -48,9 +48,9 @@ import pandas as pd
 
 from virgo_exps import fsio
 from virgo_exps.scalability import groups as grouping
-from virgo_exps.train import outcome
 from virgo_exps.scalability.sources import LOAD_LIMIT, Run
 from virgo_exps.scalability.sources import _number as _num
+from virgo_exps.train import outcome
 
 GROUP_PARAMS = ("train.strategy", "train.nodes", "train.procs_per_node")
 TOL = 1e-9
