@@ -38,6 +38,11 @@ class ConfigError(ValueError):
     """A value in params.yaml is missing, unknown, of the wrong type or impossible."""
 
 
+# Bounds on what a params file may hold: its size, and the length of any string in it.
+MAX_YAML_BYTES = 64 * 1024
+MAX_STRING = 500
+
+
 class DamagedInputError(RuntimeError):
     """A file a stage reads (a store chunk, the model) does not match its checksum.
 
@@ -209,17 +214,19 @@ def _coerce(key: str, value: Any, tp, hint: str = "") -> Any:
     if origin is tuple:  # a YAML list of strings (numbers written unquoted are taken as their text)
         if not isinstance(value, list | tuple):
             raise ConfigError(wrong)
-        return tuple(str(v) for v in value)
+        return tuple(_coerce(key, str(v), str) for v in value)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(wrong)
-        return {str(k): str(v) for k, v in value.items()}
+        return {_coerce(key, str(k), str): _coerce(key, str(v), str) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} (a boolean){hint}")
     if not isinstance(value, tp):
         raise ConfigError(wrong)
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise ConfigError(f"{key}: a string of {len(value)} characters; at most {MAX_STRING} are allowed{hint}")
     return value
 
 
@@ -361,20 +368,41 @@ def params_from_dict(raw: Any) -> Params:
     return params
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``; raise ConfigError with a one-line message."""
+def read_yaml(path: str | os.PathLike, what: str = "params file") -> Any:
+    """Parse a small YAML file we are given (params, a preset, a machine profile, a sweep) within bounds:
+    at most MAX_YAML_BYTES, no aliases (``*name``: a few nested ones expand to millions of values);
+    raise ConfigError with one line naming the file, the place and the fix."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found; run from the repository root or pass --params") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a {what}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES // 1024} KiB, too large for a {what}")
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); is it a {what}?") from None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(
+                    f"{path}: line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed "
+                    f"in a {what}; write the values out"
+                )
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return params_from_dict(raw)
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raise ConfigError with a one-line message."""
+    return params_from_dict(read_yaml(path))
 
 
 def as_flat_dict(params: Params) -> dict[str, Any]:

@@ -16,9 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from virgo_exps.config import REQUIRED, ConfigError, spec, validate
+from virgo_exps.config import REQUIRED, ConfigError, read_yaml, spec, validate
 from virgo_exps.paths import main_checkout, repo_root
 
 KINDS = ("local", "slurm")
@@ -105,10 +103,7 @@ def load_machine(name: str | None = None) -> Machine:
             f"machine {name!r}: no {shown}; "
             f"available machines: {', '.join(available()) or 'none'} (set VIRGO_MACHINE or machines/active)"
         )
-    try:
-        raw = yaml.safe_load(spec_file.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{shown}: not valid YAML: {getattr(exc, 'problem', exc)}; fix the file") from None
+    raw = read_yaml(spec_file, "machine profile")
     values = validate(Machine, raw, str(shown), sep=": ", refusal="{key}: {value!r}; expected {allowed}")
     machine = Machine(name=name, path=path, **values)
     if machine.setup_script is not None and not machine.setup_script.exists():

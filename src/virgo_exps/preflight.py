@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from virgo_exps.config import ConfigError, Params, load_params
+from virgo_exps.config import ConfigError, Params, load_params, read_yaml
 from virgo_exps.machines import Machine, load_machine
 from virgo_exps.paths import main_checkout, repo_root
 from virgo_exps.train.tracking import check_tracking_uri
@@ -267,6 +267,7 @@ def check(
 
     The disk and memory budget is the Virgo study's (None for a params file without its sections)."""
     params = load_params(params_path)
+    check_stage_params(params_path)
     machine = machine or load_machine()
     check_tracking_uri()
     check_tracking_secret(machine)
@@ -277,6 +278,45 @@ def check(
     budget = estimate(params, machine)
     check_budget(params, budget)
     return params, machine, budget
+
+
+def check_stage_params(params_path: str | os.PathLike = "params.yaml") -> None:
+    """Every param a stage of dvc.yaml (beside the params file) names is in the file.
+
+    DVC finds a missing one only when it reaches that stage, after it has
+    deleted the stage's outputs (an emptied params.yaml cost the data); here,
+    in the first stage, nothing has been touched yet."""
+    path = Path(params_path)
+    dvc_yaml = path.parent / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return
+    try:
+        stages = (read_yaml(dvc_yaml, "pipeline file") or {}).get("stages") or {}
+    except (ConfigError, AttributeError):
+        return  # DVC itself reports a broken dvc.yaml
+    raw = read_yaml(path)
+    for stage, spec in stages.items():
+        for entry in (spec or {}).get("params") or []:
+            if isinstance(entry, str):
+                wanted = [(entry, "params.yaml")]
+            elif isinstance(entry, dict):
+                wanted = [(k, str(f)) for f, keys in entry.items() for k in (keys or [])]
+            else:
+                continue
+            for key, file in wanted:
+                if Path(file).name != path.name:
+                    continue
+                node = raw
+                for part in key.split("."):
+                    node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+                if node is _MISSING:
+                    raise ConfigError(
+                        f"{key}: missing from {path}, and stage '{stage}' of dvc.yaml needs it; `git checkout "
+                        f"{path}` restores the committed params (`virgo-exps params` lists every key)"
+                    )
+
+
+_MISSING = object()
 
 
 def check_tracking_secret(machine: Machine) -> None:

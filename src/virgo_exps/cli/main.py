@@ -197,10 +197,10 @@ def apply_preset(preset_file: str, params_file: str) -> int:
     import yaml
 
     from virgo_exps import fsio
-    from virgo_exps.config import params_from_dict
+    from virgo_exps.config import params_from_dict, read_yaml
 
-    preset = yaml.safe_load(Path(preset_file).read_text()) or {}
-    params = yaml.safe_load(Path(params_file).read_text()) or {}
+    preset = read_yaml(preset_file, "preset") or {}
+    params = read_yaml(params_file) or {}
     for section, values in preset.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{preset_file}: {section}: expected a mapping")

@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from virgo_exps.config import SECTIONS, ConfigError, spec, spec_fields, validate
+from virgo_exps.config import SECTIONS, ConfigError, read_yaml, spec, spec_fields, validate
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 KINDS = ("grid", "search")
@@ -256,14 +254,9 @@ def load(path: str | Path) -> SweepSpec:
     """Read and check a sweep file; raise ConfigError with a one-line message."""
     path = Path(path)
     shown = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: file not found; give the path of a sweep file (e.g. sweeps/lr-wd.yaml)") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{shown}: not valid YAML{at}: {getattr(exc, 'problem', exc)}; fix the file") from None
+    if not path.exists():
+        raise ConfigError(f"{shown}: file not found; give the path of a sweep file (e.g. sweeps/lr-wd.yaml)")
+    raw = read_yaml(path, "sweep file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{shown}: expected a mapping of keys (name, metric, trials, parameters...), got {raw!r}")
     raw = dict(raw)
