@@ -79,3 +79,15 @@ def test_an_emptied_params_file_stops_the_pipeline_before_dvc_deletes_data(tmp_p
     del params["train"]["warmup_steps"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert "train.warmup_steps: missing from params.yaml, and stage 'train'" in one_error(check(repo))
+
+
+def test_an_unreachable_tracking_server_is_refused_by_check(repo):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = tool_env({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    proc = sh([str(BIN / "virgo-exps"), "check"], repo, env, check=False, timeout=120)
+    line = one_error(proc)
+    assert line.startswith(f"error: MLFLOW_TRACKING_URI: no MLflow server answers at http://127.0.0.1:{port} ("), line

@@ -26,6 +26,7 @@ several processes), so validating params stays cheap.
 from __future__ import annotations
 
 import os
+import urllib.parse
 import shutil
 import subprocess
 import sys
@@ -270,6 +271,7 @@ def check(
     check_stage_params(params_path)
     machine = machine or load_machine()
     check_tracking_uri()
+    check_tracking_server()
     check_tracking_secret(machine)
     check_machine(params, machine)
     check_device(params)
@@ -278,6 +280,32 @@ def check(
     budget = estimate(params, machine)
     check_budget(params, budget)
     return params, machine, budget
+
+
+# How long the first stage waits for the MLflow server to answer.
+TRACKING_PROBE_S = 10.0
+
+
+def check_tracking_server(uri: str | None = None) -> None:
+    """An http(s) MLFLOW_TRACKING_URI answers (any HTTP status will do: it is a server); else the
+    training would fail only after minutes of MLflow's own retries."""
+    import urllib.error
+    import urllib.request
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "") if uri is None else uri
+    if urllib.parse.urlsplit(uri).scheme.lower() not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TRACKING_PROBE_S):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI: no MLflow server answers at {uri} ({why}); start it, correct the address, "
+            "or unset MLFLOW_TRACKING_URI to log into the checkout's own store"
+        ) from None
 
 
 def check_stage_params(params_path: str | os.PathLike = "params.yaml") -> None:
