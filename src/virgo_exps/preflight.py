@@ -26,7 +26,6 @@ several processes), so validating params stays cheap.
 from __future__ import annotations
 
 import os
-import urllib.parse
 import shutil
 import subprocess
 import sys
