@@ -454,3 +454,21 @@ def test_both_push_ten_experiments_at_once_and_all_twenty_arrive(shared):
     assert share.check_tree(store, group) == []
     assert bob.vx("share", "--dir", str(store), "--group", group, "--check").returncode == 0
     print(f"20 concurrent pushes took {time.monotonic() - start:.1f}s")
+
+
+@pytest.mark.slow
+def test_a_sweeps_folders_leave_the_store_open_to_the_team(shared):
+    """The folders `sweep submit` makes in the store (sweeps/<name>/logs, tasks, work), made by alice under
+    umask 022: bob's `share --check` passes and bob makes a sweep folder of his own beside hers."""
+    store, group, alice, bob = shared["store"], shared["group"], shared["alice"], shared["bob"]
+    code = (
+        "import os, sys; from pathlib import Path; os.umask(0o022); "
+        "from virgo_exps.experiments.share import make_group_tree; "
+        "[make_group_tree(Path(sys.argv[1]), Path(sys.argv[1]) / 'sweeps' / 'lr' / s, sys.argv[2]) "
+        "for s in ('logs', 'tasks', 'work')]"
+    )
+    alice.run(["python", "-c", code, str(store), group])
+    assert _modes(store / "sweeps", group) == []
+    assert bob.vx("share", "--dir", str(store), "--group", group, "--check").returncode == 0
+    bob.run(["python", "-c", code.replace("'lr'", "'bob-lr'"), str(store), group])
+    bob.run(["touch", str(store / "sweeps" / "lr" / "work" / "bob-was-here")])

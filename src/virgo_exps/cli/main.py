@@ -236,6 +236,37 @@ def subcommand_main(add_parser: Callable, run: Callable[[argparse.Namespace], in
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``virgo-exps`` command; output cut short by its reader (``| head``) ends it quietly."""
+    import os
+
+    try:
+        _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away: nothing more to say, and no traceback for it (Python's own advice:
+        # point stdout at /dev/null so that the interpreter's last flush does not fail again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, as a shell tool cut short by `head` ends
+
+
+def params_listing(params_path: str = "params.yaml") -> str:
+    """`virgo-exps params`: every key with its default, then where this checkout's params file differs."""
+    from virgo_exps.config import Params, as_flat_dict, load_params
+
+    lines = ["Every key of params.yaml with its DEFAULT value, meaning and allowed values.", "", describe()]
+    try:
+        current = as_flat_dict(load_params(params_path))
+    except ConfigError as exc:
+        lines += ["", f"{params_path}: not read ({exc})"]
+        return "\n".join(lines)
+    defaults = as_flat_dict(Params())
+    differ = [f"  {k} = {v!r} (default {defaults.get(k)!r})" for k, v in current.items() if defaults.get(k) != v]
+    head = f"{params_path} here sets {len(differ)} value(s) other than the default:"
+    lines += ["", head if differ else f"{params_path} here holds the defaults.", *differ]
+    return "\n".join(lines)
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
         # Everything after `run` belongs to dvc, options included (argparse's
@@ -276,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "preset":
         stage_main(lambda: apply_preset(args.file, args.params))
     if args.command == "params":
-        print(describe())
+        print(params_listing())
     elif args.command == "check":
         from virgo_exps import preflight
 

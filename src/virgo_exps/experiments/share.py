@@ -371,6 +371,20 @@ def _make_dir(path: Path, gid: int) -> bool:
     return True
 
 
+def make_group_tree(root: Path, path: Path, group: str) -> list[Path]:
+    """Create ``path`` and every missing folder between the store ``root`` and it as the store's group
+    folders (group ``group``, mode 2770, the default ACL where the file system has them), so that
+    teammates may write there as in the folders ``share`` made; return the folders created."""
+    gid = group_id(group)
+    made = []
+    parts = Path(path).relative_to(root).parts
+    for i in range(1, len(parts) + 1):
+        target = Path(root).joinpath(*parts[:i])
+        if _make_dir(target, gid):
+            made.append(target)
+    return made
+
+
 def _is_bare_repo(path: Path) -> bool:
     return (path / "HEAD").is_file() and (path / "objects").is_dir() and (path / "refs").is_dir()
 

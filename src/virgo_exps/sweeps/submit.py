@@ -141,6 +141,7 @@ def batch_script(directory: Path, spec: SweepSpec, machine: Machine, res: tuple[
             f"'{machine.name}', written by `virgo-exps sweep submit`.",
             *(f"#SBATCH {o}" for o in opts),
             "",
+            "umask 0007  # what the tasks write in the team store: the group's too (without default ACLs)",
             f"export VIRGO_MACHINE={q(machine.name)}",
             f"exec {q(sys.executable)} -m virgo_exps.sweeps.task {q(str(directory))}",
             "",
@@ -210,8 +211,10 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
             previous = old
     _git(repo, "push", "-q", "-f", str(layout.git), f"{commit}:refs/heads/{branch(spec.name)}")
     use_slurm_conf(machine)
-    for sub in ("logs", "tasks", "work"):
-        (directory / sub).mkdir(parents=True, exist_ok=True)
+    from virgo_exps.experiments.share import FILE_MODE, make_group_tree
+
+    for sub in ("logs", "tasks", "work"):  # the store's group folders, as `virgo-exps share` makes them
+        make_group_tree(layout.root, directory / sub, layout.group)
     res = resources(repo, spec, machine)
     record = {
         "spec": spec.to_dict(),
@@ -225,9 +228,9 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "job_id": None,
     }
-    fsio.write_text(directory / SWEEP_FILE, json.dumps(record, indent=2) + "\n")
+    fsio.write_text(directory / SWEEP_FILE, json.dumps(record, indent=2) + "\n", mode=FILE_MODE)
     script = directory / SCRIPT_FILE
-    fsio.write_text(script, batch_script(directory, spec, machine, res))
+    fsio.write_text(script, batch_script(directory, spec, machine, res), mode=FILE_MODE)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRGO_HOME", "DVC_EXP_NAME", "VIRGO_IN_ALLOCATION")}
     env["VIRGO_MACHINE"] = machine.name
     proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env)
