@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, make_repo, sh
+from conftest import BIN, make_repo, sh, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -119,6 +119,32 @@ def test_verify_an_experiment_from_git_and_the_cache_and_one_identical_to_its_ba
     assert "Pipeline is up to date, no experiment recorded" in virgo(repo, "run").stdout
     missing = virgo(repo, "verify", "--exp", "nosuch", check=False)
     assert missing.returncode == 2 and "--exp nosuch: no such experiment" in missing.stderr
+
+
+def test_verify_an_experiment_whose_metrics_were_edited_after_the_run(ran, tmp_path):
+    """The experiment's commit with results/metrics.json changed by hand (val_loss halved), made with git's
+    plumbing as a teammate's edited push would arrive: verify --exp names the file and fails."""
+    repo, _ = ran
+    first = exp_names(repo)[0]
+    from virgo_exps.experiments.verify import exp_refs
+
+    rev = exp_refs(repo)[first]
+    metrics = json.loads(sh(["git", "show", f"{rev}:results/metrics.json"], repo).stdout)
+    metrics["val_loss"] /= 2
+    edited = tmp_path / "metrics.json"
+    edited.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    blob = sh(["git", "hash-object", "-w", str(edited)], repo).stdout.strip()
+    env = tool_env({"GIT_INDEX_FILE": str(tmp_path / "index")})
+    sh(["git", "read-tree", rev], repo, env)
+    sh(["git", "update-index", "--cacheinfo", f"100644,{blob},results/metrics.json"], repo, env)
+    tree = sh(["git", "write-tree"], repo, env).stdout.strip()
+    commit = sh(["git", "commit-tree", tree, "-p", rev, "-m", "edited"], repo, env).stdout.strip()
+    out = virgo(repo, "verify", "--exp", commit, check=False)
+    assert out.returncode != 0, out.stdout
+    assert "results/metrics.json: its content in the experiment (MD5" in out.stdout + out.stderr, out.stdout
+    assert "it was changed after the run" in out.stdout + out.stderr
+    ok = virgo(repo, "verify", "--exp", rev)
+    assert "ok: git-held outputs:" in ok.stdout and "match their MD5 in dvc.lock" in ok.stdout, ok.stdout
 
 
 def test_verify_finds_a_corrupt_cache_object(ran):

@@ -156,6 +156,11 @@ class Experiment:
         proc = subprocess.run(["git", "show", f"{self.rev}:{rel}"], cwd=self.repo, capture_output=True, text=True)
         return proc.stdout if proc.returncode == 0 else None
 
+    def blob(self, rel: str) -> bytes | None:
+        """The bytes git holds for ``rel`` in the experiment's commit; None if it holds none."""
+        proc = subprocess.run(["git", "show", f"{self.rev}:{rel}"], cwd=self.repo, capture_output=True)
+        return proc.stdout if proc.returncode == 0 else None
+
     def object(self, md5: str) -> Path:
         return self.cache / "files" / "md5" / md5[:2] / md5[2:]
 
@@ -409,6 +414,30 @@ def check_stores(repo: Path, report: Report, dvc_yaml: Path) -> None:
                 report.checked.append(f"{rel}: read all {n} chunk(s) of {len(arrays)} array(s)")
 
 
+def check_git_outputs(src: Experiment, report: Report, lock: dict) -> None:
+    """Every output git holds (``cache: false``: metrics, per-epoch rows, version.lock) has, in the
+    experiment's commit, the MD5 its dvc.lock records: an edit after the run shows here (in a workspace,
+    `dvc status` finds it)."""
+    n = 0
+    for name, stage in (lock.get("stages") or {}).items():
+        for out in stage.get("outs") or []:
+            rel, md5 = out.get("path"), out.get("md5")
+            if rel not in src.uncached or not md5 or md5.endswith(".dir"):
+                continue
+            data = src.blob(rel)
+            if data is None:
+                report.problems.append(f"{rel}: in dvc.lock of stage '{name}' but not in the experiment's commit")
+                continue
+            n += 1
+            got = hashlib.md5(data).hexdigest()
+            if got != md5:
+                report.problems.append(
+                    f"{rel}: its content in the experiment (MD5 {got}) is not what stage '{name}' wrote "
+                    f"(dvc.lock: {md5}); it was changed after the run: do not trust it, rerun the experiment"
+                )
+    report.checked.append(f"git-held outputs: {n} file(s) match their MD5 in dvc.lock")
+
+
 def verify(repo: str | Path = ".", exp: str | None = None, read_chunks: bool = True) -> Report:
     repo = Path(repo).resolve()
     report = Report()
@@ -433,6 +462,8 @@ def verify(repo: str | Path = ".", exp: str | None = None, read_chunks: bool = T
     check_cache(src, report, lock)  # before `dvc status`, which deletes a corrupt object it comes across
     if exp is None:
         check_dvc_status(repo, report)
+    else:
+        check_git_outputs(src, report, lock)
     if exp is None and read_chunks:
         check_stores(repo, report, dvc_yaml)
     return report
