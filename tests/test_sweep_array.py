@@ -126,6 +126,27 @@ def test_status_counts_each_state_and_names_the_best_the_cost_and_the_failed_log
     assert "allocated so far" not in out  # tasks of before allocations were recorded
 
 
+def test_status_counts_a_task_that_left_the_queue_without_a_record_as_failed(tmp_path, monkeypatch):
+    """A continued search whose tasks all crashed at start-up: the array is gone from the queue (an squeue
+    that answers with an empty queue, a stand-in for this one function) and a task wrote no record: it
+    failed; it is not pending forever."""
+    spec = sweep_spec.from_grid("g", ["train.lr=0.1,0.2"], parallel=2)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": spec.to_dict(), "job_id": "77"}))
+    task = {"index": 0, "trial": 0, "experiment": "g-000", "state": "done", "metric": 1.0, "job_id": "77"}
+    task["overrides"] = spec.grid[0]
+    (tmp_path / "tasks" / "0.json").write_text(json.dumps(task))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    s = status(tmp_path)
+    assert s.counts == {"done": 1, "running": 0, "pending": 0, "failed": 1, "pruned": 0}
+    out = render(s, "val_loss")
+    assert "failed: array task 77_1 (left the queue without recording a start" in out, out
+
+
 def test_status_adds_up_the_allocations_and_names_the_attempts_lost(tmp_path):
     spec = sweep_spec.from_grid("g", ["train.lr=0.1,0.2,0.3"], parallel=2)
     (tmp_path / "tasks").mkdir()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from virgo_exps.config import ConfigError
+from virgo_exps.config import ConfigError, DamagedInputError
 
 
 def add_parser(subparsers) -> None:
@@ -100,6 +100,9 @@ def run(args) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DamagedInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 def main(argv: list[str] | None = None) -> int:

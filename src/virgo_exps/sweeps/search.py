@@ -14,11 +14,14 @@ same sequence of asks draws the same points.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from virgo_exps import fsio
+from virgo_exps.config import DamagedInputError
 from virgo_exps.sweeps.spec import SweepSpec, trial_name
 
 if TYPE_CHECKING:
@@ -40,6 +43,82 @@ def _storage(sweep_dir: Path):
 
     path = str(journal_path(sweep_dir))
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+# Beside the journal: its size and the SHA-256 of that many bytes after our last ask or tell. The journal
+# only grows, so a shorter file, or other bytes in that prefix, is a damaged one.
+MARK = "optuna.journal.mark"
+
+
+def _journal_lock(sweep_dir: Path):
+    from optuna.storages.journal import JournalFileOpenLock
+
+    return JournalFileOpenLock(str(journal_path(sweep_dir)))
+
+
+def journal_refusal(sweep_dir: Path) -> str | None:
+    """Why the sweep's journal cannot be trusted (None: it can, or there is none yet); one line naming the
+    file, the damage and the fix. Checked with the journal's writers held off."""
+    path = journal_path(sweep_dir)
+    if not path.exists():
+        return None
+    lock = _journal_lock(sweep_dir)
+    lock.acquire()
+    try:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return f"{path}: cannot be read ({exc.strerror or exc}); check its permissions"
+        mark_file = Path(sweep_dir) / MARK
+        if mark_file.exists():
+            try:
+                mark = json.loads(mark_file.read_text())
+                size, digest = int(mark["size"]), str(mark["sha256"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"{mark_file}: damaged; remove it to accept {path} as it is, if you trust that file"
+            if len(data) < size:
+                return (
+                    f"{path}: {len(data)} bytes, shorter than the {size} it had after the last trial was asked or "
+                    "told (truncated): the study would forget trials; restore the file from a backup"
+                )
+            if hashlib.sha256(data[:size]).hexdigest() != digest:
+                return f"{path}: its first {size} bytes changed since they were written; restore it from a backup"
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        elif lines:
+            return f"{path}: its last line is cut short (line {len(lines)}); restore the file from a backup"
+        for n, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or "op_code" not in record:
+                return (
+                    f"{path}: line {n} is not an Optuna journal record (damaged); remove that line if it was "
+                    "added by hand, or restore the file from a backup"
+                )
+        return None
+    finally:
+        lock.release()
+
+
+def check_journal(sweep_dir: Path) -> None:
+    """Raise DamagedInputError (one line) when the sweep's journal cannot be trusted."""
+    why = journal_refusal(sweep_dir)
+    if why:
+        raise DamagedInputError(why)
+
+
+def _mark_journal(sweep_dir: Path) -> None:
+    """Record the journal's size and digest after our own ask or tell (see MARK)."""
+    lock = _journal_lock(sweep_dir)
+    lock.acquire()
+    try:
+        data = journal_path(sweep_dir).read_bytes()
+        fsio.write_json(Path(sweep_dir) / MARK, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    finally:
+        lock.release()
 
 
 def pruner_args(spec: SweepSpec) -> tuple[str, dict[str, Any]]:
@@ -86,6 +165,7 @@ def open_study(spec: SweepSpec, sweep_dir: Path) -> optuna.Study:
         raise ValueError(f"sweep {spec.name!r} is a grid: it has no search study")
     _quiet()
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    check_journal(sweep_dir)
     study = optuna.create_study(
         storage=_storage(sweep_dir),
         sampler=_sampler(spec, 0),
@@ -169,6 +249,7 @@ def ask(spec: SweepSpec, sweep_dir: Path, task: str | None = None) -> tuple[int,
             trial.set_user_attr("task", task)
         overrides = {key: _suggest(trial, key, p) for key, p in spec.space.items()}
         trial.set_user_attr("experiment", trial_name(spec.name, trial.number))
+        _mark_journal(sweep_dir)
     return trial.number, overrides
 
 
@@ -202,12 +283,14 @@ def tell(
         if value is None or not math.isfinite(float(value)):
             storage.set_trial_user_attr(trial_id, "fail_reason", f"{spec.metric} is {value!r}")
             study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            _mark_journal(sweep_dir)
             return
         study.tell(number, float(value), state=TrialState.COMPLETE, skip_if_finished=True)
     elif state == "pruned":
         study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
     else:
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    _mark_journal(sweep_dir)
 
 
 def trial_env(spec: SweepSpec, sweep_dir: Path, number: int) -> dict[str, str]:

@@ -99,8 +99,21 @@ def status(directory: Path) -> Status:
     left = max(0, spec.trials - sum(counts.values()))
     for index in range(spec.trials):
         if index not in seen and left > 0:
-            counts["running" if queued.get(index) == "RUNNING" else "pending"] += 1
             left -= 1
+            if asked is not None and record.get("job_id") and index not in queued:
+                # Neither in the queue nor recorded: it ended before it could record its start (a crash
+                # at start-up, a cancel while pending). Waiting for it would be waiting forever.
+                counts["failed"] += 1
+                failed.append(
+                    {
+                        "index": index,
+                        "job_id": record.get("job_id"),
+                        "state": "failed",
+                        "reason": "left the queue without recording a start (crashed at start-up or cancelled)",
+                    }
+                )
+                continue
+            counts["running" if queued.get(index) == "RUNNING" else "pending"] += 1
     done = [t for t in tasks if t.get("state") == "done" and isinstance(t.get("metric"), (int, float))]
     done = [t for t in done if math.isfinite(t["metric"])]
     best = None
@@ -144,7 +157,9 @@ def render(s: Status, metric: str) -> str:
         )
     for t in s.failed:
         why = t.get("reason") or f"exit code {t.get('exit_code')}"
-        lines.append(f"failed: {t.get('experiment')} ({why}); log {t.get('log')}")
+        what = t.get("experiment") or f"array task {t.get('job_id')}_{t.get('index')}"
+        log = f"; log {t['log']}" if t.get("log") else ""
+        lines.append(f"failed: {what} ({why}){log}")
     return "\n".join(lines)
 
 

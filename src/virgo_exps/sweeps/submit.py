@@ -209,6 +209,10 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
             )
         else:
             previous = old
+    if spec.kind == "search":  # a continued search reads the study first: a damaged one is refused here
+        from virgo_exps.sweeps import search
+
+        search.check_journal(directory)
     _git(repo, "push", "-q", "-f", str(layout.git), f"{commit}:refs/heads/{branch(spec.name)}")
     use_slurm_conf(machine)
     from virgo_exps.experiments.share import FILE_MODE, make_group_tree

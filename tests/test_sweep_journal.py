@@ -1,0 +1,105 @@
+"""A damaged Optuna journal is named, never read as fewer trials or a traceback.
+
+The journal is made by the sweep's own ask and tell (real Optuna); each damage
+is then read by the command a user runs, `virgo-exps sweep page`, which must
+stop with one line naming the file and the fix (exit 3), and by the next ask
+of a continued search.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import BIN, sh, tool_env
+from virgo_exps.config import DamagedInputError
+from virgo_exps.sweeps import search
+from virgo_exps.sweeps import spec as sweep_spec
+
+SPEC = """
+name: lr-journal
+metric: val_loss
+direction: minimize
+trials: 6
+parallel: 1
+seed: 3
+parameters:
+  train.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-1}
+"""
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """A team store holding one search sweep with 3 trials asked and 2 told."""
+    store = tmp_path / "store"
+    (store / "experiments.git").mkdir(parents=True)
+    (store / "virgo-share.json").write_text(json.dumps({"group": "users"}))
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(SPEC)
+    s = sweep_spec.load(spec_file)
+    directory = store / "sweeps" / s.name
+    directory.mkdir(parents=True)
+    (directory / "sweep.json").write_text(json.dumps({"spec": s.to_dict(), "job_id": None}))
+    for n in range(3):
+        assert search.ask(s, directory)[0] == n
+    search.tell(s, directory, 0, 0.5, "complete")
+    search.tell(s, directory, 1, 0.7, "complete")
+    return s, store, directory
+
+
+def page(store, name, tmp_path):
+    return sh(
+        [str(BIN / "virgo-exps"), "sweep", "page", name, "--store", str(store), "--out", str(tmp_path / "page")],
+        tmp_path,
+        tool_env(),
+        check=False,
+    )
+
+
+def refused(proc) -> str:
+    assert proc.returncode == 3, (proc.returncode, proc.stdout[-1000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_an_intact_journal_is_read(sweep):
+    s, _, directory = sweep
+    assert search.journal_refusal(directory) is None
+    trials = search.open_study(s, directory).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "RUNNING"]
+
+
+def test_a_garbage_line_is_named(sweep, tmp_path):
+    s, store, directory = sweep
+    journal = directory / "optuna.journal"
+    n = len(journal.read_bytes().splitlines())
+    with open(journal, "ab") as fh:
+        fh.write(b"this is not json\n")
+    line = refused(page(store, s.name, tmp_path))
+    assert f"{journal}: line {n + 1} is not an Optuna journal record (damaged)" in line, line
+    with pytest.raises(DamagedInputError, match="not an Optuna journal record"):
+        search.ask(s, directory)  # a continued search asks nothing of a damaged study
+
+
+def test_a_truncated_journal_is_not_read_as_fewer_trials(sweep, tmp_path):
+    s, store, directory = sweep
+    journal = directory / "optuna.journal"
+    data = journal.read_bytes()
+    cut = data[: data.rindex(b"\n", 0, len(data) * 2 // 3) + 1]  # two thirds, at a line's end
+    journal.write_bytes(cut)
+    line = refused(page(store, s.name, tmp_path))
+    assert f"{journal}: {len(cut)} bytes, shorter than the {len(data)} it had" in line, line
+
+
+def test_a_line_cut_short_and_a_changed_record_are_named(sweep, tmp_path):
+    s, store, directory = sweep
+    journal = directory / "optuna.journal"
+    data = journal.read_bytes()
+    journal.write_bytes(data + b'{"op_code": 4, "worker')  # a writer killed in the middle of a record
+    assert "its last line is cut short" in refused(page(store, s.name, tmp_path))
+    changed = data.replace(b'"op_code":', b'"op_code" :', 1)
+    journal.write_bytes(changed + b"\n" * (len(data) - len(changed)))
+    assert "changed since they were written" in refused(page(store, s.name, tmp_path))
