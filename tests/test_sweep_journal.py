@@ -103,3 +103,39 @@ def test_a_line_cut_short_and_a_changed_record_are_named(sweep, tmp_path):
     changed = data.replace(b'"op_code":', b'"op_code" :', 1)
     journal.write_bytes(changed + b"\n" * (len(data) - len(changed)))
     assert "changed since they were written" in refused(page(store, s.name, tmp_path))
+
+
+def test_a_lost_task_is_failed_in_every_record(sweep, tmp_path, monkeypatch):
+    """Trial 2's task was cancelled (`scancel`) while it trained: the queue no longer has it (an squeue that
+    answers with an empty queue, the stand-in for Slurm here), its record says running, Optuna says
+    RUNNING and its MLflow run was left RUNNING. After `sweep status`, all say it failed, and the page
+    counts what status counts."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    s, store, directory = sweep
+    exp = s.experiment(2)
+    (directory / "tasks").mkdir()
+    task = {"index": 2, "job_id": "77", "trial": 2, "experiment": exp, "state": "running", "overrides": {}}
+    task["attempts"] = [{"started": 1000.0, "ended": None, "cores": 2, "gpus": 0}]
+    (directory / "tasks" / "2.json").write_text(json.dumps(task))
+    record = json.loads((directory / "sweep.json").read_text())
+    (directory / "sweep.json").write_text(json.dumps({**record, "job_id": "77"}))
+    db = directory / "work" / exp / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.create_run(client.create_experiment("virgo-exps"), run_name=exp)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "squeue").chmod(0o755)
+    env = tool_env({"PATH": f"{fake}:{os.environ['PATH']}"})
+    out = sh([str(BIN / "virgo-exps"), "sweep", "status", s.name, "--store", str(store)], tmp_path, env).stdout
+    assert "0 running" in out and "failed: " + exp + " (the task left the queue without finishing)" in out, out
+    assert search.open_study(s, directory).trials[2].state.name == "FAIL"
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    page_dir = tmp_path / "page"
+    sh([str(BIN / "virgo-exps"), "sweep", "page", s.name, "--store", str(store), "--out", str(page_dir)], tmp_path, env)
+    text = (page_dir / "index.html").read_text()
+    assert "1 failed, 0 running" in text, text[:2000]

@@ -68,12 +68,12 @@ def _dir(args) -> Path:
 
 def _status(args) -> int:
     from virgo_exps.sweeps import spec as sweep_spec
-    from virgo_exps.sweeps.status import render, status
+    from virgo_exps.sweeps.status import reconcile, render
     from virgo_exps.sweeps.submit import read_sweep
 
     directory = _dir(args)
     spec = sweep_spec.from_dict(read_sweep(directory)["spec"])
-    print(render(status(directory), spec.metric))
+    print(render(reconcile(directory), spec.metric))
     return 0
 
 

@@ -96,6 +96,13 @@ def build(spec: SweepSpec, sweep_dir: Path, out_dir: Path) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    st = None
+    from virgo_exps.sweeps.submit import SWEEP_FILE
+
+    if (Path(sweep_dir) / SWEEP_FILE).is_file():  # an array's sweep: its tasks' records are the truth
+        from virgo_exps.sweeps.status import reconcile
+
+        st = reconcile(sweep_dir)
     study = search.open_study(spec, sweep_dir)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -190,21 +197,18 @@ def build(spec: SweepSpec, sweep_dir: Path, out_dir: Path) -> Path:
         else:
             parts.append(f'<p class="note">{_e(caption)}: not drawn, {_e(why)}.</p>')
     total = ", ".join(f"{_e(totals[k])} {label}" for k, label in COST_KEYS if totals[k] is not None)
-    allocs = [a for a in (t.user_attrs.get("allocation") for t in trials) if isinstance(a, dict)]
-    alloc_core_h = sum(a["core_h"] for a in allocs if isinstance(a.get("core_h"), int | float))
-    lost = sum(a.get("unmeasured") or 0 for a in allocs)
     parts += [
         "<h2>Trials</h2>",
         table,
         "<h2>Cost</h2>",
         f"<p>The trainings of all trials (pruned and failed ones included): {total or 'no cost recorded'}.</p>",
     ]
-    if allocs:
+    if st is not None and st.cost.get("attempts"):  # the same figures as `sweep status` (status.status)
+        lost = st.cost["unmeasured"]
         parts.append(
-            f"<p>Allocated to the array's tasks: {_e(alloc_core_h)} core-hours over "
-            f"{sum(a.get('attempts') or 0 for a in allocs)} attempt(s) of {len(allocs)} trial(s), "
-            "failed trials included"
-            + (f"; {lost} attempt(s) killed without notice are not counted" if lost else "")
+            f"<p>Allocated to the array's tasks: {_e(st.cost['alloc_core_h'])} core-hours over "
+            f"{st.cost['attempts']:.0f} task attempt(s), failed trials included"
+            + (f"; {lost:.0f} attempt(s) killed without notice are not counted" if lost else "")
             + ".</p>"
         )
     parts.append("</body></html>")

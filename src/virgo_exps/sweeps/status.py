@@ -130,6 +130,46 @@ def status(directory: Path) -> Status:
     return Status(spec.name, record.get("job_id"), spec.trials, counts, best, cost, failed, tasks)
 
 
+def reconcile(directory: Path) -> Status:
+    """The sweep's status, with every record brought into line with it: a trial whose task failed or was
+    lost (``scancel``, a node gone) is failed in the search's study too, and its MLflow run, left RUNNING by
+    a killed trainer, is ended as KILLED. ``status`` and the page then tell one story."""
+    st = status(directory)
+    record = read_sweep(directory)
+    spec = sweep_spec.from_dict(record["spec"])
+    for t in st.failed:
+        if t.get("experiment"):
+            _end_mlflow_run(Path(directory) / "work" / t["experiment"], t["experiment"])
+    if spec.kind != "search":
+        return st
+    from optuna.trial import TrialState
+
+    from virgo_exps.sweeps import search
+
+    trials = search.open_study(spec, directory).get_trials(deepcopy=False)
+    for t in st.failed:
+        number = t.get("trial")
+        if isinstance(number, int) and 0 <= number < len(trials) and trials[number].state == TrialState.RUNNING:
+            why = t.get("reason") or f"exit code {t.get('exit_code')}"
+            attrs = {"fail_reason": why, "allocation": allocation(t.get("attempts") or [])}
+            search.tell(spec, directory, number, None, "fail", attrs=attrs)
+    return st
+
+
+def _end_mlflow_run(clone: Path, experiment: str) -> None:
+    """End the RUNNING MLflow runs named ``experiment`` in a trial clone's own store as KILLED."""
+    db = clone / "mlflow" / "mlflow.db"
+    if not db.is_file():
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+            if run.info.run_name == experiment or run.data.tags.get("mlflow.parentRunId"):
+                client.set_terminated(run.info.run_id, status="KILLED")
+
+
 def render(s: Status, metric: str) -> str:
     c = s.counts
     lines = [
@@ -163,4 +203,4 @@ def render(s: Status, metric: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Status", "render", "status"]
+__all__ = ["Status", "reconcile", "render", "status"]
