@@ -181,6 +181,45 @@ def dvc_cache() -> tuple[Path, tuple[str, ...]]:
     return folder, types
 
 
+def stages_up_to_date(params: Params, names: tuple[str, ...]) -> set[str]:
+    """Of the stages ``names`` (in pipeline order), those DVC will not rerun: dvc.lock records exactly this
+    params file's values of the stage's params and the MD5 of each of its file dependencies, its outputs
+    exist, and every earlier stage of ``names`` it depends on is up to date too. Decided without DVC (the
+    first stage runs while DVC holds the repository's lock); anything unclear counts as a rerun."""
+    import hashlib
+
+    import yaml
+
+    from virgo_exps.config import as_flat_dict
+
+    root = repo_root()
+    try:
+        lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return set()
+    flat = as_flat_dict(params)
+    current: set[str] = set()
+    for name in names:
+        entry = lock.get(name) or {}
+        ok = bool(entry)
+        recorded = (entry.get("params") or {}).get("params.yaml") or {}
+        ok = ok and all(flat.get(k, _MISSING) == v for k, v in recorded.items())
+        for dep in entry.get("deps") or []:
+            path, md5 = root / dep.get("path", ""), str(dep.get("md5", ""))
+            if md5.endswith(".dir"):
+                # another stage's output (data/raw.zarr): up to date only if that stage is
+                ok = ok and any(o.get("path") == dep.get("path") for n in current for o in lock[n].get("outs") or [])
+            else:
+                try:
+                    ok = ok and hashlib.md5(path.read_bytes()).hexdigest() == md5
+                except OSError:
+                    ok = False
+        ok = ok and all((root / o.get("path", "")).exists() for o in entry.get("outs") or [])
+        if ok:
+            current.add(name)
+    return current
+
+
 def estimate(params: Params, machine: Machine) -> Budget:
     """Disk and memory a run of these params needs here, and what is free."""
     import psutil
@@ -189,8 +228,10 @@ def estimate(params: Params, machine: Machine) -> Budget:
 
     g, p = params.generate, params.preprocess
     channels = 1 + g.n_aux
-    raw = g.n_samples * channels * n_time_of(g) * 4
-    images = g.n_samples * channels * p.patch_size**2 * 4
+    current_stages = stages_up_to_date(params, ("generate", "preprocess"))
+    # A data stage that will not rerun (its params, code and outputs are those of dvc.lock) adds nothing.
+    raw = 0 if "generate" in current_stages else g.n_samples * channels * n_time_of(g) * 4
+    images = 0 if {"generate", "preprocess"} <= current_stages else g.n_samples * channels * p.patch_size**2 * 4
     outputs = raw + images
 
     data = repo_root() / "data"

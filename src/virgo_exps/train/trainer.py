@@ -55,8 +55,10 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -206,8 +208,32 @@ class Interrupted(Exception):
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with fsio.replacing(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+    try:
+        with fsio.replacing(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+    except (OSError, RuntimeError) as exc:
+        raise _write_failure(path, exc) from exc
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    try:
+        fsio.write_text(path, text)
+    except OSError as exc:
+        raise _write_failure(path, exc) from exc
+
+
+def _write_failure(path: Path, exc: BaseException) -> BaseException:
+    """A full disk as one line (the run ends without a result, its last snapshot kept); any other error
+    as it is. torch reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc...]``."""
+    folder = next((p for p in Path(path).absolute().parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    full = getattr(exc, "errno", None) == errno.ENOSPC or (isinstance(exc, RuntimeError) and free < (64 << 20))
+    if not full:
+        return exc
+    return outcome.RunFailed(
+        f"train: cannot write {path}: the disk is full ({free / 1e6:.1f} MB free in {folder}); free space "
+        "and run again: the run resumes from its last complete snapshot"
+    )
 
 
 def _device_name(device: torch.device) -> str:
@@ -225,9 +251,6 @@ def _busiest(per_rank: list[tuple[float | None, int | None]]) -> dict:
         "load_avg": round(max(loads), 3) if loads else None,
         "gpu_other_procs": max(others) if others else None,
     }
-
-
-_atomic_write_text = fsio.write_text
 
 
 def _rng_state() -> dict:
@@ -878,17 +901,19 @@ class Trainer:
         )
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         clean[provenance.KEY] = provenance.metrics_stamp(stamp)
-        _atomic_write_text(self.out.metrics, json.dumps(clean, indent=2, sort_keys=True) + "\n")
         rows = [asdict(r) for r in self.history]
-        with fsio.replacing(self.out.epochs) as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write_text(self.out.epochs, text.getvalue())
         ranks = []
         comp = (self.computation or {}).get("per_rank") or [{}] * len(per_rank_gpu)
         for rank, (c, g) in enumerate(zip(comp, per_rank_gpu)):
             ranks.append({"rank": rank, **self.placement[rank], **{f"compute_{k}": v for k, v in c.items()}, **g})
         _atomic_write_text(self.out.ranks, json.dumps(ranks, indent=2) + "\n")
+        # The record of success last: a failure before it leaves no metrics.json that claims this run.
+        _atomic_write_text(self.out.metrics, json.dumps(clean, indent=2, sort_keys=True) + "\n")
         if self.tracker is not None:
             per_epoch = {f.name for f in dataclasses.fields(EpochRecord)}
             self.tracker.log_metrics(
