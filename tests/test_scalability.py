@@ -775,3 +775,16 @@ def test_a_diverged_run_is_left_out_not_pooled(tmp_path):
     report = summarize(load_files([tmp_path])[0])
     assert "diverged left out (not a successful run: val_loss is None" in " ".join(report.notes)
     assert list(report.groups["world_size"]) == [1]
+
+
+def test_runs_of_other_code_are_never_pooled(tmp_path):
+    runs = (("old-a", "aaaa1111aaaa1111", 1.0), ("old-b", "aaaa1111aaaa1111", 1.1), ("new", "bbbb2222bbbb2222", 8.0))
+    for seed, (name, code, t) in enumerate(runs):
+        write_run(tmp_path, name, "ddp", 1, [3.0, t, t], seed=seed)
+        path = tmp_path / name / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["provenance"] = {"params": "p", "data": "d", "code": code}
+        path.write_text(json.dumps(metrics))
+    report = summarize(load_files([tmp_path])[0])
+    assert sorted(report.groups["n_runs"]) == [1, 2], report.groups
+    assert any("code=bbbb2222" in str(label) for label in report.groups["series"]), report.groups["series"]

@@ -177,13 +177,25 @@ def test_more_epochs_continue_from_the_final_snapshot(workdir, baseline):
     for key, value in weights(baseline).items():
         assert torch.equal(value, weights(out)[key])
     # the longer run's record counts its own epochs only: the shorter run's record has the first two
-    longer = json.loads((out / "metrics.json").read_text())["cost"]
+    record = json.loads((out / "metrics.json").read_text())
+    longer = record["cost"]
     assert shorter["attempts"] == longer["attempts"] == 1
+    # and its timing covers its own epoch only (the curves keep all three)
+    rows = pd.read_csv(out / "epochs.csv")
+    assert list(rows["epoch"]) == [1, 2, 3]
+    assert record["first_timed_epoch"] == 3 and record["timed_epochs"] == 1
+    assert record["epoch_time_s_median"] == pytest.approx(rows["train_time_s"].iloc[2], rel=1e-12)
+    from virgo_exps.scalability.sources import load_files
+
+    (run,), _ = load_files([out])
+    assert run.epoch_times == [pytest.approx(rows["train_time_s"].iloc[2], rel=1e-12)]
     # the same final snapshot reused to write the outputs again: nothing inherited either
     (out / "metrics.json").unlink()
     proc, _ = train(workdir, "extend", epochs=EPOCHS, fresh=False)
     assert proc.returncode == 0 and "reusing" in proc.stderr, proc.stderr[-2000:]
-    again = json.loads((out / "metrics.json").read_text())["cost"]
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["first_timed_epoch"] == 3
+    again = again["cost"]
     assert again["attempts"] == 1 and again["wall_s"] < longer["wall_s"] + shorter["wall_s"]
 
 

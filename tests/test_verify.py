@@ -65,7 +65,11 @@ def test_outputs_carry_their_params_and_input_digests(ran):
     assert model["params"]["train.seed"] == 0 and "train.max_requeues" not in model["params"]
     assert model["upstream"] == images and list(model["inputs"]) == ["data/images.zarr"]
     metrics = json.loads((repo / "results/metrics.json").read_text())["provenance"]
-    assert metrics == {"params": model["params_sha256"], "data": model["inputs"]["data/images.zarr"]}
+    from virgo_exps.provenance import stage_code_digest
+
+    code = stage_code_digest("train", repo / "dvc.yaml")
+    assert metrics == {"params": model["params_sha256"], "data": model["inputs"]["data/images.zarr"], "code": code}
+    assert code and len(code) == 16
 
 
 def test_run_with_nothing_changed_records_no_experiment(ran):

@@ -157,6 +157,34 @@ def stamp(
     return out
 
 
+def stage_code_digest(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> str | None:
+    """Digest of the code a stage ran: the contents of its dependencies in ``dvc_yaml`` that no stage
+    writes (its scripts and package code; data and version.lock are other stages' outputs). None when
+    there is no such dvc.yaml or stage."""
+    import yaml
+
+    path = Path(dvc_yaml)
+    try:
+        stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if stage not in stages:
+        return None
+    written = set()
+    for spec in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            for out in (spec or {}).get(key) or []:
+                written.add(next(iter(out)) if isinstance(out, dict) else str(out))
+    base = path.parent
+    entries = []
+    for dep in (stages[stage] or {}).get("deps") or []:
+        dep = str(dep)
+        if dep in written or not (base / dep).exists():
+            continue
+        entries += [(f"{dep}/{rel}" if rel else dep, f) for rel, f in files_of(base / dep) if "__pycache__" not in rel]
+    return digest_files(entries) if entries else None
+
+
 def metrics_stamp(full: dict) -> dict:
     """The short form for ``metrics.json``: two digests."""
     data = list(full.get("inputs", {}).values())

@@ -4,8 +4,9 @@ Two runs are repeats of one configuration only when everything but the
 seed is equal: every parameter except the resources that form the scaling
 axis (``train.nodes``, ``train.procs_per_node``; ``train.global_batch_size``
 too when it grows with the world size, i.e. weak scaling), plus the
-machine, the device, the software (hash of ``version.lock``) and the data
-(hash of the training data). A value a source does not know (no data hash
+machine, the device, the software (hash of ``version.lock``), the code
+that trained (the train stage's code digest) and the data (hash of the
+training data). A value a source does not know (no data hash
 from MLflow, say) is the same unknown for every run of that source.
 
 A *group* is the set of world sizes of one such configuration: a line in
@@ -31,7 +32,7 @@ NEUTRAL_KEYS = frozenset({"train.max_requeues", "report.title"})
 # the data are the same (worker counts and batch sizes of preprocessing do
 # not change it); when it is not, the parameters themselves must agree.
 DATA_SECTIONS = ("generate.", "preprocess.")
-CONTEXT = ("machine", "device", "software", "data")
+CONTEXT = ("machine", "device", "software", "code", "data")
 UNKNOWN = "unknown"
 
 
@@ -60,6 +61,7 @@ def configuration(run: Run) -> dict[str, str]:
     cfg["machine"] = run.machine or UNKNOWN
     cfg["device"] = run.device or UNKNOWN
     cfg["software"] = _short_hash(run.software)
+    cfg["code"] = _short_hash(run.code)
     cfg["data"] = _short_hash(run.data)
     return cfg
 

@@ -87,6 +87,17 @@ class Run:
     tags: dict[str, str] = field(default_factory=dict)
     epoch_load: list[float | None] | None = None  # host load / cores of the timed epochs, where recorded
 
+    def __post_init__(self) -> None:
+        # A finished run continued with more epochs records its parent's epochs too (the curves); its
+        # timing is its own: from metrics' first_timed_epoch on (the lists start at epoch 2).
+        first = _number(self.metrics.get("first_timed_epoch"))
+        skip = int(first) - 2 if first is not None and first > 2 else 0
+        if skip:
+            for name in ("epoch_times", "epoch_throughput", "epoch_load"):
+                values = getattr(self, name)
+                if values is not None and len(values) > skip:
+                    setattr(self, name, values[skip:])
+
     def _value(self, metric: str, param: str, default=None):
         v = self.metrics.get(metric)
         return v if v is not None else self.params.get(param, default)
@@ -126,6 +137,13 @@ class Run:
     def software(self) -> str | None:
         """Hash of version.lock (what changes results in the environment), where known."""
         return self.deps.get(SOFTWARE_FILE)
+
+    @property
+    def code(self) -> str | None:
+        """Digest of the train stage's code (metrics.json's provenance, or the MLflow run's tag), where known."""
+        stamp = self.metrics.get("provenance")
+        v = stamp.get("code") if isinstance(stamp, dict) else None
+        return v or self.tags.get("code") or None
 
     @property
     def data(self) -> str | None:
@@ -454,9 +472,14 @@ def load_mlflow(
             for k in ("train_time_s", "samples_per_s", "load_avg", "gpu_other_procs")
         }
         timed = {k: [m.value for m in (v[1:] if len(v) > 1 else v)] for k, v in history.items()}
-        load = timed["load_avg"] if len(timed["load_avg"]) == len(timed["train_time_s"]) else None
-        if load is not None and len(timed["gpu_other_procs"]) == len(load):
-            load = [epoch_load(v, n) for v, n in zip(load, timed["gpu_other_procs"])]
+        # The load of each timed epoch, matched by epoch (step) as epochs.csv's rows are: an epoch whose
+        # load or GPU count was not a number has no value in MLflow, and is None here, as there.
+        steps = [m.step for m in history["train_time_s"]]
+        steps = steps[1:] if len(steps) > 1 else steps
+        by_step = {k: {m.step: m.value for m in history[k]} for k in ("load_avg", "gpu_other_procs")}
+        load = None
+        if steps and history["load_avg"]:
+            load = [epoch_load(by_step["load_avg"].get(e), by_step["gpu_other_procs"].get(e)) for e in steps]
         metrics = {k: v for k, v in r.data.metrics.items() if k not in PER_EPOCH}
         if "val_loss" in r.data.metrics:  # the latest value is the last epoch's: the final loss
             metrics["val_loss"] = r.data.metrics["val_loss"]
@@ -482,7 +505,7 @@ def load_mlflow(
                 timed["samples_per_s"] or None,
                 r.info.run_id,
                 commit=tags.get("git.revision"),
-                tags={k: tags[k] for k in ("machine", "device", "hosts") if k in tags},
+                tags={k: tags[k] for k in ("machine", "device", "hosts", "code") if k in tags},
                 epoch_load=load or None,
             )
         )

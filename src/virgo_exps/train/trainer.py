@@ -331,6 +331,8 @@ class Trainer:
         self._earlier_cost: list[dict] = []
         self._gpu: GpuMonitor | None = None  # this attempt's (its energy goes into each snapshot's cost)
         self._first_bad: int | None = None  # this epoch's first step (1-based) whose loss was not finite
+        self._own_from = 0  # epochs of the history that another (finished) run trained
+        self._stage_code: str | None = None  # rank 0: digest of the train stage's code (provenance)
 
     # -- set-up -----------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -458,6 +460,7 @@ class Trainer:
             "config": self._config_key(),
             "model_args": {"name": self.cfg.model, "in_channels": self.train_set.n_channels},
             "history": [asdict(r) for r in self.history],
+            "own_from": self._own_from,
             "computation": self.computation,
             "status": status,
             # what every attempt so far used, this one up to now: a resumed run adds it to its own
@@ -540,6 +543,10 @@ class Trainer:
         self.step_in_epoch = snap["step_in_epoch"]
         self.global_step = snap["global_step"]
         self.history = [EpochRecord(**r) for r in snap["history"]]
+        self._own_from = int(snap.get("own_from", 0))
+        if snap.get("status") in ("complete", "pruned") and snap["epoch"] < self.cfg.epochs:
+            # A finished run continued with more epochs: a new run, whose timing is its own epochs'.
+            self._own_from = snap["epoch"]
         self.computation = snap.get("computation")
         self._earlier_cost = self._inherited_cost(snap, path)
         mine = snap["rng"][self.strategy.rank]
@@ -729,6 +736,10 @@ class Trainer:
         host_load = HostLoad().start()
         # Where each rank runs: recorded, never part of what DVC hashes.
         self.placement = s.all_gather_object({"host": socket.gethostname(), "device": _device_name(s.device)})
+        if s.is_main:
+            from virgo_exps import provenance
+
+            self._stage_code = provenance.stage_code_digest("train")
         if s.is_main and self.tracker is not None:
             hosts = sorted({p["host"] for p in self.placement})
             self.tracker.start(
@@ -740,6 +751,7 @@ class Trainer:
                     "machine": active_machine_name(),
                     "hosts": ",".join(hosts),
                     "device": self.placement[0]["device"],
+                    "code": self._stage_code or "",
                 },
                 [Path("version.lock")],
             )
@@ -838,7 +850,8 @@ class Trainer:
 
     def _final_metrics(self, per_rank_gpu: list[dict]) -> dict:
         h = self.history
-        timed = h[1:] if len(h) > 1 else h  # the first epoch is warm-up
+        own = h[self._own_from :] or h  # a continued finished run's epochs are its parent's record
+        timed = own[1:] if len(own) > 1 else own  # the first epoch of a run is warm-up
         times = [r.train_time_s for r in timed]
         m = {
             "strategy": self.cfg.strategy,
@@ -853,6 +866,7 @@ class Trainer:
             "epoch_time_s_mean": float(np.mean(times)),
             "samples_per_s": float(np.median([r.samples_per_s for r in timed])),
             "timed_epochs": len(timed),
+            "first_timed_epoch": timed[0].epoch,
             "computation_fraction": (self.computation or {}).get("computation_fraction"),
             "machine": active_machine_name(),
             "hosts": len({p["host"] for p in self.placement}),
@@ -900,7 +914,8 @@ class Trainer:
             self.out.model,
         )
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-        clean[provenance.KEY] = provenance.metrics_stamp(stamp)
+        # with the digest of the code that trained (the scalability report never pools runs of other code)
+        clean[provenance.KEY] = {**provenance.metrics_stamp(stamp), "code": self._stage_code}
         rows = [asdict(r) for r in self.history]
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\r\n")
