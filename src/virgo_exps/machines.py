@@ -59,6 +59,9 @@ class Machine:
         "torchrun", **_one_of(*DEEPSPEED_LAUNCHERS), doc="how DeepSpeed runs start: torchrun or `deepspeed`"
     )
     generate_tasks: int = spec(0, **_WHOLE, doc="slurm: the generate stage as a job array of this many tasks")
+    stall_limit: int = spec(
+        1800, **_WHOLE, doc="seconds a training rank may go without progress before the run ends (0: never)"
+    )
 
     def slurm_conf_path(self) -> Path | None:
         """``slurm_conf`` resolved: ``~`` and ``$VARS`` expanded, relative paths from the main checkout."""

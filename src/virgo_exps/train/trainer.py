@@ -87,6 +87,16 @@ from virgo_exps.study.models import build_model, count_parameters, model_file_co
 from virgo_exps.train import cost, outcome
 from virgo_exps.train.monitoring import GpuMonitor, HostLoad, computation_fraction
 from virgo_exps.train.strategies import Strategy
+from virgo_exps.train.watchdog import (
+    LOSS_COMPUTED,
+    STEP_DONE,
+    STEP_STARTED,
+    STOP_CHECK,
+    VALIDATING,
+    Heartbeat,
+    Watchdog,
+    end_on_stall,
+)
 
 SNAPSHOT = "snapshot.pt"
 STATUS = STATUS_FILE  # {"status": running|interrupted|complete, "epoch", "step_in_epoch", ...}
@@ -333,6 +343,7 @@ class Trainer:
         self._first_bad: int | None = None  # this epoch's first step (1-based) whose loss was not finite
         self._own_from = 0  # epochs of the history that another (finished) run trained
         self._stage_code: str | None = None  # rank 0: digest of the train stage's code (provenance)
+        self._heart = Heartbeat(None, -1)  # a rank's heartbeat, from _watch on (once the run's folder is known)
 
     # -- set-up -----------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -580,6 +591,7 @@ class Trainer:
 
         VIRGO_FAULT_STOP_AT_STEP=k   rank 0 behaves as if signalled after global step k
         VIRGO_FAULT_CRASH=r:k        rank r raises an error at global step k
+        VIRGO_FAULT_HANG=r:k         rank r stops making progress at global step k
         VIRGO_FAULT_STEP_SLEEP=s     sleep s seconds before every step (to interrupt a short run)
         """
         pause = os.environ.get("VIRGO_FAULT_STEP_SLEEP")
@@ -588,6 +600,11 @@ class Trainer:
         stop_at = os.environ.get("VIRGO_FAULT_STOP_AT_STEP")
         if stop_at and self.strategy.is_main and self.global_step == int(stop_at):
             self._stop = True
+        hang = os.environ.get("VIRGO_FAULT_HANG")
+        if hang:
+            rank, step = (int(v) for v in hang.split(":"))
+            if self.strategy.rank == rank and self.global_step == step:
+                time.sleep(3600)  # a rank stuck (a dead file system, a lost GPU): the watchdog ends the run
         crash = os.environ.get("VIRGO_FAULT_CRASH")
         if crash:
             rank, step = (int(v) for v in crash.split(":"))
@@ -596,6 +613,7 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         self._inject_faults()
+        self._heart.beat(self.epoch + 1, self.step_in_epoch + 1, STOP_CHECK)  # then waits for every rank
         flag = torch.tensor([1.0 if self._stop else 0.0])
         if self.strategy.world_size > 1:
             flag = self.strategy.all_reduce(flag, op="max")
@@ -624,6 +642,7 @@ class Trainer:
         x, y = self.train_set.batch(indices)
         x, y = x.to(self.strategy.device, non_blocking=True), y.to(self.strategy.device, non_blocking=True)
         loss = self.loss_fn(self.model(x), y)
+        self._heart.beat(self.epoch + 1, self.step_in_epoch + 1, LOSS_COMPUTED)
         self.strategy.backward_and_step(loss, self.model, self.optimizer)
         self.scheduler.step()
         return loss.detach()
@@ -647,6 +666,7 @@ class Trainer:
         for indices in self.sampler:
             if self._should_stop():
                 raise Interrupted
+            self._heart.beat(self.epoch + 1, self.step_in_epoch + 1, STEP_STARTED)
             loss = self._run_batch(indices).cpu().double()
             if self._first_bad is None and not bool(torch.isfinite(loss).all()):
                 self._first_bad = self.step_in_epoch + 1
@@ -655,6 +675,7 @@ class Trainer:
             steps_run += 1
             self.step_in_epoch += 1
             self.global_step += 1
+            self._heart.beat(self.epoch + 1, self.step_in_epoch, STEP_DONE)
         s.barrier()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -674,6 +695,7 @@ class Trainer:
             x, y = self.val_set.batch(idx[start : start + self.local_batch])
             x, y = x.to(s.device), y.to(s.device)
             err = ((module(x) - y) ** 2).mean(dim=(1, 2, 3))
+            self._heart.beat(self.epoch + 1, self.step_in_epoch, VALIDATING, start + 1)
             total += torch.stack([err.sum().double().cpu(), torch.tensor(float(len(err)), dtype=torch.float64)])
         total = s.all_reduce(total, op="sum")
         elapsed = s.all_reduce(torch.tensor([time.perf_counter() - t0], dtype=torch.float64), op="max")
@@ -728,9 +750,44 @@ class Trainer:
             self.train_set.close()
             self.val_set.close()
 
-    def _fit(self) -> dict:
+    def _watch(self) -> Watchdog | None:
+        """Every rank's heartbeat; on rank 0 the watch over all of them (machine profile's stall_limit)."""
         s = self.strategy
+        self.live_dir.mkdir(parents=True, exist_ok=True)
+        self._heart = Heartbeat(self.live_dir, s.rank)
+        self._heart.beat(self.epoch + 1, self.step_in_epoch, STEP_STARTED)
+        self._heart.start()
+        if not s.is_main:
+            return None
+        try:
+            from virgo_exps.machines import load_machine
+
+            limit = load_machine().stall_limit
+        except Exception:  # a profile that cannot be read was refused by the first stage; keep the default
+            limit = 1800
+        if not limit:
+            return None
+
+        def before_exit():
+            if self.tracker is not None:
+                self.tracker.end("FAILED")
+
+        dog = Watchdog(self.live_dir, s.world_size, limit, end_on_stall(self.live_dir / STATUS, before_exit))
+        dog.start()
+        return dog
+
+    def _fit(self) -> dict:
         resumed = self._load_snapshot()
+        dog = self._watch()
+        try:
+            return self._fit_watched(resumed)
+        finally:
+            if dog is not None:
+                dog.stop()
+            self._heart.stop()
+
+    def _fit_watched(self, resumed: bool) -> dict:
+        s = self.strategy
         gpu = self._gpu = GpuMonitor(local_rank=s.local_rank)
         gpu.start()
         host_load = HostLoad().start()
