@@ -57,6 +57,9 @@ def test_report_names_params_revision_and_software(run):
     for name, version in lock["packages"].items():
         assert f"| {md(f'packages.{name}')} | {md(str(version))} |" in report, name
     assert f"| python | {md(str(lock['python']))} |" in report
+    # the per-epoch table of a CPU run: no nan, the GPU column named as not measured
+    assert " nan " not in report and "| nan" not in report
+    assert f"Not measured on this run: {md('gpu_other_procs')}." in report, report[-1500:]
 
 
 def test_reference_losses_match_an_independent_computation(run):

@@ -147,6 +147,25 @@ def test_status_counts_a_task_that_left_the_queue_without_a_record_as_failed(tmp
     assert "failed: array task 77_1 (left the queue without recording a start" in out, out
 
 
+def test_status_counts_a_running_tasks_allocation_up_to_now(tmp_path, monkeypatch):
+    """A task that has run for an hour on 2 cores holds 2 core-hours now, not 0 until it ends (the queue
+    is an squeue stand-in that lists the task as RUNNING)."""
+    spec = sweep_spec.from_grid("g", ["train.lr=0.1"], parallel=1)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": spec.to_dict(), "job_id": "78"}))
+    task = {"index": 0, "trial": 0, "experiment": "g-000", "state": "running", "job_id": "78"}
+    task.update(overrides=spec.grid[0], attempts=[{"started": time.time() - 3600, "cores": 2}])
+    (tmp_path / "tasks" / "0.json").write_text(json.dumps(task))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text("#!/bin/sh\necho 0 RUNNING\n")
+    (fake / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    s = status(tmp_path)
+    assert s.counts["running"] == 1
+    assert s.cost["alloc_core_h"] == pytest.approx(2.0, abs=0.01) and s.cost["unmeasured"] == 0
+
+
 def test_status_adds_up_the_allocations_and_names_the_attempts_lost(tmp_path):
     spec = sweep_spec.from_grid("g", ["train.lr=0.1,0.2,0.3"], parallel=2)
     (tmp_path / "tasks").mkdir()

@@ -387,6 +387,7 @@ def test_search_prunes_records_and_continues(tmp_path):
         assert (out.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if len(complete) >= 2:
         assert (out.parent / "importances.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"only {len(complete)}, a rough indication until the sweep has 10 or more" in text
     else:
         assert "parameter importances need at least 2 complete trials" in text
     total = sum(ran[n][1]["cost"]["core_h"] for n in ran)

@@ -400,7 +400,17 @@ Rows: {listing}.
         f"utilisation {_fmt(metrics.get('gpu_utilization_pct'))} %."
     )
     rows = "\n".join(f"| {md_text(k)} | {md_text(_fmt(v))} |" for k, v in sorted(_flat(metrics).items()))
-    table = df.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else df.to_string(index=False)
+    # A column never measured on this run (GPU figures on a CPU) is named below the table, not shown as nan;
+    # a value missing in one epoch is shown as "n/a".
+    unmeasured = [c for c in df.columns if df[c].isna().all()]
+    shown = df.drop(columns=unmeasured).astype(object)
+    shown = shown.where(shown.notna(), None)
+    if _has_tabulate():
+        table = shown.to_markdown(index=False, floatfmt=".4g", missingval="n/a")
+    else:
+        table = shown.fillna("n/a").to_string(index=False)
+    if unmeasured:
+        table += f"\n\nNot measured on this run: {', '.join(md_text(c) for c in unmeasured)}."
     revision = git_revision(Path(params_path).resolve().parent if params_path is not None else Path.cwd())
     if lock_path is None:
         software = "Not recorded: the report was made without version.lock."

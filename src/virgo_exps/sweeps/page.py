@@ -89,6 +89,10 @@ def _pruned_epoch(trial) -> int | None:
     return max(trial.intermediate_values) if trial.intermediate_values else None
 
 
+# Fewer complete trials than this: the importances are drawn with a word of caution.
+FEW_TRIALS = 10
+
+
 def build(spec: SweepSpec, sweep_dir: Path, out_dir: Path) -> Path:
     """Write the sweep's page into ``out_dir``; return the path of its index.html."""
     import optuna.visualization.matplotlib as ovm
@@ -120,6 +124,8 @@ def build(spec: SweepSpec, sweep_dir: Path, out_dir: Path) -> Path:
     else:
         why = f"parameter importances need at least 2 complete trials; this sweep has {len(complete)}"
     caption = f"how much each parameter explains of {target_name}, from {len(complete)} complete trial(s)"
+    if 2 <= len(complete) < FEW_TRIALS:
+        caption += f": only {len(complete)}, a rough indication until the sweep has {FEW_TRIALS} or more"
     figures.append(("importances.png", caption, why))
     if complete:
         why = _figure(lambda: ovm.plot_parallel_coordinate(study, target_name=target_name), out_dir / "parallel.png")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,12 +85,12 @@ def status(directory: Path) -> Status:
                 state = "pending"  # requeued, waiting
         attempts = t.get("attempts") or []
         if attempts:
-            alloc = allocation(attempts)
-            in_progress = state == "running" and attempts[-1].get("ended") is None
+            # a running task's current attempt counts up to now: the allocation is held while it runs
+            alloc = allocation(attempts, now=time.time() if state == "running" else None)
             alloc_total["alloc_core_h"] += alloc["core_h"] or 0.0
             alloc_total["alloc_gpu_h"] += alloc["gpu_h"]
             alloc_total["attempts"] += alloc["attempts"]
-            alloc_total["unmeasured"] += alloc["unmeasured"] - in_progress
+            alloc_total["unmeasured"] += alloc["unmeasured"]
         if state in counts:
             counts[state] += 1
         if state == "failed":

@@ -68,17 +68,19 @@ def allocated(env: dict | None = None) -> tuple[int | None, int]:
     return cores, int(gpus) * int(nodes) if gpus.isdigit() and nodes.isdigit() else 0
 
 
-def allocation(attempts: list[dict]) -> dict:
-    """What a task's attempts were allocated, added up (see the module's docstring)."""
-    closed = [a for a in attempts if a.get("ended") is not None]
-    wall = sum(a["ended"] - a["started"] for a in closed)
-    known = all(a.get("cores") is not None for a in closed)
+def allocation(attempts: list[dict], now: float | None = None) -> dict:
+    """What a task's attempts were allocated, added up (see the module's docstring). With ``now`` (a task
+    still running), its last attempt, not ended yet, counts up to ``now``."""
+    spans = [(a, a["ended"] - a["started"]) for a in attempts if a.get("ended") is not None]
+    if now is not None and attempts and attempts[-1].get("ended") is None:
+        spans.append((attempts[-1], max(0.0, now - attempts[-1]["started"])))
+    known = all(a.get("cores") is not None for a, _ in spans)
     return {
-        "wall_s": round(wall, 3),
-        "core_h": sum(a["cores"] * (a["ended"] - a["started"]) for a in closed) / 3600 if known else None,
-        "gpu_h": sum(a.get("gpus", 0) * (a["ended"] - a["started"]) for a in closed) / 3600,
+        "wall_s": round(sum(t for _, t in spans), 3),
+        "core_h": sum(a["cores"] * t for a, t in spans) / 3600 if known else None,
+        "gpu_h": sum(a.get("gpus", 0) * t for a, t in spans) / 3600,
         "attempts": len(attempts),
-        "unmeasured": len(attempts) - len(closed),
+        "unmeasured": len(attempts) - len(spans),
     }
 
 
