@@ -356,13 +356,16 @@ def core_slots(n: int, machine: Machine):
             fh.close()
 
 
-def run_local(stage: str, cmd: list[str], machine: Machine, procs: int, env: dict | None = None) -> int:
-    """Run ``cmd`` here, teeing its output to the stage log; forward Ctrl-C/SIGTERM/SIGHUP."""
+def run_local(
+    stage: str, cmd: list[str], machine: Machine, procs: int, env: dict | None = None, cores: int | None = None
+) -> int:
+    """Run ``cmd`` here, teeing its output to the stage log; forward Ctrl-C/SIGTERM/SIGHUP. It holds
+    ``cores`` of the machine's core slots (default ``procs``) while it runs."""
     log = local_log_path(stage)
     print(f"launch: {stage} on '{machine.name}': {shlex.join(cmd)}", file=sys.stderr, flush=True)
     print(protocol.log_announcement(log), file=sys.stderr, flush=True)
     full_env = {**os.environ, **machine.env, **(env or {})}
-    with core_slots(procs, machine), open(log, "ab") as out:
+    with core_slots(cores or procs, machine), open(log, "ab") as out:
         # Own session: a terminal's Ctrl-C reaches the training through `forward` only (once).
         # The child also ends when this launcher dies, even by SIGKILL.
         proc = subprocess.Popen(
@@ -425,8 +428,15 @@ def launch(spec: JobSpec, machine: Machine | None = None) -> int:
     # Every strategy gets the same share of the cores per process (torchrun
     # would set 1, a single process would take all): without this, strategy
     # comparisons measure thread counts, not parallelism.
-    threads = max(1, (machine.max_procs or os.cpu_count() or 1) // spec.procs_per_node)
+    total = machine.max_procs or os.cpu_count() or 1
+    threads = max(1, total // spec.procs_per_node)
     env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads)}
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        threads = int(given)
+    # The run holds a core slot for every thread it runs, so that queued experiments wait for free cores
+    # instead of sharing them (a single process with 2 threads holds 2).
+    cores = min(total, max(spec.procs_per_node, spec.procs_per_node * threads))
     cmd = local_command(spec, list(spec.argv), deepspeed_launcher=machine.deepspeed_launcher)
     if dry_run_requested():
         print(
@@ -435,7 +445,7 @@ def launch(spec: JobSpec, machine: Machine | None = None) -> int:
             flush=True,
         )
         return 0
-    return run_local(spec.stage, cmd, machine, spec.procs_per_node, env)
+    return run_local(spec.stage, cmd, machine, spec.procs_per_node, env, cores=cores)
 
 
 def run(stage: str, argv: list[str], cfg: TrainConfig | None = None, machine: Machine | None = None) -> int:
