@@ -28,3 +28,22 @@ def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(repo):
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_run_without_a_git_identity_says_so_before_dvc(repo, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in tool_env().items() if not k.startswith("GIT_")}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
+    proc = sh([str(BIN / "virgo-exps"), "run"], repo, env, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: git has no user name and email here"), proc.stderr
+    assert "$ dvc exp run" not in proc.stdout and "Running stage" not in proc.stdout
+
+
+def test_run_refuses_params_the_machine_cannot_run_before_dvc(repo):
+    update_params(repo, {"train": {"strategy": "ddp", "nodes": 2}})
+    proc = sh([str(BIN / "virgo-exps"), "run"], repo, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: train.nodes"), proc.stderr
+    assert "$ dvc exp run" not in proc.stdout and "Running stage" not in proc.stdout

@@ -76,6 +76,9 @@ def run_pipeline(dvc_args: list[str]) -> int:
     from virgo_exps.train.tracking import redact, tracking_uri
 
     cmd = [dvcrun.executable(), "exp", "run", *dvc_args]
+    refused = _refuse_before_dvc(dvc_args)
+    if refused is not None:
+        return refused
     # `dvc exp run` records an experiment even when nothing changed; such a row
     # would count as a repeated run. Ask DVC first, and record nothing then.
     if _plain_run(dvc_args) and _up_to_date():
@@ -120,6 +123,30 @@ def run_pipeline(dvc_args: list[str]) -> int:
         print(f"Stages run: {', '.join(ran)}")
     _print_results(root, redact(tracking_uri()))
     return 0
+
+
+def _refuse_before_dvc(dvc_args: list[str]) -> int | None:
+    """What DVC would refuse only after it has started, or what the first stage would, said first in one
+    line (exit 2): git without a user name and email (every experiment is a git commit), and, for a plain
+    run (params.yaml as it is), the first stage's checks. None when there is nothing to refuse."""
+    import subprocess
+
+    from virgo_exps import preflight
+
+    ident = subprocess.run(["git", "var", "GIT_COMMITTER_IDENT"], capture_output=True, text=True)
+    if ident.returncode != 0:
+        print(
+            "error: git has no user name and email here, and DVC records every experiment as a git commit; "
+            'set them once: git config --global user.name "Your Name"; git config --global user.email you@site',
+            file=sys.stderr,
+        )
+        return 2
+    if _plain_run(dvc_args):
+        try:
+            preflight.check("params.yaml")
+        except ConfigError as exc:
+            return preflight.refuse(exc, "params.yaml")
+    return None
 
 
 # Options of `dvc exp run` that do not change what runs; with any other
