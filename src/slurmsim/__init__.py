@@ -1364,7 +1364,9 @@ class SimCluster:
         for link in net.get("links", []) + ([net["bridge"]] if net.get("bridge") else []):
             if _link_exists(link):
                 proc = _run(["ip", "link", "del", link], check=False)
-                if proc.returncode != 0:
+                # A veth pair goes with its namespace, and the kernel may remove our end between the
+                # check and the delete ("Cannot find device"): gone is what we wanted.
+                if proc.returncode != 0 and _link_exists(link):
                     errors.append(proc.stderr.strip())
         if state.get("hosts_block"):
             _hosts_remove(self.tag)
@@ -1529,7 +1531,13 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p.add_argument("--dir", default=".slurmsim", type=Path, help="cluster work directory (default: ./.slurmsim)")
     args = parser.parse_args(argv)
-    return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "install": _cmd_install}[args.cmd](args)
+    try:
+        return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "install": _cmd_install}[args.cmd](args)
+    except SlurmSimError as exc:
+        # one line, not a traceback; `down` only removes what is still there, so it can be run again
+        again = "; run `down` again" if args.cmd == "down" else ""
+        print(f"slurmsim: {args.cmd} failed: {str(exc).splitlines()[0]}{again}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
