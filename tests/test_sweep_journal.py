@@ -139,3 +139,46 @@ def test_a_lost_task_is_failed_in_every_record(sweep, tmp_path, monkeypatch):
     sh([str(BIN / "virgo-exps"), "sweep", "page", s.name, "--store", str(store), "--out", str(page_dir)], tmp_path, env)
     text = (page_dir / "index.html").read_text()
     assert "1 failed, 0 running" in text, text[:2000]
+
+
+def test_the_trials_mlflow_runs_are_merged_into_the_team_stores_store(sweep, tmp_path):
+    """Each trial logged into its clone's own store; `sweep status` merges the finished runs, with their
+    params, curves and status, into <store>/mlflow/mlflow.db, once, in the store's group."""
+    import grp
+    import stat
+
+    from mlflow.tracking import MlflowClient
+
+    s, store, directory = sweep
+    made = {}
+    for number, status in ((0, "FINISHED"), (1, "FINISHED"), (2, "RUNNING")):
+        exp = s.experiment(number)
+        db = directory / "work" / exp / "mlflow" / "mlflow.db"
+        db.parent.mkdir(parents=True)
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        run = client.create_run(client.create_experiment("virgo-exps"), run_name=exp)
+        client.log_param(run.info.run_id, "train.lr", str(0.01 * (number + 1)))
+        for epoch in (1, 2, 3):
+            client.log_metric(run.info.run_id, "val_loss", 1.0 / (epoch + number), step=epoch)
+        child = client.create_run(run.info.experiment_id, run_name=f"{exp}-rank0", tags={"mlflow.parentRunId": "x"})
+        client.set_terminated(child.info.run_id)
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status=status)
+        made[exp] = run.info.run_id
+    cmd = [str(BIN / "virgo-exps"), "sweep", "status", s.name, "--store", str(store)]
+    out = sh(cmd, tmp_path, tool_env()).stdout
+    uri = f"sqlite:///{store / 'mlflow' / 'mlflow.db'}"
+    assert f"MLflow: the finished trials in {uri} (experiment sweep-{s.name})" in out, out
+    sh(cmd, tmp_path, tool_env())  # a second status merges nothing twice
+    team = MlflowClient(tracking_uri=uri)
+    runs = team.search_runs([team.get_experiment_by_name(f"sweep-{s.name}").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [s.experiment(0), s.experiment(1)]  # no rank runs, none running
+    for r in runs:
+        number = int(r.data.tags["trial"])
+        assert r.info.status == "FINISHED" and r.data.tags["sweep"] == s.name
+        assert r.data.params["train.lr"] == str(0.01 * (number + 1))
+        curve = team.get_metric_history(r.info.run_id, "val_loss")
+        assert [(m.step, m.value) for m in curve] == [(e, 1.0 / (e + number)) for e in (1, 2, 3)]
+    folder = store / "mlflow"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o2770 and folder.stat().st_gid == grp.getgrnam("users").gr_gid
+    assert stat.S_IMODE((folder / "mlflow.db").stat().st_mode) == 0o660

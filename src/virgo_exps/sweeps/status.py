@@ -34,6 +34,7 @@ class Status:
     cost: dict[str, float]
     failed: list[dict] = field(default_factory=list)
     tasks: list[dict] = field(default_factory=list)
+    tracking: str | None = None  # the team store's MLflow store holding the sweep's trials (reconcile)
 
 
 def _queued(job_id: str | None) -> dict[int, str] | None:
@@ -141,6 +142,12 @@ def reconcile(directory: Path) -> Status:
     for t in st.failed:
         if t.get("experiment"):
             _end_mlflow_run(Path(directory) / "work" / t["experiment"], t["experiment"])
+    from virgo_exps.sweeps import tracking
+
+    trials = {t["experiment"]: t.get("trial") for t in st.tasks if t.get("experiment")}
+    merged = tracking.merge_trials(Path(directory), spec.name, trials, record.get("group") or _store_group(directory))
+    if merged is not None:
+        st.tracking = merged[1]
     if spec.kind != "search":
         return st
     from optuna.trial import TrialState
@@ -155,6 +162,16 @@ def reconcile(directory: Path) -> Status:
             attrs = {"fail_reason": why, "allocation": allocation(t.get("attempts") or [])}
             search.tell(spec, directory, number, None, "fail", attrs=attrs)
     return st
+
+
+def _store_group(directory: Path) -> str | None:
+    """The team store's group, from its marker file (the sweep dir is <store>/sweeps/<name>)."""
+    from virgo_exps.experiments.share import MARKER
+
+    try:
+        return json.loads((Path(directory).parent.parent / MARKER).read_text()).get("group") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _end_mlflow_run(clone: Path, experiment: str) -> None:
@@ -195,6 +212,11 @@ def render(s: Status, metric: str) -> str:
             f"allocated so far: {s.cost['alloc_core_h']:.4f} core-hours, {s.cost['alloc_gpu_h']:.4f} GPU-hours "
             f"over {s.cost['attempts']:.0f} task attempt(s), failed trials included"
             + (f"; {lost:.0f} attempt(s) killed without notice are not counted" if lost else "")
+        )
+    if s.tracking:
+        lines.append(
+            f"MLflow: the finished trials in {s.tracking} (experiment sweep-{s.name}); "
+            f"`mlflow ui --backend-store-uri {s.tracking}`"
         )
     for t in s.failed:
         why = t.get("reason") or f"exit code {t.get('exit_code')}"
