@@ -386,6 +386,10 @@ def test_teammate_pulls_applies_and_reproduces_nothing(shared):
     assert json.loads((bob.repo / "results/metrics.json").read_text()) == json.loads(
         (alice.repo / "results/metrics.json").read_text()
     )
+    # The training's log came with it: what happened in Alice's run, readable in Bob's clone.
+    log = (bob.repo / "results/train.log").read_text()
+    assert log == (alice.repo / "results/train.log").read_text()
+    assert "==> " in log and "epoch 1/" in log and "epoch 2/" in log, log[-2000:]
     # The durable copy: every output of the experiment is in the DVC remote, not only in the shared cache.
     import yaml
 

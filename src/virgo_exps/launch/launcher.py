@@ -362,6 +362,7 @@ def run_local(
     """Run ``cmd`` here, teeing its output to the stage log; forward Ctrl-C/SIGTERM/SIGHUP. It holds
     ``cores`` of the machine's core slots (default ``procs``) while it runs."""
     log = local_log_path(stage)
+    protocol.record_log(log)
     print(f"launch: {stage} on '{machine.name}': {shlex.join(cmd)}", file=sys.stderr, flush=True)
     print(protocol.log_announcement(log), file=sys.stderr, flush=True)
     full_env = {**os.environ, **machine.env, **(env or {})}

@@ -70,6 +70,19 @@ def job_log_pattern(experiment: str, array: bool = False, literal=str) -> str:
     return job_log_name(literal(experiment), "%A", "%a") if array else job_log_name(literal(experiment), "%j")
 
 
+# The logs of the jobs this process launched, in order (train/stage.py copies them into the
+# experiment's results, so that they travel with it).
+_LOGS: list[Path] = []
+
+
+def record_log(path: Path) -> None:
+    _LOGS.append(Path(path))
+
+
+def recorded_logs() -> list[Path]:
+    return list(_LOGS)
+
+
 def log_announcement(path: Path) -> str:
     """The line by which the launcher tells where a stage's log is (on stderr, so in DVC's output)."""
     return f"launch: log {path}"

@@ -37,6 +37,9 @@ def parse(description: str | None = None, argv: list[str] | None = None) -> argp
     parser.add_argument("--data", type=Path, required=True)
     for name in OUTPUTS:
         parser.add_argument(f"--{name}", type=Path, required=True)
+    parser.add_argument(
+        "--log", type=Path, help="copy the training's log (every job or run of it) here when it succeeds"
+    )
     parser.add_argument("--worker", action="store_true", help="run as one training process")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     return parser.parse_args(argv)
@@ -53,7 +56,25 @@ def launch(args: argparse.Namespace, check: Callable[[Params, argparse.Namespace
     # The workers run this same script, from the same directory, with --worker.
     argv = [sys.argv[0], *sys.argv[1:], "--worker"]
     files = WorkerFiles(params=str(args.params), checkpoints=str(args.checkpoints))
-    return launcher.launch(JobSpec.training("train", argv, params.train, files))
+    rc = launcher.launch(JobSpec.training("train", argv, params.train, files))
+    if rc == 0 and args.log is not None:
+        keep_log(args.log)
+    return rc
+
+
+def keep_log(target: Path) -> None:
+    """The logs of the training's runs or jobs, one after the other, as an output of the stage: git holds it
+    with the experiment's metrics, so `dvc exp push/pull` carries it to the team."""
+    from virgo_exps import fsio
+    from virgo_exps.launch.protocol import recorded_logs
+
+    parts = []
+    for log in recorded_logs():
+        try:
+            parts.append(f"==> {log.name} <==\n".encode() + log.read_bytes())
+        except OSError as exc:
+            parts.append(f"==> {log.name}: not readable ({exc.strerror}) <==\n".encode())
+    fsio.write_bytes(target, b"\n".join(parts))
 
 
 def work(args: argparse.Namespace, models: Callable[[], Any], strategy_box: list) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from virgo_exps import fsio
 from virgo_exps.config import ConfigError
 from virgo_exps.launch.job import JobSpec, dry_run_requested
+from virgo_exps.launch.protocol import record_log
 from virgo_exps.launch.slurm.query import find_active_jobs
 from virgo_exps.launch.slurm.script import JobContext, batch_script, fingerprint, sbatch_command
 from virgo_exps.launch.slurm.watch import Signals, SubmitInterrupted, cancel_and_wait, say, stop_child, watch, write
@@ -59,6 +60,7 @@ def run_in_allocation(ctx: JobContext, script: str) -> int:
     ctx.log_dir.mkdir(parents=True, exist_ok=True)
     fsio.write_text(ctx.script_path, script)
     log_path = ctx.log_file(job_id)
+    record_log(log_path)
     say(f"{ctx.stage}: running the job step in the current allocation (job {job_id}); log {log_path}")
     received: list[int] = []
     with open(log_path, "ab") as log:
@@ -144,6 +146,7 @@ def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> in
                 f"attaching to job {job_id} ({name}, {state}), submitted earlier from this workspace with the "
                 "same script and params; not submitting a second one"
             )
+            record_log(ctx.log_file(job_id))
             return watch(job_id, ctx, None, signals, follow)
         ctx.log_dir.mkdir(parents=True, exist_ok=True)
         fsio.write_text(ctx.script_path, script)
@@ -176,6 +179,8 @@ def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> in
             write(f"launch: error: sbatch failed (exit code {rc}): {first} {err.strip()}\n")
             return rc or 1
         where = ctx.log_file(job_id, "<task>" if array else None)
+        if not array:
+            record_log(where)
         say(f"submitted job {job_id} ({ctx.job_name}{f', array of {array} tasks' if array else ''}); log {where}")
         try:
             return watch(job_id, ctx, sbatch, signals, follow)
