@@ -61,6 +61,7 @@ RESULTS = {
     "model": "results/model.pt",
     "metrics": "results/metrics.json",
     "per-epoch rows (dvc plots)": "results/epochs.csv",
+    "training log": "results/train.log",
     "report": "results/report/report.md",
     "checkpoint": "checkpoints/snapshot.pt",
 }
