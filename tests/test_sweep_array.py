@@ -406,6 +406,7 @@ def test_a_requeued_task_resumes_at_its_snapshot(sweep):
     assert state["allocation"]["attempts"] == 2 and state["allocation"]["unmeasured"] == 0, state["allocation"]
     assert state["cost"]["attempts"] == 2, state["cost"]
     log = Path(state["log"]).read_text()
+    assert "USDT:" not in log  # the profiler's probes stay in the stage log, out of the task's
     after = "\n".join(log.splitlines()[sweep["requeued_at"] :])
     assert "requeued: re-entering" in after, after[-3000:]
     m = re.search(r"train: resuming from .* at epoch (\d+)", after)

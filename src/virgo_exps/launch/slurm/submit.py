@@ -13,6 +13,7 @@ from pathlib import Path
 
 from virgo_exps import fsio
 from virgo_exps.config import ConfigError
+from virgo_exps.launch import console
 from virgo_exps.launch.job import JobSpec, dry_run_requested
 from virgo_exps.launch.protocol import record_log
 from virgo_exps.launch.slurm.query import find_active_jobs
@@ -77,12 +78,8 @@ def run_in_allocation(ctx: JobContext, script: str) -> int:
         old = {s: signal.signal(s, stop) for s in Signals.SIGNALS}
         try:
             assert proc.stdout is not None
-            for line in iter(proc.stdout.readline, b""):
-                log.write(line)
-                log.flush()
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.buffer.write(line)
-                    sys.stderr.flush()
+            # every line to the stage log; to stderr (a sweep task's log) without the libraries' chatter
+            console.tee(proc.stdout, log, sys.stderr.buffer)
             rc = proc.wait()
         finally:
             for s, h in old.items():
