@@ -476,3 +476,33 @@ def test_a_sweeps_folders_leave_the_store_open_to_the_team(shared):
     assert bob.vx("share", "--dir", str(store), "--group", group, "--check").returncode == 0
     bob.run(["python", "-c", code.replace("'lr'", "'bob-lr'"), str(store), group])
     bob.run(["touch", str(store / "sweeps" / "lr" / "work" / "bob-was-here")])
+
+
+@pytest.mark.slow
+def test_one_pushes_while_the_other_pulls_and_both_share_at_once(shared):
+    """Two more pairs of store operations at the same moment: Alice pushes new experiments while Bob pulls
+    hers, and both run `share` on the store at once. Nothing is lost, every command that says it
+    succeeded did, and the store stays the team's."""
+    store, group, alice, bob = shared["store"], shared["group"], shared["alice"], shared["bob"]
+    names = [f"concurrent-{i}" for i in range(3)]
+    alice.run("set -e; " + "; ".join(f"dvc exp run -s report -S 'report.title={e}' -n {e}" for e in names))
+    pushing = alice.popen("set -e; " + "; ".join(f"dvc exp push team {e}" for e in names))
+    pulling = bob.popen("set -e; for i in 1 2 3; do dvc exp pull team alice-base; done")
+    for proc in (pushing, pulling):
+        out = proc.communicate(timeout=900)[0]
+        assert proc.returncode == 0, out[-4000:]
+    listed = bob.run(["dvc", "exp", "list", "team", "--all-commits", "--name-only"]).stdout.split()
+    assert set(names) <= set(listed), listed
+    bob.run(["dvc", "exp", "pull", "team", *names])
+    local = bob.run(["dvc", "exp", "list", "--all-commits", "--name-only"]).stdout.split()
+    assert set(names) | {"alice-base"} <= set(local), local  # every experiment arrived, whole
+    for name in names:  # what Bob pulled is what Alice pushed: the same commit
+        theirs = alice.run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{name}"]).stdout
+        ours = bob.run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{name}"]).stdout
+        assert theirs.strip() and theirs == ours, (name, theirs, ours)
+    cmd = ["python", "-m", "virgo_exps.cli.share", "share", "--dir", str(store), "--group", group]
+    shares = [u.popen(cmd) for u in (alice, bob)]
+    for proc in shares:
+        out = proc.communicate(timeout=900)[0]
+        assert proc.returncode == 0 and "permissions: ok" in out, out[-3000:]
+    assert _modes(store, group) == [] and share.check_tree(store, group) == []

@@ -290,14 +290,17 @@ def test_sigterm_checkpoints_and_the_next_run_resumes(workdir, baseline):
 
 @pytest.mark.slow
 def test_a_second_training_of_the_same_output_at_once_is_refused(workdir):
-    first, out = train(workdir, "twice", popen=True, env={"VIRGO_FAULT_STEP_SLEEP": "0.3"})
+    # One thread each, so that each holds one of the 2 cores' slots and both start at once (with the
+    # threads the launcher gives, the second would wait for the first's cores and never meet it).
+    one = {"OMP_NUM_THREADS": "1"}
+    first, out = train(workdir, "twice", popen=True, env={"VIRGO_FAULT_STEP_SLEEP": "0.3", **one})
     try:
         wait_until(
             lambda: (out / "checkpoints" / "status.json").exists() or first.poll() is not None,
             300,
             "the first run's snapshot",
         )
-        second, _ = train(workdir, "twice", fresh=False)
+        second, _ = train(workdir, "twice", fresh=False, env=one)
     finally:
         first.send_signal(signal.SIGTERM)
         rest = first.communicate(timeout=300)[0]
