@@ -390,6 +390,7 @@ def test_teammate_pulls_applies_and_reproduces_nothing(shared):
     log = (bob.repo / "results/train.log").read_text()
     assert log == (alice.repo / "results/train.log").read_text()
     assert "==> " in log and "epoch 1/" in log and "epoch 2/" in log, log[-2000:]
+    assert str(alice.repo) not in log and "<checkout>" in log  # no path of Alice's machine travels
     # The durable copy: every output of the experiment is in the DVC remote, not only in the shared cache.
     import yaml
 

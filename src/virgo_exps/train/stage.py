@@ -74,7 +74,15 @@ def keep_log(target: Path) -> None:
             parts.append(f"==> {log.name} <==\n".encode() + log.read_bytes())
         except OSError as exc:
             parts.append(f"==> {log.name}: not readable ({exc.strerror}) <==\n".encode())
-    fsio.write_bytes(target, b"\n".join(parts))
+    text = b"\n".join(parts)
+    # The log travels to teammates and into commits: where this checkout and this home are is nobody's business.
+    from virgo_exps.paths import main_checkout, repo_root
+
+    places = {str(repo_root()): "<workspace>", str(main_checkout()): "<checkout>", str(Path.home()): "~"}
+    for where in sorted(places, key=len, reverse=True):
+        if len(where) > 1:
+            text = text.replace(where.encode(), places[where].encode())
+    fsio.write_bytes(target, text)
 
 
 def work(args: argparse.Namespace, models: Callable[[], Any], strategy_box: list) -> int:
