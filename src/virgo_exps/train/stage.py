@@ -53,13 +53,26 @@ def launch(args: argparse.Namespace, check: Callable[[Params, argparse.Namespace
     params = load_params(args.params)
     if check is not None:
         check(params, args)
-    # The workers run this same script, from the same directory, with --worker.
-    argv = [sys.argv[0], *sys.argv[1:], "--worker"]
+    # The workers run this same script, from the same directory, with --worker, and without --log: only
+    # this process keeps the log (and torchrun would read `--log` as an abbreviation of its --log-dir).
+    argv = [sys.argv[0], *_without_log(sys.argv[1:]), "--worker"]
     files = WorkerFiles(params=str(args.params), checkpoints=str(args.checkpoints))
     rc = launcher.launch(JobSpec.training("train", argv, params.train, files))
     if rc == 0 and args.log is not None:
         keep_log(args.log)
     return rc
+
+
+def _without_log(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--log":
+            skip = True
+        elif not arg.startswith("--log="):
+            out.append(arg)
+    return out
 
 
 def keep_log(target: Path) -> None:
