@@ -126,21 +126,31 @@ def test_status_counts_each_state_and_names_the_best_the_cost_and_the_failed_log
     assert "allocated so far" not in out  # tasks of before allocations were recorded
 
 
+def one_task_sweep(folder: Path, spec, job_id: str, task: dict) -> None:
+    """A sweep folder of array ``job_id`` whose task 0 recorded ``task``."""
+    (folder / "tasks").mkdir()
+    (folder / "sweep.json").write_text(json.dumps({"spec": spec.to_dict(), "job_id": job_id}))
+    record = {"index": 0, "trial": 0, "experiment": "g-000", "job_id": job_id, "overrides": spec.grid[0], **task}
+    (folder / "tasks" / "0.json").write_text(json.dumps(record))
+
+
+def queue_says(folder: Path, monkeypatch, lines: str) -> None:
+    """An squeue that prints ``lines`` (index and state of the array's tasks still queued): a stand-in
+    for the queue in a test of the status function alone."""
+    fake = folder / "bin"
+    fake.mkdir()
+    (fake / "squeue").write_text(f"#!/bin/sh\necho '{lines}'\n" if lines else "#!/bin/sh\nexit 0\n")
+    (fake / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+
+
 def test_status_counts_a_task_that_left_the_queue_without_a_record_as_failed(tmp_path, monkeypatch):
     """A continued search whose tasks all crashed at start-up: the array is gone from the queue (an squeue
     that answers with an empty queue, a stand-in for this one function) and a task wrote no record: it
     failed; it is not pending forever."""
     spec = sweep_spec.from_grid("g", ["train.lr=0.1,0.2"], parallel=2)
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "sweep.json").write_text(json.dumps({"spec": spec.to_dict(), "job_id": "77"}))
-    task = {"index": 0, "trial": 0, "experiment": "g-000", "state": "done", "metric": 1.0, "job_id": "77"}
-    task["overrides"] = spec.grid[0]
-    (tmp_path / "tasks" / "0.json").write_text(json.dumps(task))
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "squeue").write_text("#!/bin/sh\nexit 0\n")
-    (fake / "squeue").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    one_task_sweep(tmp_path, spec, "77", {"state": "done", "metric": 1.0})
+    queue_says(tmp_path, monkeypatch, "")
     s = status(tmp_path)
     assert s.counts == {"done": 1, "running": 0, "pending": 0, "failed": 1, "pruned": 0}
     out = render(s, "val_loss")
@@ -151,16 +161,9 @@ def test_status_counts_a_running_tasks_allocation_up_to_now(tmp_path, monkeypatc
     """A task that has run for an hour on 2 cores holds 2 core-hours now, not 0 until it ends (the queue
     is an squeue stand-in that lists the task as RUNNING)."""
     spec = sweep_spec.from_grid("g", ["train.lr=0.1"], parallel=1)
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "sweep.json").write_text(json.dumps({"spec": spec.to_dict(), "job_id": "78"}))
-    task = {"index": 0, "trial": 0, "experiment": "g-000", "state": "running", "job_id": "78"}
-    task.update(overrides=spec.grid[0], attempts=[{"started": time.time() - 3600, "cores": 2}])
-    (tmp_path / "tasks" / "0.json").write_text(json.dumps(task))
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "squeue").write_text("#!/bin/sh\necho 0 RUNNING\n")
-    (fake / "squeue").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    hour = [{"started": time.time() - 3600, "cores": 2}]
+    one_task_sweep(tmp_path, spec, "78", {"state": "running", "attempts": hour})
+    queue_says(tmp_path, monkeypatch, "0 RUNNING")
     s = status(tmp_path)
     assert s.counts["running"] == 1
     assert s.cost["alloc_core_h"] == pytest.approx(2.0, abs=0.01) and s.cost["unmeasured"] == 0
