@@ -293,7 +293,8 @@ def test_a_second_training_of_the_same_output_at_once_is_refused(workdir):
     # One thread each, so that each holds one of the 2 cores' slots and both start at once (with the
     # threads the launcher gives, the second would wait for the first's cores and never meet it).
     one = {"OMP_NUM_THREADS": "1"}
-    first, out = train(workdir, "twice", popen=True, env={"VIRGO_FAULT_STEP_SLEEP": "0.3", **one})
+    # Slow steps: the first run is still training (two epochs to go) when the second is refused.
+    first, out = train(workdir, "twice", popen=True, env={"VIRGO_FAULT_STEP_SLEEP": "1.0", **one})
     try:
         wait_until(
             lambda: (out / "checkpoints" / "status.json").exists() or first.poll() is not None,
