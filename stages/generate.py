@@ -51,8 +51,11 @@ def run() -> int:
     machine = load_machine()
     print(f"generate: {gen.estimate(cfg, args.workers)['summary']}", flush=True)
     tasks = min(machine.generate_tasks, gen.n_chunks_of(cfg)) if machine.kind == "slurm" else 0
+    from virgo_exps.stagelog import output_line
+
     if not tasks:
         gen.generate(cfg, args.out, workers=args.workers)
+        print(output_line("generate", args.out), flush=True)
         return 0
 
     from virgo_exps.launch import launcher
@@ -74,8 +77,9 @@ def run() -> int:
         return rc
     gen.finalize(cfg, parts, args.out)
     print(f"generate: {tasks} array tasks done; checked every chunk and published {args.out}", flush=True)
+    print(output_line("generate", args.out), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(run, log="generate")

@@ -23,8 +23,11 @@ def run() -> int:
     from virgo_exps.study.preprocess import preprocess
 
     preprocess(args.source, cfg, args.out, workers=cfg.workers or None, device=cfg.device)  # prints its summary
+    from virgo_exps.stagelog import output_line
+
+    print(output_line("preprocess", args.out), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(run, log="preprocess")

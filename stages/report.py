@@ -47,9 +47,14 @@ def run() -> int:
         data_path=args.data,
         lock_path=args.version_lock,
     )
-    print(f"report: wrote {path}")
+    print(f"report: wrote {path}", flush=True)
+    from virgo_exps import fsio, stagelog
+
+    log = stagelog.current()
+    if log is not None:  # the report's own log goes with it (git holds results/report)
+        fsio.write_bytes(args.out / "report.log", stagelog.public(log.text().encode()))
     return 0
 
 
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(run, log="report")

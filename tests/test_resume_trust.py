@@ -165,7 +165,10 @@ def test_a_finished_snapshot_is_reused_only_for_the_same_run(repo):
     assert "epoch 1/" not in text
     assert mlflow_losses(repo, "same") == dict(zip(epochs_csv["epoch"], epochs_csv["train_loss"]))
 
-    # Shorter, queued: DVC restores the 3-epoch checkpoints/ into the queued workspace; it is not a prefix.
+    # Shorter, queued: the committed 3-epoch checkpoints/ (git holds it) is in the queued workspace; it is
+    # not a prefix.
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "results"], repo)
     wait_workers_gone(repo)
     dvc(repo, "exp", "run", "--queue", "-S", "train.epochs=1", "-n", "one")
     queue_start(repo, 1, env=env(repo))

@@ -28,6 +28,7 @@ SCHEDULING = {
     "virgo_exps.launch": "starts the work (directly, torchrun, horovodrun) or hands it to Slurm; watches and requeues",
     "virgo_exps.machines": "the machine profile: the machine is not a dependency of a result",
     "virgo_exps.preflight": "checks the machine and params before a run; writes nothing the stages produce",
+    "virgo_exps.stagelog": "keeps a stage's log (a record of how it ran, carried with the result, never part of it)",
     "virgo_exps.train.tracking": "logs the run to MLflow; writes none of the stage's outputs",
 }
 # Package markers run on import but hold only a docstring and a version string

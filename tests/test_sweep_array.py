@@ -240,7 +240,8 @@ def sweep(tmp_path_factory, slurm_multinode):
     started = time.monotonic()
     submitted = vx(repo, "sweep", "submit", "--grid", "lrgrid", *grid, "--parallel", "2", env=env)
     submit_s = time.monotonic() - started
-    job_id = submitted.stdout.strip().splitlines()[-1]
+    job_id = re.search(r"^submitted sweep lrgrid: job array (\d+) \(6 trials, 2 at a time\)", submitted.stdout, re.M)[1]
+    assert len(submitted.stdout.strip().splitlines()) == 1, submitted.stdout  # one sentence, no bare id
     leftover = our_processes([repo])  # the submit command's processes: all gone
     directory = store / "sweeps" / "lrgrid"
 
@@ -297,8 +298,10 @@ def sweep(tmp_path_factory, slurm_multinode):
         cluster.restart_node(killed, timeout=120)
         killed = None
         # A trial whose value the first stage refuses (global batch larger than the training split).
-        bad = vx(repo, "sweep", "submit", "--grid", "badgrid", "-S", "train.global_batch_size=64", env=env)
-        bad_job = bad.stdout.strip().splitlines()[-1]
+        bad = vx(
+            repo, "sweep", "submit", "--grid", "badgrid", "-S", "train.global_batch_size=64", "--parsable", env=env
+        )
+        bad_job = bad.stdout.strip()
         wait_until(lambda: finished(directory, 6), timeout=900, what="all trials of lrgrid", interval=2)
         wait_until(lambda: finished(store / "sweeps" / "badgrid", 1), timeout=300, what="badgrid", interval=1)
         wait_until(lambda: not squeue(cluster, job_id) and not squeue(cluster, bad_job), timeout=120, what="queue")
@@ -503,8 +506,8 @@ def test_a_submission_sbatch_refuses_can_be_made_again(sweep, tmp_path):
     grid = ["sweep", "submit", "--grid", "resubmit", "-S", "train.lr=0.002"]
     refused = vx(repo, *grid, env={**env, "VIRGO_MACHINE": "nopart"}, check=False)
     assert refused.returncode == 2 and "sbatch failed" in refused.stderr, refused.stderr
-    submitted = vx(repo, *grid, env=env)
-    job = submitted.stdout.strip().splitlines()[-1]
-    assert job.isdigit(), submitted.stdout
+    submitted = vx(repo, *grid, "--parsable", env=env)
+    job = submitted.stdout.strip()
+    assert job.isdigit(), submitted.stdout  # --parsable: the id alone, for scripts
     sweep["cluster"].slurm("scancel", job, check=False)
     wait_until(lambda: not squeue(sweep["cluster"], job), timeout=120, what=f"job {job} cancelled")

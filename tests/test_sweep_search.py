@@ -467,8 +467,8 @@ def test_search_sweep_as_a_job_array(tmp_path, slurm_multinode):
     study = search.open_study(s, directory)
     for lr in (GOOD_LR, GOOD_LR / 3, BAD_LR, BAD_LR):
         study.enqueue_trial({"train.lr": lr})
-    submitted = sh([*vx, "sweep", "submit", "sweeps/lr-array.yaml"], repo, env=env)
-    job_id = submitted.stdout.strip().splitlines()[-1]
+    submitted = sh([*vx, "sweep", "submit", "sweeps/lr-array.yaml", "--parsable"], repo, env=env)
+    job_id = submitted.stdout.strip()
     assert job_id.isdigit(), submitted.stdout
     wait_until(lambda: sweep_finished(directory, s.trials), timeout=1500, what="the 8 trials", interval=2)
 
@@ -512,7 +512,7 @@ def test_search_sweep_as_a_job_array(tmp_path, slurm_multinode):
     spec_file = repo / "sweeps" / "lr-array.yaml"
     spec_file.write_text(ARRAY_SWEEP.replace("trials: 8", "trials: 9"))
     sh(["git", "commit", "-q", "-am", "one trial more"], repo)
-    again = sh([*vx, "sweep", "submit", "sweeps/lr-array.yaml"], repo, env=env).stdout.strip().splitlines()[-1]
+    again = sh([*vx, "sweep", "submit", "sweeps/lr-array.yaml", "--parsable"], repo, env=env).stdout.strip()
     refused = sh([*vx, "sweep", "submit", "sweeps/lr-array.yaml"], repo, env=env, check=False)
     assert refused.returncode == 2 and f"its job array {again} is still in the queue" in refused.stderr
 

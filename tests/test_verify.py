@@ -125,9 +125,22 @@ def test_verify_an_experiment_from_git_and_the_cache_and_one_identical_to_its_ba
     assert missing.returncode == 2 and "--exp nosuch: no such experiment" in missing.stderr
 
 
-def test_verify_an_experiment_whose_metrics_were_edited_after_the_run(ran, tmp_path):
-    """The experiment's commit with results/metrics.json changed by hand (val_loss halved), made with git's
-    plumbing as a teammate's edited push would arrive: verify --exp names the file and fails."""
+def commit_with(repo, rev: str, rel: str, data: bytes, tmp_path) -> str:
+    """A commit of ``rev`` with ``rel`` replaced by ``data``, made with git's plumbing as a teammate's
+    edited push would arrive."""
+    edited = tmp_path / "edited"
+    edited.write_bytes(data)
+    blob = sh(["git", "hash-object", "-w", str(edited)], repo).stdout.strip()
+    env = tool_env({"GIT_INDEX_FILE": str(tmp_path / "index")})
+    sh(["git", "read-tree", rev], repo, env)
+    sh(["git", "update-index", "--cacheinfo", f"100644,{blob},{rel}"], repo, env)
+    tree = sh(["git", "write-tree"], repo, env).stdout.strip()
+    return sh(["git", "commit-tree", tree, "-p", rev, "-m", "edited"], repo, env).stdout.strip()
+
+
+def test_verify_an_experiment_whose_git_held_outputs_were_edited_after_the_run(ran, tmp_path):
+    """results/metrics.json with val_loss halved, and one line of the report (a file in a folder output
+    git holds) changed: verify --exp names the output and fails; the unedited experiment passes."""
     repo, _ = ran
     first = exp_names(repo)[0]
     from virgo_exps.experiments.verify import exp_refs
@@ -135,18 +148,19 @@ def test_verify_an_experiment_whose_metrics_were_edited_after_the_run(ran, tmp_p
     rev = exp_refs(repo)[first]
     metrics = json.loads(sh(["git", "show", f"{rev}:results/metrics.json"], repo).stdout)
     metrics["val_loss"] /= 2
-    edited = tmp_path / "metrics.json"
-    edited.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    blob = sh(["git", "hash-object", "-w", str(edited)], repo).stdout.strip()
-    env = tool_env({"GIT_INDEX_FILE": str(tmp_path / "index")})
-    sh(["git", "read-tree", rev], repo, env)
-    sh(["git", "update-index", "--cacheinfo", f"100644,{blob},results/metrics.json"], repo, env)
-    tree = sh(["git", "write-tree"], repo, env).stdout.strip()
-    commit = sh(["git", "commit-tree", tree, "-p", rev, "-m", "edited"], repo, env).stdout.strip()
-    out = virgo(repo, "verify", "--exp", commit, check=False)
-    assert out.returncode != 0, out.stdout
-    assert "results/metrics.json: its content in the experiment (MD5" in out.stdout + out.stderr, out.stdout
-    assert "it was changed after the run" in out.stdout + out.stderr
+    report = sh(["git", "show", f"{rev}:results/report/report.md"], repo).stdout
+    edits = {
+        "results/metrics.json": (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode(),
+        "results/report/report.md": report.replace("val", "VAL", 1).encode(),
+    }
+    for rel, data in edits.items():
+        commit = commit_with(repo, rev, rel, data, tmp_path)
+        out = virgo(repo, "verify", "--exp", commit, check=False)
+        output = out.stdout + out.stderr
+        assert out.returncode != 0, output
+        named = rel if rel.endswith(".json") else "results/report"
+        assert f"{named}: its content in the experiment (MD5" in output, output
+        assert "it was changed after the run" in output
     ok = virgo(repo, "verify", "--exp", rev)
     assert "ok: git-held outputs:" in ok.stdout and "match their MD5 in dvc.lock" in ok.stdout, ok.stdout
 

@@ -24,16 +24,22 @@ def _known_errors():
         sys.exit(3)
 
 
-def stage_main(run: Callable[[], int | None]) -> None:
+def stage_main(run: Callable[[], int | None], log: str | None = None) -> None:
     """Run a stage body; turn configuration errors into one clear line and exit 2.
 
     The stage ends, with every process it started, when the process that
     started it (DVC) ends or on SIGINT/SIGTERM/SIGHUP (see
-    :func:`virgo_exps.launch.launcher.bind_stage_to_starter`).
+    :func:`virgo_exps.launch.launcher.bind_stage_to_starter`). With ``log``
+    (the stage's name), its output is also kept in the stage's log
+    (:mod:`virgo_exps.stagelog`).
     """
     from virgo_exps.launch.launcher import bind_stage_to_starter
 
     bind_stage_to_starter()
+    if log:
+        from virgo_exps import stagelog
+
+        stagelog.start(log)
     try:
         with _known_errors():
             code = run()

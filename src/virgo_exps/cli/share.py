@@ -3,6 +3,7 @@
 virgo-exps share --dir /projects/vx/dvc --group vx_team   # create or join the team's store, configure this clone
 virgo-exps share --dir ... --group ... --check [--fix]    # only check the store's permissions (repair yours)
 virgo-exps failures                                        # failed experiments: status, error line, log path
+virgo-exps logs [--exp NAME] [--stage train]               # the logs an experiment carries (also a pulled one)
 virgo-exps resume <exp> --epochs 10 [--queue]              # continue <exp> from its last checkpoint
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-COMMANDS = ("share", "failures", "resume")
+COMMANDS = ("share", "failures", "logs", "resume")
 
 
 def add_parser(subparsers) -> None:
@@ -56,10 +57,20 @@ def add_parser(subparsers) -> None:
     f.add_argument("--json", action="store_true", help="machine-readable output")
     f.add_argument("--repo", default=".", type=Path)
 
+    g = subparsers.add_parser(
+        "logs",
+        help="show the logs an experiment carries: its data stages, its training's runs or jobs, its report",
+        description="Reads results/train.log and results/report/report.log (held by git, so `dvc exp pull` "
+        "brings them with a teammate's experiment) from the experiment's commit, or from the workspace.",
+    )
+    g.add_argument("--exp", help="experiment name or revision (default: the workspace)")
+    g.add_argument("--stage", help="only this stage's logs (generate, preprocess, train, report)")
+    g.add_argument("--repo", default=".", type=Path)
+
     r = subparsers.add_parser(
         "resume",
         help="continue an experiment from its last checkpoint with more epochs, in the workspace or the queue",
-        description="Applies EXP (restoring its checkpoints/ from the DVC cache) and runs it again with "
+        description="Applies EXP (restoring its checkpoints/, which git holds) and runs it again with "
         "train.epochs=N; the trainer continues from the snapshot, so the result equals training N "
         "epochs in one go.",
     )
@@ -117,6 +128,18 @@ def _failures(args) -> int:
     return 0
 
 
+def _logs(args) -> int:
+    from virgo_exps.experiments.failures import LogsError, carried_logs, format_logs
+
+    try:
+        found = carried_logs(args.repo, args.exp)
+    except LogsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_logs(found, args.stage, f"experiment {args.exp}" if args.exp else "the workspace"))
+    return 0
+
+
 def _resume(args) -> int:
     from virgo_exps.experiments.resume import ResumeError, resume
 
@@ -128,7 +151,7 @@ def _resume(args) -> int:
 
 
 def run(args) -> int:
-    return {"share": _share, "failures": _failures, "resume": _resume}[args.command](args)
+    return {"share": _share, "failures": _failures, "logs": _logs, "resume": _resume}[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--direction", default="minimize", choices=("minimize", "maximize"))
     s.add_argument("--store", type=Path, help="the team store (default: the one of this checkout's shared cache)")
     s.add_argument("--repo", type=Path, default=Path("."), help="the checkout to sweep (default: here)")
+    s.add_argument(
+        "--parsable", action="store_true", help="print only the job array's id (for scripts, as `sbatch --parsable`)"
+    )
     for name, what in (("status", "trials done / running / pending / failed, best and cost so far"), ("page", "")):
         q = sub.add_parser(name, help=what or "the sweep's page: history, importances, best trial, cost")
         q.add_argument("name", help="the sweep's name")
@@ -52,11 +55,13 @@ def _submit(args) -> int:
         else sweep_spec.from_grid(args.grid, args.sets, args.parallel, args.metric, args.direction)
     )
     record = submit(args.repo, spec, args.store)
+    if args.parsable:
+        print(record["job_id"])
+        return 0
     print(
         f"submitted sweep {spec.name}: job array {record['job_id']} ({spec.trials} trials, {spec.parallel} at a "
         f"time); sweep dir {record['store']}/sweeps/{spec.name}; `virgo-exps sweep status {spec.name}`"
     )
-    print(record["job_id"])
     return 0
 
 

@@ -189,3 +189,75 @@ def format_failures(found: list[Failure]) -> str:
         "their DVC output is kept in logs/failed/ either way."
     )
     return "\n".join(lines)
+
+
+# -- the logs an experiment carries -------------------------------------------------
+
+# What git holds of an experiment's logs (outputs with `cache: false`, so `dvc exp push/pull` carries them).
+CARRIED_LOGS = ("results/train.log", "results/report/report.log")
+_PART = re.compile(r"^==> (?P<name>\S+?)(?::.*)? <==$", re.M)
+
+
+class LogsError(Exception):
+    pass
+
+
+def carried_logs(repo: Path | str = ".", exp: str | None = None) -> dict[str, str]:
+    """{path: text} of the logs an experiment carries (from git for ``exp``, else the workspace)."""
+    repo = Path(repo).resolve()
+    found: dict[str, str] = {}
+    rev = None
+    if exp is not None:
+        from virgo_exps.experiments.verify import exp_refs
+
+        rev = exp_refs(repo).get(exp)
+        if rev is None:
+            proc = subprocess.run(
+                ["git", "rev-parse", "--verify", "--quiet", f"{exp}^{{commit}}"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                raise LogsError(
+                    f"{exp}: no such experiment here; `dvc exp pull <remote> {exp}` fetches a teammate's, "
+                    "`dvc exp list` lists what is here"
+                )
+            rev = exp
+    for rel in CARRIED_LOGS:
+        if rev is not None:
+            proc = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=repo, capture_output=True)
+            if proc.returncode == 0:
+                found[rel] = proc.stdout.decode(errors="replace")
+        elif (repo / rel).is_file():
+            found[rel] = (repo / rel).read_text(errors="replace")
+    return found
+
+
+def log_parts(text: str) -> list[tuple[str, str]]:
+    """(name, text) of each log joined in ``text`` under its ``==> name <==`` line."""
+    marks = list(_PART.finditer(text))
+    if not marks:
+        return [("", text)] if text.strip() else []
+    return [
+        (m.group("name"), text[m.end() : marks[i + 1].start() if i + 1 < len(marks) else len(text)].strip("\n"))
+        for i, m in enumerate(marks)
+    ]
+
+
+def format_logs(found: dict[str, str], stage: str | None = None, label: str = "the workspace") -> str:
+    """The carried logs, each part under its name; ``stage`` keeps that stage's parts only."""
+    lines = []
+    for rel, text in found.items():
+        for name, part in log_parts(text):
+            where = name or rel
+            part_stage = where.split("/")[1] if where.startswith("logs/") and where.count("/") >= 2 else ""
+            if rel.endswith("report.log"):
+                part_stage, where = "report", rel
+            if stage and part_stage != stage:
+                continue
+            lines += [f"==> {where}" + (f" (in {rel})" if where != rel else "") + " <==", part, ""]
+    if not lines:
+        what = f"no log of stage '{stage}'" if stage else "no logs"
+        return f"{label}: {what} (an experiment made before its stages kept their logs, or a stage that did not run)"
+    return "\n".join(lines).rstrip("\n")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -177,16 +178,43 @@ class Experiment:
             return []
         return [(e["relpath"], e["md5"]) for e in json.loads(obj.read_text())]
 
+    def git_files(self, rel: str) -> list[tuple[str, bytes]] | None:
+        """(path inside ``rel``, bytes) of what git holds at ``rel`` in the experiment's commit: one
+        entry with path "" for a file, every file below it for a folder; None if git holds nothing."""
+        proc = subprocess.run(
+            ["git", "ls-tree", "-r", "-z", "--full-tree", self.rev, "--", rel], cwd=self.repo, capture_output=True
+        )
+        found = []
+        for item in proc.stdout.split(b"\0"):
+            if b"\t" not in item:
+                continue
+            meta, name = item.split(b"\t", 1)
+            if meta.split()[1] != b"blob":
+                continue
+            path = name.decode()
+            sub = "" if path == rel else path[len(rel) + 1 :]
+            found.append((sub, self.blob(path) or b""))
+        return found or None
+
     def files(self, rel: str) -> list[tuple[str, Path]] | None:
         entries = self.entries(rel)
         if entries is None:
-            text = self.text(rel)  # an output git holds (cache: false)
-            if text is None:
+            held = self.git_files(rel)  # an output git holds (cache: false)
+            if held is None:
                 return None
-            tmp = self.repo / ".dvc" / "tmp" / "verify" / rel
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
-            return [("", tmp)]
+            out = []
+            for sub, data in held:
+                tmp = (
+                    self.repo / ".dvc" / "tmp" / "verify" / rel / sub
+                    if sub
+                    else self.repo / ".dvc" / "tmp" / "verify" / rel
+                )
+                if tmp.is_dir():
+                    shutil.rmtree(tmp)
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                out.append((sub, tmp))
+            return out
         return [(r, self.object(m)) for r, m in entries]
 
     def path(self, rel: str) -> Path | None:
@@ -414,6 +442,14 @@ def check_stores(repo: Path, report: Report, dvc_yaml: Path) -> None:
                 report.checked.append(f"{rel}: read all {n} chunk(s) of {len(arrays)} array(s)")
 
 
+def dvc_md5(files: list[tuple[str, bytes]]) -> str:
+    """DVC's MD5 of a folder output: the MD5 of its sorted (relpath, MD5) list as JSON, with ``.dir``."""
+    entries = sorted(
+        ({"md5": hashlib.md5(data).hexdigest(), "relpath": sub} for sub, data in files), key=lambda e: e["relpath"]
+    )
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
 def check_git_outputs(src: Experiment, report: Report, lock: dict) -> None:
     """Every output git holds (``cache: false``: metrics, per-epoch rows, version.lock) has, in the
     experiment's commit, the MD5 its dvc.lock records: an edit after the run shows here (in a workspace,
@@ -422,14 +458,14 @@ def check_git_outputs(src: Experiment, report: Report, lock: dict) -> None:
     for name, stage in (lock.get("stages") or {}).items():
         for out in stage.get("outs") or []:
             rel, md5 = out.get("path"), out.get("md5")
-            if rel not in src.uncached or not md5 or md5.endswith(".dir"):
+            if rel not in src.uncached or not md5:
                 continue
-            data = src.blob(rel)
-            if data is None:
+            held = src.git_files(rel)
+            if held is None:
                 report.problems.append(f"{rel}: in dvc.lock of stage '{name}' but not in the experiment's commit")
                 continue
-            n += 1
-            got = hashlib.md5(data).hexdigest()
+            n += len(held)
+            got = dvc_md5(held) if md5.endswith(".dir") else hashlib.md5(held[0][1]).hexdigest()
             if got != md5:
                 report.problems.append(
                     f"{rel}: its content in the experiment (MD5 {got}) is not what stage '{name}' wrote "

@@ -59,7 +59,7 @@ def launch(args: argparse.Namespace, check: Callable[[Params, argparse.Namespace
     files = WorkerFiles(params=str(args.params), checkpoints=str(args.checkpoints))
     rc = launcher.launch(JobSpec.training("train", argv, params.train, files))
     if rc == 0 and args.log is not None:
-        keep_log(args.log)
+        keep_log(args.log, args.data)
     return rc
 
 
@@ -75,27 +75,15 @@ def _without_log(args: list[str]) -> list[str]:
     return out
 
 
-def keep_log(target: Path) -> None:
-    """The logs of the training's runs or jobs, one after the other, as an output of the stage: git holds it
-    with the experiment's metrics, so `dvc exp push/pull` carries it to the team."""
-    from virgo_exps import fsio
+def keep_log(target: Path, data: Path | None = None) -> None:
+    """The logs of the data stages that made ``data`` (:func:`virgo_exps.stagelog.data_logs`), then those
+    of the training's runs or jobs, one after the other, as an output of the stage: git holds it with the
+    experiment's metrics, so `dvc exp push/pull` carries it to the team."""
+    from virgo_exps import fsio, stagelog
     from virgo_exps.launch.protocol import recorded_logs
 
-    parts = []
-    for log in recorded_logs():
-        try:
-            parts.append(f"==> {log.name} <==\n".encode() + log.read_bytes())
-        except OSError as exc:
-            parts.append(f"==> {log.name}: not readable ({exc.strerror}) <==\n".encode())
-    text = b"\n".join(parts)
-    # The log travels to teammates and into commits: where this checkout and this home are is nobody's business.
-    from virgo_exps.paths import main_checkout, repo_root
-
-    places = {str(repo_root()): "<workspace>", str(main_checkout()): "<checkout>", str(Path.home()): "~"}
-    for where in sorted(places, key=len, reverse=True):
-        if len(where) > 1:
-            text = text.replace(where.encode(), places[where].encode())
-    fsio.write_bytes(target, text)
+    logs = (stagelog.data_logs(data) if data is not None else []) + recorded_logs()
+    fsio.write_bytes(target, stagelog.public(stagelog.joined(logs)))
 
 
 def work(args: argparse.Namespace, models: Callable[[], Any], strategy_box: list) -> int:
