@@ -29,7 +29,7 @@ def run() -> int:
     except ConfigError as exc:
         return preflight.refuse(exc, args.params)
     text = render(collect())
-    if args.out.exists() and args.out.read_text() == text:
+    if args.out.is_file() and args.out.read_bytes() == text.encode():  # a damaged file (not text) is rewritten
         print(f"environment: {args.out} unchanged")
         return 0
     fsio.write_text(args.out, text)

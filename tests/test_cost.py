@@ -17,14 +17,15 @@ import json
 import resource
 import subprocess
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from conftest import BIN, make_repo, tool_env, write_images
 from test_trainer import train
 from virgo_exps.train import cost
+from virgo_exps.train.trainer import read_snapshot_file
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_a_resumed_run_counts_every_attempt(workdir):
     assert first.returncode != 0 and not (out / "metrics.json").exists()
     status = json.loads((out / "checkpoints" / "status.json").read_text())
     assert status["status"] == "interrupted"
-    (attempt1,) = torch.load(status["snapshot"], map_location="cpu", weights_only=False)["cost_attempts"]
+    (attempt1,) = read_snapshot_file(Path(status["snapshot"]))["cost_attempts"]
     assert attempt1["attempts"] == 1 and 0 < attempt1["wall_s"] < wall1 and attempt1["cores"] == 2
     t1 = time.time()
     second, _ = train(workdir, name, "ddp", 2, env=env, epochs=2, fresh=False)

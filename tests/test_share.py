@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, make_repo, sh
+from conftest import BIN, ROOT, make_repo, sh, wait_until
 from virgo_exps.experiments import share
 
 PARAMS = {"preprocess": {"fmax": 64.0}}
@@ -391,6 +391,16 @@ def test_teammate_pulls_applies_and_reproduces_nothing(shared):
     assert log == (alice.repo / "results/train.log").read_text()
     assert "==> " in log and "epoch 1/" in log and "epoch 2/" in log, log[-2000:]
     assert str(alice.repo) not in log and "<checkout>" in log  # no path of Alice's machine travels
+    # So did the logs of the data stages that made its data and the report's, shown per stage.
+    for stage, says in (
+        ("generate", "generate: output data/raw.zarr digest "),
+        ("preprocess", "preprocess: output data/images.zarr digest "),
+        ("train", "epoch 2/"),
+        ("report", "report: wrote results/report/report.md"),
+    ):
+        shown = bob.vx("logs", "--exp", "alice-base", "--stage", stage).stdout
+        assert says in shown, (stage, shown)
+        assert stage == "report" or f"==> logs/{stage}/alice-base-" in shown, (stage, shown)
     # The durable copy: every output of the experiment is in the DVC remote, not only in the shared cache.
     import yaml
 
@@ -507,3 +517,70 @@ def test_one_pushes_while_the_other_pulls_and_both_share_at_once(shared):
         out = proc.communicate(timeout=900)[0]
         assert proc.returncode == 0 and "permissions: ok" in out, out[-3000:]
     assert _modes(store, group) == [] and share.check_tree(store, group) == []
+
+
+def _sweep_state(store: Path, name: str) -> str | None:
+    task = store / "sweeps" / name / "tasks" / "0.json"
+    try:
+        return json.loads(task.read_text()).get("state")
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_two_teammates_each_submit_a_sweep_into_the_same_store_on_slurm(shared):
+    """Alice and Bob, two Unix users of the team's group, each submit a one-trial sweep on a real Slurm into
+    the same store at the same moment. Both trials run as their owner and end done; each user's trial
+    experiment is in the store's git; both `share --check` pass afterwards; each reads the other's status."""
+    import shlex
+
+    from slurm_fixtures import first_job_id, start_cluster
+
+    store, group, alice, bob, base = shared["store"], shared["group"], shared["alice"], shared["bob"], shared["base"]
+    cluster = start_cluster(base / "slurm", nodes=1, cpus_per_node=2, first_job_id=first_job_id(0) + 2000)
+    try:
+        exports = " ".join(
+            f"{k}={shlex.quote(v)}"
+            for k, v in {**cluster.env, "VIRGO_MACHINE": "simcluster", "OMP_NUM_THREADS": "1"}.items()
+        )
+        vx = f"env {exports} python -m virgo_exps.cli.main"
+        for user in (alice, bob):
+            user.vx("share", "--dir", str(store), "--group", group)  # joined (again: nothing changes)
+            # The committed result with its data, as a sweep starts from: alice's experiment.
+            user.run(
+                "set -e; dvc exp pull team alice-base; dvc exp apply alice-base; git add -A; "
+                "git diff --cached --quiet || git commit -q -m 'the sweep base'; "
+                f"ln -sfn {shlex.quote(str(cluster.workdir))} .slurmsim"
+            )
+        procs = {
+            user.name: user.popen(f"{vx} sweep submit --grid {user.name}-lr -S train.lr=0.002 --parsable")
+            for user in (alice, bob)
+        }
+        for name, proc in procs.items():
+            out = proc.communicate(timeout=600)[0]
+            assert proc.returncode == 0 and out.strip().isdigit(), (name, out[-3000:])
+        names = [f"{u.name}-lr" for u in (alice, bob)]
+        wait_until(
+            lambda: all(_sweep_state(store, n) in ("done", "failed") for n in names),
+            timeout=900,
+            what="both sweeps' trial",
+            interval=2,
+        )
+        for name, user in zip(names, (alice, bob)):
+            folder = store / "sweeps" / name
+            state = _sweep_state(store, name)
+            logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in (folder / "logs").glob("*.out"))
+            assert state == "done", (name, state, logs)
+            assert (folder / "tasks" / "0.json").stat().st_uid == pwd.getpwnam(user.name).pw_uid  # ran as its owner
+        for user in (alice, bob):  # each reads both sweeps, the other's included
+            for name in names:
+                shown = user.run(f"{vx} sweep status {name}").stdout
+                assert "1 trials: 1 done" in shown, (user.name, name, shown)
+        listed = bob.run(["dvc", "exp", "list", "team", "--all-commits", "--name-only"]).stdout.split()
+        assert {f"{n}-000" for n in names} <= set(listed), listed
+        for user in (alice, bob):
+            assert user.vx("share", "--dir", str(store), "--group", group, "--check").returncode == 0
+        assert _modes(store, group) == []
+    finally:
+        cluster.stop()

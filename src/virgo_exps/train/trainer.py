@@ -225,6 +225,40 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         raise _write_failure(path, exc) from exc
 
 
+# A snapshot file: this line, the SHA-256 of the rest, a newline, then what torch.save wrote. A flipped
+# byte in a tensor loads silently with torch.load alone, and a run resumed from it would not be the run
+# it claims to continue.
+SNAPSHOT_MAGIC = b"virgo-exps snapshot 1\n"
+
+
+class DamagedSnapshot(Exception):
+    """A snapshot file that is not one, or whose content does not match its checksum."""
+
+
+def write_snapshot_file(obj: Any, path: Path) -> None:
+    """``obj`` (the snapshot dict) into ``path``, whole or not at all, with its checksum."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    try:
+        with fsio.replacing(path) as tmp, open(tmp, "wb") as fh:
+            fh.write(SNAPSHOT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+            fh.write(payload)
+    except (OSError, RuntimeError) as exc:
+        raise _write_failure(path, exc) from exc
+
+
+def read_snapshot_file(path: Path) -> dict:
+    """The snapshot dict of ``path``, verified against its checksum (:class:`DamagedSnapshot` if not)."""
+    with open(path, "rb") as fh:
+        head, digest, payload = fh.readline(), fh.readline().strip(), fh.read()
+    if head != SNAPSHOT_MAGIC:
+        raise DamagedSnapshot("it has no checksum (not a snapshot of this version, or damaged at its start)")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise DamagedSnapshot("its content does not match its SHA-256 checksum (damaged)")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     try:
         fsio.write_text(path, text)
@@ -480,7 +514,7 @@ class Trainer:
                 cost.summarise(usage, [p["device"] for p in self.placement], sum(energies) if energies else None),
             ],
         }
-        _atomic_torch_save(snapshot, folder / SNAPSHOT)
+        write_snapshot_file(snapshot, folder / SNAPSHOT)
         state = (
             json.dumps(
                 {
@@ -511,7 +545,10 @@ class Trainer:
             if not path.exists():
                 continue
             try:
-                snap = torch.load(path, map_location="cpu", weights_only=False)
+                snap = read_snapshot_file(path)
+            except DamagedSnapshot as exc:
+                print(f"train: not resuming from {self._shown(path)}: {exc}; starting afresh", file=sys.stderr)
+                continue
             except Exception as exc:
                 print(
                     f"train: not resuming from {self._shown(path)}: cannot read it ({type(exc).__name__}: "
@@ -546,7 +583,7 @@ class Trainer:
         if not chosen:
             return False
         path = Path(chosen)
-        snap = torch.load(path, map_location="cpu", weights_only=False)
+        snap = read_snapshot_file(path)
         self.strategy.unwrap(self.model).load_state_dict(snap["model"])
         self.strategy.load_optimizer_state(self.optimizer, snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
