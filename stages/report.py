@@ -28,6 +28,13 @@ def run() -> int:
     from virgo_exps.provenance import check_metrics
 
     check_metrics(args.metrics, args.params)  # the metrics were made with the train params we were given
+    from virgo_exps.config import DamagedInputError
+    from virgo_exps.provenance import read_metrics
+    from virgo_exps.train.outcome import metrics_refusal
+
+    why = metrics_refusal(read_metrics(args.metrics))
+    if why:  # the one rule of what a successful run is: a report of no result is no report
+        raise DamagedInputError(f"{args.metrics}: not a successful run's result: {why}; rerun the train stage")
     from virgo_exps.paths import experiment_name
     from virgo_exps.study.report import build
 

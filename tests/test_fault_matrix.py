@@ -109,3 +109,123 @@ def test_a_damaged_version_lock_is_rewritten_and_nothing_reruns(ran, how):
         assert sh(["git", "status", "--porcelain"], repo).stdout == ""
     finally:
         restore(repo)
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted"])
+def test_a_damaged_metrics_file_is_named_by_the_report_stage_and_verify(ran, how):
+    repo, _ = ran
+    try:
+        damage(repo / "results" / "metrics.json", how)
+        out = dvc(repo, "repro", "--force", "--single-item", "report", check=False)
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "Traceback" not in text, text[-3000:]
+        said = "cannot be read (No such file or directory)" if how == "deleted" else "not a metrics file (not JSON"
+        assert f"error: results/metrics.json: {said}" in text, text[-3000:]
+        checked = sh([str(BIN / "virgo-exps"), "verify"], repo, check=False)
+        assert checked.returncode == 1 and "Traceback" not in checked.stdout + checked.stderr, checked.stderr
+        assert "FAIL: results/metrics.json" in checked.stderr or how == "deleted", checked.stderr
+    finally:
+        restore(repo)
+
+
+# -- a data stage killed at several points -----------------------------------------------------------------
+
+BIGGER = {"generate": {"n_samples": 192, "chunk_size": 16}}
+
+
+def files_under(pattern: str, repo) -> int:
+    return sum(1 for folder in repo.glob(pattern) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def data_repo(tmp_path_factory):
+    repo = make_repo(tmp_path_factory.mktemp("kills") / "repo", BIGGER)
+    dvc(repo, "repro", "preprocess")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "data"], repo)
+    return repo
+
+
+def lock_md5(repo, stage: str) -> str:
+    import yaml
+
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["outs"][0]["md5"]
+
+
+@pytest.mark.parametrize("stage,out", [("generate", "data/raw.zarr"), ("preprocess", "data/images.zarr")])
+@pytest.mark.parametrize("point", ["its first chunk written", "half its chunks written"])
+def test_a_data_stage_killed_while_it_writes_reruns_to_the_same_bytes(data_repo, stage, out, point):
+    """`dvc repro` killed (SIGKILL to its process group, as a lost login session) while the stage writes its
+    store: nothing half-written is published or left behind, and the rerun writes the very same bytes."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import tool_env, wait_until
+
+    repo = data_repo
+    want = lock_md5(repo, stage)
+    total = files_under(out, repo)
+    need = 1 if point.startswith("its first") else max(2, total // 2)
+    proc = subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "--force", "-s", stage],
+        cwd=repo,
+        env=tool_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: files_under(f"{out}.partial-*", repo) >= need, 300, f"{need} file(s) of {out}", 0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+    def running_here() -> list[int]:  # the killed run's processes, until they have exited (zombies aside)
+        import psutil
+
+        found = []
+        for proc_ in psutil.process_iter(["cwd", "status"]):
+            if (proc_.info["cwd"] or "").startswith(str(repo)) and proc_.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc_.pid)
+        return found
+
+    wait_until(lambda: not running_here(), 60, "the killed run's processes to exit")
+    published = repo / out
+    if published.exists():  # DVC removes the output before a forced run; if one is there, it is whole
+        from virgo_exps.experiments.verify import dvc_md5
+
+        files = [(p.relative_to(published).as_posix(), p.read_bytes()) for p in published.rglob("*") if p.is_file()]
+        assert dvc_md5(files) == want
+    again = dvc(repo, "repro", "--force", "-s", stage)
+    assert "Traceback" not in again.stdout + again.stderr
+    assert lock_md5(repo, stage) == want
+    assert not list(repo.glob(f"{out}.partial-*")), list(repo.glob(f"{out}.partial-*"))  # the killed run's: gone
+    assert sh(["git", "status", "--porcelain"], repo).stdout == ""
+    status = dvc(repo, "status", "--json").stdout
+    assert stage not in status, status
+
+
+def test_a_partial_store_of_a_dead_or_zombie_writer_is_removed_and_a_live_ones_kept(tmp_path):
+    """A killed stage whose parent died too stays a zombie until init reaps it (in some containers, a long
+    while): it writes nothing more, so its partial store goes; a running writer's stays."""
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+    from virgo_exps import store
+
+    out = tmp_path / "raw.zarr"
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_until(lambda: open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 30, "a zombie")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (zombie.pid, live.pid, 2**22 + 1):  # the last: no such process
+            (tmp_path / f"raw.zarr.partial-{pid}").mkdir()
+        removed = sorted(p.name for p in store.remove_stale_partials(out))
+        assert removed == sorted([f"raw.zarr.partial-{zombie.pid}", f"raw.zarr.partial-{2**22 + 1}"])
+        assert (tmp_path / f"raw.zarr.partial-{live.pid}").is_dir()
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()

@@ -387,3 +387,43 @@ def test_cli_up_status_down(tmp_path):
         [*cli, "status", "--dir", str(workdir)], capture_output=True, text=True, env=env, timeout=60
     )
     assert status.returncode == 1
+
+
+def test_a_veth_end_the_kernel_removes_with_its_namespace_during_teardown_is_not_an_error(tmp_path, monkeypatch):
+    """The race `make cluster-down` lost once: a node's namespace goes, the kernel removes the veth pair
+    with it, after teardown saw our end and before it deleted it (`ip link del` says "Cannot find device").
+    Reproduced with a real namespace and veth pair, the namespace deleted between the check and the delete:
+    teardown completes; a device that is still there after a failed delete stays an error."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces and veth pairs need root and iproute2")
+    tag = f"vr{os.getpid() % 100000}"
+    ns, host_end, ns_end = f"{tag}ns", f"{tag}h", f"{tag}n"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end], check=True)
+        subprocess.run(["ip", "link", "set", ns_end, "netns", ns], check=True)
+        cluster = slurmsim.SimCluster(tmp_path / "c", nodes=2)
+        cluster._state = {"network": {"netns": [], "links": [host_end]}, "daemons": {}}
+        real = slurmsim._link_exists
+        raced = []
+
+        def seen_then_gone(name: str) -> bool:
+            there = real(name)
+            if name == host_end and there and not raced:
+                raced.append(name)
+                subprocess.run(["ip", "netns", "del", ns], check=True)
+                deadline = time.monotonic() + 30
+                while real(host_end) and time.monotonic() < deadline:  # the kernel's cleanup is asynchronous
+                    time.sleep(0.05)
+                assert not real(host_end), "the veth pair outlived its namespace"
+            return there
+
+        monkeypatch.setattr(slurmsim, "_link_exists", seen_then_gone)
+        cluster._teardown()  # before the fix: SlurmSimError("teardown incomplete: Cannot find device ...")
+        assert raced == [host_end] and not real(host_end)
+        assert not cluster.state_path.exists()
+    finally:
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -208,6 +208,33 @@ def test_train_refuses_data_made_with_other_preprocess_params(ran):
     assert virgo(repo, "verify").returncode == 0
 
 
+def test_a_recorded_result_of_a_diverged_run_is_no_result_for_verify_and_the_report(ran):
+    """metrics.json with a loss that is not a finite number (an older trainer's record of a diverged run,
+    or an edit): verify says it is no result, and the report stage refuses it with one line; the rule is
+    the trainer's own (virgo_exps.train.outcome)."""
+    repo, _ = ran
+    path = repo / "results" / "metrics.json"
+    kept = path.read_text()
+    try:
+        metrics = json.loads(kept)
+        metrics["val_loss"] = None
+        path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        out = virgo(repo, "verify", check=False)
+        assert out.returncode == 1, out.stdout
+        assert (
+            "FAIL: results/metrics.json: not a successful run's result: val_loss is None, not a finite number"
+        ) in out.stderr, out.stderr
+        report = dvc(repo, "repro", "--force", "--single-item", "report", check=False)
+        text = report.stdout + report.stderr
+        assert report.returncode != 0 and "Traceback" not in text, text[-3000:]
+        assert "error: results/metrics.json: not a successful run's result: val_loss is None" in text, text[-3000:]
+    finally:
+        path.write_text(kept)
+    dvc(repo, "repro", "--single-item", "report")
+    out = virgo(repo, "verify")
+    assert "ok: results/metrics.json: a successful run's" in out.stdout, out.stdout
+
+
 def test_params_changed_behind_dvc_are_caught_by_verify_and_the_next_stage(ran):
     """The end state of two `dvc exp run` at once (the second refused by DVC's lock after it wrote
     params.yaml): params.yaml and dvc.lock say seed 12, the outputs were made with seed 0, and

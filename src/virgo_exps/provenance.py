@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from virgo_exps.config import ConfigError
+from virgo_exps.config import ConfigError, DamagedInputError
 
 KEY = "provenance"
 DIGEST_CHARS = 16
@@ -252,6 +252,19 @@ def check_input(
         raise ConfigError(problems[0] + more)
 
 
+def read_metrics(path: str | os.PathLike) -> dict:
+    """A ``metrics.json``: a JSON object, or :class:`DamagedInputError` naming the file and the fix."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise DamagedInputError(f"{path}: cannot be read ({exc.strerror}); {fix_hint('train')}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedInputError(f"{path}: not a metrics file (not JSON: {exc}); {fix_hint('train')}") from exc
+    if not isinstance(data, dict):
+        raise DamagedInputError(f"{path}: not a metrics file (not a JSON object); {fix_hint('train')}")
+    return data
+
+
 def check_metrics(
     path: str | os.PathLike,
     params_file: str | os.PathLike = "params.yaml",
@@ -259,7 +272,7 @@ def check_metrics(
     stage: str = "train",
 ) -> None:
     """Refuse a ``metrics.json`` whose params digest is not that of the params this stage was given."""
-    st = (json.loads(Path(path).read_text()) or {}).get(KEY)
+    st = read_metrics(path).get(KEY)
     if not isinstance(st, dict) or "params" not in st:
         return
     flat = used_params(params_file)

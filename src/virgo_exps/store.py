@@ -44,7 +44,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    try:  # a killed process whose parent died too stays a zombie until init reaps it: it writes nothing
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_partials(out: Path) -> list[Path]:

@@ -117,7 +117,7 @@ class Workspace:
 
     def text(self, rel: str) -> str | None:
         path = self.repo / rel
-        return path.read_text() if path.is_file() else None
+        return path.read_text(errors="replace") if path.is_file() else None  # damage shows as a parse error
 
     def files(self, rel: str) -> list[tuple[str, Path]] | None:
         path = self.repo / rel
@@ -154,8 +154,8 @@ class Experiment:
                     self.outs[out["path"]] = out
 
     def text(self, rel: str) -> str | None:
-        proc = subprocess.run(["git", "show", f"{self.rev}:{rel}"], cwd=self.repo, capture_output=True, text=True)
-        return proc.stdout if proc.returncode == 0 else None
+        proc = subprocess.run(["git", "show", f"{self.rev}:{rel}"], cwd=self.repo, capture_output=True)
+        return proc.stdout.decode(errors="replace") if proc.returncode == 0 else None
 
     def blob(self, rel: str) -> bytes | None:
         """The bytes git holds for ``rel`` in the experiment's commit; None if it holds none."""
@@ -474,6 +474,27 @@ def check_git_outputs(src: Experiment, report: Report, lock: dict) -> None:
     report.checked.append(f"git-held outputs: {n} file(s) match their MD5 in dvc.lock")
 
 
+def check_outcome(src, report: Report, dvc_yaml: Path) -> None:
+    """Each metrics file of ``dvc.yaml`` is a successful run's (:func:`virgo_exps.train.outcome.metrics_refusal`,
+    the rule the trainer, the sweeps and the scalability report apply too)."""
+    from virgo_exps.train.outcome import metrics_refusal
+
+    for rel in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("metrics") or []:
+        text = src.text(rel)
+        if text is None:
+            continue
+        try:
+            metrics = json.loads(text)
+        except ValueError as exc:
+            report.problems.append(f"{rel}: not JSON ({exc}); {FIX_CORRUPT.format(path=rel)}")
+            continue
+        why = metrics_refusal(metrics)
+        if why:
+            report.problems.append(f"{rel}: not a successful run's result: {why}; rerun the train stage")
+        else:
+            report.checked.append(f"{rel}: a successful run's (every loss finite, every epoch done)")
+
+
 def verify(repo: str | Path = ".", exp: str | None = None, read_chunks: bool = True) -> Report:
     repo = Path(repo).resolve()
     report = Report()
@@ -495,6 +516,7 @@ def verify(repo: str | Path = ".", exp: str | None = None, read_chunks: bool = T
             dvc_yaml.write_text(text)
     lock = yaml.safe_load(src.text("dvc.lock") or "") or {}
     check_stamps(src, report, dvc_yaml)
+    check_outcome(src, report, dvc_yaml)
     check_cache(src, report, lock)  # before `dvc status`, which deletes a corrupt object it comes across
     if exp is None:
         check_dvc_status(repo, report)

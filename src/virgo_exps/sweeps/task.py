@@ -34,6 +34,7 @@ from virgo_exps.experiments.share import DEFAULT_NAME, Layout, configure_clone
 from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
+from virgo_exps.train import outcome
 
 RUNNING, DONE, FAILED, PRUNED, SKIPPED = "running", "done", "failed", "pruned", "skipped"
 
@@ -232,6 +233,10 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         else:
             rc = _run([*_dvc_cmd(), "exp", "run", "-n", name, *sweep_spec.set_args(overrides)], work, env)
         metrics = _metrics(work) if rc == 0 else {}
+        refusal = outcome.metrics_refusal(metrics) if rc == 0 else None
+        if refusal:  # the one rule of what a successful run is (virgo_exps.train.outcome)
+            say(f"error: {name}: results/metrics.json: {refusal}; the trial has no result")
+            rc, metrics = outcome.EXIT_FAILED_RUN, {}
         if rc == 0:
             _check([*_dvc_cmd(), "exp", "push", DEFAULT_NAME, name], work, env)
     except (RuntimeError, OSError) as exc:

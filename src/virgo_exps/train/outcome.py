@@ -7,9 +7,10 @@ after each epoch and stops a run that fails it with :class:`RunFailed` (one
 line: the epoch and the step where the loss stopped being finite), so that
 nothing of it is recorded as a result: no metrics, no model, no final
 snapshot, MLflow's run FAILED, the stage non-zero. Readers of a recorded
-result (the scalability report, ``virgo-exps verify``, the report stage) ask
-:func:`metrics_refusal` of its ``metrics.json``, so that a result written by an
-older trainer, or edited, is never shown as a success either.
+result (the scalability report, ``virgo-exps verify``, the report stage, a
+sweep's task before it records and pushes a trial) ask :func:`metrics_refusal`
+of its ``metrics.json``, so that a result written by an older trainer, or
+edited, is never shown as a success either.
 """
 
 from __future__ import annotations
