@@ -229,3 +229,82 @@ def test_a_partial_store_of_a_dead_or_zombie_writer_is_removed_and_a_live_ones_k
         live.kill()
         live.wait()
         zombie.wait()
+
+
+# -- the team store's and a sweep's records ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store_repo(tmp_path_factory):
+    import grp
+    import os
+
+    base = tmp_path_factory.mktemp("records")
+    repo = make_repo(base / "repo")
+    group = grp.getgrgid(os.getgid()).gr_name
+    sh([str(BIN / "virgo-exps"), "share", "--dir", str(base / "store"), "--group", group], repo)
+    return repo, base / "store", group
+
+
+def a_grid_sweep(store, name: str) -> object:
+    """A sweep folder as `sweep submit` and two array tasks leave it: task 0 done, task 1 done."""
+    from virgo_exps.sweeps import spec as sweep_spec
+
+    spec = sweep_spec.from_grid(name, ["train.lr=0.001,0.002"], parallel=1)
+    folder = store / "sweeps" / name
+    (folder / "tasks").mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"spec": spec.to_dict(), "job_id": None}))
+    for index in (0, 1):
+        record = {"index": index, "trial": index, "experiment": f"{name}-00{index}", "job_id": None}
+        record.update(overrides=spec.grid[index], state="done", metric=0.5 + index, exit_code=0)
+        (folder / "tasks" / f"{index}.json").write_text(json.dumps(record))
+    return folder
+
+
+def sweep_status(repo, store, name: str):
+    return sh([str(BIN / "virgo-exps"), "sweep", "status", name, "--store", str(store)], repo, check=False)
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line"])
+def test_a_damaged_task_record_is_a_failed_trial_named_with_its_fix(store_repo, how):
+    repo, store, _ = store_repo
+    name = "tasks-" + how.replace(" ", "-")
+    folder = a_grid_sweep(store, name)
+    damage(folder / "tasks" / "1.json", how)
+    out = sweep_status(repo, store, name)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "Traceback" not in text, text[-3000:]
+    assert "2 trials: 1 done, 0 running, 0 pending, 1 failed" in out.stdout, out.stdout
+    assert f"{folder / 'tasks' / '1.json'} is damaged (" in out.stdout and "run it again" in out.stdout, out.stdout
+    assert f"best so far: {name}-000" in out.stdout  # the damaged one is never a result
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted"])
+def test_a_damaged_sweep_record_is_named_in_one_line(store_repo, how):
+    repo, store, _ = store_repo
+    name = "record-" + how.replace(" ", "-")
+    folder = a_grid_sweep(store, name)
+    damage(folder / "sweep.json", how)
+    out = sweep_status(repo, store, name)
+    text = out.stdout + out.stderr
+    assert out.returncode in (2, 3) and "Traceback" not in text, text[-3000:]
+    said = "no sweep.json; not a sweep dir" if how == "deleted" else "sweep.json: not a sweep record ("
+    assert len(out.stderr.strip().splitlines()) == 1 and said in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line"])
+def test_a_damaged_store_marker_is_named_and_share_writes_it_again(store_repo, how):
+    repo, store, group = store_repo
+    name = "marker-" + how.replace(" ", "-")
+    a_grid_sweep(store, name)
+    marker = store / "virgo-share.json"
+    kept = marker.read_bytes()
+    damage(marker, how)
+    out = sweep_status(repo, store, name)
+    text = out.stdout + out.stderr
+    assert out.returncode == 3 and "Traceback" not in text, text[-3000:]
+    assert "virgo-share.json: the team store's marker is damaged (" in out.stderr, out.stderr
+    again = sh([str(BIN / "virgo-exps"), "share", "--dir", str(store), "--group", group], repo)
+    assert "virgo-share.json (it was damaged: written again)" in again.stdout, again.stdout
+    assert json.loads(marker.read_bytes())["group"] == json.loads(kept)["group"]
+    assert sweep_status(repo, store, name).returncode == 0

@@ -511,3 +511,38 @@ def test_a_submission_sbatch_refuses_can_be_made_again(sweep, tmp_path):
     assert job.isdigit(), submitted.stdout  # --parsable: the id alone, for scripts
     sweep["cluster"].slurm("scancel", job, check=False)
     wait_until(lambda: not squeue(sweep["cluster"], job), timeout=120, what=f"job {job} cancelled")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_submission_stopped_right_after_sbatch_is_recorded_not_submitted_again(sweep, tmp_path):
+    """`sweep submit` killed after sbatch queued the array but before the job id reached sweep.json (here
+    an sbatch wrapper kills it the moment sbatch returns): the next `sweep submit` finds that array by the
+    submission's mark and records it, and submits nothing new."""
+    import shutil
+
+    repo, env, cluster = sweep["repo"], sweep["env"], sweep["cluster"]
+    sh(["git", "reset", "-q", "--hard", "HEAD"], repo)
+    real = shutil.which("sbatch", path=env["PATH"])
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "sbatch").write_text(
+        f'#!/bin/sh\nout=$("{real}" "$@"); rc=$?\necho "$out" > "{tmp_path}/job"\nkill -9 $PPID\nexit $rc\n'
+    )
+    (shim / "sbatch").chmod(0o755)
+    grid = ["sweep", "submit", "--grid", "stopped", "-S", "train.lr=0.002", "--parsable"]
+    killed = vx(repo, *grid, env={**env, "PATH": f"{shim}:{env['PATH']}"}, check=False)
+    assert killed.returncode == -9, killed.stderr
+    queued = (tmp_path / "job").read_text().strip().split(";")[0]
+    directory = sweep["store"] / "sweeps" / "stopped"
+    assert json.loads((directory / "sweep.json").read_text())["job_id"] is None  # what the kill left
+    try:
+        again = vx(repo, *grid, env=env)
+        assert again.stdout.strip() == queued, (again.stdout, queued)
+        assert "was submitted by an earlier `sweep submit` that stopped before recording it" in again.stderr
+        arrays = cluster.slurm("squeue", "-h", "-n", "virgo-sweep-stopped", "-o", "%F", check=False).stdout.split()
+        assert set(arrays) == {queued}, arrays  # one array, not two
+        assert json.loads((directory / "sweep.json").read_text())["job_id"] == queued
+    finally:
+        cluster.slurm("scancel", queued, check=False)
+        wait_until(lambda: not squeue(cluster, queued), timeout=120, what=f"job {queued} cancelled")

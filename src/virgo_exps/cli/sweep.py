@@ -55,6 +55,12 @@ def _submit(args) -> int:
         else sweep_spec.from_grid(args.grid, args.sets, args.parallel, args.metric, args.direction)
     )
     record = submit(args.repo, spec, args.store)
+    if record.get("recovered"):
+        print(
+            f"sweep {spec.name}: job array {record['job_id']} was submitted by an earlier `sweep submit` that "
+            "stopped before recording it; recorded it now, nothing new submitted",
+            file=sys.stderr,
+        )
     if args.parsable:
         print(record["job_id"])
         return 0

@@ -48,11 +48,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from virgo_exps import dvcrun, fsio
+from virgo_exps.config import DamagedInputError
 
 GIT_DIR = "experiments.git"
 REMOTE_DIR = "dvc-remote"
 CACHE_DIR = "dvc-cache"
 MARKER = "virgo-share.json"
+
+
+def read_marker(path: Path) -> dict:
+    """The team store's marker file, or :class:`DamagedInputError` naming it and the fix."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+        why = "not a JSON object with the store's group"
+    except (OSError, ValueError) as exc:
+        data, why = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not isinstance(data, dict) or not isinstance(data.get("group", ""), str):
+        raise DamagedInputError(
+            f"{path}: the team store's marker is damaged ({why}); `virgo-exps share --dir {Path(path).parent} "
+            "--group <the team's group>` writes it again"
+        )
+    return data
+
+
 DEFAULT_NAME = "team"
 LINK_TYPES = {"copy": "reflink,copy", "reflink,copy": "reflink,copy", "symlink": "symlink"}
 
@@ -415,7 +433,12 @@ def prepare(root: Path, group: str) -> tuple[Layout, list[str]]:
     if top:
         raise ShareError(explain(top, root, group))
     if layout.marker.exists():
-        recorded = json.loads(layout.marker.read_text()).get("group")
+        try:
+            recorded = read_marker(layout.marker).get("group")
+        except DamagedInputError:  # what it says follows from the folder: written again below
+            layout.marker.unlink()
+            created.append(f"{layout.marker} (it was damaged: written again)")
+            recorded = None
         if recorded and recorded != group:
             raise ShareError(f"{layout.marker}: this shared folder belongs to group '{recorded}', not '{group}'")
     if layout.git.exists() and not _is_bare_repo(layout.git):

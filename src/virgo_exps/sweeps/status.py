@@ -19,7 +19,7 @@ from pathlib import Path
 
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
-from virgo_exps.sweeps.task import allocation
+from virgo_exps.sweeps.task import allocation, load_task_state
 
 COST_KEYS = ("core_h", "cpu_h", "gpu_h", "wall_s")
 
@@ -64,7 +64,19 @@ def status(directory: Path) -> Status:
     tasks = []
     # tasks/<index>.json: the current array's tasks; tasks/<job>_<index>.json: an earlier submission's
     for path in sorted((Path(directory) / "tasks").glob("*.json"), key=lambda p: p.stem.rjust(40)):
-        tasks.append(json.loads(path.read_text()))
+        state, damaged = load_task_state(path)
+        if damaged:  # counted as a failed trial, named with the fix; never read as a result or as pending
+            ours = path.stem.isdigit()
+            job = record.get("job_id") if ours else path.stem.partition("_")[0]
+            index = int(path.stem.rpartition("_")[2]) if path.stem.rpartition("_")[2].isdigit() else -1
+            state = {
+                "index": index,
+                "job_id": job,
+                "state": "failed",
+                "reason": f"{path} is damaged ({damaged}); its trial has no record: run it again "
+                f"(`scontrol requeue {job}_{index}` while Slurm knows the job, or a new sweep)",
+            }
+        tasks.append(state)
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0, "pruned": 0}
     seen: set[int] = set()
     failed = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -25,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from virgo_exps import fsio
-from virgo_exps.config import ConfigError
-from virgo_exps.experiments.share import GIT_DIR, MARKER, Layout
+from virgo_exps.config import ConfigError, DamagedInputError
+from virgo_exps.experiments.share import GIT_DIR, MARKER, Layout, read_marker
 from virgo_exps.launch.slurm.script import machine_options, sbatch_arg, slurm_filename
 from virgo_exps.launch.slurm.submit import use_slurm_conf
 from virgo_exps.launch.strategy_table import strategy_row
@@ -67,7 +68,19 @@ def read_sweep(directory: Path) -> dict:
     path = Path(directory) / SWEEP_FILE
     if not path.is_file():
         raise ConfigError(f"{directory}: no {SWEEP_FILE}; not a sweep dir (submit with `virgo-exps sweep submit`)")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        record, why = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    else:
+        why = "no spec in it"
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
+        raise DamagedInputError(
+            f"{path}: not a sweep record ({why}): damaged after `sweep submit` wrote it; the trials' records are "
+            f"in {Path(directory) / 'tasks'}, their experiments in the team store; submit under another name to "
+            "sweep again"
+        )
+    return record
 
 
 def find_store(repo: Path, store: Path | None = None) -> Layout:
@@ -87,7 +100,7 @@ def find_store(repo: Path, store: Path | None = None) -> Layout:
     marker = store / MARKER
     if not marker.is_file() or not (store / GIT_DIR).is_dir():
         raise ConfigError(f"--store {store}: not a team store (no {MARKER}); create it with `virgo-exps share`")
-    group = json.loads(marker.read_text()).get("group", "")
+    group = read_marker(marker).get("group", "")
     return Layout(store, group)
 
 
@@ -157,6 +170,32 @@ def _still_queued(job_id: str) -> bool:
     return bool(proc.stdout.strip())
 
 
+SUBMISSION_COMMENT = "virgo-sweep-submission-"
+
+
+def _queued_submission(spec: SweepSpec, token: str) -> str | None:
+    """The array job id of the submission marked ``token`` (sbatch's --comment) if it is in the queue."""
+    name = "virgo-sweep-" + spec.name
+    proc = subprocess.run(["squeue", "-h", "-n", name, "-o", "%F %k"], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        job, _, comment = line.strip().partition(" ")
+        if comment.strip() == SUBMISSION_COMMENT + token and job.isdigit():
+            return job
+    return None
+
+
+def _recorded_by_tasks(directory: Path, known: set[str]) -> str | None:
+    """A job id a task of the sweep recorded that sweep.json does not know (its array ran already)."""
+    for path in sorted((directory / "tasks").glob("*.json")):
+        try:
+            job = str(json.loads(path.read_text()).get("job_id") or "")
+        except (OSError, ValueError, AttributeError):  # a damaged record: `sweep status` names it
+            continue
+        if job.isdigit() and job not in known:
+            return job
+    return None
+
+
 def check_checkout(repo: Path) -> str:
     """Refuse a checkout the sweep could not reproduce; return its commit."""
     dirty = _git(repo, "status", "--porcelain", "--untracked-files=no").stdout.strip()
@@ -197,7 +236,14 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
     if (directory / SWEEP_FILE).exists():
         old = read_sweep(directory)
         if old.get("job_id") is None:
-            pass  # an earlier submission whose sbatch failed: nothing ran, start again
+            # An earlier submission that did not record its job: sbatch failed (nothing ran, start again),
+            # or the command was stopped after sbatch had queued the array: that array is this sweep's.
+            job = _queued_submission(spec, str(old.get("submission", ""))) if old.get("submission") else None
+            job = job or _recorded_by_tasks(directory, {str(j) for j in old.get("earlier_jobs", [])})
+            if job is not None:
+                old.update(job_id=job, recovered=True)
+                fsio.write_text(directory / SWEEP_FILE, json.dumps(old, indent=2) + "\n")
+                return old
         elif spec.kind == "grid" or old.get("spec", {}).get("kind") != "search":
             raise ConfigError(
                 f"sweep '{spec.name}' exists already ({directory}, job {old.get('job_id')}); choose another name"
@@ -230,6 +276,8 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
         "machine": machine.name,
         "resources": {"nodes": res[0], "ntasks_per_node": res[1], "cpus_per_task": res[2]},
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "submission": secrets.token_hex(8),  # sbatch's --comment: finds the array if we stop before recording it
+        "earlier_jobs": [*(previous or {}).get("earlier_jobs", []), *([previous["job_id"]] if previous else [])],
         "job_id": None,
     }
     fsio.write_text(directory / SWEEP_FILE, json.dumps(record, indent=2) + "\n", mode=FILE_MODE)
@@ -237,7 +285,10 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
     fsio.write_text(script, batch_script(directory, spec, machine, res), mode=FILE_MODE)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRGO_HOME", "DVC_EXP_NAME", "VIRGO_IN_ALLOCATION")}
     env["VIRGO_MACHINE"] = machine.name
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env)
+    comment = SUBMISSION_COMMENT + record["submission"]
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--comment={comment}", str(script)], capture_output=True, text=True, env=env
+    )
     job_id = proc.stdout.strip().split(";")[0]
     if proc.returncode != 0 or not job_id.isdigit():
         # nothing was submitted: the sweep's record is the earlier submission's again, or none

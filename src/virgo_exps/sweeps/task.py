@@ -47,6 +47,23 @@ def task_file(directory: Path, index: int) -> Path:
     return Path(directory) / "tasks" / f"{index}.json"
 
 
+STATES = (RUNNING, DONE, FAILED, PRUNED, SKIPPED)
+
+
+def load_task_state(path: Path) -> tuple[dict, str | None]:
+    """A task's state file: (its record, None), ({}, None) when there is none, or ({}, why) when it is
+    damaged (not a JSON object with an integer index and a known state)."""
+    try:
+        state = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError) as exc:
+        return {}, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not isinstance(state, dict) or not isinstance(state.get("index"), int) or state.get("state") not in STATES:
+        return {}, "not a task record (an index and a state)"
+    return state, None
+
+
 def log_path(directory: Path, job_id: str, index: int) -> Path:
     return Path(directory) / "logs" / f"task-{job_id}_{index}.out"
 
@@ -141,7 +158,11 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     spec = sweep_spec.from_dict(record["spec"])
     layout = Layout(Path(record["store"]), record.get("group", ""))
     path = task_file(directory, index)
-    state = json.loads(path.read_text()) if path.is_file() else {}
+    state, damaged = load_task_state(path)
+    if damaged:
+        aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+        os.replace(path, aside)
+        say(f"{path}: damaged ({damaged}); kept as {aside.name}; the task runs its trial afresh")
     if state and str(state.get("job_id")) != str(job_id):
         # The record of an earlier submission's task of this index (a search continued to a larger
         # budget): kept under its job's name, never taken over.
