@@ -97,7 +97,7 @@ class InMemory:
 
 def open_loader(kind: str, store: Path):
     if kind == "mapped":
-        from virgo_exps.study.dataset import ImageDataset
+        from virgo_exps.train.data import ImageDataset
 
         return ImageDataset(store, "train")
     return InMemory(store, "train")
@@ -105,7 +105,7 @@ def open_loader(kind: str, store: Path):
 
 def epoch(ds, rank: int, world: int, seed: int) -> float:
     """Seconds to read this rank's share of one shuffled epoch, in local batches."""
-    from virgo_exps.study.dataset import ShardSampler
+    from virgo_exps.train.data import ShardSampler
 
     sampler = ShardSampler(len(ds), BATCH * world, rank, world, seed)
     t0 = time.perf_counter()

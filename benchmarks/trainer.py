@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from virgo_exps.config import params_from_dict  # noqa: E402
-from virgo_exps.study.dataset import ImageDataset, ShardSampler  # noqa: E402
 from virgo_exps.study.models import build_model  # noqa: E402
+from virgo_exps.train.data import ImageDataset, ShardSampler  # noqa: E402
 from virgo_exps.train.strategies import get_strategy  # noqa: E402
-from virgo_exps.train.trainer import Trainer, TrainOutputs  # noqa: E402
+from virgo_exps.train.trainer import ModelFactory, Trainer, TrainOutputs  # noqa: E402
 
 
 def make_store(path: Path, n: int, channels: int, patch: int) -> None:
@@ -90,7 +90,8 @@ def trainer_run(store: Path, out: Path, model_name: str, batch: int, n: int) -> 
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    trainer = Trainer(params, strategy, store, outputs, tracker=None)
+    models = ModelFactory(build_model, code=(ROOT / "src/virgo_exps/study/models.py",))
+    trainer = Trainer(params, strategy, store, outputs, tracker=None, models=models)
     trainer.fit()
     rec = trainer.history[-1]
     return rec.train_time_s / (n // batch)

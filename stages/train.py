@@ -13,15 +13,20 @@ processes on the active machine (directly, torchrun, horovodrun, or a SLURM
 job: see virgo_exps.train.stage); each process runs this script again with --worker.
 """
 
+from pathlib import Path
+
 from virgo_exps.train import stage
 
 
 def models():
-    """The Virgo study's networks (study/models.py); the rest of training is the machinery's."""
-    from virgo_exps.study.models import build_model
-    from virgo_exps.train.trainer import ModelFactory
+    """The Virgo study's side of training: its networks (study/models.py), mean squared error of the
+    main channel's patches, AdamW; the rest of training is the machinery's."""
+    from torch import nn
 
-    return ModelFactory(build_model)
+    from virgo_exps.study import models as virgo
+    from virgo_exps.train.trainer import ModelFactory, adamw
+
+    return ModelFactory(virgo.build_model, code=(Path(virgo.__file__),), loss=nn.MSELoss, optimizer=adamw)
 
 
 def check(params, args) -> None:

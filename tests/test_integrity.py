@@ -20,8 +20,8 @@ import torch
 import zarr
 
 from conftest import make_repo, sh
+from virgo_exps.modelfile import CorruptModelError, load_model
 from virgo_exps.store import CorruptStoreError, compressors, read, verify_store
-from virgo_exps.study.models import CorruptModelError, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +69,33 @@ def _io(data: bytes):
 
 CASES = [
     # (workspace file, store, stage that writes it, the next command that reads it)
-    ("results/model.pt", "results/model.pt", "train", None),
     ("data/images.zarr/train/x/c.0.0.0.0", "data/images.zarr", "preprocess", ["-S", "train.seed=1"]),
     ("data/raw.zarr/strain/c.1.0.0", "data/raw.zarr", "generate", ["-S", "preprocess.split_seed=1"]),
 ]
 
 
-@pytest.mark.parametrize("rel, store, stage, exp_args", CASES, ids=["model", "images-chunk", "raw-chunk"])
+def test_a_flipped_byte_in_the_weights_of_the_model_file_is_refused_by_its_loader(pipeline):
+    """The model file is held by git (no DVC cache object to rot): a flipped bit in its largest tensor, in
+    the workspace, is refused by the loader every reader uses, naming the file and the fix."""
+    target = pipeline / "results" / "model.pt"
+    good = target.read_bytes()
+    assert load_model(target)["sha256"]  # the intact file loads
+    bad = bytearray(good)
+    bad[_flip_offset("results/model.pt", good)] ^= 0x01
+    try:
+        target.chmod(0o644)
+        target.write_bytes(bytes(bad))
+        with pytest.raises(CorruptModelError) as err:
+            load_model(target)
+        msg = str(err.value)
+        assert msg.startswith(f"{target}: the model file is damaged (its content does not match its sha256"), msg
+        assert "'dvc repro --force --single-item train'" in msg, msg
+    finally:
+        target.write_bytes(good)
+    assert load_model(target)["sha256"]
+
+
+@pytest.mark.parametrize("rel, store, stage, exp_args", CASES, ids=["images-chunk", "raw-chunk"])
 def test_flipped_byte_in_the_cache_fails_the_next_reader(pipeline, rel, store, stage, exp_args):
     repo = pipeline
     target = repo / rel
@@ -125,7 +145,7 @@ def test_flipped_byte_in_the_cache_fails_the_next_reader(pipeline, rel, store, s
             assert "'dvc checkout --relink" in msg
     finally:
         _rewrite_keeping_stat(obj, good)
-        sh(["git", "checkout", "--", "params.yaml"], repo)
+        sh(["git", "checkout", "--", "params.yaml", "results"], repo)  # git holds what the failed run removed
         sh(["dvc", "checkout", "--force"], repo, check=False)
     assert target.read_bytes() == good
 

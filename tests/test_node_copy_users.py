@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import write_images
-from virgo_exps.study.dataset import PREFIX, ImageDataset
+from virgo_exps.train.data import PREFIX, ImageDataset
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"),

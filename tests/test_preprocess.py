@@ -65,7 +65,7 @@ def test_layout_and_attrs(stores):
     g = zarr.open_group(str(out), mode="r")
     assert g["train/x"].chunks[0] == min(P.OUT_CHUNK, 30 - n_val)
     # the layout the training stage reads
-    from virgo_exps.study.dataset import ImageDataset
+    from virgo_exps.train.data import ImageDataset
 
     ds = ImageDataset(out, "train")
     assert len(ds) == 30 - n_val and ds.n_channels == 3

@@ -59,7 +59,7 @@ def exp_run(repo: Path, env: dict, *sets: str) -> str:
 
 def finished(repo: Path, epochs: int, world: int, strategy: str) -> dict:
     """metrics.json and a model file with its checksum, as the machinery writes them for any study."""
-    from virgo_exps.study.models import load_model
+    from virgo_exps.modelfile import load_model
 
     metrics = json.loads((repo / "results" / "metrics.json").read_text())
     assert metrics["epochs"] == epochs and metrics["world_size"] == world and metrics["strategy"] == strategy

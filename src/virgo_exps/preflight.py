@@ -254,7 +254,7 @@ def estimate(params: Params, machine: Machine) -> Budget:
         peaks.append((n_chunks_of(g) * BYTES_PER_CHUNK + 2 * workers * chunk, "generate: chunk index and buffers"))
     peaks.append((g.n_samples * BYTES_PER_SAMPLE_PREPROCESS, "preprocess: split indices"))
     # Training sets no peak: the ranks of a node map one copy of each split
-    # (virgo_exps.study.dataset.ImageDataset), in /dev/shm when it fits there
+    # (virgo_exps.train.data.ImageDataset), in /dev/shm when it fits there
     # and in memory, else in a file in TMPDIR read through the page cache, so
     # a split larger than memory is read from disk, not refused, and the memory
     # it takes does not grow with train.procs_per_node.

@@ -262,7 +262,7 @@ def _read_stamp(src, rel: str) -> tuple[dict | None, str | None]:
             data = json.loads(by_rel[""].read_text())
             return (data.get(provenance.KEY) if isinstance(data, dict) else None), None
         if rel.endswith((".pt", ".pth")) and "" in by_rel:
-            from virgo_exps.study.models import load_model  # verifies the file's sha256 checksum
+            from virgo_exps.modelfile import load_model  # verifies the file's sha256 checksum (torch)
 
             obj = load_model(by_rel[""])
             return obj.get(provenance.KEY), None

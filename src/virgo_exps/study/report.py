@@ -241,8 +241,9 @@ def evaluate(model_path: Path | str, store: Path | str, seed: int) -> dict:
     import torch
     import zarr
 
+    from virgo_exps.modelfile import load_model
     from virgo_exps.store import read
-    from virgo_exps.study.models import build_model, load_model
+    from virgo_exps.study.models import build_model
 
     group = zarr.open_group(str(store), mode="r")
     n_val = group["val/y"].shape[0]

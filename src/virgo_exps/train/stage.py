@@ -5,8 +5,8 @@ what to check before starting::
 
     from virgo_exps.train import stage
 
-    def models():  # called in each worker
-        return ModelFactory(build_model)
+    def models():  # called in each worker: the networks, their code, the loss and the optimiser
+        return ModelFactory(build_model, code=(Path("my_study/models.py"),), loss=nn.MSELoss, optimizer=adamw)
 
     if __name__ == "__main__":
         stage.main(models, check=None, description=__doc__)

@@ -81,10 +81,10 @@ from virgo_exps import fsio
 from virgo_exps.config import Params, as_flat_dict
 from virgo_exps.launch.protocol import EXIT_INTERRUPTED, STATUS_FILE
 from virgo_exps.machines import active_machine_name
+from virgo_exps.modelfile import count_parameters, model_file_content
 from virgo_exps.paths import snapshot_root
-from virgo_exps.study.dataset import ImageDataset, ShardSampler, eval_shard
-from virgo_exps.study.models import build_model, count_parameters, model_file_content
 from virgo_exps.train import cost, outcome
+from virgo_exps.train.data import ImageDataset, ShardSampler, eval_shard
 from virgo_exps.train.monitoring import GpuMonitor, HostLoad, computation_fraction
 from virgo_exps.train.strategies import Strategy
 from virgo_exps.train.watchdog import (
@@ -104,7 +104,7 @@ LOCK = "lock"
 # Train keys that may change between a snapshot and the run that resumes from it.
 RESUMABLE_KEYS = {"train.epochs", "train.max_requeues"}
 # The code that computes a step (relative to the package): part of the snapshot key.
-TRAJECTORY_CODE = ("train/trainer.py", "study/dataset.py", "study/models.py", "train/strategies")
+TRAJECTORY_CODE = ("train/trainer.py", "train/data.py", "train/strategies")
 # The sweep trial a run reports to (JSON: journal, study, number, pruner); see SweepTrial.
 SWEEP_TRIAL_ENV = "VIRGO_SWEEP_TRIAL"
 # Snapshot states written to --checkpoints: the run is over (no requeue).
@@ -127,7 +127,8 @@ def tree_digest(path: Path) -> str:
 
 def code_digest(extra: tuple[Path, ...] = ()) -> str:
     """SHA-256 of the package's source that determines the trajectory (:data:`TRAJECTORY_CODE`),
-    then of ``extra`` files (a study's model code outside the package), named as given."""
+    then of ``extra`` files (the study's model code): a file of the package named by its place in it,
+    any other as given (relative to the checkout), so that the digest is the same in every checkout."""
     here = Path(__file__).parents[1]
     h = hashlib.sha256()
     for name in TRAJECTORY_CODE:
@@ -135,28 +136,34 @@ def code_digest(extra: tuple[Path, ...] = ()) -> str:
         files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
         for f in files:
             h.update(f.relative_to(here).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    for f in extra:
-        h.update(Path(f).as_posix().encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    for f in map(Path, extra):
+        name = f.relative_to(here).as_posix() if f.is_absolute() and f.is_relative_to(here) else f.as_posix()
+        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def adamw(parameters, lr: float, cfg) -> torch.optim.Optimizer:
+    """AdamW with ``train.weight_decay``: an optimiser a study may choose (:class:`ModelFactory`)."""
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=cfg.weight_decay)
 
 
 @dataclass(frozen=True)
 class ModelFactory:
-    """The study's side of training, given by its train stage: its networks and the code that defines them.
+    """The study's side of training, given by its train stage: its networks, the code that defines them,
+    its loss and its optimiser.
 
     The trainer reads the split store (``<split>/x``, ``<split>/y``, see
-    :mod:`virgo_exps.study.dataset`) and builds the network with ``build``;
-    everything else (strategies, snapshots, outputs, tracking) is the same for
-    every study.
+    :mod:`virgo_exps.train.data`), builds the network with ``build``, computes
+    ``loss()`` of its output and the targets and steps ``optimizer(parameters,
+    lr, train params)``; everything else (strategies, snapshots, outputs,
+    tracking) is the same for every study. A study that gives no loss or
+    optimiser trains with mean squared error and AdamW.
     """
 
     build: Callable[[str, int], nn.Module]  # (train.model, input channels) -> an untrained network
-    code: tuple[Path, ...] = ()  # its source files outside the package: part of the snapshot key
-
-
-def virgo_models() -> ModelFactory:
-    """The Virgo study's networks (their code, study/models.py, is in :data:`TRAJECTORY_CODE`)."""
-    return ModelFactory(build_model)
+    code: tuple[Path, ...] = ()  # the files that define them (and the loss, the optimiser): in the snapshot key
+    loss: Callable[[], nn.Module] = nn.MSELoss
+    optimizer: Callable[..., torch.optim.Optimizer] = adamw
 
 
 def snapshot_refusal(snap: dict, config: dict, epochs: int) -> str | None:
@@ -347,7 +354,9 @@ class Trainer:
         models: ModelFactory | None = None,
     ):
         self.params = params
-        self.models = models or virgo_models()
+        if models is None:
+            raise TypeError("Trainer: give the study's ModelFactory (its train stage's models())")
+        self.models = models
         self.cfg = params.train
         self.strategy = strategy
         self.data = Path(data)
@@ -395,7 +404,7 @@ class Trainer:
         model = self.models.build(self.cfg.model, self.train_set.n_channels)
         self.n_parameters = count_parameters(model)
         lr = self.cfg.lr * (s.world_size if self.cfg.lr_scaling == "linear" else 1)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+        optimizer = self.models.optimizer(model.parameters(), lr, self.cfg)
         self.local_batch = self.cfg.global_batch_size // s.world_size
         self.model, self.optimizer = s.wrap(model, optimizer, self.local_batch)
         warmup = self.cfg.warmup_steps
@@ -410,7 +419,7 @@ class Trainer:
         )
         if self.sampler.steps_per_epoch() == 0:
             raise ValueError("train.global_batch_size is larger than the training split")
-        self.loss_fn = nn.MSELoss()
+        self.loss_fn = self.models.loss()
 
     # -- snapshots ----------------------------------------------------------
     def _config_key(self) -> dict:

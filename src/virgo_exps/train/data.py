@@ -1,7 +1,8 @@
-"""Reading the preprocessed zarr store for training.
+"""Reading a study's split store for training (the same for every study).
 
-The store written by :mod:`virgo_exps.study.preprocess` holds ``<split>/x``
-(N, n_aux, P, P) and ``<split>/y`` (N, 1, P, P), already normalised.
+A study's data stage writes a zarr group with ``<split>/x`` (N, C, H, W) and
+``<split>/y`` (N, 1, H, W) for the splits ``train`` and ``val``, already
+normalised (the Virgo study: Q-transform patches, N, n_aux, P, P).
 
 One copy per node
 -----------------
