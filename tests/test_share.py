@@ -435,6 +435,38 @@ def test_teammate_pulls_applies_and_reproduces_nothing(shared):
 
 
 @pytest.mark.slow
+def test_a_push_cut_off_after_its_git_refs_leaves_nothing_false_and_completes_when_run_again(shared):
+    """`dvc exp push` sends the experiment's git refs first, then its DVC objects. Cut off between the two
+    (here: the DVC remote refuses Alice's upload, as a kill at that moment would leave it), the command
+    fails, never says pushed; what reached the store is whole: Bob pulls the experiment and verify passes
+    (the outputs git holds came with the refs, the data is in the shared cache). Run again, the push
+    completes the remote."""
+    store, alice, bob, group = shared["store"], shared["alice"], shared["bob"], shared["group"]
+    bob.vx("share", "--dir", str(store), "--group", group)  # joined (again: nothing changes)
+    # new data (the only outputs in DVC's cache; the rest git holds): objects the remote lacks
+    alice.run(["dvc", "exp", "run", "-S", "preprocess.split_seed=3", "-n", "cut-push"])
+    remote = store / "dvc-remote"
+    modes = {p: p.stat().st_mode for p in [remote, *remote.rglob("*")] if p.is_dir()}
+    try:
+        for folder in modes:
+            folder.chmod(0o2550)  # nobody but root writes the remote now
+        cut = alice.run(["dvc", "exp", "push", "team", "cut-push"], check=False)
+        assert cut.returncode != 0, cut.stdout
+        assert "failed to push cache" in cut.stdout + cut.stderr, cut.stdout + cut.stderr  # said, not hidden
+    finally:
+        for folder, mode in modes.items():
+            folder.chmod(mode & 0o7777)
+    assert "cut-push" in bob.run(["dvc", "exp", "list", "team"]).stdout  # the refs arrived
+    bob.run(["dvc", "exp", "pull", "team", "cut-push"])
+    checked = bob.run(["python", "-m", "virgo_exps.cli.main", "verify", "--exp", "cut-push"], check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    again = alice.run(["dvc", "exp", "push", "team", "cut-push"])
+    assert again.returncode == 0
+    missing = alice.run(["dvc", "status", "--cloud", "--remote", "team", "--json"]).stdout
+    assert "missing" not in missing and "new" not in missing, missing  # the remote holds every object now
+
+
+@pytest.mark.slow
 def test_both_push_ten_experiments_at_once_and_all_twenty_arrive(shared):
     store, group, alice, bob = shared["store"], shared["group"], shared["alice"], shared["bob"]
     if not (bob.repo / "results" / "model.pt").exists():  # run alone: Bob starts from Alice's experiment
