@@ -194,3 +194,44 @@ def test_the_validator_is_generic():
         with pytest.raises(ConfigError) as err:
             validate(Data, raw, "data")
         assert str(err.value) == words
+
+
+def test_the_zero_stage_and_the_backend_are_params_refused_before_any_work(tmp_path):
+    """The ZeRO stage and the collective backend change a result, so they are params (recorded in every
+    output's stamp and in MLflow with the other train.* keys), not environment variables; `virgo-exps
+    check` (the first stage's checks) refuses what cannot run, with one line."""
+    import subprocess
+
+    from virgo_exps import provenance
+
+    used = provenance.used_params(ROOT / "params.yaml")
+    stamped = provenance.select(used, "train", ROOT / "dvc.yaml")
+    assert stamped["train.zero_stage"] == 0 and stamped["train.dist_backend"] == "auto"
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cases = [
+        ({"zero_stage": 2}, "train.zero_stage: 2 is a stage of DeepSpeed's ZeRO, but train.strategy is 'single'"),
+        ({"zero_stage": 4}, "train.zero_stage: 4 is not allowed"),
+        ({"zero_stage": 1, "strategy": "deepspeed", "procs_per_node": 2}, "train.zero_stage: 1 is not supported yet"),
+        ({"dist_backend": "mpi"}, "train.dist_backend: 'mpi' is not allowed; expected one of 'auto', 'nccl', 'gloo'"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        nccl = {"dist_backend": "nccl", "strategy": "ddp", "procs_per_node": 2}
+        cases.append((nccl, "train.dist_backend: 'nccl' needs GPUs, but machine 'local' has none"))
+    for change, words in cases:
+        params = copy.deepcopy(base)
+        params["train"].update(change)
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params))
+        proc = subprocess.run(
+            ["virgo-exps", "check", "--params", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2 and words in proc.stderr, (change, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr  # the line, and how to restore params
+
+
+def test_no_environment_variable_sets_the_zero_stage_or_the_backend():
+    for path in (ROOT / "src").rglob("*.py"):
+        text = path.read_text()
+        assert "VIRGO_ZERO_STAGE" not in text and "VIRGO_DIST_BACKEND" not in text, path

@@ -154,6 +154,14 @@ class TrainConfig:
     warmup_steps: int = spec(20, _non_negative, "an integer >= 0", "steps of linear learning-rate warm-up")
     profile_steps: int = spec(5, _non_negative, "an integer >= 0 (0: off)", "steps profiled with the torch profiler")
     max_requeues: int = spec(3, _non_negative, "an integer >= 0", "time-outs/preemptions tolerated before failing")
+    zero_stage: int = spec(
+        0, lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3", "DeepSpeed's ZeRO stage; only 0 (off) runs today"
+    )
+    dist_backend: str = spec(
+        "auto",
+        *_choice("auto", "nccl", "gloo"),
+        doc="collectives of ddp and deepspeed (auto: NCCL with GPUs, else gloo)",
+    )
 
 
 @dataclass(frozen=True)
@@ -300,6 +308,18 @@ def _cross_checks(p: Params) -> None:
                 f"train.global_batch_size: {p.train.global_batch_size} is larger than the training split "
                 f"({n_train} samples); lower it or raise generate.n_samples"
             )
+    if p.train.zero_stage and p.train.strategy != "deepspeed":
+        raise ConfigError(
+            f"train.zero_stage: {p.train.zero_stage} is a stage of DeepSpeed's ZeRO, but train.strategy is "
+            f"'{p.train.strategy}'; set it to 0 or choose 'deepspeed'"
+        )
+    if p.train.zero_stage:
+        # ZeRO splits the optimiser state over the ranks (its optimiser is not a torch optimiser either),
+        # while a snapshot holds rank 0's: a resumed run would not continue the run it claims to.
+        raise ConfigError(
+            f"train.zero_stage: {p.train.zero_stage} is not supported yet: snapshots hold rank 0's optimiser "
+            "state and ZeRO splits it over the ranks, so a resumed run would differ; set it to 0"
+        )
     if p.train.strategy == "single" and world != 1:
         raise ConfigError(
             f"train.strategy: 'single' runs one process, but train.nodes x train.procs_per_node = {world}; "

@@ -85,6 +85,14 @@ def check_machine(params: Params, machine: Machine) -> None:
                 f"requests {machine.gpus_per_node} GPU(s) per node, one per process; set train.procs_per_node "
                 f"to at most {machine.gpus_per_node} or raise gpus_per_node in machines/{machine.name}/machine.yaml"
             )
+    if cfg.dist_backend == "nccl" and cfg.strategy in ("ddp", "deepspeed"):
+        gpus = _visible_gpus() if machine.kind == "local" else machine.gpus_per_node
+        if not gpus:
+            where = "this machine has no CUDA GPU" if machine.kind == "local" else "its profile requests no GPUs"
+            raise ConfigError(
+                f"train.dist_backend: 'nccl' needs GPUs, but machine '{machine.name}' has none ({where}); "
+                "set it to 'auto' or 'gloo'"
+            )
     from virgo_exps.launch.strategy_table import check_software, strategy_row
 
     check_software(strategy_row(cfg.strategy), sys.executable)  # the launcher's own check, and its words

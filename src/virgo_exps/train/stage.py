@@ -94,7 +94,7 @@ def work(args: argparse.Namespace, models: Callable[[], Any], strategy_box: list
     from virgo_exps.train.trainer import Interrupted, Trainer, TrainOutputs
 
     params = load_params(args.params)
-    strategy = get_strategy(params.train.strategy)
+    strategy = get_strategy(params.train.strategy, params.train)
     strategy_box.append(strategy)
     strategy.init()
     outputs = TrainOutputs(**{name: getattr(args, name) for name in OUTPUTS})

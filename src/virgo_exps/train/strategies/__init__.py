@@ -11,12 +11,17 @@ from __future__ import annotations
 from virgo_exps.train.strategies.base import Strategy
 
 
-def get_strategy(name: str) -> Strategy:
+def get_strategy(name: str, train=None) -> Strategy:
+    """The strategy named ``name``, set up with the ``train`` params (their ZeRO stage and backend)."""
     from virgo_exps.launch.strategy_table import STRATEGY_TABLE
 
     if name not in STRATEGY_TABLE:
         raise ValueError(f"train.strategy: unknown strategy {name!r}")
-    return STRATEGY_TABLE[name].load()()
+    strategy = STRATEGY_TABLE[name].load()()
+    if train is not None:
+        strategy.zero_stage = train.zero_stage
+        strategy.dist_backend = train.dist_backend
+    return strategy
 
 
 __all__ = ["Strategy", "get_strategy"]

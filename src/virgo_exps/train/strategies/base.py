@@ -26,6 +26,8 @@ class Strategy(ABC):
         self.world_size = 1
         self.local_rank = 0
         self.device = torch.device("cpu")
+        self.zero_stage = 0  # train.zero_stage (DeepSpeed)
+        self.dist_backend = "auto"  # train.dist_backend (ddp, deepspeed)
 
     # -- life cycle -------------------------------------------------------
     @abstractmethod

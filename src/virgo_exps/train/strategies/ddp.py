@@ -15,7 +15,7 @@ class DDPStrategy(TorchDistStrategy):
         self._read_env()
         self._pick_device()
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend(), timeout=self._timeout())
+            dist.init_process_group(backend=backend(self.dist_backend), timeout=self._timeout())
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 

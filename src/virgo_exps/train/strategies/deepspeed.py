@@ -63,7 +63,7 @@ class DeepSpeedStrategy(TorchDistStrategy):
         self._pick_device()
         if self.local_rank == 0:
             remove_stale_build_locks()
-        deepspeed.init_distributed(dist_backend=backend(), timeout=self._timeout())
+        deepspeed.init_distributed(dist_backend=backend(self.dist_backend), timeout=self._timeout())
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self._unlink_shm_buffer()
@@ -100,7 +100,7 @@ class DeepSpeedStrategy(TorchDistStrategy):
             # clips at norm 1.0 when the key is absent, which silently changes the
             # loss trajectory whenever a gradient norm exceeds 1.
             "gradient_clipping": 0.0,
-            "zero_optimization": {"stage": int(os.environ.get("VIRGO_ZERO_STAGE", "0"))},
+            "zero_optimization": {"stage": self.zero_stage},  # train.zero_stage, in every record
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }

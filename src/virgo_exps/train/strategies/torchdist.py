@@ -13,9 +13,12 @@ from virgo_exps.train.strategies.base import Strategy, env_int
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
-def backend() -> str:
-    """NCCL where there are GPUs, gloo otherwise (overridable with VIRGO_DIST_BACKEND)."""
-    return os.environ.get("VIRGO_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+def backend(choice: str = "auto") -> str:
+    """The collective backend of ``train.dist_backend``: NCCL where there are GPUs and gloo otherwise for
+    'auto', else the one named."""
+    if choice != "auto":
+        return choice
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 class TorchDistStrategy(Strategy):
