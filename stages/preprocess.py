@@ -25,7 +25,7 @@ def run() -> int:
     preprocess(args.source, cfg, args.out, workers=cfg.workers or None, device=cfg.device)  # prints its summary
     from virgo_exps.stagelog import output_line
 
-    print(output_line("preprocess", args.out), flush=True)
+    print(output_line("preprocess", args.out, inputs=(args.source,)), flush=True)
     return 0
 
 

@@ -283,7 +283,10 @@ def test_dvc_exp_run_with_a_quote_and_percent_in_the_name(slurm_cluster, tmp_pat
     assert gen, out[-4000:]
     gen_logs = repo / "logs" / "generate"
     assert gen.group(2) == str(gen_logs / f"{name}-{gen.group(1)}_<task>.out")
-    assert sorted(p.name for p in gen_logs.glob("*.out")) == [f"{name}-{gen.group(1)}_{t}.out" for t in (0, 1)]
+    jobs = sorted(p.name for p in gen_logs.glob(f"*-{gen.group(1)}_*.out"))
+    assert jobs == [f"{name}-{gen.group(1)}_{t}.out" for t in (0, 1)]
+    # the stage's own log (stagelog) beside its job's, under the same literal name
+    assert [p.name.startswith(f"{name}-local-") for p in gen_logs.glob("*-local-*.out")] == [True]
     train = re.search(rf"submitted job (\d+) \({re.escape('virgo-train-' + name)}\); log (.*)\n", out)
     assert train, out[-4000:]
     log = repo / "logs" / "train" / f"{name}-{train.group(1)}.out"
@@ -319,7 +322,7 @@ def test_report_title_and_names_are_literal_text_in_markdown(tmp_path):
     results = repo / "results"
     results.mkdir()
     (results / "metrics.json").write_text(
-        '{"strategy": "single", "world_size": 1, "machine": "m|<b>x</b>", "val_loss": 0.5}'
+        '{"strategy": "single", "world_size": 1, "machine": "m|<b>x</b>", "train_loss": 0.8, "val_loss": 0.5}'
     )
     (results / "epochs.csv").write_text(
         "epoch,train_loss,val_loss,train_time_s,val_time_s,samples_per_s\n1,1.0,0.9,2.0,0.5,10\n2,0.8,0.7,2.0,0.5,11\n"

@@ -7,17 +7,22 @@ launcher gives a local run's log (:mod:`virgo_exps.launch.protocol`), so that
 training. Inside a SLURM job the job's own log is the log, and nothing is
 written here.
 
-A data stage ends its log with one line naming its output's digest
-(:func:`output_line`). The training's log (``results/train.log``, held by git
-and so carried by ``dvc exp push/pull``) begins with the logs of the data
-stages that made the data it trained on, found by those digests
+A data stage ends its log with lines naming the identity of its inputs and
+of its output (:func:`output_line`): the SHA-256 of a store's provenance
+stamp (its params and its inputs' digests, from which a deterministic stage
+makes the same bytes), read from the store's attributes without reading its
+data. The training's log (``results/train.log``, held by git and so carried
+by ``dvc exp push/pull``) begins with the logs of the data stages that made
+the data it trained on, followed from the data back through those lines
 (:func:`data_logs`): a teammate who pulls the experiment reads how its data,
 its training and (in ``results/report/report.log``) its report were made.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import re
 import sys
@@ -27,8 +32,8 @@ from virgo_exps import provenance
 from virgo_exps.launch import protocol
 from virgo_exps.paths import experiment_name, main_checkout, repo_root
 
-_OUTPUT = re.compile(r"^(?P<stage>[\w-]+): output (?P<path>\S+) digest (?P<digest>[0-9a-f]{16,})$", re.M)
-_TAIL = 8192  # the digest line is the log's last; no need to read a long log whole
+_LINE = re.compile(r"^(?P<stage>[\w-]+): (?P<kind>input|output) (?P<path>\S+) id (?P<id>[0-9a-f]{16,})$", re.M)
+_TAIL = 8192  # the identity lines are the log's last; no need to read a long log whole
 
 _current: StageLog | None = None
 
@@ -55,6 +60,11 @@ class _Tee(io.TextIOBase):
         except (OSError, ValueError):
             pass
 
+    @property
+    def buffer(self) -> _BinaryTee:
+        """The byte side (what writes bytes to ``sys.stderr.buffer`` uses: a job's log copied as it is)."""
+        return _BinaryTee(self._stream.buffer, self._sink)
+
     def isatty(self) -> bool:
         return self._stream.isatty()
 
@@ -64,6 +74,29 @@ class _Tee(io.TextIOBase):
     @property
     def encoding(self):
         return getattr(self._stream, "encoding", "utf-8")
+
+
+class _BinaryTee:
+    """Bytes to the stream's buffer and, as text, to the log file."""
+
+    def __init__(self, raw, sink):
+        self._raw = raw
+        self._sink = sink
+
+    def write(self, data: bytes) -> int:
+        self._raw.write(data)
+        try:
+            self._sink.write(bytes(data).decode(errors="replace"))
+        except (OSError, ValueError):
+            pass
+        return len(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+        try:
+            self._sink.flush()
+        except (OSError, ValueError):
+            pass
 
 
 class StageLog:
@@ -101,9 +134,18 @@ def current() -> StageLog | None:
     return _current
 
 
-def output_line(stage: str, out: str | os.PathLike) -> str:
-    """The last line of a data stage's log: its output and the output's digest (what a stamp records)."""
-    return f"{stage}: output {out} digest {provenance.data_digest(out)}"
+def store_id(path: str | os.PathLike) -> str:
+    """A store's identity: the SHA-256 of its provenance stamp, or of its bytes when it has none."""
+    stamp = provenance.read_store_stamp(path) if Path(path).is_dir() else None
+    if stamp:
+        return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+    return provenance.data_digest(path)
+
+
+def output_line(stage: str, out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> str:
+    """The last lines of a data stage's log: the identity of each input and of its output."""
+    lines = [f"{stage}: input {p} id {store_id(p)}" for p in inputs]
+    return "\n".join([*lines, f"{stage}: output {out} id {store_id(out)}"])
 
 
 def public(text: bytes) -> bytes:
@@ -117,23 +159,6 @@ def public(text: bytes) -> bytes:
     return text
 
 
-def _digests_behind(data: Path) -> set[str]:
-    """The digest of ``data`` and of every store it was made from, as far as their stamps say."""
-    found: set[str] = set()
-    todo, seen = [Path(data)], set()
-    while todo:
-        path = todo.pop()
-        if path in seen or not path.exists():
-            continue
-        seen.add(path)
-        found.add(provenance.data_digest(path))
-        stamp = provenance.read_store_stamp(path) if path.is_dir() else None
-        for rel, digest in ((stamp or {}).get("inputs") or {}).items():
-            found.add(digest)
-            todo.append(Path(rel))
-    return found
-
-
 def _tail(path: Path) -> str:
     with open(path, "rb") as fh:
         size = fh.seek(0, os.SEEK_END)
@@ -142,29 +167,39 @@ def _tail(path: Path) -> str:
 
 
 def data_logs(data: str | os.PathLike, home: Path | None = None, skip: tuple[str, ...] = ("train",)) -> list[Path]:
-    """The newest log of each data stage that wrote ``data`` or a store it was made from (matched by the
-    output digest its last line names), oldest first, each followed by the job logs it announced."""
+    """The logs of the data stages that made ``data``: the newest log whose output line names its identity,
+    then, through that log's input lines, those that made its inputs; oldest first, each followed by the job
+    logs it announced."""
     home = home or main_checkout()
-    wanted = _digests_behind(Path(data))
     logs_dir = home / "logs"
-    if not wanted or not logs_dir.is_dir():
+    if not Path(data).exists() or not logs_dir.is_dir():
         return []
-    chosen: dict[str, tuple[float, Path]] = {}
+    made: dict[str, tuple[float, Path, list[str]]] = {}  # id -> (mtime, log, ids of its inputs)
     for stage_dir in logs_dir.iterdir():
         if not stage_dir.is_dir() or stage_dir.name in skip or stage_dir.name == "failed":
             continue
         for log in stage_dir.glob("*.out"):
             try:
-                mtime = log.stat().st_mtime
-                tail = _tail(log)
+                mtime, tail = log.stat().st_mtime, _tail(log)
             except OSError:
                 continue
-            for m in _OUTPUT.finditer(tail):
-                digest = m.group("digest")
-                if digest in wanted and (digest not in chosen or chosen[digest][0] < mtime):
-                    chosen[digest] = (mtime, log)
+            lines = list(_LINE.finditer(tail))
+            inputs = [m.group("id") for m in lines if m.group("kind") == "input"]
+            for m in lines:
+                if m.group("kind") == "output" and (m.group("id") not in made or made[m.group("id")][0] < mtime):
+                    made[m.group("id")] = (mtime, log, inputs)
+    chosen: list[tuple[float, Path]] = []
+    todo, seen = [store_id(data)], set()
+    while todo:
+        ident = todo.pop()
+        if ident in seen or ident not in made:
+            continue
+        seen.add(ident)
+        mtime, log, inputs = made[ident]
+        chosen.append((mtime, log))
+        todo += inputs
     out: list[Path] = []
-    for _, log in sorted(set(chosen.values())):
+    for _, log in sorted(set(chosen)):
         out.append(log)
         try:
             jobs = protocol.announced_logs(log.read_text(errors="replace"))
