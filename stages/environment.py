@@ -19,6 +19,21 @@ from virgo_exps.config import ConfigError
 from virgo_exps.environment import collect, render
 
 
+def _kept(out: Path, text: str) -> bool:
+    """Whether ``out`` already holds ``text`` and is ours; a damaged, unreadable or foreign file is rewritten
+    (the rename makes it ours), with one line for the last two."""
+    try:
+        why = fsio.trust_refusal(out)
+        if not why:
+            return out.read_bytes() == text.encode()  # a damaged file (not text) is rewritten
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        why = f"it cannot be read ({exc.strerror})"
+    print(f"environment: {out}: {why}; writing it again")
+    return False
+
+
 def run() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -29,7 +44,7 @@ def run() -> int:
     except ConfigError as exc:
         return preflight.refuse(exc, args.params)
     text = render(collect())
-    if args.out.is_file() and args.out.read_bytes() == text.encode():  # a damaged file (not text) is rewritten
+    if _kept(args.out, text):
         print(f"environment: {args.out} unchanged")
         return 0
     fsio.write_text(args.out, text)

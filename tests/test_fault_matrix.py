@@ -3,12 +3,20 @@ matrix in docs/threat-model.md): the final snapshot a longer run continues from,
 `version.lock`. Damaged, each is named and passed over or rebuilt; never resumed from, never a traceback,
 and the result is the one an undamaged run gives.
 
+Two damages need real Unix users (root, ``useradd``, ``runuser``): a file replaced by another user's (the
+same bytes, their file: what a user who can write the folder leaves there), and a file its owner cannot
+read (run as that owner: root reads everything).
+
 The tests share one pipeline run (2 epochs, committed) and restore the committed files after each case.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,13 +25,34 @@ from conftest import BIN, make_repo, sh
 
 pytestmark = pytest.mark.slow
 
+OTHER = "another user's file"
+
 
 def dvc(repo, *args, check=True):
     return sh([str(BIN / "dvc"), *args], repo, check=check)
 
 
-def damage(path, how: str) -> None:
+@pytest.fixture(scope="module")
+def other_user():
+    """A Unix user who is not the one running the pipeline, nor in its group."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.skip("creating Unix users (useradd, runuser) needs root")
+    name = f"vx_other{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+
+
+def damage(path, how: str, request=None) -> None:
     data = bytearray(path.read_bytes())
+    if how == OTHER:  # the same bytes under the same name, but another user's file
+        planted = path.with_name(path.name + ".planted")
+        planted.write_bytes(bytes(data))
+        shutil.chown(planted, user=request.getfixturevalue("other_user"))
+        os.replace(planted, path)
+        return
     if how == "flipped byte":
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
@@ -54,14 +83,15 @@ def ran(tmp_path_factory):
 
 def restore(repo) -> None:
     sh(["git", "checkout", "-q", "--", "."], repo)
+    sh(["chown", "-R", f"{os.geteuid()}:{os.getegid()}", str(repo)], repo)  # git keeps a same-content file as it is
     sh(["git", "status", "--porcelain"], repo)
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted"])
-def test_a_damaged_final_snapshot_is_never_continued_from(ran, how):
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted", OTHER])
+def test_a_damaged_final_snapshot_is_never_continued_from(ran, how, request):
     repo, reference = ran
     try:
-        damage(repo / "checkpoints" / "snapshot.pt", how)
+        damage(repo / "checkpoints" / "snapshot.pt", how, request)
         out = dvc(repo, "exp", "run", "-S", "train.epochs=3")
         text = out.stdout + out.stderr
         assert "Traceback" not in text, text[-3000:]
@@ -69,12 +99,106 @@ def test_a_damaged_final_snapshot_is_never_continued_from(ran, how):
         if how != "deleted":
             line = next(ln for ln in text.splitlines() if "not resuming from checkpoints/snapshot.pt" in ln)
             assert line.endswith("; starting afresh"), line
-            assert ("SHA-256" in line or "no checksum" in line) if how != "truncated" else "damaged" in line, line
+            if how == OTHER:
+                assert "belongs to user vx_other" in line and "read only when it is yours" in line, line
+            else:
+                assert ("SHA-256" in line or "no checksum" in line) if how != "truncated" else "damaged" in line, line
         got = pd.read_csv(repo / "results" / "epochs.csv")[["epoch", "train_loss", "val_loss"]]
         pd.testing.assert_frame_equal(got, reference)  # afresh, the same result as continuing an intact one
         assert json.loads((repo / "checkpoints" / "status.json").read_text())["status"] == "complete"
     finally:
         restore(repo)
+
+
+class _RunsCode:
+    """What a planted snapshot could hold: an object whose unpickling runs a command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_snapshot_that_would_run_code_is_refused_even_with_a_matching_checksum(ran, tmp_path):
+    """The checksum is not a secret: anyone who can write the file can write a matching one. What makes a
+    planted snapshot harmless is that loading it builds tensors and plain values only."""
+    import hashlib
+    import io
+
+    import torch
+
+    from virgo_exps.train.trainer import SNAPSHOT_MAGIC
+
+    repo, reference = ran
+    marker = tmp_path / "the-code-ran"
+    buffer = io.BytesIO()
+    torch.save({"epoch": 2, "step_in_epoch": 0, "payload": _RunsCode(marker)}, buffer)
+    payload = buffer.getvalue()
+    try:
+        (repo / "checkpoints" / "snapshot.pt").write_bytes(
+            SNAPSHOT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+        )
+        out = dvc(repo, "exp", "run", "-S", "train.epochs=3")
+        text = out.stdout + out.stderr
+        assert not marker.exists(), "loading the snapshot ran its code"
+        line = next(ln for ln in text.splitlines() if "not resuming from checkpoints/snapshot.pt" in ln)
+        assert "it holds more than tensors and plain values" in line and line.endswith("starting afresh"), line
+        got = pd.read_csv(repo / "results" / "epochs.csv")[["epoch", "train_loss", "val_loss"]]
+        pd.testing.assert_frame_equal(got, reference)
+    finally:
+        restore(repo)
+
+
+def test_state_files_their_owner_cannot_read_are_named_by_the_next_command(ran, other_user, tmp_path):
+    """Unreadable (mode 000) to the user who runs the pipeline, in their own checkout: DVC names the final
+    snapshot before any stage runs, version.lock is written again, and the report stage names metrics.json;
+    never a traceback, and nothing changed that was not asked for."""
+    import sys
+
+    from conftest import ROOT
+    from test_share import User, _open_for_traversal, _user_python
+
+    repo, reference = ran
+    opened = _open_for_traversal([tmp_path / "x", sys.prefix, ROOT / "src"])
+    try:
+        os.chmod(tmp_path, 0o755)
+        copy, home = tmp_path / "repo", tmp_path / "home"
+        shutil.copytree(repo, copy, symlinks=True)
+        home.mkdir()
+        for path in (copy, home):
+            sh(["chown", "-R", f"{other_user}:", str(path)], tmp_path)
+        user = User(other_user, home, copy, _user_python(tmp_path, other_user))
+
+        def unreadable(rel: str, cmd: list[str]) -> str:
+            (copy / rel).chmod(0)
+            out = user.run(cmd, check=False)
+            text = out.stdout + out.stderr
+            assert "Traceback" not in text, text[-3000:]
+            return text
+
+        # DVC hashes the outputs it tracks before any stage runs: it refuses with one line naming the file,
+        # and changes nothing.
+        text = unreadable("checkpoints/snapshot.pt", ["dvc", "exp", "run", "-S", "train.epochs=3"])
+        said = [ln for ln in text.splitlines() if ln.startswith("ERROR")]
+        assert len(said) == 1 and "Permission denied" in said[0] and "checkpoints/snapshot.pt" in said[0], text
+        (copy / "checkpoints" / "snapshot.pt").chmod(0o644)
+        assert user.run(["git", "status", "--porcelain"]).stdout == ""
+
+        text = unreadable("version.lock", ["dvc", "repro", "environment"])
+        assert "environment: version.lock: it cannot be read (Permission denied); writing it again" in text, text
+        # The same environment, but for the interpreter: the test user may run another build of this Python.
+        same = [ln for ln in (copy / "version.lock").read_text().splitlines() if not ln.startswith("python:")]
+        assert same == [ln for ln in (repo / "version.lock").read_text().splitlines() if not ln.startswith("python:")]
+
+        text = unreadable("results/metrics.json", ["dvc", "repro", "--force", "--single-item", "report"])
+        assert "error: results/metrics.json: cannot be read (Permission denied)" in text, text[-3000:]
+    finally:
+        for folder, mode in reversed(opened):
+            os.chmod(folder, mode)
+        uid = __import__("pwd").getpwnam(other_user).pw_uid
+        for leftover in Path("/dev/shm").glob(f"virgo-data-{uid}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def test_a_damaged_status_file_is_rewritten_and_the_snapshot_still_used(ran):
@@ -93,17 +217,20 @@ def test_a_damaged_status_file_is_rewritten_and_the_snapshot_still_used(ran):
         restore(repo)
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted"])
-def test_a_damaged_version_lock_is_rewritten_and_nothing_reruns(ran, how):
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted", OTHER])
+def test_a_damaged_version_lock_is_rewritten_and_nothing_reruns(ran, how, request):
     repo, _ = ran
     committed = (repo / "version.lock").read_bytes()
     try:
-        damage(repo / "version.lock", how)
+        damage(repo / "version.lock", how, request)
         out = dvc(repo, "repro")
         text = out.stdout + out.stderr
         assert "Traceback" not in text, text[-3000:]
         assert "environment: wrote version.lock" in text, text[-3000:]
         assert (repo / "version.lock").read_bytes() == committed
+        assert (repo / "version.lock").stat().st_uid == os.geteuid()
+        if how == OTHER:
+            assert "environment: version.lock: it belongs to user vx_other" in text, text[-3000:]
         for stage in ("generate", "preprocess", "train", "report"):
             assert f"Running stage '{stage}'" not in text, text[-3000:]
         assert sh(["git", "status", "--porcelain"], repo).stdout == ""
@@ -111,15 +238,16 @@ def test_a_damaged_version_lock_is_rewritten_and_nothing_reruns(ran, how):
         restore(repo)
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted"])
-def test_a_damaged_metrics_file_is_named_by_the_report_stage_and_verify(ran, how):
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted", OTHER])
+def test_a_damaged_metrics_file_is_named_by_the_report_stage_and_verify(ran, how, request):
     repo, _ = ran
     try:
-        damage(repo / "results" / "metrics.json", how)
+        damage(repo / "results" / "metrics.json", how, request)
         out = dvc(repo, "repro", "--force", "--single-item", "report", check=False)
         text = out.stdout + out.stderr
         assert out.returncode != 0 and "Traceback" not in text, text[-3000:]
-        said = "cannot be read (No such file or directory)" if how == "deleted" else "not a metrics file (not JSON"
+        said = {"deleted": "cannot be read (No such file or directory)", OTHER: "not read: it belongs to user vx_other"}
+        said = said.get(how, "not a metrics file (not JSON")
         assert f"error: results/metrics.json: {said}" in text, text[-3000:]
         checked = sh([str(BIN / "virgo-exps"), "verify"], repo, check=False)
         assert checked.returncode == 1 and "Traceback" not in checked.stdout + checked.stderr, checked.stderr
@@ -157,9 +285,7 @@ def lock_md5(repo, stage: str) -> str:
 def test_a_data_stage_killed_while_it_writes_reruns_to_the_same_bytes(data_repo, stage, out, point):
     """`dvc repro` killed (SIGKILL to its process group, as a lost login session) while the stage writes its
     store: nothing half-written is published or left behind, and the rerun writes the very same bytes."""
-    import os
     import signal
-    import subprocess
 
     from conftest import tool_env, wait_until
 
@@ -209,7 +335,6 @@ def test_a_data_stage_killed_while_it_writes_reruns_to_the_same_bytes(data_repo,
 def test_a_partial_store_of_a_dead_or_zombie_writer_is_removed_and_a_live_ones_kept(tmp_path):
     """A killed stage whose parent died too stays a zombie until init reaps it (in some containers, a long
     while): it writes nothing more, so its partial store goes; a running writer's stays."""
-    import subprocess
     import sys
 
     from conftest import wait_until
@@ -237,7 +362,6 @@ def test_a_partial_store_of_a_dead_or_zombie_writer_is_removed_and_a_live_ones_k
 @pytest.fixture(scope="module")
 def store_repo(tmp_path_factory):
     import grp
-    import os
 
     base = tmp_path_factory.mktemp("records")
     repo = make_repo(base / "repo")
@@ -265,12 +389,12 @@ def sweep_status(repo, store, name: str):
     return sh([str(BIN / "virgo-exps"), "sweep", "status", name, "--store", str(store)], repo, check=False)
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line"])
-def test_a_damaged_task_record_is_a_failed_trial_named_with_its_fix(store_repo, how):
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", OTHER])
+def test_a_damaged_task_record_is_a_failed_trial_named_with_its_fix(store_repo, how, request):
     repo, store, _ = store_repo
-    name = "tasks-" + how.replace(" ", "-")
+    name = "tasks-" + how.replace(" ", "-").replace("'", "")
     folder = a_grid_sweep(store, name)
-    damage(folder / "tasks" / "1.json", how)
+    damage(folder / "tasks" / "1.json", how, request)
     out = sweep_status(repo, store, name)
     text = out.stdout + out.stderr
     assert out.returncode == 0 and "Traceback" not in text, text[-3000:]
@@ -279,12 +403,12 @@ def test_a_damaged_task_record_is_a_failed_trial_named_with_its_fix(store_repo, 
     assert f"best so far: {name}-000" in out.stdout  # the damaged one is never a result
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted"])
-def test_a_damaged_sweep_record_is_named_in_one_line(store_repo, how):
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted", OTHER])
+def test_a_damaged_sweep_record_is_named_in_one_line(store_repo, how, request):
     repo, store, _ = store_repo
-    name = "record-" + how.replace(" ", "-")
+    name = "record-" + how.replace(" ", "-").replace("'", "")
     folder = a_grid_sweep(store, name)
-    damage(folder / "sweep.json", how)
+    damage(folder / "sweep.json", how, request)
     out = sweep_status(repo, store, name)
     text = out.stdout + out.stderr
     assert out.returncode in (2, 3) and "Traceback" not in text, text[-3000:]
@@ -292,14 +416,14 @@ def test_a_damaged_sweep_record_is_named_in_one_line(store_repo, how):
     assert len(out.stderr.strip().splitlines()) == 1 and said in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line"])
-def test_a_damaged_store_marker_is_named_and_share_writes_it_again(store_repo, how):
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", OTHER])
+def test_a_damaged_store_marker_is_named_and_share_writes_it_again(store_repo, how, request):
     repo, store, group = store_repo
-    name = "marker-" + how.replace(" ", "-")
+    name = "marker-" + how.replace(" ", "-").replace("'", "")
     a_grid_sweep(store, name)
     marker = store / "virgo-share.json"
     kept = marker.read_bytes()
-    damage(marker, how)
+    damage(marker, how, request)
     out = sweep_status(repo, store, name)
     text = out.stdout + out.stderr
     assert out.returncode == 3 and "Traceback" not in text, text[-3000:]

@@ -551,6 +551,119 @@ def test_one_pushes_while_the_other_pulls_and_both_share_at_once(shared):
     assert _modes(store, group) == [] and share.check_tree(store, group) == []
 
 
+def _refs(user, name: str) -> str:
+    return user.run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{name}"]).stdout.strip()
+
+
+@pytest.mark.slow
+def test_a_pull_killed_at_any_point_leaves_nothing_false_and_completes_when_run_again(shared):
+    """`dvc exp pull` killed (SIGKILL to its process group) at several points, from its start to after its
+    git refs arrived: Bob's clone has the experiment whole or not at all (when `dvc exp list` shows it,
+    `verify --exp` passes; otherwise verify says it does not know it), and the pull run again completes."""
+    import signal
+
+    alice, bob = shared["alice"], shared["bob"]
+    name = "killed-pull"
+    alice.run(["dvc", "exp", "run", "-S", "preprocess.split_seed=5", "-n", name])  # new data too
+    alice.run(["dvc", "exp", "push", "team", name])
+    verify = ["python", "-m", "virgo_exps.cli.main", "verify", "--exp", name]
+    outcomes = []
+    for delay in (0.3, 1.0, 2.0, 4.0):
+        bob.run(["dvc", "exp", "remove", name], check=False)  # each attempt from nothing
+        proc = subprocess.Popen(
+            bob.argv(["dvc", "exp", "pull", "team", name]),
+            cwd=bob.repo,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(delay)
+        ended = proc.poll() is not None
+        if not ended:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        listed = name in bob.run(["dvc", "exp", "list", "--name-only"]).stdout.split()
+        checked = bob.run(verify, check=False)
+        text = checked.stdout + checked.stderr
+        assert "Traceback" not in text, text[-3000:]
+        if listed:
+            assert checked.returncode == 0, text[-3000:]  # shown, so whole
+        else:
+            assert checked.returncode != 0, text[-3000:]  # never a pass for what is not there
+        outcomes.append((delay, "finished" if ended else "killed", "listed" if listed else "absent"))
+        bob.run(["dvc", "exp", "pull", "team", name])  # run again: completes
+        assert bob.run(verify).returncode == 0
+        assert _refs(bob, name) == _refs(alice, name)
+    print("pull killed at:", outcomes)
+    assert any(kind == "killed" for _, kind, _ in outcomes), outcomes  # at least one kill landed inside it
+
+
+@pytest.mark.slow
+def test_a_push_killed_at_any_point_leaves_the_team_nothing_false_and_completes_when_run_again(shared):
+    """`dvc exp push` killed (SIGKILL to its process group) at several points, inside its git push of the
+    refs and after: the store has the experiment or not (when `dvc exp list team` shows it, Bob pulls it
+    and `verify --exp` passes), never a ref to commits it lacks (`git fsck` of the store), and the push run
+    again completes."""
+    import signal
+
+    alice, bob, store = shared["alice"], shared["bob"], shared["store"]
+    outcomes = []
+    for n, delay in enumerate((0.3, 1.0, 2.0, 4.0)):
+        name = f"killed-push-{n}"
+        alice.run(["dvc", "exp", "run", "-s", "report", "-S", f"report.title={name}", "-n", name])
+        proc = subprocess.Popen(
+            alice.argv(["dvc", "exp", "push", "team", name]),
+            cwd=alice.repo,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(delay)
+        ended = proc.poll() is not None
+        if not ended:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        fsck = bob.run(["git", "--git-dir", str(store / "experiments.git"), "fsck", "--connectivity-only"], check=False)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr  # no ref to a commit the store lacks
+        listed = name in bob.run(["dvc", "exp", "list", "team", "--name-only"]).stdout.split()
+        if listed:
+            bob.run(["dvc", "exp", "pull", "team", name])
+            checked = bob.run(["python", "-m", "virgo_exps.cli.main", "verify", "--exp", name], check=False)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+        outcomes.append((delay, "finished" if ended else "killed", "listed" if listed else "absent"))
+        alice.run(["dvc", "exp", "push", "team", name])  # run again: completes
+        assert name in bob.run(["dvc", "exp", "list", "team", "--name-only"]).stdout.split()
+    print("push killed at:", outcomes)
+    assert any(kind == "killed" for _, kind, _ in outcomes), outcomes
+
+
+@pytest.mark.slow
+def test_both_pull_at_once_and_each_gets_the_others_experiments_whole(shared):
+    """Alice pulls Bob's experiment while Bob pulls two of Alice's, at the same moment, through the same
+    store and shared cache: every pull that says it succeeded did, and each experiment is the pusher's."""
+    alice, bob = shared["alice"], shared["bob"]
+    if not (bob.repo / "results" / "model.pt").exists():  # run alone: Bob starts from Alice's experiment
+        bob.run(["dvc", "exp", "pull", "team", "alice-base"])
+        bob.run(["dvc", "exp", "apply", "alice-base"])
+    hers = ["pullpair-a0", "pullpair-a1"]
+    alice.run("set -e; " + "; ".join(f"dvc exp run -s report -S 'report.title={e}' -n {e}" for e in hers))
+    alice.run(["dvc", "exp", "push", "team", *hers])
+    bob.run("set -e; dvc exp run -s report -S 'report.title=pullpair-b' -n pullpair-b; dvc exp push team pullpair-b")
+    procs = {
+        "alice": alice.popen("set -e; for i in 1 2 3; do dvc exp pull team pullpair-b; done"),
+        "bob": bob.popen(f"set -e; for i in 1 2 3; do dvc exp pull team {' '.join(hers)}; done"),
+    }
+    for who, proc in procs.items():
+        out = proc.communicate(timeout=900)[0]
+        assert proc.returncode == 0, (who, out[-4000:])
+    for name in hers:
+        assert _refs(bob, name) and _refs(bob, name) == _refs(alice, name), name
+    assert _refs(alice, "pullpair-b") and _refs(alice, "pullpair-b") == _refs(bob, "pullpair-b")
+    for user, name in ((alice, "pullpair-b"), (bob, hers[1])):
+        checked = user.run(["python", "-m", "virgo_exps.cli.main", "verify", "--exp", name], check=False)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def _sweep_state(store: Path, name: str) -> str | None:
     task = store / "sweeps" / name / "tasks" / "0.json"
     try:
@@ -563,8 +676,9 @@ def _sweep_state(store: Path, name: str) -> str | None:
 @pytest.mark.slurm
 def test_two_teammates_each_submit_a_sweep_into_the_same_store_on_slurm(shared):
     """Alice and Bob, two Unix users of the team's group, each submit a one-trial sweep on a real Slurm into
-    the same store at the same moment. Both trials run as their owner and end done; each user's trial
-    experiment is in the store's git; both `share --check` pass afterwards; each reads the other's status."""
+    the same store at the same moment, while Alice also runs `share` and Bob pushes and pulls. Both trials
+    run as their owner and end done; each user's trial experiment is in the store's git, and so is Bob's
+    pushed one; both `share --check` pass afterwards; each reads the other's status."""
     import shlex
 
     from slurm_fixtures import first_job_id, start_cluster
@@ -585,13 +699,22 @@ def test_two_teammates_each_submit_a_sweep_into_the_same_store_on_slurm(shared):
                 "git diff --cached --quiet || git commit -q -m 'the sweep base'; "
                 f"ln -sfn {shlex.quote(str(cluster.workdir))} .slurmsim"
             )
+        # Bob's own experiment, to push while the sweeps are submitted (only the report stage runs).
+        bob.run(["dvc", "exp", "run", "-s", "report", "-S", "report.title=during-submit", "-n", "during-submit"])
         procs = {
             user.name: user.popen(f"{vx} sweep submit --grid {user.name}-lr -S train.lr=0.002 --parsable")
             for user in (alice, bob)
         }
-        for name, proc in procs.items():
+        # The other store operations at the same moment: share (Alice), push and pull (Bob).
+        sharing = f"python -m virgo_exps.cli.share share --dir {shlex.quote(str(store))} --group {group}"
+        beside = {
+            "share": alice.popen(sharing),
+            "push and pull": bob.popen("set -e; dvc exp push team during-submit; dvc exp pull team alice-base"),
+        }
+        for name, proc in {**procs, **beside}.items():
             out = proc.communicate(timeout=600)[0]
-            assert proc.returncode == 0 and out.strip().isdigit(), (name, out[-3000:])
+            assert proc.returncode == 0, (name, out[-3000:])
+            assert name in beside or out.strip().isdigit(), (name, out[-3000:])
         names = [f"{u.name}-lr" for u in (alice, bob)]
         wait_until(
             lambda: all(_sweep_state(store, n) in ("done", "failed") for n in names),
@@ -612,7 +735,7 @@ def test_two_teammates_each_submit_a_sweep_into_the_same_store_on_slurm(shared):
                 shown = user.run(f"{vx} sweep status {name}").stdout
                 assert "1 trials: 1 done" in shown, (user.name, name, shown)
         listed = bob.run(["dvc", "exp", "list", "team", "--all-commits", "--name-only"]).stdout.split()
-        assert {f"{n}-000" for n in names} <= set(listed), listed
+        assert {f"{n}-000" for n in names} | {"during-submit"} <= set(listed), listed
         for user in (alice, bob):
             assert user.vx("share", "--dir", str(store), "--group", group, "--check").returncode == 0
         assert _modes(store, group) == []

@@ -675,6 +675,51 @@ def test_two_processes_per_strategy(slurm_cluster, repo, strategy):
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_a_deepspeed_buffer_name_another_user_planted_stops_the_job_before_it_trains(slurm_cluster, repo):
+    """Under Slurm the name of each rank's DeepSpeed all-reduce buffer in /dev/shm follows from our uid, the
+    first node and the job id (the rendezvous port): anyone who reads squeue can plant it. Another Unix user
+    plants it, world-writable, for the next job ids: the job stops before its first step with one line
+    naming the file and its owner, records nothing, and the planted files receive nothing."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.skip("creating Unix users (useradd, runuser) needs root")
+    name, planter = "planted-buffer", f"vx_shm{os.getpid() % 100000}"
+    machine = "slurm-deepspeed-runner"
+    folder = repo / "machines" / machine
+    if not folder.exists():
+        shutil.copytree(repo / "machines" / "slurm", folder)
+        spec = yaml.safe_load((folder / "machine.yaml").read_text())
+        (folder / "machine.yaml").write_text(yaml.safe_dump({**spec, "deepspeed_launcher": "deepspeed"}))
+    env = cluster_env(slurm_cluster, machine=machine, extra={"DVC_EXP_NAME": name})
+    last = int(sh(["sbatch", "--parsable", "--wrap", "true"], repo, env).stdout.strip().split(";")[0])
+    node = slurm_cluster.node_names[0]
+    names = [
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{node}_{20000 + job % 10000}_{rank}"
+        for job in range(last + 1, last + 6)
+        for rank in (0, 1)
+    ]
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", planter], check=True, capture_output=True)
+    try:
+        planted = subprocess.run(
+            ["runuser", "-u", planter, "--", "sh", "-c", 'umask 0; for f; do : > "$f"; done', "sh", *names],
+            capture_output=True,
+            text=True,
+        )
+        assert planted.returncode == 0, planted.stderr
+        proc = sh(train_cmd(repo, name, "deepspeed", procs=2), repo, env, check=False, timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Traceback" not in out, out[-5000:]
+        said = [ln for ln in out.splitlines() if "holds the name of this rank's DeepSpeed all-reduce buffer" in ln]
+        assert said and f"belongs to user {planter}" in said[0] and "nothing was started" in said[0], out[-5000:]
+        assert not (repo / "out" / name / "metrics.json").exists()
+        assert all(os.stat(f).st_size == 0 and os.stat(f).st_uid != 0 for f in names)  # nothing written to them
+    finally:
+        for f in names:
+            Path(f).unlink(missing_ok=True)
+        subprocess.run(["userdel", planter], capture_output=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_failing_job_gives_its_exit_code_and_log_tail(slurm_cluster, repo):
     # a missing data store: the worker fails on every rank
     cmd = train_cmd(repo, "fail", "single", data="data/missing.zarr")

@@ -493,6 +493,30 @@ def test_a_task_requeued_after_its_trial_was_recorded_keeps_the_record(sweep):
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_a_requeued_task_keeps_a_damaged_record_aside_and_ends_with_its_trial_recorded(sweep):
+    """A requeued task whose record was damaged (a garbage line) keeps the damaged file aside, named, and
+    ends with its trial recorded again: the same experiment and metric, never a trial counted twice."""
+    path = sweep["dir"] / "tasks" / "0.json"
+    before = json.loads(path.read_text())
+    assert before["state"] == "done"
+    path.write_bytes(b"\x00\xffnot what we wrote\n" + path.read_bytes())
+    again = _task_again(sweep, 0)
+    out = again.stdout + again.stderr
+    assert "Traceback" not in out, out[-3000:]
+    m = re.search(r"0\.json: damaged \(([^)]*)\); kept as (0\.json\.damaged-\d+); the task runs its trial afresh", out)
+    assert m, out[-3000:]
+    aside = path.with_name(m.group(2))
+    assert aside.read_bytes().startswith(b"\x00\xffnot what we wrote")
+    after = json.loads(path.read_text())
+    assert after["state"] == "done" and after["experiment"] == before["experiment"], after
+    assert after["metric"] == before["metric"], (after["metric"], before["metric"])
+    shown = vx(sweep["repo"], "sweep", "status", "lrgrid", env=sweep["env"]).stdout
+    assert "0 failed" in shown and "damaged" not in shown, shown
+    aside.unlink()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_a_submission_sbatch_refuses_can_be_made_again(sweep, tmp_path):
     """sbatch refusing the array (here: a partition the cluster does not have) leaves nothing that blocks
     the same submission once the profile is right."""

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,53 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+def _owner(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"user id {uid}"
+
+
+def _in_group(uid: int, gid: int) -> bool:
+    """Whether user ``uid`` is a member of group ``gid`` (as a supplementary or as the primary group)."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    if user.pw_gid == gid:
+        return True
+    try:
+        return user.pw_name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+
+
+def trust_refusal(path: str | os.PathLike, *, team_folder: str | os.PathLike | None = None) -> str | None:
+    """Why a state file we read back is not ours to trust, or None when it is (docs/threat-model.md).
+
+    Ours: a regular file (not a link, a FIFO or a folder), owned by this user, that other users of the
+    machine cannot write. In the team store (``team_folder``: the folder whose group is the team's), a
+    file a teammate wrote is ours too: one whose owner is a member of that folder's group. A missing file
+    raises FileNotFoundError, as reading it would.
+    """
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file (a link or another kind of file, not what we write)"
+    if st.st_mode & stat.S_IWOTH:
+        return f"every user of the machine may write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    if st.st_uid == os.geteuid():
+        return None
+    if team_folder is not None and _in_group(st.st_uid, os.stat(team_folder).st_gid):
+        return None
+    whose = "the team's group" if team_folder is not None else "you"
+    return f"it belongs to {_owner(st.st_uid)}, not to {whose}"
 
 
 def remove(path: str | os.PathLike) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from virgo_exps import fsio
 from virgo_exps.config import ConfigError, DamagedInputError
 
 KEY = "provenance"
@@ -253,8 +254,11 @@ def check_input(
 
 
 def read_metrics(path: str | os.PathLike) -> dict:
-    """A ``metrics.json``: a JSON object, or :class:`DamagedInputError` naming the file and the fix."""
+    """A ``metrics.json`` of this user's: a JSON object, or :class:`DamagedInputError` naming the file and the fix."""
     try:
+        why = fsio.trust_refusal(path)
+        if why:
+            raise DamagedInputError(f"{path}: not read: {why}; {fix_hint('train')}")
         data = json.loads(Path(path).read_bytes())
     except OSError as exc:
         raise DamagedInputError(f"{path}: cannot be read ({exc.strerror}); {fix_hint('train')}") from exc

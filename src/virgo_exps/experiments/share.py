@@ -59,8 +59,9 @@ MARKER = "virgo-share.json"
 def read_marker(path: Path) -> dict:
     """The team store's marker file, or :class:`DamagedInputError` naming it and the fix."""
     try:
-        data = json.loads(Path(path).read_bytes())
-        why = "not a JSON object with the store's group"
+        why = fsio.trust_refusal(path, team_folder=Path(path).parent)
+        data = None if why else json.loads(Path(path).read_bytes())
+        why = why or "not a JSON object with the store's group"
     except (OSError, ValueError) as exc:
         data, why = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if not isinstance(data, dict) or not isinstance(data.get("group", ""), str):

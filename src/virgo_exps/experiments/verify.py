@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from virgo_exps import dvcrun, provenance
+from virgo_exps import dvcrun, fsio, provenance
 
 FIX_CORRUPT = "restore it with `dvc checkout --relink {path}`, or `dvc pull {path}` if the cache copy is bad too"
 
@@ -128,6 +128,13 @@ class Workspace:
     def path(self, rel: str) -> Path | None:
         path = self.repo / rel
         return path if path.exists() else None
+
+    def trust(self, rel: str) -> str | None:
+        """Why the file ``rel`` is not this user's to trust (:func:`fsio.trust_refusal`), or None."""
+        try:
+            return fsio.trust_refusal(self.repo / rel)
+        except OSError:
+            return None  # missing or unreadable: the reader says so
 
 
 class Experiment:
@@ -480,7 +487,16 @@ def check_outcome(src, report: Report, dvc_yaml: Path) -> None:
     from virgo_exps.train.outcome import metrics_refusal
 
     for rel in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("metrics") or []:
-        text = src.text(rel)
+        why = src.trust(rel) if isinstance(src, Workspace) else None
+        if why:
+            fix = f"remove it, then `git checkout -- {rel}` or rerun the train stage"
+            report.problems.append(f"{rel}: not read: {why}; {fix}")
+            continue
+        try:
+            text = src.text(rel)
+        except OSError as exc:
+            report.problems.append(f"{rel}: cannot be read ({exc.strerror}); {FIX_CORRUPT.format(path=rel)}")
+            continue
         if text is None:
             continue
         try:

@@ -66,6 +66,9 @@ def journal_refusal(sweep_dir: Path) -> str | None:
     lock.acquire()
     try:
         try:
+            why = fsio.trust_refusal(path, team_folder=sweep_dir)
+            if why:
+                return f"{path}: not read: {why}; only you and the team write a sweep's journal"
             data = path.read_bytes()
         except OSError as exc:
             return f"{path}: cannot be read ({exc.strerror or exc}); check its permissions"

@@ -69,11 +69,12 @@ def read_sweep(directory: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{directory}: no {SWEEP_FILE}; not a sweep dir (submit with `virgo-exps sweep submit`)")
     try:
-        record = json.loads(path.read_bytes())
+        why = fsio.trust_refusal(path, team_folder=directory)
+        record = None if why else json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
         record, why = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     else:
-        why = "no spec in it"
+        why = why or "no spec in it"
     if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
         raise DamagedInputError(
             f"{path}: not a sweep record ({why}): damaged after `sweep submit` wrote it; the trials' records are "

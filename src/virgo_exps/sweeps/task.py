@@ -52,8 +52,12 @@ STATES = (RUNNING, DONE, FAILED, PRUNED, SKIPPED)
 
 def load_task_state(path: Path) -> tuple[dict, str | None]:
     """A task's state file: (its record, None), ({}, None) when there is none, or ({}, why) when it is
-    damaged (not a JSON object with an integer index and a known state)."""
+    damaged (not a JSON object with an integer index and a known state), unreadable, or not the team's
+    (:func:`fsio.trust_refusal`)."""
     try:
+        why = fsio.trust_refusal(path, team_folder=Path(path).parent)
+        if why:
+            return {}, why
         state = json.loads(path.read_bytes())
     except FileNotFoundError:
         return {}, None

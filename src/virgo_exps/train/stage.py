@@ -96,7 +96,11 @@ def work(args: argparse.Namespace, models: Callable[[], Any], strategy_box: list
     params = load_params(args.params)
     strategy = get_strategy(params.train.strategy, params.train)
     strategy_box.append(strategy)
-    strategy.init()
+    try:
+        strategy.init()
+    except outcome.RunFailed as exc:  # said by the rank that found it, whichever it is
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return outcome.EXIT_FAILED_RUN
     outputs = TrainOutputs(**{name: getattr(args, name) for name in OUTPUTS})
     trainer = Trainer(params, strategy, args.data, outputs, Tracker(enabled=not args.no_tracking), models())
     try:

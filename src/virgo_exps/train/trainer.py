@@ -62,6 +62,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -255,15 +256,30 @@ def write_snapshot_file(obj: Any, path: Path) -> None:
         raise _write_failure(path, exc) from exc
 
 
+# What a snapshot holds besides tensors and plain values: numpy's random state (an array). torch.load
+# builds nothing else: a file planted under a snapshot's name, with a checksum that matches (anyone can
+# compute one), cannot run code when a run continues from it.
+_SNAPSHOT_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
 def read_snapshot_file(path: Path) -> dict:
-    """The snapshot dict of ``path``, verified against its checksum (:class:`DamagedSnapshot` if not)."""
+    """The snapshot dict of ``path``, verified against its checksum (:class:`DamagedSnapshot` if not), and
+    only when the file is this user's own (:func:`fsio.trust_refusal`)."""
+    why = fsio.trust_refusal(path)
+    if why:
+        raise DamagedSnapshot(f"{why}; a snapshot is read only when it is yours")
     with open(path, "rb") as fh:
         head, digest, payload = fh.readline(), fh.readline().strip(), fh.read()
     if head != SNAPSHOT_MAGIC:
         raise DamagedSnapshot("it has no checksum (not a snapshot of this version, or damaged at its start)")
     if hashlib.sha256(payload).hexdigest().encode() != digest:
         raise DamagedSnapshot("its content does not match its SHA-256 checksum (damaged)")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_SNAPSHOT_GLOBALS):
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise DamagedSnapshot(f"it holds more than tensors and plain values ({first}); not loaded") from exc
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -7,12 +7,14 @@ DeepSpeed owns the backward pass and the optimiser step (``engine.backward``,
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 
+from virgo_exps.train.outcome import RunFailed
 from virgo_exps.train.strategies.torchdist import TorchDistStrategy, backend
 
 # DeepSpeed's shared-memory communication is a small C++ extension that every process loads through
@@ -21,6 +23,27 @@ from virgo_exps.train.strategies.torchdist import TorchDistStrategy, backend
 # later DeepSpeed process of that user on the node waits for it forever, without a word.
 SHM_EXTENSION = "deepspeed_shm_comm"
 STALE_BUILD_LOCK_S = 600.0
+
+
+def _not_ours(path: Path) -> str | None:
+    """None: nothing at ``path``; "": a file of ours, for our user only; else what is wrong with it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        import pwd
+
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        return f"belongs to user {owner}"
+    if st.st_mode & 0o077:
+        return f"is open to other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
 
 
 def extension_lock_files() -> list[Path]:
@@ -63,10 +86,38 @@ class DeepSpeedStrategy(TorchDistStrategy):
         self._pick_device()
         if self.local_rank == 0:
             remove_stale_build_locks()
+        self._claim_shm_name()
         deepspeed.init_distributed(dist_backend=backend(self.dist_backend), timeout=self._timeout())
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self._unlink_shm_buffer()
+
+    def _shm_buffer(self) -> Path:
+        """This rank's shared-memory all-reduce buffer, named as DeepSpeed names it."""
+        parts = ("deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""))
+        return Path("/dev/shm", "_".join((*parts, os.environ.get("MASTER_PORT", ""), str(self.rank))))
+
+    def _claim_shm_name(self) -> None:
+        """Refuse to start when another user already holds the name of this rank's buffer.
+
+        DeepSpeed opens the name without O_EXCL: a file planted there by another user of the node (the
+        name follows from our uid and the rendezvous port, which under Slurm follows from the job id)
+        would receive this rank's gradients and feed the others whatever its owner writes. A file of
+        ours under the name is a killed run's, whose port came round again: removed.
+        """
+        path = self._shm_buffer()
+        why = _not_ours(path)
+        if why is None:
+            return
+        if why == "" or why.startswith("is open"):
+            path.unlink(missing_ok=True)
+        else:
+            raise RunFailed(
+                f"train: rank {self.rank}: {path} {why}: another user holds the name of this rank's DeepSpeed "
+                "all-reduce buffer, which would carry its gradients; nothing was started. The name follows from "
+                "the rendezvous port: run again (under Slurm, a new job has another port), and tell the "
+                "machine's administrators"
+            )
 
     def _unlink_shm_buffer(self) -> None:
         """Remove the name of this rank's shared-memory all-reduce buffer once every rank has mapped it.
@@ -79,16 +130,15 @@ class DeepSpeedStrategy(TorchDistStrategy):
         valid and the kernel frees the memory when the last rank exits, however it exits.
         """
         self.barrier()
-        name = "_".join(
-            (
-                "deepspeed_allreduce_buffer",
-                str(os.getuid()),
-                os.environ.get("MASTER_ADDR", ""),
-                os.environ.get("MASTER_PORT", ""),
-                str(self.rank),
+        path = self._shm_buffer()
+        why = _not_ours(path)
+        if why:  # planted between the check before the start and DeepSpeed's open: it was used
+            raise RunFailed(
+                f"train: rank {self.rank}: {path} {why}: DeepSpeed's all-reduce buffer of this rank was another "
+                "user's file; the run is stopped before its first step and records nothing; tell the machine's "
+                "administrators"
             )
-        )
-        Path("/dev/shm", name).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
     def wrap(self, model, optimizer, micro_batch):
         import deepspeed
