@@ -523,15 +523,18 @@ def test_a_sweeps_folders_leave_the_store_open_to_the_team(shared):
 
 @pytest.mark.slow
 def test_one_pushes_while_the_other_pulls_and_both_share_at_once(shared):
-    """Two more pairs of store operations at the same moment: Alice pushes new experiments while Bob pulls
-    hers, and both run `share` on the store at once. Nothing is lost, every command that says it
-    succeeded did, and the store stays the team's."""
+    """More pairs of store operations at the same moment: Alice pushes new experiments while Bob pulls hers
+    and both run `share` (push x share, pull x share); then both run `share` alone at once. Nothing is lost,
+    every command that says it succeeded did, and the store stays the team's."""
     store, group, alice, bob = shared["store"], shared["group"], shared["alice"], shared["bob"]
     names = [f"concurrent-{i}" for i in range(3)]
     alice.run("set -e; " + "; ".join(f"dvc exp run -s report -S 'report.title={e}' -n {e}" for e in names))
+    cmd = ["python", "-m", "virgo_exps.cli.share", "share", "--dir", str(store), "--group", group]
     pushing = alice.popen("set -e; " + "; ".join(f"dvc exp push team {e}" for e in names))
     pulling = bob.popen("set -e; for i in 1 2 3; do dvc exp pull team alice-base; done")
-    for proc in (pushing, pulling):
+    # and, at the same moment, each runs `share` beside the other's push or pull
+    sharing = [u.popen(cmd) for u in (alice, bob)]
+    for proc in (pushing, pulling, *sharing):
         out = proc.communicate(timeout=900)[0]
         assert proc.returncode == 0, out[-4000:]
     listed = bob.run(["dvc", "exp", "list", "team", "--all-commits", "--name-only"]).stdout.split()
@@ -543,7 +546,6 @@ def test_one_pushes_while_the_other_pulls_and_both_share_at_once(shared):
         theirs = alice.run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{name}"]).stdout
         ours = bob.run(["git", "for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{name}"]).stdout
         assert theirs.strip() and theirs == ours, (name, theirs, ours)
-    cmd = ["python", "-m", "virgo_exps.cli.share", "share", "--dir", str(store), "--group", group]
     shares = [u.popen(cmd) for u in (alice, bob)]
     for proc in shares:
         out = proc.communicate(timeout=900)[0]
@@ -739,5 +741,23 @@ def test_two_teammates_each_submit_a_sweep_into_the_same_store_on_slurm(shared):
         for user in (alice, bob):
             assert user.vx("share", "--dir", str(store), "--group", group, "--check").returncode == 0
         assert _modes(store, group) == []
+        # Alice's records made unreadable to the team (mode 000): Bob's `sweep status` names each, never a
+        # result or a traceback; the marker and sweep.json stop it (exit 3), a task record fails its trial.
+        hers = store / "sweeps" / names[0]
+        for path, said, code in (
+            (hers / "tasks" / "0.json", "0.json is damaged (PermissionError", 0),
+            (hers / "sweep.json", "sweep.json: not a sweep record (PermissionError", 3),
+            (store / "virgo-share.json", "the team store's marker is damaged (PermissionError", 3),
+        ):
+            mode = path.stat().st_mode
+            path.chmod(0)
+            try:
+                shown = bob.run(f"{vx} sweep status {names[0]}", check=False)
+            finally:
+                path.chmod(mode & 0o7777)
+            text = shown.stdout + shown.stderr
+            assert shown.returncode == code and said in text and "Traceback" not in text, (path.name, text[-3000:])
+            if code == 0:
+                assert "1 trials: 0 done, 0 running, 0 pending, 1 failed" in shown.stdout, shown.stdout
     finally:
         cluster.stop()

@@ -300,12 +300,9 @@ def params_listing(params_path: str = "params.yaml") -> str:
     return "\n".join(lines)
 
 
-def _main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["run"]:
-        # Everything after `run` belongs to dvc, options included (argparse's
-        # REMAINDER would reject a leading `-S`).
-        sys.exit(run_pipeline(argv[1:]))
+def build_parser() -> argparse.ArgumentParser:
+    """The ``virgo-exps`` command line: every subcommand and option (also read by the test that holds the
+    documentation to it)."""
     parser = argparse.ArgumentParser(prog="virgo-exps", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="list every key of params.yaml with its default and allowed values")
@@ -327,7 +324,22 @@ def _main(argv: list[str] | None = None) -> None:
     share_cli.add_parser(sub)
     sweep_cli.add_parser(sub)
     verify.add_parser(sub)
+    return parser
+
+
+def _main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        # Everything after `run` belongs to dvc, options included (argparse's
+        # REMAINDER would reject a leading `-S`).
+        sys.exit(run_pipeline(argv[1:]))
+    parser = build_parser()
     args = parser.parse_args(argv)
+    from virgo_exps.cli import scalability as scalability_cli
+    from virgo_exps.cli import share as share_cli
+    from virgo_exps.cli import sweep as sweep_cli
+    from virgo_exps.experiments import verify
+
     if args.command == "verify":
         sys.exit(verify.run(args))
     if args.command in share_cli.COMMANDS:
