@@ -45,7 +45,7 @@ FMIN, FMAX, PATCH, BATCH = 10.0, 150.0, 64, 32
 
 
 def _gen_cfg(n: int, seed: int = 42):
-    from virgo_exps.config import GenerateConfig
+    from virgo_exps.study.params import GenerateConfig
 
     return GenerateConfig(
         seed=seed, n_samples=n, n_aux=N_AUX, duration=DURATION, sample_rate=SAMPLE_RATE, chunk_size=CHUNK, workers=0
@@ -53,7 +53,7 @@ def _gen_cfg(n: int, seed: int = 42):
 
 
 def _pre_cfg(whiten: bool):
-    from virgo_exps.config import PreprocessConfig
+    from virgo_exps.study.params import PreprocessConfig
 
     return PreprocessConfig(
         fmin=FMIN, fmax=FMAX, whiten=whiten, patch_size=PATCH, batch_size=BATCH, val_fraction=0.2, split_seed=0

@@ -54,7 +54,7 @@ SCRIPT = r"""
 import sys
 from pathlib import Path
 import numpy as np
-from virgo_exps.config import GenerateConfig, PreprocessConfig
+from virgo_exps.study.params import GenerateConfig, PreprocessConfig
 from virgo_exps.study.generate import generate
 from virgo_exps.study.preprocess import preprocess
 what, out = sys.argv[1], Path(sys.argv[2])

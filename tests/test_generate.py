@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import zarr
 
-from virgo_exps.config import GenerateConfig
 from virgo_exps.study import generate as G
+from virgo_exps.study.params import GenerateConfig
 
 SMALL = GenerateConfig(seed=7, n_samples=20, n_aux=3, duration=4.0, sample_rate=500, chunk_size=4, workers=1)
 SRC = str(Path(G.__file__).resolve().parents[2])
@@ -179,7 +179,7 @@ def test_coupled_glitches_show_in_main():
 
 def _run_generate_code(cfg: GenerateConfig, out: Path, workers: int = 1) -> list[str]:
     code = (
-        "from virgo_exps.config import GenerateConfig\n"
+        "from virgo_exps.study.params import GenerateConfig\n"
         "from virgo_exps.study.generate import generate\n"
         f"generate(GenerateConfig(**{asdict(cfg)!r}), {str(out)!r}, workers={workers}, progress=False)\n"
     )

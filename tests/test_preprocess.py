@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from virgo_exps.config import GenerateConfig, PreprocessConfig
 from virgo_exps.study import generate as G
 from virgo_exps.study import preprocess as P
+from virgo_exps.study.params import GenerateConfig, PreprocessConfig
 
 GEN = GenerateConfig(seed=11, n_samples=30, n_aux=3, duration=4.0, sample_rate=500, chunk_size=8, workers=1)
 PRE = PreprocessConfig(patch_size=32, val_fraction=0.2, split_seed=5, batch_size=8)

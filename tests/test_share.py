@@ -527,6 +527,7 @@ def test_one_pushes_while_the_other_pulls_and_both_share_at_once(shared):
     and both run `share` (push x share, pull x share); then both run `share` alone at once. Nothing is lost,
     every command that says it succeeded did, and the store stays the team's."""
     store, group, alice, bob = shared["store"], shared["group"], shared["alice"], shared["bob"]
+    bob.vx("share", "--dir", str(store), "--group", group)  # joined (again: nothing changes)
     names = [f"concurrent-{i}" for i in range(3)]
     alice.run("set -e; " + "; ".join(f"dvc exp run -s report -S 'report.title={e}' -n {e}" for e in names))
     cmd = ["python", "-m", "virgo_exps.cli.share", "share", "--dir", str(store), "--group", group]
@@ -565,6 +566,7 @@ def test_a_pull_killed_at_any_point_leaves_nothing_false_and_completes_when_run_
     import signal
 
     alice, bob = shared["alice"], shared["bob"]
+    bob.vx("share", "--dir", str(shared["store"]), "--group", shared["group"])  # joined (again: nothing changes)
     name = "killed-pull"
     alice.run(["dvc", "exp", "run", "-S", "preprocess.split_seed=5", "-n", name])  # new data too
     alice.run(["dvc", "exp", "push", "team", name])
@@ -603,12 +605,15 @@ def test_a_pull_killed_at_any_point_leaves_nothing_false_and_completes_when_run_
 @pytest.mark.slow
 def test_a_push_killed_at_any_point_leaves_the_team_nothing_false_and_completes_when_run_again(shared):
     """`dvc exp push` killed (SIGKILL to its process group) at several points, inside its git push of the
-    refs and after: the store has the experiment or not (when `dvc exp list team` shows it, Bob pulls it
+    refs and after: the store has the experiment or not (when `dvc exp list team --all-commits` shows it, Bob pulls it
     and `verify --exp` passes), never a ref to commits it lacks (`git fsck` of the store), and the push run
     again completes."""
     import signal
 
-    alice, bob, store = shared["alice"], shared["bob"], shared["store"]
+    alice, bob, store, group = shared["alice"], shared["bob"], shared["store"], shared["group"]
+    bob.vx("share", "--dir", str(store), "--group", group)  # joined (again: nothing changes)
+    # Her results committed, so that an experiment of one stage (-s) carries every output of the others.
+    alice.run("git add -A; git diff --cached --quiet || git commit -q -m 'the results'")
     outcomes = []
     for n, delay in enumerate((0.3, 1.0, 2.0, 4.0)):
         name = f"killed-push-{n}"
@@ -627,14 +632,15 @@ def test_a_push_killed_at_any_point_leaves_the_team_nothing_false_and_completes_
         proc.wait(timeout=60)
         fsck = bob.run(["git", "--git-dir", str(store / "experiments.git"), "fsck", "--connectivity-only"], check=False)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr  # no ref to a commit the store lacks
-        listed = name in bob.run(["dvc", "exp", "list", "team", "--name-only"]).stdout.split()
+        listed = name in bob.run(["dvc", "exp", "list", "team", "--all-commits", "--name-only"]).stdout.split()
         if listed:
             bob.run(["dvc", "exp", "pull", "team", name])
             checked = bob.run(["python", "-m", "virgo_exps.cli.main", "verify", "--exp", name], check=False)
             assert checked.returncode == 0, checked.stdout + checked.stderr
         outcomes.append((delay, "finished" if ended else "killed", "listed" if listed else "absent"))
-        alice.run(["dvc", "exp", "push", "team", name])  # run again: completes
-        assert name in bob.run(["dvc", "exp", "list", "team", "--name-only"]).stdout.split()
+        again = alice.run(["dvc", "exp", "push", "team", name])  # run again: completes
+        listed = bob.run(["dvc", "exp", "list", "team", "--all-commits", "--name-only"]).stdout.split()
+        assert name in listed, (outcomes, again.stdout + again.stderr, listed)
     print("push killed at:", outcomes)
     assert any(kind == "killed" for _, kind, _ in outcomes), outcomes
 
@@ -644,9 +650,12 @@ def test_both_pull_at_once_and_each_gets_the_others_experiments_whole(shared):
     """Alice pulls Bob's experiment while Bob pulls two of Alice's, at the same moment, through the same
     store and shared cache: every pull that says it succeeded did, and each experiment is the pusher's."""
     alice, bob = shared["alice"], shared["bob"]
+    bob.vx("share", "--dir", str(shared["store"]), "--group", shared["group"])  # joined (again: nothing changes)
     if not (bob.repo / "results" / "model.pt").exists():  # run alone: Bob starts from Alice's experiment
         bob.run(["dvc", "exp", "pull", "team", "alice-base"])
         bob.run(["dvc", "exp", "apply", "alice-base"])
+    for user in (alice, bob):  # results committed: an experiment of one stage carries every output
+        user.run("git add -A; git diff --cached --quiet || git commit -q -m 'the results'")
     hers = ["pullpair-a0", "pullpair-a1"]
     alice.run("set -e; " + "; ".join(f"dvc exp run -s report -S 'report.title={e}' -n {e}" for e in hers))
     alice.run(["dvc", "exp", "push", "team", *hers])
@@ -701,8 +710,9 @@ def test_two_teammates_each_submit_a_sweep_into_the_same_store_on_slurm(shared):
                 "git diff --cached --quiet || git commit -q -m 'the sweep base'; "
                 f"ln -sfn {shlex.quote(str(cluster.workdir))} .slurmsim"
             )
-        # Bob's own experiment, to push while the sweeps are submitted (only the report stage runs).
-        bob.run(["dvc", "exp", "run", "-s", "report", "-S", "report.title=during-submit", "-n", "during-submit"])
+        # Bob's own experiment, to push while the sweeps are submitted (only the report stage runs; in a
+        # temporary folder, so his workspace stays as committed for his sweep).
+        bob.run(["dvc", "exp", "run", "--temp", "-s", "report", "-S", "report.title=beside", "-n", "during-submit"])
         procs = {
             user.name: user.popen(f"{vx} sweep submit --grid {user.name}-lr -S train.lr=0.002 --parsable")
             for user in (alice, bob)

@@ -46,7 +46,14 @@ MARKERS = {
 
 def loaded_by_name(name: str) -> set[str]:
     """Modules ``name`` imports by name at run time rather than by an import statement: the
-    strategy package loads the class the strategy table names for ``train.strategy`` (any row may run)."""
+    strategy package loads the class the strategy table names for ``train.strategy`` (any row may run);
+    the params loader loads the study's params module its entry point names (pyproject.toml)."""
+    if name == "virgo_exps.config":
+        import tomllib
+
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        group = project.get("entry-points", {}).get("virgo_exps.studies", {})
+        return {target.partition(":")[0] for target in group.values()}
     if name != "virgo_exps.train.strategies":
         return set()
     from virgo_exps.launch.strategy_table import STRATEGY_TABLE  # torch-free

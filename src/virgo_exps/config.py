@@ -11,9 +11,10 @@ shown when it fails. :func:`validate` checks a mapping against such a
 dataclass; it is the one validator of the project: params sections here, the
 machine profiles (:mod:`virgo_exps.machines`) and any file a study adds.
 
-The machinery reads ``train`` and ``report``. ``generate`` and ``preprocess``
-are the Virgo study's sections: a study without them leaves them out of its
-params.yaml (they are then None, and the Virgo cross-checks are skipped).
+The machinery reads ``train`` and ``report``. A study adds its own sections
+through a :class:`StudySpec` it registers as an entry point (group
+``virgo_exps.studies``); this module never imports a study. A params file
+without a study's sections leaves them None, and that study's check is skipped.
 
 The defaults of the dataclasses are the committed values of ``params.yaml``
 (``tests/test_config.py`` holds them equal), so ``virgo-exps params`` shows
@@ -93,43 +94,6 @@ def _choice(*options):
 # these names); the names live here so that validating params.yaml does not
 # make every stage depend on the launch table.
 STRATEGIES = ("single", "ddp", "deepspeed", "horovod")
-# The Virgo study's networks (virgo_exps.study.models); another study's model factory names its own.
-MODELS = ("decoder", "unet")
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """Synthetic main + auxiliary channels (see virgo_exps.study.generate)."""
-
-    seed: int = spec(42, _seed, SEED_RANGE, "seed of the whole data set; sample i depends only on (seed, i)")
-    n_samples: int = spec(512, _positive, "an integer > 0", "number of samples (each: 1 main + n_aux channels)")
-    n_aux: int = spec(3, lambda v: 1 <= v <= 64, "an integer from 1 to 64", "auxiliary channels per sample")
-    duration: float = spec(16.0, lambda v: 1.0 <= v <= 600.0, "seconds, from 1 to 600", "length of each series")
-    sample_rate: int = spec(500, lambda v: 64 <= v <= 16384, "Hz, from 64 to 16384", "sampling rate of every channel")
-    chunk_size: int = spec(64, _positive, "an integer > 0", "samples per zarr chunk and per unit of parallel work")
-    workers: int = spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes")
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Q-transform images, 64x64 patches, split and normalisation."""
-
-    fmin: float = spec(10.0, _positive, "a frequency in Hz > 0", "lower edge of the Q-transform band")
-    fmax: float = spec(150.0, _positive, "a frequency in Hz > 0", "upper edge of the Q-transform band (< Nyquist)")
-    whiten: bool = spec(False, None, "true or false", "whiten each channel before the Q-transform (as gwpy does)")
-    patch_size: int = spec(
-        64,
-        lambda v: 8 <= v <= 512,
-        "an integer from 8 to 512",
-        "side of the square patch cut around the main channel's peak",
-    )
-    val_fraction: float = spec(
-        0.2, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1", "share of samples held out for validation"
-    )
-    split_seed: int = spec(0, _seed, SEED_RANGE, "seed of the train/validation split")
-    batch_size: int = spec(32, _positive, "an integer > 0", "samples transformed at once")
-    workers: int = spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes")
-    device: str = spec("cpu", *_choice("cpu", "cuda"), doc="where the Q-transforms run")
 
 
 @dataclass(frozen=True)
@@ -142,8 +106,8 @@ class TrainConfig:
     model: str = spec(
         "decoder",
         lambda v: v.strip() != "",
-        "a network of the study's model factory (the Virgo study: " + ", ".join(repr(m) for m in MODELS) + ")",
-        "network: the Virgo study's small convolutional decoder or U-Net",
+        "a network the study's model factory builds (its check names them)",
+        "network to train, one of the study's",
     )
     epochs: int = spec(5, _positive, "an integer > 0", "total epochs (absolute: a resumed run stops here too)")
     global_batch_size: int = spec(32, _positive, "an integer > 0", "samples per optimiser step over all processes")
@@ -176,18 +140,76 @@ class ReportConfig:
     )
 
 
+# The machinery's sections: always present (defaults when left out).
+MACHINERY_SECTIONS = {"train": TrainConfig, "report": ReportConfig}
+STUDY_GROUP = "virgo_exps.studies"  # the entry point group a study registers its StudySpec under
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a study adds to params.yaml, found through its entry point (group ``virgo_exps.studies``).
+
+    ``sections``: its params sections (dataclasses of :func:`spec` fields), each left out of a params file
+    without it (then None); ``check``: its rules across them and ``train``, run when the file has all of
+    them; ``data_sections``: those that describe the data (the scalability report never pools runs that
+    differ there).
+    """
+
+    name: str
+    sections: dict[str, type]
+    check: Callable[[Any], None] | None = None
+    data_sections: tuple[str, ...] = ()
+
+
+_STUDIES: list[StudySpec] | None = None
+
+
+def studies() -> list[StudySpec]:
+    """The installed studies (usually one), by their entry points; loaded once per process."""
+    global _STUDIES
+    if _STUDIES is None:
+        from importlib.metadata import entry_points
+
+        found = [ep.load() for ep in sorted(entry_points(group=STUDY_GROUP), key=lambda ep: ep.name)]
+        bad = [s for s in found if not isinstance(s, StudySpec)]
+        if bad:
+            raise ConfigError(f"entry point group {STUDY_GROUP}: {bad[0]!r} is not a virgo_exps.config.StudySpec")
+        _STUDIES = found
+    return _STUDIES
+
+
+def study_sections() -> dict[str, type]:
+    """The params sections of the installed studies, by name."""
+    return {name: cls for study in studies() for name, cls in study.sections.items()}
+
+
+def sections() -> dict[str, type]:
+    """Every params section: the studies' first, then the machinery's (the order of ``virgo-exps params``)."""
+    return {**study_sections(), **MACHINERY_SECTIONS}
+
+
+def data_sections() -> tuple[str, ...]:
+    """The sections whose values describe the data a run trains on."""
+    return tuple(name for study in studies() for name in study.data_sections)
+
+
+def _study_defaults() -> dict[str, Any]:
+    return {name: cls() for name, cls in study_sections().items()}
+
+
 @dataclass(frozen=True)
 class Params:
-    # The Virgo study's sections: None when params.yaml has no such section (another study).
-    generate: GenerateConfig | None = field(default_factory=GenerateConfig)
-    preprocess: PreprocessConfig | None = field(default_factory=PreprocessConfig)
     # The machinery's sections: always present (defaults when left out).
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # The study's sections by name (``params.generate`` reads one): None when the file has no such section.
+    study: dict[str, Any] = field(default_factory=_study_defaults)
 
-
-SECTIONS = {"generate": GenerateConfig, "preprocess": PreprocessConfig, "train": TrainConfig, "report": ReportConfig}
-STUDY_SECTIONS = ("generate", "preprocess")
+    def __getattr__(self, name: str) -> Any:
+        study = self.__dict__.get("study") or {}
+        if name in study:
+            return study[name]
+        raise AttributeError(f"params have no section {name!r}")
 
 
 def _type_name(tp) -> str:
@@ -292,22 +314,15 @@ def _build(cls, section: str, raw: Any):
 
 
 def _cross_checks(p: Params) -> None:
-    virgo = p.generate is not None and p.preprocess is not None
-    if virgo:
-        _virgo_checks(p)
+    for study in studies():
+        if study.check is not None and all(p.study.get(name) is not None for name in study.sections):
+            study.check(p)
     world = p.train.nodes * p.train.procs_per_node
     if p.train.global_batch_size % world:
         raise ConfigError(
             f"train.global_batch_size: {p.train.global_batch_size} is not divisible by the world size "
             f"{world} (train.nodes x train.procs_per_node); the global batch must split evenly over processes"
         )
-    if virgo:
-        n_train = p.generate.n_samples - int(round(p.generate.n_samples * p.preprocess.val_fraction))
-        if p.train.global_batch_size > n_train:
-            raise ConfigError(
-                f"train.global_batch_size: {p.train.global_batch_size} is larger than the training split "
-                f"({n_train} samples); lower it or raise generate.n_samples"
-            )
     if p.train.zero_stage and p.train.strategy != "deepspeed":
         raise ConfigError(
             f"train.zero_stage: {p.train.zero_stage} is a stage of DeepSpeed's ZeRO, but train.strategy is "
@@ -325,49 +340,6 @@ def _cross_checks(p: Params) -> None:
             f"train.strategy: 'single' runs one process, but train.nodes x train.procs_per_node = {world}; "
             "choose 'ddp', 'deepspeed' or 'horovod', or set both to 1"
         )
-    if virgo:
-        _virgo_patch_check(p)
-
-
-def _virgo_checks(p: Params) -> None:
-    """The Virgo study's rules across its sections (only for a params file that has them)."""
-    if p.train.model not in MODELS:
-        raise ConfigError(
-            f"train.model: {p.train.model!r} is not allowed; expected one of {', '.join(repr(m) for m in MODELS)}"
-        )
-    nyquist = p.generate.sample_rate / 2
-    if p.preprocess.fmin >= p.preprocess.fmax:
-        raise ConfigError(f"preprocess.fmin: {p.preprocess.fmin} must be below preprocess.fmax ({p.preprocess.fmax})")
-    if p.preprocess.fmax >= nyquist:
-        raise ConfigError(
-            f"preprocess.fmax: {p.preprocess.fmax} Hz must be below the Nyquist frequency "
-            f"({nyquist} Hz for generate.sample_rate={p.generate.sample_rate})"
-        )
-    from virgo_exps.study.qtiling import max_frequency
-
-    ceiling = max_frequency(p.generate.sample_rate)
-    if p.preprocess.fmax > ceiling:
-        raise ConfigError(
-            f"preprocess.fmax: {p.preprocess.fmax} Hz is above the highest frequency the Q-transform resolves "
-            f"at generate.sample_rate={p.generate.sample_rate} ({ceiling:.1f} Hz); lower fmax or raise the rate"
-        )
-    n_val = int(round(p.generate.n_samples * p.preprocess.val_fraction))
-    n_train = p.generate.n_samples - n_val
-    if n_val < 1 or n_train < 1:
-        raise ConfigError(
-            f"preprocess.val_fraction: {p.preprocess.val_fraction} of generate.n_samples={p.generate.n_samples} "
-            "leaves an empty train or validation split; raise n_samples or change the fraction"
-        )
-
-
-def _virgo_patch_check(p: Params) -> None:
-    # The Q-transform grid has 1000 time bins and 0.5 Hz frequency bins.
-    freq_bins = int((p.preprocess.fmax - p.preprocess.fmin) / 0.5)
-    if p.preprocess.patch_size > min(1000, freq_bins):
-        raise ConfigError(
-            f"preprocess.patch_size: {p.preprocess.patch_size} does not fit the Q-transform grid "
-            f"(1000 time bins x {freq_bins} frequency bins for {p.preprocess.fmin}-{p.preprocess.fmax} Hz)"
-        )
 
 
 def params_from_dict(raw: Any) -> Params:
@@ -376,14 +348,14 @@ def params_from_dict(raw: Any) -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"params: expected a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS), key=str)
+    known = sections()
+    unknown = sorted(set(raw) - set(known), key=str)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section; allowed sections are: {', '.join(SECTIONS)}")
-    built = {
-        name: None if name in STUDY_SECTIONS and name not in raw else _build(cls, name, raw.get(name))
-        for name, cls in SECTIONS.items()
-    }
-    params = Params(**built)
+        installed = "" if studies() else f" (no study is installed: none registers under {STUDY_GROUP})"
+        raise ConfigError(f"{unknown[0]}: unknown section; allowed sections are: {', '.join(known)}{installed}")
+    study = {name: _build(cls, name, raw[name]) if name in raw else None for name, cls in study_sections().items()}
+    built = {name: _build(cls, name, raw.get(name)) for name, cls in MACHINERY_SECTIONS.items()}
+    params = Params(**built, study=study)
     _cross_checks(params)
     return params
 
@@ -428,8 +400,9 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
 def as_flat_dict(params: Params) -> dict[str, Any]:
     """``{"train.lr": 0.001, ...}``: the form MLflow and reports use."""
     out: dict[str, Any] = {}
-    for section, value in dataclasses.asdict(params).items():
-        for key, v in (value or {}).items():
+    for section in sections():
+        value = getattr(params, section, None)
+        for key, v in (dataclasses.asdict(value) if value is not None else {}).items():
             out[f"{section}.{key}"] = v
     return out
 
@@ -437,8 +410,9 @@ def as_flat_dict(params: Params) -> dict[str, Any]:
 def describe() -> str:
     """Every key with its default, allowed values and meaning (``virgo-exps params``)."""
     lines = []
-    for name, cls in SECTIONS.items():
-        study = "  # the Virgo study's; leave it out for a study without it" if name in STUDY_SECTIONS else ""
+    owner = {name: study.name for study in studies() for name in study.sections}
+    for name, cls in sections().items():
+        study = f"  # the {owner[name]} study's; leave it out for a study without it" if name in owner else ""
         lines.append(f"{name}:{study}")
         for f in spec_fields(cls):
             lines.append(f"  {f.name}: {f.default!r}  # {f.metadata['doc']} ({f.metadata['allowed']})")
@@ -447,13 +421,11 @@ def describe() -> str:
 
 __all__ = [
     "ConfigError",
-    "GenerateConfig",
-    "PreprocessConfig",
+    "StudySpec",
     "TrainConfig",
     "ReportConfig",
     "Params",
     "STRATEGIES",
-    "MODELS",
     "load_params",
     "params_from_dict",
     "validate",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from virgo_exps.config import data_sections
 from virgo_exps.scalability.sources import Run
 
 SEED_KEYS = frozenset({"train.seed"})
@@ -28,10 +29,9 @@ BATCH_KEY = "train.global_batch_size"
 # Settings the training result cannot depend on: how often a job may be
 # requeued, the title of the per-experiment report.
 NEUTRAL_KEYS = frozenset({"train.max_requeues", "report.title"})
-# Parameters of the data stages: when the data's hash is known it says whether
-# the data are the same (worker counts and batch sizes of preprocessing do
-# not change it); when it is not, the parameters themselves must agree.
-DATA_SECTIONS = ("generate.", "preprocess.")
+# Parameters of the data stages (the study's data sections, virgo_exps.config.data_sections): when the
+# data's hash is known it says whether the data are the same (worker counts and batch sizes of
+# preprocessing do not change it); when it is not, the parameters themselves must agree.
 CONTEXT = ("machine", "device", "software", "code", "data")
 UNKNOWN = "unknown"
 
@@ -51,11 +51,12 @@ def _short_hash(h: str | None) -> str:
 def configuration(run: Run) -> dict[str, str]:
     """What must be equal for two runs to be pooled (scaling axis and seed excluded), as text."""
     data_known = run.data is not None
+    data_keys = tuple(f"{name}." for name in data_sections())
     cfg = {"strategy": run.strategy}
     for k in sorted(run.params):
         if k in SEED_KEYS or k in AXIS_KEYS or k in NEUTRAL_KEYS or k == STRATEGY_KEY or k.startswith("report."):
             continue
-        if data_known and k.startswith(DATA_SECTIONS):
+        if data_known and data_keys and k.startswith(data_keys):
             continue
         cfg[k] = _text(run.params[k])
     cfg["machine"] = run.machine or UNKNOWN

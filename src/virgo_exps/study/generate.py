@@ -103,7 +103,7 @@ import numpy as np
 from virgo_exps import fsio
 from virgo_exps import provenance as _provenance
 from virgo_exps import store as _store
-from virgo_exps.config import GenerateConfig
+from virgo_exps.study.params import GenerateConfig
 
 FORMAT_VERSION = 1
 ARRAY = "strain"

@@ -60,7 +60,7 @@ import numpy as np
 
 from virgo_exps import provenance as _provenance
 from virgo_exps import store as _store
-from virgo_exps.config import PreprocessConfig
+from virgo_exps.study.params import PreprocessConfig
 
 FORMAT_VERSION = 1
 # Samples per chunk along axis 0 of every output array. Training reads whole

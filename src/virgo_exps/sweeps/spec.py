@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from virgo_exps.config import SECTIONS, ConfigError, read_yaml, spec, spec_fields, validate
+from virgo_exps.config import ConfigError, read_yaml, sections, spec, spec_fields, validate
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 KINDS = ("grid", "search")
@@ -143,12 +143,13 @@ _SHAPES = {"loguniform": _Range, "uniform": _Range, "int": _IntRange, "choice": 
 def _param_field(key: str, where: str) -> tuple[dataclasses.Field, type]:
     """The params.yaml field of ``section.name`` and its type; a ConfigError naming ``where`` if none."""
     section, _, name = key.partition(".")
-    if section not in SECTIONS or not name:
+    known = sections()
+    if section not in known or not name:
         raise ConfigError(
             f"{where}: {key!r} is not a key of params.yaml; write section.key with a section of "
-            f"{', '.join(SECTIONS)} (e.g. train.lr; `virgo-exps params` lists them)"
+            f"{', '.join(known)} (e.g. train.lr; `virgo-exps params` lists them)"
         )
-    cls = SECTIONS[section]
+    cls = known[section]
     fields = {f.name: f for f in spec_fields(cls)}
     if name not in fields:
         raise ConfigError(
