@@ -244,8 +244,10 @@ def test_memory_budget_names_the_numbers():
 
     params = _params()
     fits = Budget(
-        raw=10**6,
-        images=10**6,
+        outputs=(("raw series", 10**6), ("images", 10**6)),
+        subject=f"generate.n_samples: {params.generate.n_samples} samples",
+        lower="lower generate.n_samples (or generate.n_aux, generate.duration, generate.sample_rate, "
+        "preprocess.patch_size)",
         disk=4 * 10**6,
         disk_free=10**9,
         copies=2,
@@ -285,10 +287,11 @@ def test_estimate_counts_the_stores_per_copy_and_each_training_process(tmp_path,
     params = _params(strategy="ddp", procs_per_node=2)
     g = params.generate
     budget = estimate(params, Machine(name="local", kind="local", path=Path(tmp_path)))
-    assert budget.raw == g.n_samples * (1 + g.n_aux) * int(round(g.duration * g.sample_rate)) * 4
-    assert budget.images == g.n_samples * (1 + g.n_aux) * params.preprocess.patch_size**2 * 4
+    sizes = dict(budget.outputs)
+    assert sizes["raw series"] == g.n_samples * (1 + g.n_aux) * int(round(g.duration * g.sample_rate)) * 4
+    assert sizes["images"] == g.n_samples * (1 + g.n_aux) * params.preprocess.patch_size**2 * 4
     assert (budget.copies, budget.cache_disk) == (copies, 0)  # the cache is beside data/
-    assert budget.disk == copies * (budget.raw + budget.images)
+    assert budget.disk == copies * (sizes["raw series"] + sizes["images"])
     # training maps one copy of the images per node: no memory peak of its own, whatever procs_per_node
     assert not budget.memory_what.startswith("train")
     single = estimate(_params(strategy="single", procs_per_node=1), Machine(name="local", kind="local", path=tmp_path))

@@ -152,13 +152,17 @@ class StudySpec:
     ``sections``: its params sections (dataclasses of :func:`spec` fields), each left out of a params file
     without it (then None); ``check``: its rules across them and ``train``, run when the file has all of
     them; ``data_sections``: those that describe the data (the scalability report never pools runs that
-    differ there).
+    differ there); ``data_needs``: ``"module:function"`` of what its data stages will write and hold in
+    memory, for the first stage's disk and memory budget (a :class:`virgo_exps.preflight.DataNeeds`, from
+    ``function(params, machine, up_to_date)``, where ``up_to_date(names)`` gives those of its stages DVC
+    will not rerun); named, not imported, so that validating params loads none of the data stages' code.
     """
 
     name: str
     sections: dict[str, type]
     check: Callable[[Any], None] | None = None
     data_sections: tuple[str, ...] = ()
+    data_needs: str | None = None
 
 
 _STUDIES: list[StudySpec] | None = None

@@ -32,17 +32,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from virgo_exps.config import ConfigError, Params, load_params, read_yaml
+from virgo_exps.config import ConfigError, Params, load_params, read_yaml, studies
 from virgo_exps.machines import Machine, load_machine
 from virgo_exps.paths import main_checkout, repo_root
 from virgo_exps.train.tracking import check_tracking_uri
-
-# Per chunk of the generated store, the generate stage keeps a few Python
-# objects (chunk index, task bookkeeping): counted generously.
-BYTES_PER_CHUNK = 200
-# Per sample, preprocessing keeps the split permutation, both index arrays
-# and a validation mask (3 x int64 + 1 bool) plus a window per sample.
-BYTES_PER_SAMPLE_PREPROCESS = 3 * 8 + 1 + 2 * 8
 
 
 def _fmt(n: float) -> str:
@@ -123,11 +116,22 @@ def check_device(params: Params) -> None:
 
 
 @dataclass(frozen=True)
+class DataNeeds:
+    """What a study's data stages need, from its params (its ``StudySpec.data_needs``)."""
+
+    outputs: tuple[tuple[str, str, int], ...]  # (what, path under the checkout, bytes it adds; 0: not rerun)
+    peaks: tuple[tuple[int, str], ...]  # (bytes of memory, which stage and what) of what runs on this machine
+    subject: str  # the params that set the size, as a refusal begins: "generate.n_samples: 512 samples"
+    lower: str  # how to make it smaller: "lower generate.n_samples (or ...)"
+
+
+@dataclass(frozen=True)
 class Budget:
     """Sizes estimated from the params, in bytes, and what this machine has free."""
 
-    raw: int  # data/raw.zarr, uncompressed (an upper bound: noise hardly compresses)
-    images: int  # data/images.zarr
+    outputs: tuple[tuple[str, int], ...]  # (what, bytes) of each data output (uncompressed: an upper bound)
+    subject: str
+    lower: str
     disk: int  # what the data outputs add on the file system of data/
     disk_free: int  # free there, plus what the current outputs occupy (they are replaced)
     copies: int  # 2 when DVC's cache is on the file system of data/ and DVC may copy (a copy in each)
@@ -228,48 +232,47 @@ def stages_up_to_date(params: Params, names: tuple[str, ...]) -> set[str]:
     return current
 
 
-def estimate(params: Params, machine: Machine) -> Budget:
+def data_needs(params: Params, machine: Machine) -> DataNeeds | None:
+    """What the installed study's data stages need for these params (None: no study sizes its data, or
+    the params file has none of its sections)."""
+    import importlib
+
+    for study in studies():
+        if study.data_needs is not None and all(params.study.get(name) is not None for name in study.sections):
+            module, _, function = study.data_needs.partition(":")
+            needs = getattr(importlib.import_module(module), function)
+            return needs(params, machine, lambda names: stages_up_to_date(params, names))
+    return None
+
+
+def estimate(params: Params, machine: Machine, needs: DataNeeds | None = None) -> Budget:
     """Disk and memory a run of these params needs here, and what is free."""
     import psutil
 
-    from virgo_exps.study.generate import n_chunks_of, n_time_of, resolve_workers
-
-    g, p = params.generate, params.preprocess
-    channels = 1 + g.n_aux
-    current_stages = stages_up_to_date(params, ("generate", "preprocess"))
-    # A data stage that will not rerun (its params, code and outputs are those of dvc.lock) adds nothing.
-    raw = 0 if "generate" in current_stages else g.n_samples * channels * n_time_of(g) * 4
-    images = 0 if {"generate", "preprocess"} <= current_stages else g.n_samples * channels * p.patch_size**2 * 4
-    outputs = raw + images
-
-    data = repo_root() / "data"
-    data_fs = _existing(data)
+    needs = needs or data_needs(params, machine)
+    if needs is None:
+        raise ValueError("no study sizes its data for these params")
+    root = repo_root()
+    outputs = sum(size for _, _, size in needs.outputs)
+    data_fs = _existing(root / "data")
     cache_dir, link_types = dvc_cache()
     cache_fs = _existing(cache_dir)
     same = os.stat(data_fs).st_dev == os.stat(cache_fs).st_dev
     # The workspace holds a copy of each output unless DVC may only link
     # (reflink, symlink, hardlink: the bytes are stored once, in the cache).
     copies = 2 if same and "copy" in link_types else 1
-    current = _size_of(data / "raw.zarr") + _size_of(data / "images.zarr")
+    current = sum(_size_of(root / path) for _, path, _ in needs.outputs)
     disk_free = shutil.disk_usage(data_fs).free + current
-
-    # Peak memory of what runs on this machine.
-    peaks: list[tuple[int, str]] = []
-    generate_here = machine.kind == "local" or not machine.generate_tasks
-    if generate_here:
-        chunk = min(g.chunk_size, g.n_samples) * channels * n_time_of(g) * 4
-        workers = max(1, min(resolve_workers(None, g.workers), n_chunks_of(g)))
-        peaks.append((n_chunks_of(g) * BYTES_PER_CHUNK + 2 * workers * chunk, "generate: chunk index and buffers"))
-    peaks.append((g.n_samples * BYTES_PER_SAMPLE_PREPROCESS, "preprocess: split indices"))
     # Training sets no peak: the ranks of a node map one copy of each split
     # (virgo_exps.train.data.ImageDataset), in /dev/shm when it fits there
     # and in memory, else in a file in TMPDIR read through the page cache, so
     # a split larger than memory is read from disk, not refused, and the memory
     # it takes does not grow with train.procs_per_node.
-    memory, what = max(peaks)
+    memory, what = max(needs.peaks) if needs.peaks else (0, "nothing")
     return Budget(
-        raw=raw,
-        images=images,
+        outputs=tuple((label, size) for label, _, size in needs.outputs),
+        subject=needs.subject,
+        lower=needs.lower,
         disk=copies * outputs,
         disk_free=disk_free,
         copies=copies,
@@ -283,25 +286,22 @@ def estimate(params: Params, machine: Machine) -> Budget:
 
 def check_budget(params: Params, budget: Budget) -> None:
     """Refuse params whose outputs do not fit the disk, or whose stages do not fit in memory."""
-    n = params.generate.n_samples
-    lower = (
-        "lower generate.n_samples (or generate.n_aux, generate.duration, generate.sample_rate, preprocess.patch_size)"
-    )
-    sizes = f"raw series {_fmt(budget.raw)} + images {_fmt(budget.images)}"
+    subject, lower = budget.subject, budget.lower
+    sizes = " + ".join(f"{label} {_fmt(size)}" for label, size in budget.outputs)
     if budget.disk > budget.disk_free:
         where = ", once in data/ and once in DVC's cache" if budget.copies == 2 else ""
         raise ConfigError(
-            f"generate.n_samples: {n} samples need up to {_fmt(budget.disk)} on disk ({sizes}{where}) but "
+            f"{subject} need up to {_fmt(budget.disk)} on disk ({sizes}{where}) but "
             f"{_fmt(budget.disk_free)} are free on the file system of data/; {lower} or free space"
         )
     if budget.cache_disk > budget.cache_free:
         raise ConfigError(
-            f"generate.n_samples: {n} samples need up to {_fmt(budget.cache_disk)} in DVC's cache ({sizes}) but "
+            f"{subject} need up to {_fmt(budget.cache_disk)} in DVC's cache ({sizes}) but "
             f"{_fmt(budget.cache_free)} are free on its file system ({dvc_cache()[0]}); {lower} or free space"
         )
     if budget.memory > budget.memory_free:
         raise ConfigError(
-            f"generate.n_samples: {n} samples need ~{_fmt(budget.memory)} of memory ({budget.memory_what}) but "
+            f"{subject} need ~{_fmt(budget.memory)} of memory ({budget.memory_what}) but "
             f"{_fmt(budget.memory_free)} are available on this machine; {lower}"
         )
 
@@ -314,7 +314,7 @@ def check(
 ) -> tuple[Params, Machine, Budget | None]:
     """Every check, in order; raise ConfigError (one line) at the first problem.
 
-    The disk and memory budget is the Virgo study's (None for a params file without its sections)."""
+    The disk and memory budget is the study's (:func:`data_needs`; None when no study sizes its data)."""
     params = load_params(params_path)
     check_stage_params(params_path)
     machine = machine or load_machine()
@@ -323,9 +323,10 @@ def check(
     check_tracking_secret(machine)
     check_machine(params, machine)
     check_device(params)
-    if params.generate is None or params.preprocess is None:
+    needs = data_needs(params, machine)
+    if needs is None:
         return params, machine, None
-    budget = estimate(params, machine)
+    budget = estimate(params, machine, needs)
     check_budget(params, budget)
     return params, machine, budget
 

@@ -99,4 +99,5 @@ STUDY = StudySpec(
     sections={"generate": GenerateConfig, "preprocess": PreprocessConfig},
     check=check,
     data_sections=("generate", "preprocess"),
+    data_needs="virgo_exps.study.budget:data_needs",
 )
