@@ -201,18 +201,20 @@ def test_state_files_their_owner_cannot_read_are_named_by_the_next_command(ran, 
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def test_a_damaged_status_file_is_rewritten_and_the_snapshot_still_used(ran):
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted", OTHER])
+def test_a_damaged_status_file_is_rewritten_and_the_snapshot_still_used(ran, how, request):
     """The status file is what a batch script reads to decide on a requeue; the trainer trusts only the
-    verified snapshot, and writes the status file again."""
+    verified snapshot, and writes the status file again (as the user's own)."""
     repo, reference = ran
     try:
-        damage(repo / "checkpoints" / "status.json", "garbage line")
+        damage(repo / "checkpoints" / "status.json", how, request)
         out = dvc(repo, "exp", "run", "-S", "train.epochs=3")
         text = out.stdout + out.stderr
         assert "train: resuming from checkpoints/snapshot.pt at epoch 3" in text, text[-3000:]
         got = pd.read_csv(repo / "results" / "epochs.csv")[["epoch", "train_loss", "val_loss"]]
         pd.testing.assert_frame_equal(got, reference)
         assert json.loads((repo / "checkpoints" / "status.json").read_text())["status"] == "complete"
+        assert (repo / "checkpoints" / "status.json").stat().st_uid == os.geteuid()
     finally:
         restore(repo)
 

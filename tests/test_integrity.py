@@ -150,6 +150,22 @@ def test_flipped_byte_in_the_cache_fails_the_next_reader(pipeline, rel, store, s
     assert target.read_bytes() == good
 
 
+def test_a_missing_chunk_of_an_output_is_named_by_verify(pipeline):
+    """A chunk file deleted from the workspace's data/images.zarr: `virgo-exps verify` names it (zarr alone
+    reads it as zeros), and `dvc checkout` brings it back."""
+    repo = pipeline
+    target = repo / "data/images.zarr/val/y/c.0.0.0.0"
+    good = target.read_bytes()
+    try:
+        target.unlink()
+        proc = sh(["virgo-exps", "verify"], repo, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+        assert "FAIL: data/images.zarr: chunk val/y/c.0.0.0.0 is missing; restore it with" in proc.stderr, proc.stderr
+    finally:
+        sh(["dvc", "checkout", "--force"], repo, check=False)
+    assert target.read_bytes() == good
+
+
 def test_chunk_files_lie_side_by_side_in_their_array_folder(pipeline):
     """Both stores keep one file per chunk directly in the array's folder (``c.3.0.0``) and no folder per
     chunk index, so a linked checkout (a queued experiment, a sweep task) adds one link per chunk and
@@ -185,3 +201,27 @@ def test_a_flipped_byte_raises_on_read_and_names_the_chunk(tmp_path):
     assert "'dvc checkout --relink" in str(err.value) and "dvc repro --force --single-item generate" in str(err.value)
     assert verify_store(root) == ["a/x/c/1/0"]
     shutil.rmtree(root)
+
+
+def test_a_missing_chunk_file_is_named_not_read_as_zeros(tmp_path):
+    """zarr reads a chunk whose file is gone as the fill value (zeros), without a word; our arrays are
+    written with every chunk, so a missing one is named by the reader and by verify_store."""
+    import numpy as np
+
+    from virgo_exps.store import array_options
+
+    root = tmp_path / "s.zarr"
+    group = zarr.open_group(str(root), mode="w", zarr_format=3)
+    arr = group.create_array("a/x", shape=(8, 3), chunks=(4, 3), dtype="float32", **array_options())
+    arr[:4] = np.arange(12, dtype=np.float32).reshape(4, 3)
+    arr[4:] = 0.0  # a chunk of the fill value only: written all the same
+    assert (root / "a" / "x" / "c.1.0").is_file() and verify_store(root) == []
+    (root / "a" / "x" / "c.1.0").unlink()
+    arr = zarr.open_group(str(root), mode="r")["a/x"]
+    np.testing.assert_array_equal(arr[4:8], np.zeros((4, 3), dtype=np.float32))  # what zarr alone gives
+    np.testing.assert_array_equal(read(arr, root, 0, 4), np.arange(12, dtype=np.float32).reshape(4, 3))
+    with pytest.raises(CorruptStoreError) as err:
+        read(arr, root, 2, 8, stage="preprocess")
+    assert str(err.value).startswith(f"{root}: chunk a/x/c.1.0 is missing (the file is gone"), str(err.value)
+    assert "dvc repro --force --single-item preprocess" in str(err.value)
+    assert verify_store(root) == ["a/x/c.1.0"]

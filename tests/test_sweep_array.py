@@ -503,7 +503,7 @@ def test_a_requeued_task_keeps_a_damaged_record_aside_and_ends_with_its_trial_re
     again = _task_again(sweep, 0)
     out = again.stdout + again.stderr
     assert "Traceback" not in out, out[-3000:]
-    m = re.search(r"0\.json: damaged \(([^)]*)\); kept as (0\.json\.damaged-\d+); the task runs its trial afresh", out)
+    m = re.search(r"0\.json: damaged \((.*)\); kept as (0\.json\.damaged-\d+); the task runs its trial afresh", out)
     assert m, out[-3000:]
     aside = path.with_name(m.group(2))
     assert aside.read_bytes().startswith(b"\x00\xffnot what we wrote")

@@ -105,6 +105,39 @@ def test_a_line_cut_short_and_a_changed_record_are_named(sweep, tmp_path):
     assert "changed since they were written" in refused(page(store, s.name, tmp_path))
 
 
+def test_a_deleted_journal_is_named_not_started_afresh(sweep, tmp_path):
+    s, store, directory = sweep
+    journal = directory / "optuna.journal"
+    journal.unlink()
+    line = refused(page(store, s.name, tmp_path))
+    assert f"{journal}: missing, but optuna.journal.mark records trials" in line, line
+    with pytest.raises(DamagedInputError, match="missing"):
+        search.ask(s, directory)  # a continued search does not start numbering again
+
+
+def test_a_journal_of_a_user_outside_the_team_is_not_read(sweep, tmp_path):
+    """Replaced by a file whose owner is not in the group of the sweep's folder (needs root)."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("creating a Unix user (useradd) needs root")
+    s, store, directory = sweep
+    name = f"vx_jnl{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True, capture_output=True)
+    try:
+        journal = directory / "optuna.journal"
+        planted = directory / "planted"
+        planted.write_bytes(journal.read_bytes())
+        shutil.chown(planted, user=name)
+        os.replace(planted, journal)
+        line = refused(page(store, s.name, tmp_path))
+        assert f"{journal}: not read: it belongs to user {name}, not to the team's group" in line, line
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
 def test_a_lost_task_is_failed_in_every_record(sweep, tmp_path, monkeypatch):
     """Trial 2's task was cancelled (`scancel`) while it trained: the queue no longer has it (an squeue that
     answers with an empty queue, the stand-in for Slurm here), its record says running, Optuna says

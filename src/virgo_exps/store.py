@@ -130,10 +130,17 @@ class CorruptStoreError(DamagedInputError):
 
 def array_options() -> dict:
     """What every array we write is created with (``create_array(..., **array_options())``): the codecs
-    of :func:`compressors`, and chunk files side by side in the array's folder (``c.3.0.0``), not one
-    folder per index (``c/3/0/0``). A linked checkout (a queued experiment, a sweep task) makes one link
-    per chunk file; with nested keys it made two folders per chunk as well, so its disk grew with the data."""
-    return {"compressors": compressors(), "chunk_key_encoding": {"name": "default", "separator": "."}}
+    of :func:`compressors`, every chunk written, and chunk files side by side in the array's folder
+    (``c.3.0.0``), not one folder per index (``c/3/0/0``). A linked checkout (a queued experiment, a
+    sweep task) makes one link per chunk file; with nested keys it made two folders per chunk as well, so
+    its disk grew with the data."""
+    return {
+        "compressors": compressors(),
+        "chunk_key_encoding": {"name": "default", "separator": "."},
+        # Every chunk is written, also one that holds only the fill value: a chunk file that is not
+        # there is then damage (zarr would read it as the fill value, zeros, without a word).
+        "config": {"write_empty_chunks": True},
+    }
 
 
 def restore_hint(store: Path | str, damaged: Path | str | None = None, stage: str | None = None) -> str:
@@ -176,70 +183,87 @@ def chunk_ok(path: Path) -> bool:
     return google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
 
 
-def damaged_chunks(root: Path | str, array, rows: tuple[int, int] | None = None) -> list[str]:
-    """Keys (``<array>/c.0.0``, or ``<array>/c/0/0`` in a store with nested keys) of the chunk files of
-    ``array`` in the store at ``root`` whose crc32c checksum does not match their bytes; only chunks
-    holding rows ``[start, stop)`` along the first axis when ``rows`` is given.
-    (A chunk file that does not exist is not reported: zarr leaves chunks that
-    hold only the fill value unwritten.)"""
+def _chunk_files(root: Path | str, array, rows: tuple[int, int] | None = None):
+    """(key, path) of each chunk file of ``array`` (of rows ``[start, stop)`` along the first axis)."""
     import itertools
 
-    if not _has_checksum(array):
-        return []
     grid = [-(-s // c) for s, c in zip(array.shape, array.chunks)]
     if rows is not None and grid:
         grid_first = range(rows[0] // array.chunks[0], -(-rows[1] // array.chunks[0]))
     else:
         grid_first = range(grid[0]) if grid else range(1)
-    bad = []
     for coords in itertools.product(grid_first, *(range(g) for g in grid[1:])):
-        key, path = _chunk_file(Path(root), array, coords)
-        if path.is_file() and not chunk_ok(path):
-            bad.append(key)
-    return bad
+        yield _chunk_file(Path(root), array, coords)
 
 
-def damage_error(root: Path | str, bad: list[str], stage: str | None = None) -> CorruptStoreError:
-    """The error for damaged chunks ``bad`` of the store at ``root``: one line
+def damaged_chunks(root: Path | str, array, rows: tuple[int, int] | None = None) -> list[str]:
+    """Keys (``<array>/c.0.0``, or ``<array>/c/0/0`` in a store with nested keys) of the chunk files of
+    ``array`` in the store at ``root`` whose crc32c checksum does not match their bytes; only chunks
+    holding rows ``[start, stop)`` along the first axis when ``rows`` is given. (A missing chunk file:
+    :func:`missing_chunks`.)"""
+    if not _has_checksum(array):
+        return []
+    return [key for key, path in _chunk_files(root, array, rows) if path.is_file() and not chunk_ok(path)]
+
+
+def missing_chunks(root: Path | str, array, rows: tuple[int, int] | None = None) -> list[str]:
+    """Keys of the chunk files of ``array`` (of ``rows``) that are not there. Our arrays (those with the
+    checksum codec) are written with every chunk (:func:`array_options`), so each one is damage; zarr
+    would read it as the fill value."""
+    if not _has_checksum(array):
+        return []
+    return [key for key, path in _chunk_files(root, array, rows) if not path.is_file()]
+
+
+def damage_error(
+    root: Path | str, bad: list[str], stage: str | None = None, missing: bool = False
+) -> CorruptStoreError:
+    """The error for damaged (or ``missing``) chunks ``bad`` of the store at ``root``: one line
     naming the store, the chunk(s) and how to restore them."""
     if len(bad) == 1:
         what = f"chunk {bad[0]} is"
     else:
         what = f"{len(bad)} chunks ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) are"
-    return CorruptStoreError(
-        f"{root}: {what} damaged (the crc32c checksum does not match the bytes on disk); "
-        f"{restore_hint(root, Path(root) / bad[0], stage)}"
+    why = (
+        "missing (the file is gone; zarr would read it as zeros)"
+        if missing
+        else "damaged (the crc32c checksum does not match the bytes on disk)"
     )
+    return CorruptStoreError(f"{root}: {what} {why}; {restore_hint(root, Path(root) / bad[0], stage)}")
 
 
 def read(array, root: Path | str, start: int | None = None, stop: int | None = None, stage: str | None = None):
     """``array[start:stop]`` (rows along the first axis) as a numpy array,
-    refusing damaged data: a chunk whose checksum does not match raises
-    :class:`CorruptStoreError` naming the store ``root``, the chunk and the fix
-    (``stage``: the stage that writes the store, for the message)."""
+    refusing damaged data: a chunk whose checksum does not match, or whose file is
+    missing, raises :class:`CorruptStoreError` naming the store ``root``, the chunk
+    and the fix (``stage``: the stage that writes the store, for the message)."""
     import numpy as np
 
+    n = array.shape[0] if array.shape else 0
+    rows = (0 if start is None else start, n if stop is None else min(stop, n))
     try:
-        return np.asarray(array[start:stop])
+        data = np.asarray(array[start:stop])
     except Exception as exc:
-        n = array.shape[0]
-        rows = (0 if start is None else start, n if stop is None else min(stop, n))
         bad = damaged_chunks(root, array, rows)
         if bad:
             raise damage_error(root, bad, stage) from exc
         raise
+    gone = missing_chunks(root, array, rows) if array.shape else []
+    if gone:
+        raise damage_error(root, gone, stage, missing=True)
+    return data
 
 
 def verify_store(root: Path | str) -> list[str]:
     """Keys of every chunk of every array of the zarr group at ``root`` whose
-    checksum does not match (empty: the store is intact)."""
+    checksum does not match, or whose file is missing (empty: the store is intact)."""
     import zarr
 
     group = zarr.open_group(str(root), mode="r")
     bad: list[str] = []
     for _, member in sorted(group.members(max_depth=None), key=lambda kv: kv[0]):
         if isinstance(member, zarr.Array):
-            bad += damaged_chunks(root, member)
+            bad += damaged_chunks(root, member) + missing_chunks(root, member)
     return bad
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from virgo_exps import dvcrun, fsio, provenance
+from virgo_exps.store import missing_chunks
 
 FIX_CORRUPT = "restore it with `dvc checkout --relink {path}`, or `dvc pull {path}` if the cache copy is bad too"
 
@@ -434,6 +435,9 @@ def check_stores(repo: Path, report: Report, dvc_yaml: Path) -> None:
                 continue
             n, bad = 0, False
             for name, arr in arrays:
+                for key in missing_chunks(path, arr):  # zarr reads a missing chunk as zeros, silently
+                    report.problems.append(f"{rel}: chunk {key} is missing; " + FIX_CORRUPT.format(path=rel))
+                    bad = True
                 for idx in _chunks(arr):
                     try:
                         arr.blocks[idx]

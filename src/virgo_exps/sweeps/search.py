@@ -61,6 +61,11 @@ def journal_refusal(sweep_dir: Path) -> str | None:
     file, the damage and the fix. Checked with the journal's writers held off."""
     path = journal_path(sweep_dir)
     if not path.exists():
+        if (Path(sweep_dir) / MARK).exists():  # trials were asked or told: a fresh study would forget them
+            return (
+                f"{path}: missing, but {MARK} records trials asked or told in it (deleted?): the study would "
+                "start again from nothing; restore the file from a backup"
+            )
         return None
     lock = _journal_lock(sweep_dir)
     lock.acquire()
