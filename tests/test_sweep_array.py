@@ -570,3 +570,34 @@ def test_a_submission_stopped_right_after_sbatch_is_recorded_not_submitted_again
     finally:
         cluster.slurm("scancel", queued, check=False)
         wait_until(lambda: not squeue(cluster, queued), timeout=120, what=f"job {queued} cancelled")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_submission_stopped_right_before_sbatch_is_submitted_once_when_run_again(sweep, tmp_path):
+    """`sweep submit` killed after it prepared the sweep (its branch pushed, sweep.json written) but before
+    sbatch ran (here an sbatch wrapper kills it instead of running sbatch): nothing was queued, and the next
+    `sweep submit` queues exactly one array and records it."""
+    repo, env, cluster = sweep["repo"], sweep["env"], sweep["cluster"]
+    sh(["git", "reset", "-q", "--hard", "HEAD"], repo)
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "sbatch").write_text("#!/bin/sh\nkill -9 $PPID\nexit 1\n")
+    (shim / "sbatch").chmod(0o755)
+    grid = ["sweep", "submit", "--grid", "stopped-before", "-S", "train.lr=0.002", "--parsable"]
+    killed = vx(repo, *grid, env={**env, "PATH": f"{shim}:{env['PATH']}"}, check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert not cluster.slurm("squeue", "-h", "-n", "virgo-sweep-stopped-before", "-o", "%F", check=False).stdout.split()
+    directory = sweep["store"] / "sweeps" / "stopped-before"
+    again = vx(repo, *grid, env=env)
+    queued = again.stdout.strip()
+    try:
+        assert queued.isdigit(), again.stdout + again.stderr
+        assert "was submitted by an earlier" not in again.stderr
+        listing = cluster.slurm("squeue", "-h", "-n", "virgo-sweep-stopped-before", "-o", "%F", check=False)
+        arrays = listing.stdout.split()
+        assert set(arrays) <= {queued}, arrays  # one array at most in the queue: this one (it may have ended)
+        assert json.loads((directory / "sweep.json").read_text())["job_id"] == queued
+    finally:
+        cluster.slurm("scancel", queued, check=False)
+        wait_until(lambda: not squeue(cluster, queued), timeout=120, what=f"job {queued} cancelled")

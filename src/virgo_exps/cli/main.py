@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virgo-exps", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("params", help="list every key of params.yaml with its default and allowed values")
+    sub.add_parser("env", help="list every VIRGO_* environment variable, who sets it and what it does")
     check = sub.add_parser(
         "check", help="run the first stage's checks (params, machine, disk and memory), write nothing"
     )
@@ -354,6 +355,10 @@ def _main(argv: list[str] | None = None) -> None:
         stage_main(lambda: apply_preset(args.file, args.params))
     if args.command == "params":
         print(params_listing())
+    elif args.command == "env":
+        from virgo_exps.envvars import listing
+
+        print(listing())
     elif args.command == "check":
         from virgo_exps import preflight
 

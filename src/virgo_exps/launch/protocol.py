@@ -26,9 +26,12 @@ from pathlib import Path
 EXIT_INTERRUPTED = 85  # snapshot written, requeue me
 
 STATUS_FILE = "status.json"
+# The values of its "status" (and of a snapshot's): the one place they are spelled.
 STATUS_RUNNING = "running"
 STATUS_INTERRUPTED = "interrupted"
 STATUS_COMPLETE = "complete"
+STATUS_PRUNED = "pruned"  # a sweep's trial stopped early by its pruner: a final state, as complete
+STATUS_STALLED = "stalled"  # a rank stopped making progress (train.watchdog)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,14 @@ from torch import nn
 
 from virgo_exps import fsio
 from virgo_exps.config import Params, as_flat_dict
-from virgo_exps.launch.protocol import EXIT_INTERRUPTED, STATUS_FILE
+from virgo_exps.launch.protocol import (
+    EXIT_INTERRUPTED,
+    STATUS_COMPLETE,
+    STATUS_FILE,
+    STATUS_INTERRUPTED,
+    STATUS_PRUNED,
+    STATUS_RUNNING,
+)
 from virgo_exps.machines import active_machine_name
 from virgo_exps.modelfile import count_parameters, model_file_content
 from virgo_exps.paths import snapshot_root
@@ -109,7 +116,7 @@ TRAJECTORY_CODE = ("train/trainer.py", "train/data.py", "train/strategies")
 # The sweep trial a run reports to (JSON: journal, study, number, pruner); see SweepTrial.
 SWEEP_TRIAL_ENV = "VIRGO_SWEEP_TRIAL"
 # Snapshot states written to --checkpoints: the run is over (no requeue).
-FINAL_STATES = ("complete", "pruned")
+FINAL_STATES = (STATUS_COMPLETE, STATUS_PRUNED)
 
 
 def tree_digest(path: Path) -> str:
@@ -617,7 +624,7 @@ class Trainer:
         self.global_step = snap["global_step"]
         self.history = [EpochRecord(**r) for r in snap["history"]]
         self._own_from = int(snap.get("own_from", 0))
-        if snap.get("status") in ("complete", "pruned") and snap["epoch"] < self.cfg.epochs:
+        if snap.get("status") in FINAL_STATES and snap["epoch"] < self.cfg.epochs:
             # A finished run continued with more epochs: a new run, whose timing is its own epochs'.
             self._own_from = snap["epoch"]
         self.computation = snap.get("computation")
@@ -626,8 +633,8 @@ class Trainer:
         _set_rng_state(mine["rng"])
         self._loss_sum = mine["loss_sum"].clone()
         self._epoch_steps = mine["epoch_steps"]
-        done = snap.get("status") == "complete" and self.epoch == self.cfg.epochs
-        if snap.get("status") == "pruned" and os.environ.get(SWEEP_TRIAL_ENV):
+        done = snap.get("status") == STATUS_COMPLETE and self.epoch == self.cfg.epochs
+        if snap.get("status") == STATUS_PRUNED and os.environ.get(SWEEP_TRIAL_ENV):
             # The trial was pruned after this epoch and its task requeued before the outputs were
             # written: it stays pruned there. (Without a sweep, a run continues from the snapshot.)
             self._pruned_at = self.epoch
@@ -918,7 +925,7 @@ class Trainer:
                 self.history.append(rec)
                 self.epoch += 1
                 self.step_in_epoch = 0
-                self._save_snapshot("running" if self.epoch < self.cfg.epochs else "complete")
+                self._save_snapshot(STATUS_RUNNING if self.epoch < self.cfg.epochs else STATUS_COMPLETE)
                 if s.is_main:
                     print(
                         f"epoch {rec.epoch}/{self.cfg.epochs}: train_loss {rec.train_loss:.4f} "
@@ -944,7 +951,7 @@ class Trainer:
             per_rank_gpu = s.all_gather_object(gpu_stats)
             metrics = self._final_metrics(per_rank_gpu)
             if not self._final_written:  # all epochs came from a running snapshot, or the run was pruned
-                self._save_snapshot("pruned" if self._pruned_at is not None else "complete")
+                self._save_snapshot(STATUS_PRUNED if self._pruned_at is not None else STATUS_COMPLETE)
             if s.is_main:
                 self._write_outputs(metrics, per_rank_gpu)
             s.barrier()
@@ -953,7 +960,7 @@ class Trainer:
             return metrics
         except Interrupted:
             gpu.stop()
-            self._save_snapshot("interrupted")
+            self._save_snapshot(STATUS_INTERRUPTED)
             status = "KILLED"
             if s.is_main:
                 print(

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from virgo_exps.launch.protocol import STATUS_STALLED
+
 # The exit code of a run ended because a rank stopped making progress.
 EXIT_STALLED = 5
 # A rank's heartbeat thread writes its progress this often (seconds), when it changed.
@@ -148,7 +150,7 @@ def end_on_stall(status_file: Path | None, before_exit: Callable[[], None] | Non
     def handler(line: str, rank: int, last: dict | None) -> None:
         if status_file is not None:
             try:
-                record = {"status": "stalled", "rank": rank, **(last or {}), "message": line}
+                record = {"status": STATUS_STALLED, "rank": rank, **(last or {}), "message": line}
                 status_file.write_text(json.dumps(record) + "\n")
             except OSError:
                 pass
