@@ -225,3 +225,11 @@ def test_a_missing_chunk_file_is_named_not_read_as_zeros(tmp_path):
     assert str(err.value).startswith(f"{root}: chunk a/x/c.1.0 is missing (the file is gone"), str(err.value)
     assert "dvc repro --force --single-item preprocess" in str(err.value)
     assert verify_store(root) == ["a/x/c.1.0"]
+    # cut short (a copy interrupted): its checksum no longer matches
+    arr = zarr.open_group(str(root), mode="a")["a/x"]
+    arr[4:] = 1.0
+    data = (root / "a" / "x" / "c.1.0").read_bytes()
+    (root / "a" / "x" / "c.1.0").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptStoreError, match=r"chunk a/x/c\.1\.0 is damaged"):
+        read(zarr.open_group(str(root), mode="r")["a/x"], root, 0, 8)
+    assert verify_store(root) == ["a/x/c.1.0"]

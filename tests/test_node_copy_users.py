@@ -136,3 +136,18 @@ def test_a_copy_without_its_digest_record_is_made_again(shared, capfd):
             assert np.array_equal(again.x.numpy(), holder.x.numpy())
         assert "its SHA-256 record is missing; making it again" in capfd.readouterr().err
         assert record.is_file()
+
+
+def test_a_truncated_copy_of_ours_is_made_again(shared, capfd):
+    base, store = shared
+    with ImageDataset(store, "train", node_dir=base) as holder:
+        truth = holder.x.numpy().copy()
+        path = holder.copy_path
+        size = path.stat().st_size
+        os.truncate(path, size // 2)  # a copy cut short (a full /dev/shm while it was written)
+        capfd.readouterr()
+        with ImageDataset(store, "train", node_dir=base) as again:
+            assert np.array_equal(again.x.numpy(), truth)
+            assert again.copy_path.stat().st_size == size
+        err = capfd.readouterr().err
+        assert f"not using {path}" in err and "making it again" in err, err
