@@ -9,6 +9,7 @@ of a continued search.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,54 @@ def test_a_deleted_journal_is_named_not_started_afresh(sweep, tmp_path):
     assert f"{journal}: missing, but optuna.journal.mark records trials" in line, line
     with pytest.raises(DamagedInputError, match="missing"):
         search.ask(s, directory)  # a continued search does not start numbering again
+
+
+def test_a_journal_the_team_cannot_read_is_named(sweep):
+    """Mode 000, read by a teammate (a member of the folder's group: root reads everything)."""
+    import grp
+    import os
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from conftest import ROOT
+    from test_share import User, _open_for_traversal, _user_python
+
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.skip("creating a Unix user (useradd, runuser) needs root")
+    s, store, directory = sweep
+    name = f"vx_mate{os.getpid() % 100000}"
+    group = grp.getgrgid(os.stat(directory).st_gid).gr_name
+    subprocess.run(
+        ["useradd", "--create-home", "--shell", "/bin/sh", "--groups", group, name], check=True, capture_output=True
+    )
+    base = Path(tempfile.mkdtemp(prefix="vx-journal-"))  # a place other users reach (pytest's is root's only)
+    opened = _open_for_traversal([sys.prefix, ROOT / "src"])
+    try:
+        os.chmod(base, 0o755)
+        shared = base / "store"
+        shutil.copytree(store, shared)  # the store as the team has it: folders 2770, files 0660
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(0o2770 if path.is_dir() else 0o660)
+        journal = shared / "sweeps" / s.name / "optuna.journal"
+        journal.chmod(0)
+        mate = User(name, Path(pwd.getpwnam(name).pw_dir), base, _user_python(base, name))
+        page_dir = str(Path(mate.home) / "page")
+        cmd = ["python", "-m", "virgo_exps.cli.main", "sweep", "page", s.name, "--store", str(shared)]
+        out = mate.run([*cmd, "--out", page_dir], check=False)
+        line = refused(out)
+        assert f"{journal}: cannot be read (Permission denied); check its permissions" in line, line
+        journal.chmod(0o660)
+        journal.parent.chmod(0o2750)  # a sweep folder the team cannot write: no lock file can be made
+        line = refused(mate.run([*cmd, "--out", page_dir], check=False))
+        assert "optuna.journal.lock: the journal cannot be locked (Permission denied)" in line, line
+    finally:
+        for folder, mode in reversed(opened):
+            os.chmod(folder, mode)
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_journal_of_a_user_outside_the_team_is_not_read(sweep, tmp_path):

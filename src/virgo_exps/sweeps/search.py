@@ -68,7 +68,13 @@ def journal_refusal(sweep_dir: Path) -> str | None:
             )
         return None
     lock = _journal_lock(sweep_dir)
-    lock.acquire()
+    try:
+        lock.acquire()
+    except OSError as exc:  # the lock file beside the journal: not the team's to write
+        return (
+            f"{path}.lock: the journal cannot be locked ({exc.strerror or exc}); check the sweep folder's "
+            "permissions with `virgo-exps share --check`"
+        )
     try:
         try:
             why = fsio.trust_refusal(path, team_folder=sweep_dir)
