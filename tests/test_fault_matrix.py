@@ -201,7 +201,8 @@ def test_state_files_their_owner_cannot_read_are_named_by_the_next_command(ran, 
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated", "garbage line", "deleted", OTHER])
+# The trainer never reads the status file (only a batch script does, for one value): two damages suffice.
+@pytest.mark.parametrize("how", ["garbage line", OTHER])
 def test_a_damaged_status_file_is_rewritten_and_the_snapshot_still_used(ran, how, request):
     """The status file is what a batch script reads to decide on a requeue; the trainer trusts only the
     verified snapshot, and writes the status file again (as the user's own)."""
