@@ -522,6 +522,42 @@ def test_a_sweeps_folders_leave_the_store_open_to_the_team(shared):
 
 
 @pytest.mark.slow
+def test_a_trials_clone_is_taken_while_a_teammates_push_is_arriving(shared):
+    """While a push arrives, git keeps the pushed objects in a folder only the pusher can read
+    (experiments.git/objects/tmp_objdir-incoming-*, mode 0700). A sweep task of the other user clones the
+    store's git at that moment: the clone succeeds (it must not walk the objects folder), and `share --check`
+    does not report git's private folder as a permission problem of the store."""
+    store, group, alice, bob = shared["store"], shared["group"], shared["alice"], shared["bob"]
+    alice.vx("share", "--dir", str(store), "--group", group)
+    git = store / "experiments.git"
+    branch = "sweeps/clone-during-push"
+    alice.run(["git", "push", "-q", str(git), f"HEAD:refs/heads/{branch}"])
+    commit = alice.run(["git", "rev-parse", "HEAD"]).stdout.strip()
+    # what `git receive-pack` makes for the length of a push: mkdir(..., 0700), whatever the folder's
+    # default ACL grants the group; bob's objects inside
+    incoming = git / "objects" / "tmp_objdir-incoming-test"
+    bob.run(f"set -e; mkdir -m 700 {incoming}; mkdir -m 700 {incoming}/pack; echo x > {incoming}/pack/tmp_pack_x")
+    work = shared["base"] / shared["alice"].name / "trial" / "work-000"
+    code = (
+        "import sys; from pathlib import Path; "
+        "from virgo_exps.experiments.share import Layout; from virgo_exps.sweeps.task import prepare_clone; "
+        "prepare_clone(Path(sys.argv[1]), {'branch': sys.argv[2], 'commit': sys.argv[3]}, "
+        "Layout(Path(sys.argv[4]), sys.argv[5]))"
+    )
+    try:
+        alice.run(f"mkdir -p {work.parent}")
+        cloned = alice.run(["python", "-c", code, str(work), branch, commit, str(store), group], check=False)
+        assert cloned.returncode == 0, cloned.stdout + cloned.stderr
+        assert alice.run(["git", "-C", str(work), "rev-parse", "HEAD"], timeout=60).stdout.strip() == commit
+        assert (work / ".dvc" / "config").is_file() and (work / "params.yaml").is_file()
+        checked = alice.vx("share", "--dir", str(store), "--group", group, "--check", check=False)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    finally:
+        bob.run(["rm", "-rf", str(incoming)])
+        alice.run(["git", "--git-dir", str(git), "branch", "-q", "-D", branch], check=False)
+
+
+@pytest.mark.slow
 def test_one_pushes_while_the_other_pulls_and_both_share_at_once(shared):
     """More pairs of store operations at the same moment: Alice pushes new experiments while Bob pulls hers
     and both run `share` (push x share, pull x share); then both run `share` alone at once. Nothing is lost,

@@ -54,6 +54,7 @@ GIT_DIR = "experiments.git"
 REMOTE_DIR = "dvc-remote"
 CACHE_DIR = "dvc-cache"
 MARKER = "virgo-share.json"
+GIT_QUARANTINE = "tmp_objdir-"  # objects/tmp_objdir-incoming-*: the objects of a push while it arrives
 
 
 def read_marker(path: Path) -> dict:
@@ -238,6 +239,10 @@ def check_tree(root: Path, group: str, limit: int | None = None) -> list[Problem
     root = Path(root)
     problems = check_path(root, gid, group)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        if Path(dirpath).name == "objects":
+            # git's quarantine of a push that is arriving: private to the pusher by design (mkdir 0700),
+            # removed when the push ends; git reads nothing else from it
+            dirnames[:] = [d for d in dirnames if not d.startswith(GIT_QUARANTINE)]
         for name in (*dirnames, *filenames):
             path = Path(dirpath) / name
             try:

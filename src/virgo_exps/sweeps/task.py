@@ -133,7 +133,11 @@ def prepare_clone(work: Path, record: dict, layout: Layout) -> bool:
         return True
     partial = work.with_name(work.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    _check(["git", "clone", "-q", "--branch", record["branch"], str(layout.git), str(partial)], work.parent)
+    # --no-local: through git's pack transport, as a fetch does. A local clone walks the store's
+    # objects folder, and fails on the private folder a teammate's arriving push keeps there.
+    _check(
+        ["git", "clone", "-q", "--no-local", "--branch", record["branch"], str(layout.git), str(partial)], work.parent
+    )
     _check(["git", "checkout", "-q", commit], partial)
     configure_clone(partial, layout, DEFAULT_NAME, link_type="symlink")
     partial.rename(work)
