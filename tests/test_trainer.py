@@ -50,8 +50,10 @@ def train(
     epochs: int = EPOCHS,
     fresh: bool = True,
     popen: bool = False,
+    extra: dict | None = None,
 ):
-    """Run the train stage as DVC would (launcher + workers); outputs under out/<name>/."""
+    """Run the train stage as DVC would (launcher + workers); outputs under out/<name>/; ``extra``: more
+    train params."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(
         strategy=strategy,
@@ -61,6 +63,7 @@ def train(
         warmup_steps=3,
         profile_steps=2,
     )
+    params["train"].update(extra or {})
     pfile = repo / f"params-{name}.yaml"
     pfile.write_text(yaml.safe_dump(params))
     out = repo / "out" / name

@@ -126,6 +126,30 @@ class TrainConfig:
         *_choice("auto", "nccl", "gloo"),
         doc="collectives of ddp and deepspeed (auto: NCCL with GPUs, else gloo)",
     )
+    grad_accum_steps: int = spec(
+        1,
+        _positive,
+        "an integer > 0",
+        "micro-batches per optimiser step in each process (gradient accumulation); global_batch_size stays the "
+        "samples per step, so a micro-batch is global_batch_size / (processes x grad_accum_steps)",
+    )
+    grad_clip: float = spec(
+        0.0, _non_negative, "a number >= 0 (0: off)", "largest gradient norm (clipped before each step)"
+    )
+    precision: str = spec(
+        "fp32",
+        *_choice("fp32", "bf16", "fp16"),
+        doc="autocast of forward passes: bf16, or fp16 with a gradient scaler (its state is in the snapshot)",
+    )
+    compile: bool = spec(False, None, "true or false", "torch.compile the network (its forward pass)")
+    lr_schedule: str = spec(
+        "constant",
+        *_choice("constant", "cosine"),
+        doc="after the warm-up: constant, or cosine decay to lr_floor x lr at the last step of train.epochs",
+    )
+    lr_floor: float = spec(
+        0.0, lambda v: 0.0 <= v < 1.0, "a number >= 0 and < 1", "cosine: the last learning rate as a fraction of lr"
+    )
 
 
 @dataclass(frozen=True)
@@ -326,6 +350,19 @@ def _cross_checks(p: Params) -> None:
         raise ConfigError(
             f"train.global_batch_size: {p.train.global_batch_size} is not divisible by the world size "
             f"{world} (train.nodes x train.procs_per_node); the global batch must split evenly over processes"
+        )
+    accum = p.train.grad_accum_steps
+    if p.train.global_batch_size % (world * accum):
+        per_process = p.train.global_batch_size // world
+        raise ConfigError(
+            f"train.grad_accum_steps: {accum} micro-batches do not split the {per_process} samples each of the "
+            f"{world} process(es) takes per step (train.global_batch_size {p.train.global_batch_size}); choose a "
+            f"divisor of {per_process}"
+        )
+    if p.train.precision == "fp16" and p.train.strategy == "deepspeed":
+        raise ConfigError(
+            "train.precision: 'fp16' needs a gradient scaler, which DeepSpeed's engine does not take (its own fp16 "
+            "mode keeps the weights in fp16, another training); choose 'bf16' or 'fp32' with DeepSpeed"
         )
     if p.train.zero_stage and p.train.strategy != "deepspeed":
         raise ConfigError(

@@ -86,9 +86,40 @@ def check_machine(params: Params, machine: Machine) -> None:
                 f"train.dist_backend: 'nccl' needs GPUs, but machine '{machine.name}' has none ({where}); "
                 "set it to 'auto' or 'gloo'"
             )
+    check_precision(cfg, machine)
     from virgo_exps.launch.strategy_table import check_software, strategy_row
 
     check_software(strategy_row(cfg.strategy), sys.executable)  # the launcher's own check, and its words
+
+
+def check_precision(cfg, machine: Machine) -> None:
+    """train.precision and train.compile can run where training runs (this machine's torch: the nodes run
+    the same environment); raise ConfigError."""
+    import torch
+
+    gpus = _visible_gpus() if machine.kind == "local" else machine.gpus_per_node
+    if cfg.precision == "bf16" and machine.kind == "local" and gpus and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"train.precision: 'bf16' needs a GPU with bfloat16 support, but {torch.cuda.get_device_name(0)} has "
+            "none; choose 'fp16' or 'fp32'"
+        )
+    if not cfg.compile:
+        return
+    if gpus:
+        try:
+            import triton  # noqa: F401 - torch.compile's code generator for GPUs
+        except ImportError:
+            raise ConfigError(
+                "train.compile: torch.compile needs Triton for GPUs, and this environment has none; set "
+                "train.compile=false or install the Triton that matches torch"
+            ) from None
+    else:
+        cxx = os.environ.get("CXX") or "g++"
+        if not (shutil.which(cxx) or shutil.which("c++")):
+            raise ConfigError(
+                f"train.compile: torch.compile on CPUs builds C++ and finds no compiler ({cxx}, c++); set "
+                "train.compile=false, or install one (Debian: g++) or name it in CXX"
+            )
 
 
 def _visible_gpus() -> int:

@@ -150,6 +150,32 @@ def code_digest(extra: tuple[Path, ...] = ()) -> str:
     return h.hexdigest()
 
 
+def lr_factor(cfg, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning rate of step ``step`` as a fraction of ``train.lr``: a linear warm-up, then constant or
+    a cosine decay to ``train.lr_floor`` at the last step of ``train.epochs``.
+
+    The constant schedule does not depend on train.epochs, so a run continued with more epochs is the
+    same as one trained that many epochs in one go; a cosine one does (epochs are then in the snapshot key).
+    """
+    warmup = cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+    total, floor = max(1, cfg.epochs * steps_per_epoch - 1), cfg.lr_floor
+
+    def cosine(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        return warm * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+
+    return cosine
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``train.precision`` around a forward pass: nothing for fp32, else torch's autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
 def adamw(parameters, lr: float, cfg) -> torch.optim.Optimizer:
     """AdamW with ``train.weight_decay``: an optimiser a study may choose (:class:`ModelFactory`)."""
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=cfg.weight_decay)
@@ -426,28 +452,31 @@ class Trainer:
         self.val_set = ImageDataset(self.data, "val")
         model = self.models.build(self.cfg.model, self.train_set.n_channels)
         self.n_parameters = count_parameters(model)
+        if self.cfg.compile:
+            model.compile()  # in place: the state dict keeps its keys (snapshots, model.pt)
         lr = self.cfg.lr * (s.world_size if self.cfg.lr_scaling == "linear" else 1)
         optimizer = self.models.optimizer(model.parameters(), lr, self.cfg)
         self.local_batch = self.cfg.global_batch_size // s.world_size
-        self.model, self.optimizer = s.wrap(model, optimizer, self.local_batch)
-        warmup = self.cfg.warmup_steps
-        # Constant rate after a linear warm-up: the schedule must not depend on
-        # train.epochs, or continuing a run with more epochs would differ from
-        # training that many epochs in one go.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        self.micro_batch = self.local_batch // self.cfg.grad_accum_steps
+        self.model, self.optimizer = s.wrap(model, optimizer, self.micro_batch)
+        if self.cfg.precision == "fp16":
+            s.scaler = torch.amp.GradScaler(s.device.type)
         self.sampler = ShardSampler(
             len(self.train_set), self.cfg.global_batch_size, s.rank, s.world_size, self.cfg.seed
         )
         if self.sampler.steps_per_epoch() == 0:
             raise ValueError("train.global_batch_size is larger than the training split")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(self.cfg, self.sampler.steps_per_epoch())
+        )
         self.loss_fn = self.models.loss()
 
     # -- snapshots ----------------------------------------------------------
     def _config_key(self) -> dict:
         """Everything that determines the trajectory (its hash names the snapshot folder)."""
-        key = {k: v for k, v in as_flat_dict(self.params).items() if k.startswith("train.") and k not in RESUMABLE_KEYS}
+        # a cosine schedule depends on train.epochs: a run with more epochs is another trajectory
+        resumable = RESUMABLE_KEYS if self.cfg.lr_schedule == "constant" else RESUMABLE_KEYS - {"train.epochs"}
+        key = {k: v for k, v in as_flat_dict(self.params).items() if k.startswith("train.") and k not in resumable}
         key["world_size"] = self.strategy.world_size
         key.update(self._digests)
         return key
@@ -529,6 +558,7 @@ class Trainer:
             "model": self.strategy.unwrap(self.model).state_dict(),
             "optimizer": self.strategy.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.strategy.scaler.state_dict() if self.strategy.scaler is not None else None,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
@@ -619,6 +649,8 @@ class Trainer:
         self.strategy.unwrap(self.model).load_state_dict(snap["model"])
         self.strategy.load_optimizer_state(self.optimizer, snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
+        if self.strategy.scaler is not None and snap.get("scaler"):
+            self.strategy.scaler.load_state_dict(snap["scaler"])
         self.epoch = snap["epoch"]
         self.step_in_epoch = snap["step_in_epoch"]
         self.global_step = snap["global_step"]
@@ -708,13 +740,24 @@ class Trainer:
         return bool(flag.item() > 0)
 
     def _run_batch(self, indices: list[int]) -> torch.Tensor:
-        x, y = self.train_set.batch(indices)
-        x, y = x.to(self.strategy.device, non_blocking=True), y.to(self.strategy.device, non_blocking=True)
-        loss = self.loss_fn(self.model(x), y)
-        self._heart.beat(self.epoch + 1, self.step_in_epoch + 1, LOSS_COMPUTED)
-        self.strategy.backward_and_step(loss, self.model, self.optimizer)
+        """One optimiser step over this process's share of the global batch, in train.grad_accum_steps
+        micro-batches; the step's mean loss."""
+        s, accum = self.strategy, self.cfg.grad_accum_steps
+        s.zero_grad(self.optimizer)
+        total = None
+        for i in range(accum):
+            part = indices if accum == 1 else indices[i * self.micro_batch : (i + 1) * self.micro_batch]
+            x, y = self.train_set.batch(part)
+            x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
+            with autocast(self.cfg.precision, s.device):
+                loss = self.loss_fn(self.model(x), y)
+            if i == 0:
+                self._heart.beat(self.epoch + 1, self.step_in_epoch + 1, LOSS_COMPUTED)
+            s.backward(loss, self.model, self.optimizer, last=i == accum - 1)
+            total = loss.detach() if total is None else total + loss.detach()
+        s.step(self.model, self.optimizer)
         self.scheduler.step()
-        return loss.detach()
+        return total if accum == 1 else total / accum
 
     def _run_epoch(self) -> tuple[float, float, int, int]:
         """Train one epoch (or its remainder).
@@ -763,7 +806,9 @@ class Trainer:
         for start in range(0, len(idx), self.local_batch):
             x, y = self.val_set.batch(idx[start : start + self.local_batch])
             x, y = x.to(s.device), y.to(s.device)
-            err = ((module(x) - y) ** 2).mean(dim=(1, 2, 3))
+            with autocast(self.cfg.precision, s.device):
+                out = module(x)
+            err = ((out.float() - y) ** 2).mean(dim=(1, 2, 3))
             self._heart.beat(self.epoch + 1, self.step_in_epoch, VALIDATING, start + 1)
             total += torch.stack([err.sum().double().cpu(), torch.tensor(float(len(err)), dtype=torch.float64)])
         total = s.all_reduce(total, op="sum")
@@ -780,6 +825,8 @@ class Trainer:
         model_state = {k: v.clone() for k, v in self.strategy.unwrap(self.model).state_dict().items()}
         opt_state = copy.deepcopy(self.strategy.optimizer_state(self.optimizer))
         sched_state = self.scheduler.state_dict()
+        scaler = self.strategy.scaler
+        scaler_state = scaler.state_dict() if scaler is not None else None
         rng = _rng_state()
         sampler = ShardSampler(
             len(self.train_set),
@@ -795,6 +842,8 @@ class Trainer:
         self.strategy.unwrap(self.model).load_state_dict(model_state)
         self.strategy.load_optimizer_state(self.optimizer, opt_state)
         self.scheduler.load_state_dict(sched_state)
+        if scaler is not None:
+            scaler.load_state_dict(scaler_state)
         _set_rng_state(rng)
         per_rank = self.strategy.all_gather_object(local)
         self.computation = {

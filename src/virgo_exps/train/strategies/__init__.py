@@ -12,7 +12,7 @@ from virgo_exps.train.strategies.base import Strategy
 
 
 def get_strategy(name: str, train=None) -> Strategy:
-    """The strategy named ``name``, set up with the ``train`` params (their ZeRO stage and backend)."""
+    """The strategy named ``name``, set up with the ``train`` params (ZeRO stage, backend, accumulation, clipping)."""
     from virgo_exps.launch.strategy_table import STRATEGY_TABLE
 
     if name not in STRATEGY_TABLE:
@@ -21,6 +21,8 @@ def get_strategy(name: str, train=None) -> Strategy:
     if train is not None:
         strategy.zero_stage = train.zero_stage
         strategy.dist_backend = train.dist_backend
+        strategy.grad_accum_steps = train.grad_accum_steps
+        strategy.grad_clip = train.grad_clip
     return strategy
 
 

@@ -8,6 +8,7 @@ horovodrun); see :mod:`virgo_exps.launch.launcher` for how those are started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 from typing import Any
@@ -28,6 +29,9 @@ class Strategy(ABC):
         self.device = torch.device("cpu")
         self.zero_stage = 0  # train.zero_stage (DeepSpeed)
         self.dist_backend = "auto"  # train.dist_backend (ddp, deepspeed)
+        self.grad_accum_steps = 1  # train.grad_accum_steps: backward passes per optimiser step
+        self.grad_clip = 0.0  # train.grad_clip: largest gradient norm, 0: off
+        self.scaler: torch.amp.GradScaler | None = None  # train.precision fp16 (set by the trainer)
 
     # -- life cycle -------------------------------------------------------
     @abstractmethod
@@ -53,10 +57,34 @@ class Strategy(ABC):
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro_batch: int) -> tuple[Any, Any]:
         """Return (model, optimizer) ready for distributed training."""
 
-    def backward_and_step(self, loss: torch.Tensor, model: Any, optimizer: Any) -> None:
+    # One optimiser step is zero_grad, then backward once per micro-batch of the accumulation cycle
+    # (``last`` on the cycle's last), then step.
+    def zero_grad(self, optimizer: Any) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+    def backward(self, loss: torch.Tensor, model: Any, optimizer: Any, last: bool) -> None:
+        """One micro-batch's backward pass: its share of the step's mean loss (scaled for fp16)."""
+        if self.grad_accum_steps > 1:
+            loss = loss / self.grad_accum_steps
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        with contextlib.nullcontext() if last else self._no_sync(model):
+            loss.backward()
+
+    def _no_sync(self, model: Any) -> contextlib.AbstractContextManager:
+        """Where gradients are reduced between processes during backward: not before the cycle's last."""
+        return contextlib.nullcontext()
+
+    def step(self, model: Any, optimizer: Any) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # the norm is clipped on the true gradients
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.unwrap(model).parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skipped when a gradient is not finite; the scale then shrinks
+            self.scaler.update()
+        else:
+            optimizer.step()
 
     def unwrap(self, model: Any) -> nn.Module:
         """The plain nn.Module (for saving and evaluation)."""

@@ -23,3 +23,6 @@ class DDPStrategy(TorchDistStrategy):
         model = model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids), optimizer
+
+    def _no_sync(self, model):
+        return model.no_sync()  # the gradients are averaged once, in the cycle's last backward pass

@@ -1,7 +1,7 @@
 """Microsoft DeepSpeed (ZeRO stage 0 by default), launched by torchrun or `deepspeed`.
 
 DeepSpeed owns the backward pass and the optimiser step (``engine.backward``,
-``engine.step``), which is why the strategy interface has ``backward_and_step``.
+``engine.step``), which is why the strategy interface has ``zero_grad``, ``backward`` and ``step``.
 """
 
 from __future__ import annotations
@@ -143,13 +143,13 @@ class DeepSpeedStrategy(TorchDistStrategy):
     def wrap(self, model, optimizer, micro_batch):
         import deepspeed
 
+        # Built from the train params alone (no second source): micro-batch and accumulation, clipping
+        # (set even when 0: this DeepSpeed clips at norm 1.0 when the key is absent), the ZeRO stage.
+        # train.precision is the trainer's autocast around the forward pass, as with every strategy.
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": 1,
-            # No clipping, as in every other strategy. Set explicitly: this DeepSpeed
-            # clips at norm 1.0 when the key is absent, which silently changes the
-            # loss trajectory whenever a gradient norm exceeds 1.
-            "gradient_clipping": 0.0,
+            "gradient_accumulation_steps": self.grad_accum_steps,
+            "gradient_clipping": float(self.grad_clip),
             "zero_optimization": {"stage": self.zero_stage},  # train.zero_stage, in every record
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
@@ -157,9 +157,17 @@ class DeepSpeedStrategy(TorchDistStrategy):
         engine, optimizer, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer, config=config)
         return engine, optimizer
 
-    def backward_and_step(self, loss, model, optimizer):
+    def zero_grad(self, optimizer):
+        pass  # the engine zeroes the gradients at the end of each accumulation cycle
+
+    def backward(self, loss, model, optimizer, last):
+        # The engine divides by the accumulation steps, reduces on the cycle's last micro-batch, and its
+        # step() updates the weights only there.
         model.backward(loss)
         model.step()
+
+    def step(self, model, optimizer):
+        pass  # done by the engine in the cycle's last backward
 
     def optimizer_state(self, optimizer):
         return optimizer.state_dict()

@@ -32,14 +32,35 @@ class HorovodStrategy(Strategy):
         model = model.to(self.device)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=hvd.Average)
+        optimizer = hvd.DistributedOptimizer(
+            optimizer,
+            named_parameters=model.named_parameters(),
+            op=hvd.Average,
+            # the gradients are averaged once, after the accumulation cycle's last backward pass
+            backward_passes_per_step=self.grad_accum_steps,
+        )
         return model, optimizer
 
-    def backward_and_step(self, loss, model, optimizer):
-        # Horovod's optimizer wrapper predates zero_grad(set_to_none=...).
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    def zero_grad(self, optimizer):
+        optimizer.zero_grad()  # Horovod's optimizer wrapper predates zero_grad(set_to_none=...)
+
+    def step(self, model, optimizer):
+        if self.scaler is None and not self.grad_clip:
+            optimizer.step()
+            return
+        # Unscaling and clipping need the averaged gradients: wait for them, then step without waiting again.
+        optimizer.synchronize()
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        with optimizer.skip_synchronize():
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
 
     def all_reduce(self, tensor, op="sum"):
         if self.world_size == 1:
