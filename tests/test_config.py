@@ -211,7 +211,7 @@ def test_the_zero_stage_and_the_backend_are_params_refused_before_any_work(tmp_p
     cases = [
         ({"zero_stage": 2}, "train.zero_stage: 2 is a stage of DeepSpeed's ZeRO, but train.strategy is 'single'"),
         ({"zero_stage": 4}, "train.zero_stage: 4 is not allowed"),
-        ({"zero_stage": 1, "strategy": "deepspeed", "procs_per_node": 2}, "train.zero_stage: 1 is not supported yet"),
+        ({"zero_stage": 3, "strategy": "deepspeed", "procs_per_node": 2}, "train.zero_stage: 3 is not supported"),
         ({"dist_backend": "mpi"}, "train.dist_backend: 'mpi' is not allowed; expected one of 'auto', 'nccl', 'gloo'"),
     ]
     import torch

@@ -126,6 +126,36 @@ def test_a_run_stopped_and_resumed_is_bit_identical_with_scaler_and_accumulation
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_train_as_stage_0_and_resume_bit_identically(workdir, fp32, stage):
+    """DeepSpeed's ZeRO 1 and 2 on gloo (2 processes, its own runner): the losses of one process within the
+    bound of every 2-process strategy; stopped and resumed (each rank's part of the optimiser state in the
+    snapshot), the run is the uninterrupted one bit for bit (stage 2; stage 1 keeps its state the same way)."""
+    env = deepspeed_runner(workdir)
+    extra = {"zero_stage": stage}
+    proc, full = train(workdir, f"zero{stage}", "deepspeed", 2, env=env, extra=extra)
+    _ok(proc)
+    got, ref = losses(full), losses(fp32)
+    for column in ("train_loss", "val_loss"):
+        diff = _relative(got[column], ref[column])
+        print(f"ZeRO {stage} x2 {column}: largest relative difference from one process {diff:.2e}")
+        assert diff <= 1e-4, (column, diff)
+    if stage == 1:
+        return
+    stop = {**env, "VIRGO_FAULT_STOP_AT_STEP": "11"}
+    first, out = train(workdir, f"zero{stage}-resumed", "deepspeed", 2, env=stop, extra=extra)
+    assert first.returncode != 0
+    snap = read_snapshot_file(next((workdir / ".virgo" / "snapshots").glob("*/snapshot.pt")))
+    assert isinstance(snap["optimizer"], list) and len(snap["optimizer"]) == 2  # each rank's part
+    second, _ = train(workdir, f"zero{stage}-resumed", "deepspeed", 2, env=env, fresh=False, extra=extra)
+    _ok(second)
+    assert "at epoch 2, step 3 (status interrupted)" in second.stderr
+    a, b = weights(full), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(losses(full), losses(out), check_exact=True)
+
+
+@pytest.mark.slow
 def test_clipping_changes_a_run_only_where_the_norm_exceeds_the_limit(workdir, fp32):
     proc, loose = train(workdir, "clip-loose", extra={"grad_clip": 1.0e6})
     _ok(proc)

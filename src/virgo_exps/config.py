@@ -119,7 +119,7 @@ class TrainConfig:
     profile_steps: int = spec(5, _non_negative, "an integer >= 0 (0: off)", "steps profiled with the torch profiler")
     max_requeues: int = spec(3, _non_negative, "an integer >= 0", "time-outs/preemptions tolerated before failing")
     zero_stage: int = spec(
-        0, lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3", "DeepSpeed's ZeRO stage; only 0 (off) runs today"
+        0, lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3", "DeepSpeed's ZeRO stage: 0 (off), 1 or 2 (3 is refused)"
     )
     dist_backend: str = spec(
         "auto",
@@ -369,12 +369,11 @@ def _cross_checks(p: Params) -> None:
             f"train.zero_stage: {p.train.zero_stage} is a stage of DeepSpeed's ZeRO, but train.strategy is "
             f"'{p.train.strategy}'; set it to 0 or choose 'deepspeed'"
         )
-    if p.train.zero_stage:
-        # ZeRO splits the optimiser state over the ranks (its optimiser is not a torch optimiser either),
-        # while a snapshot holds rank 0's: a resumed run would not continue the run it claims to.
+    if p.train.zero_stage == 3:
+        # Stage 3 partitions the weights too: a snapshot and model.pt would need them gathered first.
         raise ConfigError(
-            f"train.zero_stage: {p.train.zero_stage} is not supported yet: snapshots hold rank 0's optimiser "
-            "state and ZeRO splits it over the ranks, so a resumed run would differ; set it to 0"
+            "train.zero_stage: 3 is not supported: it splits the weights over the ranks, and snapshots and "
+            "model.pt hold whole weights; choose 1 or 2 (the optimiser state split; each rank's part is kept)"
         )
     if p.train.strategy == "single" and world != 1:
         raise ConfigError(

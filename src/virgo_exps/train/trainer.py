@@ -467,7 +467,7 @@ class Trainer:
         if self.sampler.steps_per_epoch() == 0:
             raise ValueError("train.global_batch_size is larger than the training split")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(self.cfg, self.sampler.steps_per_epoch())
+            s.torch_optimizer(self.optimizer), lr_factor(self.cfg, self.sampler.steps_per_epoch())
         )
         self.loss_fn = self.models.loss()
 
@@ -534,17 +534,21 @@ class Trainer:
             self._lock = None
 
     def _save_snapshot(self, status: str) -> None:
-        gathered = self.strategy.all_gather_object(
+        s = self.strategy
+        gathered = s.all_gather_object(
             {
                 "rng": _rng_state(),
                 "loss_sum": self._loss_sum.clone(),
                 "epoch_steps": self._epoch_steps,
                 "usage": cost.rank_usage(),
                 "energy_wh": self._gpu.energy_wh_so_far() if self._gpu is not None else None,
+                # each rank's part of a partitioned optimiser state (ZeRO); else rank 0's is the whole
+                "optimizer": s.optimizer_state(self.optimizer) if s.partitioned_optimizer else None,
             }
         )
         usage = [g.pop("usage") for g in gathered]
         energies = [e for e in (g.pop("energy_wh") for g in gathered) if e is not None]
+        parts = [g.pop("optimizer") for g in gathered]
         rng = gathered
         self._final_written = status in FINAL_STATES
         if not self.strategy.is_main:
@@ -556,7 +560,7 @@ class Trainer:
         self.out.checkpoints.mkdir(parents=True, exist_ok=True)
         snapshot = {
             "model": self.strategy.unwrap(self.model).state_dict(),
-            "optimizer": self.strategy.optimizer_state(self.optimizer),
+            "optimizer": parts if s.partitioned_optimizer else s.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.strategy.scaler.state_dict() if self.strategy.scaler is not None else None,
             "epoch": self.epoch,

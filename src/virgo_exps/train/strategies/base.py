@@ -90,10 +90,21 @@ class Strategy(ABC):
         """The plain nn.Module (for saving and evaluation)."""
         return getattr(model, "module", model)
 
+    def torch_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
+        """The torch optimiser whose learning rate the schedule sets (inside a strategy's wrapper)."""
+        return optimizer
+
+    # Whether each rank holds only a part of the optimiser state (DeepSpeed's ZeRO): then a snapshot keeps
+    # every rank's part, and each rank loads its own; else rank 0's state is the whole.
+    partitioned_optimizer = False
+
     def optimizer_state(self, optimizer: Any) -> dict:
+        """This rank's optimiser state."""
         return optimizer.state_dict()
 
-    def load_optimizer_state(self, optimizer: Any, state: dict) -> None:
+    def load_optimizer_state(self, optimizer: Any, state: Any) -> None:
+        """Load what :meth:`optimizer_state` gave: rank 0's, or with a partitioned optimiser every rank's part
+        (a list by rank) or this rank's own."""
         optimizer.load_state_dict(state)
 
     # -- collectives --------------------------------------------------------

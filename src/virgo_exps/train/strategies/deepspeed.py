@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from virgo_exps.train.outcome import RunFailed
@@ -74,6 +75,31 @@ def remove_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path
                 file=sys.stderr,
             )
     return removed
+
+
+# The parts of a ZeRO 1/2 optimiser's state that DeepSpeed reads back when the world size is the same.
+ZERO_STATE_KEYS = (
+    "base_optimizer_state",
+    "single_partition_of_fp32_groups",
+    "group_paddings",
+    "param_alignment_paddings",
+    "partition_count",
+    "ds_version",
+    "dynamic_loss_scale",
+    "overflow",
+    "clip_grad",
+)
+
+
+def _detached(value):
+    """A copy of ``value`` whose tensors are the values alone (ZeRO's fp32 partitions are views with history)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    return value
 
 
 class DeepSpeedStrategy(TorchDistStrategy):
@@ -169,5 +195,28 @@ class DeepSpeedStrategy(TorchDistStrategy):
     def step(self, model, optimizer):
         pass  # done by the engine in the cycle's last backward
 
+    @property
+    def partitioned_optimizer(self) -> bool:
+        return self.zero_stage > 0
+
+    def torch_optimizer(self, optimizer):
+        return optimizer.optimizer if self.zero_stage else optimizer  # ZeRO's wraps the torch one
+
     def optimizer_state(self, optimizer):
-        return optimizer.state_dict()
+        state = optimizer.state_dict()
+        if not self.zero_stage:
+            return state
+        # ZeRO 1 and 2: what this DeepSpeed reads back from a rank's part (its rigid layout), in plain types,
+        # so that a snapshot is read without running code (the loss scaler object stays the engine's: the
+        # precisions here keep it static).
+        kept = {k: _detached(state[k]) for k in ZERO_STATE_KEYS if k in state}
+        kept["zero_stage"] = int(state["zero_stage"])
+        return kept
+
+    def load_optimizer_state(self, optimizer, state):
+        if not self.zero_stage:
+            optimizer.load_state_dict(state)
+            return
+        # every rank's part (a snapshot) or this rank's own (the computation profile's restore): DeepSpeed
+        # reads the entry of this rank
+        optimizer.load_state_dict(state if isinstance(state, list) else [state] * self.world_size)
