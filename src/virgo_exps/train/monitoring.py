@@ -194,7 +194,9 @@ class HostLoad:
     competing for the same cores while the window was timed.
     """
 
-    def __init__(self, interval: float = 0.1, refresh: float = 2.0):
+    # Every 0.5 s: at 0.1 s the sampling thread's wake-ups cost the training about 3 % of its step time on
+    # 2 cores (benchmarks/trainer.py), at 0.5 s about 1 %. A window without a sample takes one when it ends.
+    def __init__(self, interval: float = 0.5, refresh: float = 2.0):
         self.interval, self.refresh = interval, refresh
         self.cores = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._lock = threading.Lock()
@@ -243,6 +245,9 @@ class HostLoad:
         with self._lock:
             total, n = self._sum, self._n
             self._sum, self._n = 0, 0
+        if not n and self._thread is not None:  # a window shorter than the interval: one sample, now
+            now = self.sample()
+            total, n = (now, 1) if now is not None else (0, 0)
         return total / n / self.cores if n else None
 
     def stop(self) -> None:
