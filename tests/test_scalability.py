@@ -304,6 +304,27 @@ def test_pooled_only_when_all_but_seed_and_axis_are_equal():
     assert assign([runs[0], other]).split_on == {}
 
 
+def test_runs_that_differ_in_a_training_option_are_never_pooled():
+    """Precision, accumulation, clipping, compile, the schedule and the ZeRO stage change what a step costs:
+    each value is its own group, named by the option."""
+    options = {
+        "train.precision": "bf16",
+        "train.grad_accum_steps": 2,
+        "train.grad_clip": 1.0,
+        "train.compile": True,
+        "train.lr_schedule": "cosine",
+        "train.zero_stage": 1,
+    }
+    for key, value in options.items():
+        plain, changed = _run("plain"), _run("changed", seed=1)
+        default = {"train.precision": "fp32", "train.grad_accum_steps": 1, "train.grad_clip": 0.0}
+        default.update({"train.compile": False, "train.lr_schedule": "constant", "train.zero_stage": 0})
+        plain.params.update(default)
+        changed.params.update({**default, key: value})
+        g = assign([plain, changed])
+        assert g.of(plain) != g.of(changed) and list(g.split_on) == [key], key
+
+
 def test_weak_scaling_is_recognised_and_named():
     weak = [_run("w1", procs=1, batch=8), _run("w2", procs=2, batch=16), _run("w4", procs=4, batch=32)]
     g = assign(weak)
