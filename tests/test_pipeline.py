@@ -87,6 +87,10 @@ def test_exp_show_lists_the_experiment_with_its_metrics(pipeline):
     assert params["train.strategy"] == "single"
     tags = dict(con.execute("select key, value from tags where run_uuid = ?", runs[0]).fetchall())
     assert len(tags["git.revision"]) == 40
+    assert "sweep" not in tags  # a run outside a sweep says so by having none
+    # every number of metrics.json as an MLflow metric under its dotted key; what was not measured is absent
+    logged = dict(con.execute("select key, value from latest_metrics where run_uuid = ?", runs[0]).fetchall())
+    assert logged["cost.core_h"] > 0 and logged["cost.wall_s"] > 0 and "cost.energy_wh" not in logged, logged
 
 
 def test_rerun_changes_nothing_then_params_rerun_only_downstream(pipeline):

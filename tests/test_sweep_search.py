@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -376,6 +377,26 @@ def test_search_prunes_records_and_continues(tmp_path):
             assert t.state == TrialState.COMPLETE
             assert t.value == pytest.approx(metrics["val_loss"]) == t.intermediate_values[EPOCHS]
     assert pruned >= 1 and trials[1].state == TrialState.PRUNED
+
+    # As optuna-dashboard and MLflow show them: the objective named; each cost figure a number under its
+    # own key, a sortable column; each trial's MLflow run tagged with its sweep and trial, its cost as metrics.
+    study = search.open_study(s, sweep_dir)
+    assert study.metric_names == ["val_loss"]
+    frame = study.trials_dataframe()
+    assert str(frame["user_attrs_cost.core_h"].dtype) == "float64" and (frame["user_attrs_cost.core_h"] > 0).all()
+    assert "user_attrs_cost.energy_wh" not in frame  # not measured on CPU: left out, not null
+    con = sqlite3.connect(repo / "mlflow" / "mlflow.db")
+    for t in trials:
+        # the first run of the trial (trial 1's train command ran a second time above, as a requeued task)
+        (run_id,) = con.execute(
+            "select run_uuid from runs where run_uuid in (select run_uuid from tags where key = 'sweep.trial' "
+            "and value = ?) and run_uuid in (select run_uuid from tags where key = 'sweep' and value = ?) "
+            "order by start_time",
+            (str(t.number), s.name),
+        ).fetchone()
+        got = dict(con.execute("select key, value from latest_metrics where run_uuid = ?", (run_id,)).fetchall())
+        assert got["cost.core_h"] == pytest.approx(ran[t.number][1]["cost"]["core_h"]), got
+    con.close()
 
     # The page.
     out = page.build(s, sweep_dir, tmp_path / "page")

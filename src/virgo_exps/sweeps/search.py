@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from virgo_exps import fsio
 from virgo_exps.config import DamagedInputError
+from virgo_exps.records import numbers
 from virgo_exps.sweeps.spec import SweepSpec, trial_name
 
 if TYPE_CHECKING:
@@ -193,6 +194,12 @@ def open_study(spec: SweepSpec, sweep_dir: Path) -> optuna.Study:
             f"sweep {spec.name!r}: the study in {journal_path(sweep_dir)} was made to {study.direction.name.lower()} "
             f"{spec.metric}, the spec says {spec.direction}; use a new sweep name"
         )
+    if study.metric_names is None:  # the value's name in the tools that show the study (optuna-dashboard)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])
     return study
 
 
@@ -293,6 +300,11 @@ def tell(
     trial_id = _trial_id(spec, storage, number)
     for key, item in (attrs or {}).items():
         storage.set_trial_user_attr(trial_id, key, json.loads(json.dumps(item, default=str)))
+    # and each number of a nested one under its own key (cost.core_h, allocation.cpu_eff): what a
+    # dashboard sorts and filters on
+    nested = {key: item for key, item in (attrs or {}).items() if isinstance(item, dict)}
+    for key, item in numbers(nested).items():
+        storage.set_trial_user_attr(trial_id, key, item)
     if state == "complete":
         if value is None or not math.isfinite(float(value)):
             storage.set_trial_user_attr(trial_id, "fail_reason", f"{spec.metric} is {value!r}")

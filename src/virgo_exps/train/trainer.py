@@ -91,6 +91,7 @@ from virgo_exps.launch.protocol import (
 from virgo_exps.machines import active_machine_name
 from virgo_exps.modelfile import count_parameters, model_file_content
 from virgo_exps.paths import snapshot_root
+from virgo_exps.records import numbers
 from virgo_exps.train import cost, outcome
 from virgo_exps.train.data import ImageDataset, ShardSampler, eval_shard
 from virgo_exps.train.monitoring import GpuMonitor, HostLoad, computation_fraction
@@ -931,6 +932,7 @@ class Trainer:
                     "hosts": ",".join(hosts),
                     "device": self.placement[0]["device"],
                     "code": self._stage_code or "",
+                    **self._sweep_tags(),
                 },
                 [Path("version.lock")],
             )
@@ -1027,6 +1029,18 @@ class Trainer:
             if s.is_main and self.tracker is not None:
                 self.tracker.end(status)
 
+    @staticmethod
+    def _sweep_tags() -> dict[str, str]:
+        """The sweep, study and trial a run of a search belongs to, as MLflow tags (none outside a sweep)."""
+        text = os.environ.get(SWEEP_TRIAL_ENV)
+        if not text:
+            return {}
+        try:
+            info = json.loads(text)
+            return {"sweep": str(info["study"]), "sweep.trial": str(info["number"])}  # the study is named so
+        except (ValueError, KeyError, TypeError):
+            return {}
+
     def _final_metrics(self, per_rank_gpu: list[dict]) -> dict:
         h = self.history
         own = h[self._own_from :] or h  # a continued finished run's epochs are its parent's record
@@ -1110,12 +1124,9 @@ class Trainer:
         _atomic_write_text(self.out.metrics, json.dumps(clean, indent=2, sort_keys=True) + "\n")
         if self.tracker is not None:
             per_epoch = {f.name for f in dataclasses.fields(EpochRecord)}
+            # every number of metrics.json under its dotted key (cost.core_h, cost.energy_wh, ...)
             self.tracker.log_metrics(
-                {
-                    k: v
-                    for k, v in clean.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in per_epoch
-                }
+                {k: v for k, v in numbers(clean).items() if k not in per_epoch and not k.startswith("provenance.")}
             )
             self.tracker.log_rank_runs(
                 [{k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "rank"} for r in ranks]
