@@ -389,7 +389,7 @@ def test_search_prunes_records_and_continues(tmp_path):
     for t in trials:
         # the first run of the trial (trial 1's train command ran a second time above, as a requeued task)
         (run_id,) = con.execute(
-            "select run_uuid from runs where run_uuid in (select run_uuid from tags where key = 'sweep.trial' "
+            "select run_uuid from runs where run_uuid in (select run_uuid from tags where key = 'trial' "
             "and value = ?) and run_uuid in (select run_uuid from tags where key = 'sweep' and value = ?) "
             "order by start_time",
             (str(t.number), s.name),

@@ -1037,7 +1037,8 @@ class Trainer:
             return {}
         try:
             info = json.loads(text)
-            return {"sweep": str(info["study"]), "sweep.trial": str(info["number"])}  # the study is named so
+            # the tags the team store's merged runs carry too (sweeps/tracking.py); the study has the sweep's name
+            return {"sweep": str(info["study"]), "trial": str(info["number"])}
         except (ValueError, KeyError, TypeError):
             return {}
 
