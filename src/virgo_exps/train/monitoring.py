@@ -215,19 +215,23 @@ class HostLoad:
 
     def sample(self) -> int | None:
         """Runnable tasks now, with the run's own processes counted once each (None off Linux)."""
-        n = runnable_tasks()
-        if n is None:
-            return None
         now = time.monotonic()
         if now - self._job_at > self.refresh:
             self._job, self._job_at = job_processes(os.getpid()), now
+        # The run's threads are read just before and just after the host's count: a thread of ours running
+        # at either moment is ours in the count (one read alone, taken a moment apart, would count a thread
+        # of ours that stopped in between as other work).
+        before = {pid: running_threads(pid) for pid in self._job}
+        n = runnable_tasks()
+        if n is None:
+            return None
         threads = processes = 0
-        for pid in self._job:
-            running = running_threads(pid)
-            threads += running
-            processes += running > 0
+        for pid, earlier in before.items():
+            running = earlier | running_threads(pid)
+            threads += len(running)
+            processes += bool(running)
         # This sampling thread runs while it reads: its process counts as running.
-        if os.getpid() in self._job and running_threads(os.getpid()) == 0:
+        if os.getpid() in self._job and not before.get(os.getpid()):
             processes += 1
         return max(0, n - threads) + processes
 
@@ -257,21 +261,21 @@ class HostLoad:
             self._thread = None
 
 
-def running_threads(pid: int) -> int:
-    """Threads of ``pid`` running or waiting for a CPU now (state R)."""
-    count = 0
+def running_threads(pid: int) -> set[str]:
+    """Threads of ``pid`` running or waiting for a CPU now (state R), by thread id."""
+    running: set[str] = set()
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return 0
+        return running
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as fh:
                 if fh.read().rsplit(")", 1)[1].split()[0] == "R":
-                    count += 1
+                    running.add(tid)
         except (OSError, IndexError):
             continue
-    return count
+    return running
 
 
 def _all_pids() -> list[int]:
