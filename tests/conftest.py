@@ -217,6 +217,14 @@ def make_repo(dest: Path, params: dict | None = None) -> Path:
     return dest
 
 
+def image_repo(tmp_path_factory, name: str) -> Path:
+    """A project copy whose data/images.zarr is the hand-made store of :func:`write_images` (the train stage's
+    input, without running the data stages)."""
+    repo = make_repo(tmp_path_factory.mktemp(name) / "repo")
+    write_images(repo / "data" / "images.zarr")
+    return repo
+
+
 def write_images(path: Path, seed: int = 0, n_train: int = 64, n_val: int = 16) -> None:
     """A hand-made store in the layout of the preprocess stage (learnable: y depends on x)."""
     import zarr

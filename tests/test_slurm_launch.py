@@ -35,6 +35,7 @@ from conftest import (
     BIN,
     ROOT,
     TRAIN_WORKER_ARGV,
+    image_repo,
     make_repo,
     sh,
     shm_left_behind,
@@ -377,9 +378,7 @@ def test_profile_fields_are_checked(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    repo = make_repo(tmp_path_factory.mktemp("slurm-launch") / "repo")
-    write_images(repo / "data" / "images.zarr")
-    return repo
+    return image_repo(tmp_path_factory, "slurm-launch")
 
 
 def test_dry_run_prints_the_script_and_submits_nothing(repo):

@@ -24,7 +24,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, make_repo, sh, shm_left_behind, tool_env, train_stage_cmd, wait_until, write_images
+from conftest import (
+    BIN,
+    image_repo,
+    sh,
+    shm_left_behind,
+    tool_env,
+    train_stage_cmd,
+    wait_until,
+)
 
 RTOL = 1e-4  # observed: ~1e-6 between DDP/DeepSpeed on 2 ranks and a single process
 EPOCHS = 3
@@ -36,9 +44,7 @@ needs_horovod = pytest.mark.skipif(not HOROVOD, reason="Horovod is not built in 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    repo = make_repo(tmp_path_factory.mktemp("trainer") / "repo")
-    write_images(repo / "data" / "images.zarr")
-    return repo
+    return image_repo(tmp_path_factory, "trainer")
 
 
 def train(

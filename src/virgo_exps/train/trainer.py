@@ -159,15 +159,16 @@ def lr_factor(cfg, steps_per_epoch: int) -> Callable[[int], float]:
     same as one trained that many epochs in one go; a cosine one does (epochs are then in the snapshot key).
     """
     warmup = cfg.warmup_steps
+
+    def warm(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
     if cfg.lr_schedule == "constant":
-        return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        return warm
     total, floor = max(1, cfg.epochs * steps_per_epoch - 1), cfg.lr_floor
-
-    def cosine(step: int) -> float:
-        warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        return warm * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
-
-    return cosine
+    return lambda step: (
+        warm(step) * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+    )
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

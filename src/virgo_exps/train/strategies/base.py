@@ -76,10 +76,16 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     def step(self, model: Any, optimizer: Any) -> None:
+        self._unscale_and_clip(model, optimizer)
+        self._apply(optimizer)
+
+    def _unscale_and_clip(self, model: Any, optimizer: Any) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)  # the norm is clipped on the true gradients
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.unwrap(model).parameters(), self.grad_clip)
+
+    def _apply(self, optimizer: Any) -> None:
         if self.scaler is not None:
             self.scaler.step(optimizer)  # skipped when a gradient is not finite; the scale then shrinks
             self.scaler.update()

@@ -50,17 +50,9 @@ class HorovodStrategy(Strategy):
             return
         # Unscaling and clipping need the averaged gradients: wait for them, then step without waiting again.
         optimizer.synchronize()
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        self._unscale_and_clip(model, optimizer)
         with optimizer.skip_synchronize():
-            if self.scaler is not None:
-                self.scaler.step(optimizer)
-            else:
-                optimizer.step()
-        if self.scaler is not None:
-            self.scaler.update()
+            self._apply(optimizer)
 
     def all_reduce(self, tensor, op="sum"):
         if self.world_size == 1:
