@@ -126,3 +126,50 @@ def test_every_stage_is_in_the_lock():
     locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     assert sorted(stages) == sorted(locked), f"dvc.lock lacks {sorted(set(stages) - set(locked))}"
     assert Path(ROOT / "dvc.lock").stat().st_size < 100_000
+
+
+def changed_value(value):
+    """Another value of the same kind (DVC compares values, it does not validate them)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-other"
+    return {"changed": True}
+
+
+def test_every_param_that_can_change_a_result_reruns_its_stage(tmp_path):
+    """Each key of params.yaml that can change what its stage writes (every spec field without
+    ``result=False``) is a param of the stage named after its section: changed in a clean checkout, real
+    `dvc status` names it. A key left out of dvc.yaml would let `dvc exp run -S key=value` skip the stage and
+    record the old result under the new value."""
+    from virgo_exps.config import sections, spec_fields
+
+    checkout, env = clean_checkout(tmp_path)
+    params = yaml.safe_load((checkout / "params.yaml").read_text())
+    expected = set()
+    for name, cls in sections().items():
+        for f in spec_fields(cls):
+            if f.metadata["result"] and name in params:
+                params[name][f.name] = changed_value(params[name].get(f.name, f.default))
+                expected.add((name, f"{name}.{f.name}"))
+    assert ("train", "train.precision") in expected and ("preprocess", "preprocess.device") in expected
+    (checkout / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(sh(["dvc", "status", "--json"], checkout, env).stdout or "{}")
+    seen = {
+        (stage, key)
+        for stage, entries in status.items()
+        for entry in entries
+        if isinstance(entry, dict)
+        for changes in entry.values()
+        for what in (changes or {}).values()
+        if isinstance(what, dict)
+        for key in what
+    }
+    missing = sorted(f"{key} (stage '{stage}')" for stage, key in expected - seen)
+    assert not missing, (
+        "params that change a result but are not params of their stage in dvc.yaml (a change would not rerun "
+        "it; add them, or declare the key with spec(..., result=False) if it cannot change the output):\n  "
+        + "\n  ".join(missing)
+    )

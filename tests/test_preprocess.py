@@ -195,11 +195,14 @@ def test_rerun_is_identical_and_replaces_the_output_atomically(stores, tmp_path)
 
 
 @pytest.mark.slow
-def test_identical_across_worker_counts(stores, tmp_path):
+def test_identical_across_worker_counts_and_batch_sizes(stores, tmp_path):
+    """workers and batch_size are declared as never changing a result (not params of the stage in dvc.yaml)."""
     raw, out, _ = stores
     ref, ref_attrs = _load(out)
-    P.preprocess(raw, PRE, tmp_path / "w2.zarr", progress=False, workers=2)
+    P.preprocess(raw, replace(PRE, batch_size=3), tmp_path / "w2.zarr", progress=False, workers=2)
     other, other_attrs = _load(tmp_path / "w2.zarr")
+    assert other_attrs["params"].pop("batch_size") == 3  # the stamp records the value it ran with
+    ref_attrs["params"].pop("batch_size")
     assert other_attrs == ref_attrs
     for k in ref:
         assert other[k].tobytes() == ref[k].tobytes(), k

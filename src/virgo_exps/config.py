@@ -55,10 +55,18 @@ class DamagedInputError(RuntimeError):
 REQUIRED = dataclasses.MISSING
 
 
-def spec(default: Any, check: Callable[[Any], bool] | None = None, allowed: str = "", doc: str = "", hint: str = ""):
+def spec(
+    default: Any,
+    check: Callable[[Any], bool] | None = None,
+    allowed: str = "",
+    doc: str = "",
+    hint: str = "",
+    result: bool = True,
+):
     """A validated key: its default (or REQUIRED), the constraint, the allowed values in words, its meaning,
-    and a hint added to a wrong-type message."""
-    metadata = {"check": check, "allowed": allowed, "doc": doc, "hint": hint}
+    and a hint added to a wrong-type message. ``result=False`` for a key that cannot change what its stage
+    writes (how many workers, a retry budget): the only keys a stage's params in ``dvc.yaml`` may leave out."""
+    metadata = {"check": check, "allowed": allowed, "doc": doc, "hint": hint, "result": result}
     if isinstance(default, dict):  # a mutable default: a fresh copy for every instance
         return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -117,7 +125,9 @@ class TrainConfig:
     seed: int = spec(0, _seed, SEED_RANGE, "seed of weights init and shuffling")
     warmup_steps: int = spec(20, _non_negative, "an integer >= 0", "steps of linear learning-rate warm-up")
     profile_steps: int = spec(5, _non_negative, "an integer >= 0 (0: off)", "steps profiled with the torch profiler")
-    max_requeues: int = spec(3, _non_negative, "an integer >= 0", "time-outs/preemptions tolerated before failing")
+    max_requeues: int = spec(
+        3, _non_negative, "an integer >= 0", "time-outs/preemptions tolerated before failing", result=False
+    )
     zero_stage: int = spec(
         0, lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3", "DeepSpeed's ZeRO stage: 0 (off), 1 or 2 (3 is refused)"
     )
@@ -455,7 +465,8 @@ def describe() -> str:
         study = f"  # the {owner[name]} study's; leave it out for a study without it" if name in owner else ""
         lines.append(f"{name}:{study}")
         for f in spec_fields(cls):
-            lines.append(f"  {f.name}: {f.default!r}  # {f.metadata['doc']} ({f.metadata['allowed']})")
+            same = "; never changes a result" if not f.metadata["result"] else ""
+            lines.append(f"  {f.name}: {f.default!r}  # {f.metadata['doc']} ({f.metadata['allowed']}{same})")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ class GenerateConfig:
     duration: float = spec(16.0, lambda v: 1.0 <= v <= 600.0, "seconds, from 1 to 600", "length of each series")
     sample_rate: int = spec(500, lambda v: 64 <= v <= 16384, "Hz, from 64 to 16384", "sampling rate of every channel")
     chunk_size: int = spec(64, _positive, "an integer > 0", "samples per zarr chunk and per unit of parallel work")
-    workers: int = spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes")
+    workers: int = spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes", result=False)
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ class PreprocessConfig:
         0.2, lambda v: 0.0 < v < 1.0, "a fraction strictly between 0 and 1", "share of samples held out for validation"
     )
     split_seed: int = spec(0, _seed, SEED_RANGE, "seed of the train/validation split")
-    batch_size: int = spec(32, _positive, "an integer > 0", "samples transformed at once")
-    workers: int = spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes")
+    batch_size: int = spec(32, _positive, "an integer > 0", "samples transformed at once", result=False)
+    workers: int = spec(0, _non_negative, "an integer >= 0 (0: all cores)", "local worker processes", result=False)
     device: str = spec("cpu", *_choice("cpu", "cuda"), doc="where the Q-transforms run")
 
 
