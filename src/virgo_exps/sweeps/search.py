@@ -328,6 +328,7 @@ def trial_env(spec: SweepSpec, sweep_dir: Path, number: int) -> dict[str, str]:
         "number": int(number),
         "pruner": name,
         "pruner_args": args,
+        "metric": spec.metric,
     }
     return {TRIAL_ENV: json.dumps(info, sort_keys=True)}
 

@@ -200,6 +200,19 @@ class ModelFactory:
     code: tuple[Path, ...] = ()  # the files that define them (and the loss, the optimiser): in the snapshot key
     loss: Callable[[], nn.Module] = nn.MSELoss
     optimizer: Callable[..., torch.optim.Optimizer] = adamw
+    # (output, targets) of a validation batch -> per-sample figures: "loss" and the study's own metrics
+    # (each averaged over the whole validation split: val_loss, val_<name> in metrics.json and MLflow)
+    evaluate: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = None  # type: ignore[assignment]
+    metrics: tuple[str, ...] = ()  # the names evaluate gives besides "loss" (a sweep may optimise val_<name>)
+
+    def __post_init__(self) -> None:
+        if self.evaluate is None:
+            object.__setattr__(self, "evaluate", per_sample_mse)
+
+
+def per_sample_mse(out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The validation figure of a study that gives none: each sample's mean squared error."""
+    return {"loss": ((out.float() - y) ** 2).flatten(1).mean(dim=1)}
 
 
 def snapshot_refusal(snap: dict, config: dict, epochs: int) -> str | None:
@@ -254,6 +267,14 @@ class EpochRecord:
     # Compute processes of other jobs seen on a rank's GPU during the epoch
     # (None without a GPU): they share the device the epoch was timed on.
     gpu_other_procs: int | None = None
+    # The study's own validation metrics (ModelFactory.metrics): val_<name> -> value
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The epoch as one flat row (epochs.csv, MLflow): the study's metrics as columns of their own."""
+        out = asdict(self)
+        metrics = out.pop("metrics")
+        return {**out, **metrics}
 
 
 class Interrupted(Exception):
@@ -387,10 +408,13 @@ class SweepTrial:
         )
         self.trial = optuna.trial.Trial(study, trial_id)
         self.label = f"{info['study']} trial {info['number']}"
+        self.metric = str(info.get("metric", "val_loss"))  # the sweep's objective
 
-    def should_prune(self, epoch: int, val_loss: float) -> bool:
-        """Report ``val_loss`` for ``epoch`` and return the pruner's verdict."""
-        self.trial.report(val_loss, epoch)
+    def should_prune(self, epoch: int, figures: dict[str, float]) -> bool:
+        """Report the epoch's value of the sweep's metric and return the pruner's verdict."""
+        if self.metric not in figures:
+            raise KeyError(f"{self.metric} is not a per-epoch figure (those are {', '.join(sorted(figures))})")
+        self.trial.report(figures[self.metric], epoch)
         return self.trial.should_prune()
 
 
@@ -472,6 +496,7 @@ class Trainer:
             s.torch_optimizer(self.optimizer), lr_factor(self.cfg, self.sampler.steps_per_epoch())
         )
         self.loss_fn = self.models.loss()
+        self.metric_names = tuple(self.models.metrics)
 
     # -- snapshots ----------------------------------------------------------
     def _config_key(self) -> dict:
@@ -726,13 +751,14 @@ class Trainer:
             flag = self.strategy.all_reduce(flag, op="max")
         return bool(flag.item() > 0)
 
-    def _prune_now(self, epoch: int, val_loss: float) -> bool:
+    def _prune_now(self, rec: EpochRecord) -> bool:
         """Sweep trials only: rank 0 reports the epoch and asks the pruner; every rank gets the verdict."""
         s = self.strategy
         verdict = False
         if self._sweep is not None:
             try:
-                verdict = self._sweep.should_prune(epoch, val_loss)
+                figures = {"train_loss": rec.train_loss, "val_loss": rec.val_loss, **rec.metrics}
+                verdict = self._sweep.should_prune(rec.epoch, figures)
             except Exception as exc:  # the run goes on unpruned rather than dying on its bookkeeping
                 print(
                     f"train: cannot report to {self._sweep.label} ({type(exc).__name__}: {exc}); "
@@ -807,19 +833,22 @@ class Trainer:
         self.model.eval()
         t0 = time.perf_counter()
         idx = eval_shard(len(self.val_set), s.rank, s.world_size)
-        total = torch.zeros(2, dtype=torch.float64)
+        names = ["loss", *self.metric_names]
+        total = torch.zeros(len(names) + 1, dtype=torch.float64)  # the sums of each figure, then the count
         module = s.unwrap(self.model)
         for start in range(0, len(idx), self.local_batch):
             x, y = self.val_set.batch(idx[start : start + self.local_batch])
             x, y = x.to(s.device), y.to(s.device)
             with autocast(self.cfg.precision, s.device):
                 out = module(x)
-            err = ((out.float() - y) ** 2).mean(dim=(1, 2, 3))
+            figures = self.models.evaluate(out, y)
             self._heart.beat(self.epoch + 1, self.step_in_epoch, VALIDATING, start + 1)
-            total += torch.stack([err.sum().double().cpu(), torch.tensor(float(len(err)), dtype=torch.float64)])
+            sums = [figures[n].sum().double().cpu() for n in names]
+            total += torch.stack([*sums, torch.tensor(float(len(x)), dtype=torch.float64)])
         total = s.all_reduce(total, op="sum")
         elapsed = s.all_reduce(torch.tensor([time.perf_counter() - t0], dtype=torch.float64), op="max")
-        return float(total[0] / total[1]), float(elapsed.item())
+        self.val_metrics = {f"val_{n}": float(total[i + 1] / total[-1]) for i, n in enumerate(self.metric_names)}
+        return float(total[0] / total[-1]), float(elapsed.item())
 
     def _profile(self) -> None:
         """Computation fraction over a short window (once per run, before epoch timing)."""
@@ -939,7 +968,7 @@ class Trainer:
             )
             # The epochs of the snapshot belong to this run's record as well.
             for rec in self.history:
-                self.tracker.log_metrics({k: v for k, v in asdict(rec).items() if k != "epoch"}, rec.epoch)
+                self.tracker.log_metrics({k: v for k, v in rec.row().items() if k != "epoch"}, rec.epoch)
         status = "FAILED"
         sweep = bool(os.environ.get(SWEEP_TRIAL_ENV))  # the same on every rank: all join _prune_now
         if sweep and s.is_main:
@@ -976,6 +1005,7 @@ class Trainer:
                     val_time_s=val_time,
                     samples_per_s=steps_run * self.cfg.global_batch_size / train_time if train_time > 0 else 0.0,
                     lr=self.scheduler.get_last_lr()[0],
+                    metrics=self.val_metrics,
                     **_busiest(s.all_gather_object((host_load.window(), gpu.others_window()))),
                 )
                 self.history.append(rec)
@@ -992,8 +1022,8 @@ class Trainer:
                         flush=True,
                     )
                     if self.tracker is not None:
-                        self.tracker.log_metrics({k: v for k, v in asdict(rec).items() if k != "epoch"}, rec.epoch)
-                if sweep and self._prune_now(rec.epoch, rec.val_loss) and self.epoch < self.cfg.epochs:
+                        self.tracker.log_metrics({k: v for k, v in rec.row().items() if k != "epoch"}, rec.epoch)
+                if sweep and self._prune_now(rec) and self.epoch < self.cfg.epochs:
                     self._pruned_at = rec.epoch
                     if s.is_main:
                         print(
@@ -1057,6 +1087,7 @@ class Trainer:
             "parameters": self.n_parameters,
             "train_loss": h[-1].train_loss,
             "val_loss": h[-1].val_loss,
+            **h[-1].metrics,
             "epoch_time_s_median": float(np.median(times)),
             "epoch_time_s_mean": float(np.mean(times)),
             "samples_per_s": float(np.median([r.samples_per_s for r in timed])),
@@ -1111,7 +1142,7 @@ class Trainer:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         # with the digest of the code that trained (the scalability report never pools runs of other code)
         clean[provenance.KEY] = {**provenance.metrics_stamp(stamp), "code": self._stage_code}
-        rows = [asdict(r) for r in self.history]
+        rows = [r.row() for r in self.history]
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\r\n")
         writer.writeheader()
@@ -1125,7 +1156,7 @@ class Trainer:
         # The record of success last: a failure before it leaves no metrics.json that claims this run.
         _atomic_write_text(self.out.metrics, json.dumps(clean, indent=2, sort_keys=True) + "\n")
         if self.tracker is not None:
-            per_epoch = {f.name for f in dataclasses.fields(EpochRecord)}
+            per_epoch = {f.name for f in dataclasses.fields(EpochRecord)} | set(self.history[-1].metrics)
             # every number of metrics.json under its dotted key (cost.core_h, cost.energy_wh, ...)
             self.tracker.log_metrics(
                 {k: v for k, v in numbers(clean).items() if k not in per_epoch and not k.startswith("provenance.")}
