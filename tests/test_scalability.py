@@ -259,6 +259,7 @@ def _run(
         "epoch_time_s_median": time,
         "machine": machine,
         "device": "cpu",
+        "provenance": {"data": data},
         **(metrics or {}),
     }
     params = {
@@ -277,7 +278,7 @@ def _run(
         m,
         params,
         rev=rev or hashlib.sha1(name.encode()).hexdigest(),
-        deps={"version.lock": software, "data/images.zarr": data},
+        deps={"version.lock": software},
     )
 
 

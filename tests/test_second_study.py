@@ -5,8 +5,9 @@ split store the trainer reads, a model factory, and its params (train in
 params.yaml, its own data section in study.yaml, checked by the same
 validator). Its copy is a fresh git + DVC repository with no src/ of its own:
 it runs the installed virgo_exps (launcher, trainer, strategies, SLURM,
-tracking, provenance) as a user's project would, locally (one process and DDP
-on two) and as a job on the test Slurm cluster.
+tracking, provenance) as a user's project would, as a job on the test Slurm
+cluster (a port's local runs, with a study that replaces every hook:
+tests/test_port.py).
 """
 
 from __future__ import annotations
@@ -90,27 +91,6 @@ def test_the_tiny_study_owns_nothing_of_the_machinery():
     assert code < 200, f"{code} lines"
     for f in SRC.rglob("*.py"):
         assert "tiny_study" not in f.read_text(), f"{f} knows the tiny study"
-
-
-@pytest.mark.slow
-def test_the_tiny_study_runs_locally_single_and_ddp(tmp_path, src_before):
-    repo = make_tiny_repo(tmp_path / "tiny")
-    env = tool_env({"OMP_NUM_THREADS": "1"})
-    # the machinery's checks of params against the machine, without the Virgo study's sections
-    check = sh([str(BIN / "virgo-exps"), "check"], repo, env)
-    assert "params.yaml: valid; machine: local (local)" in check.stdout
-    out = exp_run(repo, env)
-    assert "Running stage 'data'" in out and "launch: train on 'local'" in out
-    single = finished(repo, epochs=3, world=1, strategy="single")
-    # DDP on two processes through torchrun: the same trajectory as one process (the machinery's ShardSampler)
-    out = exp_run(repo, env, "train.strategy=ddp", "train.procs_per_node=2")
-    assert "torch.distributed.run" in out and "Running stage 'data'" not in out
-    ddp = finished(repo, epochs=3, world=2, strategy="ddp")
-    assert ddp["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
-    # the study's own params go through the same validator: a bad value is one line naming the key
-    bad = sh([str(BIN / "dvc"), "exp", "run", "-S", "study.yaml:data.size=2"], repo, env, check=False)
-    assert bad.returncode != 0
-    assert "error: data.size: 2 is not allowed; expected an integer from 4 to 64" in bad.stdout + bad.stderr
 
 
 @pytest.mark.slurm

@@ -189,7 +189,9 @@ class StudySpec:
     differ there); ``data_needs``: ``"module:function"`` of what its data stages will write and hold in
     memory, for the first stage's disk and memory budget (a :class:`virgo_exps.preflight.DataNeeds`, from
     ``function(params, machine, up_to_date)``, where ``up_to_date(names)`` gives those of its stages DVC
-    will not rerun); named, not imported, so that validating params loads none of the data stages' code.
+    will not rerun); ``machine_check``: ``"module:function"`` of its refusals that depend on the machine
+    (``function(params, machine)`` raising :class:`ConfigError`), run with the first stage's checks; both
+    named, not imported, so that validating params loads none of the data stages' code.
     """
 
     name: str
@@ -197,6 +199,7 @@ class StudySpec:
     check: Callable[[Any], None] | None = None
     data_sections: tuple[str, ...] = ()
     data_needs: str | None = None
+    machine_check: str | None = None
 
 
 _STUDIES: list[StudySpec] | None = None

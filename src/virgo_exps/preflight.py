@@ -8,7 +8,7 @@ same one line, before any stage has written or deleted an output:
    (:func:`virgo_exps.config.load_params`);
 2. the params against the active machine (:mod:`virgo_exps.machines`): nodes
    and processes the machine can run, GPUs per node, the strategy's software
-   installed, the preprocessing device present;
+   installed, the study's own machine checks (its StudySpec.machine_check);
 3. a size budget: disk and memory estimated from the params against what is
    free on the file system of ``data/`` (and of DVC's cache) and in memory;
 4. the tracking credentials: none inside ``MLFLOW_TRACKING_URI``
@@ -25,6 +25,7 @@ several processes), so validating params stays cheap.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -126,21 +127,6 @@ def _visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def check_device(params: Params) -> None:
-    """``preprocess.device`` exists here (preprocessing runs on this machine, also on SLURM machines)."""
-    if params.preprocess is None or params.preprocess.device != "cuda":
-        return
-    import torch
-
-    if torch.version.cuda is None:
-        why = f"this torch ({torch.__version__}) is built without CUDA"
-    elif not torch.cuda.is_available():
-        why = "torch finds no CUDA GPU on this machine"
-    else:
-        return
-    raise ConfigError(f"preprocess.device: 'cuda' is not available: {why}; set preprocess.device=cpu")
 
 
 # -- the size budget -----------------------------------------------------------
@@ -263,16 +249,23 @@ def stages_up_to_date(params: Params, names: tuple[str, ...]) -> set[str]:
     return current
 
 
+def study_hooks(params: Params, hook: str) -> list:
+    """The functions named by ``hook`` (``"module:function"``) of the installed studies whose sections
+    this params file has; imported only here, when a run is checked."""
+    found = []
+    for study in studies():
+        name = getattr(study, hook)
+        if name is not None and all(params.study.get(section) is not None for section in study.sections):
+            module, _, function = name.partition(":")
+            found.append(getattr(importlib.import_module(module), function))
+    return found
+
+
 def data_needs(params: Params, machine: Machine) -> DataNeeds | None:
     """What the installed study's data stages need for these params (None: no study sizes its data, or
     the params file has none of its sections)."""
-    import importlib
-
-    for study in studies():
-        if study.data_needs is not None and all(params.study.get(name) is not None for name in study.sections):
-            module, _, function = study.data_needs.partition(":")
-            needs = getattr(importlib.import_module(module), function)
-            return needs(params, machine, lambda names: stages_up_to_date(params, names))
+    for needs in study_hooks(params, "data_needs"):
+        return needs(params, machine, lambda names: stages_up_to_date(params, names))
     return None
 
 
@@ -353,7 +346,8 @@ def check(
     check_tracking_server()
     check_tracking_secret(machine)
     check_machine(params, machine)
-    check_device(params)
+    for study_check in study_hooks(params, "machine_check"):
+        study_check(params, machine)
     needs = data_needs(params, machine)
     if needs is None:
         return params, machine, None
@@ -496,7 +490,6 @@ __all__ = [
     "Budget",
     "check",
     "check_budget",
-    "check_device",
     "check_machine",
     "estimate",
     "recovery_hint",

@@ -33,7 +33,6 @@ from virgo_exps import dvcrun
 METRICS_FILE = "results/metrics.json"
 EPOCHS_FILE = "results/epochs.csv"
 SOFTWARE_FILE = "version.lock"
-DATA_FILE = "data/images.zarr"
 MODEL_FILE = "results/model.pt"
 # An epoch timed while the host's load per core (load_avg in epochs.csv: mean
 # runnable tasks per core over the epoch) exceeded this shared the CPUs with
@@ -80,7 +79,7 @@ class Run:
     epoch_throughput: list[float] | None = None
     rev: str | None = None
     # Content hashes where the source has them (path -> hash): the train
-    # stage's inputs (version.lock, data/images.zarr) and outputs (the model).
+    # stage's inputs (version.lock, the data) and outputs (the model).
     deps: dict[str, str] = field(default_factory=dict)
     outs: dict[str, str] = field(default_factory=dict)
     commit: str | None = None  # the git commit the run was made from (DVC baseline, MLflow tag)
@@ -147,8 +146,10 @@ class Run:
 
     @property
     def data(self) -> str | None:
-        """Hash of the training data (the train stage's data dependency), where known."""
-        return self.deps.get(DATA_FILE)
+        """Digest of the training data (metrics.json's provenance: the data store's own stamp), where known."""
+        stamp = self.metrics.get("provenance")
+        v = stamp.get("data") if isinstance(stamp, dict) else None
+        return v or self.tags.get("data") or None
 
     @property
     def model_hash(self) -> str | None:

@@ -1,11 +1,13 @@
-"""The disk and memory the Virgo data stages need, for the first stage's budget.
+"""The disk and memory the Virgo data stages need (the first stage's budget), and its machine check.
 
-Named in the study's ``StudySpec`` (``data_needs``) and loaded by :mod:`virgo_exps.preflight` only when
-it sizes a run, so that validating params never imports the data stages' code.
+Named in the study's ``StudySpec`` (``data_needs``, ``machine_check``) and loaded by
+:mod:`virgo_exps.preflight` only when it checks a run, so that validating params never imports the data
+stages' code.
 """
 
 from __future__ import annotations
 
+from virgo_exps.config import ConfigError
 from virgo_exps.preflight import DataNeeds
 from virgo_exps.study.generate import n_chunks_of, n_time_of, resolve_workers
 
@@ -38,3 +40,18 @@ def data_needs(p, machine, up_to_date):
         lower="lower generate.n_samples (or generate.n_aux, generate.duration, generate.sample_rate, "
         "preprocess.patch_size)",
     )
+
+
+def check_device(p, machine) -> None:
+    """``preprocess.device`` exists here (preprocessing runs on this machine, also on SLURM machines)."""
+    if p.preprocess.device != "cuda":
+        return
+    import torch  # heavy: only for a run that asks for CUDA
+
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is built without CUDA"
+    elif not torch.cuda.is_available():
+        why = "torch finds no CUDA GPU on this machine"
+    else:
+        return
+    raise ConfigError(f"preprocess.device: 'cuda' is not available: {why}; set preprocess.device=cpu")

@@ -100,4 +100,5 @@ STUDY = StudySpec(
     check=check,
     data_sections=("generate", "preprocess"),
     data_needs="virgo_exps.study.budget:data_needs",
+    machine_check="virgo_exps.study.budget:check_device",
 )

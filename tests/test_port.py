@@ -1,0 +1,152 @@
+"""Porting, literally: the repository with the Virgo study taken out and another study dropped in.
+
+The steps are those of "Porting to your study" in ARCHITECTURE.md. The copy holds the project's files
+without its tests; the Virgo study is removed (its package ``src/virgo_exps/study/``, its stages, its
+params, ``dvc.yaml``, ``dvc.lock``, its committed results, presets and the ignore list of its data) and
+the sequence study of ``tests/port_study/`` takes its place. That study differs in every hook: its own data stage (1-D
+sequences it generates), a classifier trained with cross-entropy and SGD with momentum, accuracy as a
+validation metric, its own budget and its own report. The copy is installed into its own environment
+(the entry point ``virgo_exps.studies`` of the unchanged ``pyproject.toml`` now finds the sequence study)
+and driven as a user would, through real ``virgo-exps`` and ``dvc exp run``. Every file outside the study
+is byte-identical to this repository's before and after.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, _project_files, sh, tool_env
+
+PORT = ROOT / "tests" / "port_study"
+# What the Virgo study is, in the repository: removed by a port.
+STUDY_PATHS = (
+    "src/virgo_exps/study/",
+    "stages/",
+    "params.yaml",
+    "dvc.yaml",
+    "dvc.lock",
+    "results/",
+    "checkpoints/",
+    "presets/",
+    "data/",
+)
+KEPT_STAGES = ("stages/environment.py",)  # the machinery's first stage stays
+
+
+def is_study(rel: str) -> bool:
+    return rel not in KEPT_STAGES and any(rel == p or rel.startswith(p) for p in STUDY_PATHS)
+
+
+def machinery_digests(root: Path, files: list[str]) -> dict[str, str]:
+    return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in files}
+
+
+def port(dest: Path) -> list[str]:
+    """The repository without its tests and without the Virgo study, the sequence study dropped in; the
+    files outside the study (relative paths)."""
+    kept = [rel for rel in _project_files() if not rel.startswith("tests/") and not is_study(rel)]
+    for rel in kept:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    shutil.copytree(PORT / "study", dest / "src" / "virgo_exps" / "study", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PORT / "stages", dest / "stages", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(PORT / "params.yaml", dest / "params.yaml")
+    shutil.copy2(PORT / "dvc.yaml.in", dest / "dvc.yaml")
+    return kept
+
+
+def install(repo: Path, venv: Path) -> Path:
+    """The copy installed (editable, no dependencies) into an environment of its own that sees this
+    environment's packages; its bin folder."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    # after the copy's own entries: its virgo_exps (source and entry points) comes first
+    (site / "zz_shared_packages.pth").write_text(
+        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
+    )
+    sh(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."],
+        repo,
+        tool_env(),
+        timeout=300,
+    )
+    return venv / "bin"
+
+
+def exp_run(repo: Path, env: dict, *sets: str) -> str:
+    args = [a for s in sets for a in ("-S", s)]
+    proc = sh([str(BIN / "dvc"), "exp", "run", *args], repo, env, check=False, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+@pytest.mark.slow
+def test_a_port_to_a_classification_study_runs_through_the_unchanged_machinery(tmp_path):
+    repo = tmp_path / "port"
+    kept = port(repo)
+    before = machinery_digests(ROOT, kept)
+    assert before == machinery_digests(repo, kept)
+    env = tool_env({"OMP_NUM_THREADS": "1"})
+    sh(["git", "init", "-q", "-b", "main"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-q", "-m", "the sequence study"], repo, env)
+    bin_dir = install(repo, tmp_path / "venv")
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    probe = sh(["python", "-c", "import virgo_exps.study, sys; print(virgo_exps.study.__file__)"], repo, env)
+    assert probe.stdout.strip() == str(repo / "src" / "virgo_exps" / "study" / "__init__.py")
+
+    # the machinery's checks and params listing find the study through its entry point
+    listing = sh(["virgo-exps", "params"], repo, env).stdout
+    assert "sequences:  # the Sequences study's" in listing and "generate" not in listing
+    assert "params.yaml: valid; machine: local (local)" in sh(["virgo-exps", "check"], repo, env).stdout
+    # the study's own rule, through the one validator, refused by the first stage before any data
+    bad = sh([str(BIN / "dvc"), "exp", "run", "-S", "train.global_batch_size=4096"], repo, env, check=False)
+    assert bad.returncode != 0
+    assert "train.global_batch_size: 4096 is larger than the training split (192 sequences)" in bad.stdout + bad.stderr
+    assert "Running stage 'data'" not in bad.stdout
+    sh(["git", "checkout", "--", "params.yaml"], repo, env)
+
+    out = exp_run(repo, env)
+    assert "Running stage 'data'" in out and "launch: train on 'local'" in out
+    single = json.loads((repo / "results" / "metrics.json").read_text())
+    assert single["strategy"] == "single" and single["world_size"] == 1
+    assert 0.0 <= single["val_accuracy"] <= 1.0
+    assert single["val_accuracy"] > 0.6, single  # 3 classes: chance is 1/3
+    report = (repo / "results" / "report" / "report.md").read_text()
+    assert "# Sequence classification" in report and "## Classification" in report
+    assert f"Validation accuracy {single['val_accuracy']:.3f}" in report
+
+    # DDP on two processes: the same trajectory as one process (the machinery's sampler), another record
+    out = exp_run(repo, env, "train.strategy=ddp", "train.procs_per_node=2")
+    assert "torch.distributed.run" in out and "Running stage 'data'" not in out
+    ddp = json.loads((repo / "results" / "metrics.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+    assert ddp["val_accuracy"] == pytest.approx(single["val_accuracy"], abs=0.02)
+
+    # verify and the scalability report read both experiments
+    verified = sh(["virgo-exps", "verify"], repo, env, check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    sh(["virgo-exps", "scalability", "--out", str(tmp_path / "scal")], repo, env)
+    with open(tmp_path / "scal" / "scalability.csv") as fh:
+        series = {row["series"]: row for row in csv.DictReader(fh)}
+    assert sorted(series) == ["ddp", "single"]
+    assert float(series["ddp"]["val_loss"]) == pytest.approx(single["val_loss"], rel=1e-4)
+
+    assert machinery_digests(repo, kept) == before, "running the port changed a file outside the study"
