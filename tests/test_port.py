@@ -7,15 +7,19 @@ the sequence study of ``tests/port_study/`` takes its place. That study differs 
 sequences it generates), a classifier trained with cross-entropy and SGD with momentum, accuracy as a
 validation metric, its own budget and its own report. The copy is installed into its own environment
 (the entry point ``virgo_exps.studies`` of the unchanged ``pyproject.toml`` now finds the sequence study)
-and driven as a user would, through real ``virgo-exps`` and ``dvc exp run``. Every file outside the study
-is byte-identical to this repository's before and after.
+and driven as a user would, through real ``virgo-exps`` and ``dvc exp run``, locally and on the test
+Slurm cluster (a DDP job, and a grid sweep as a job array that maximises the study's accuracy). Every
+file outside the study is byte-identical to this repository's before and after.
 """
 
 from __future__ import annotations
 
 import csv
+import grp
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, _project_files, sh, tool_env
+from conftest import BIN, ROOT, _project_files, sh, tool_env, wait_until
 
 PORT = ROOT / "tests" / "port_study"
 # What the Virgo study is, in the repository: removed by a port.
@@ -97,13 +101,18 @@ def exp_run(repo: Path, env: dict, *sets: str) -> str:
     return out
 
 
-@pytest.mark.slow
-def test_a_port_to_a_classification_study_runs_through_the_unchanged_machinery(tmp_path):
+def test_the_machinery_knows_nothing_of_the_port():
+    for f in (ROOT / "src").rglob("*.py"):
+        assert "port_study" not in f.read_text() and "SequencesConfig" not in f.read_text(), f
+
+
+def ported(tmp_path: Path, env: dict) -> tuple[Path, list[str], dict[str, str]]:
+    """The port, committed and installed (``env``'s PATH gains its bin folder); the files outside the
+    study and their digests in this repository."""
     repo = tmp_path / "port"
     kept = port(repo)
     before = machinery_digests(ROOT, kept)
     assert before == machinery_digests(repo, kept)
-    env = tool_env({"OMP_NUM_THREADS": "1"})
     sh(["git", "init", "-q", "-b", "main"], repo, env)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-q", "-m", "the sequence study"], repo, env)
@@ -111,6 +120,13 @@ def test_a_port_to_a_classification_study_runs_through_the_unchanged_machinery(t
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     probe = sh(["python", "-c", "import virgo_exps.study, sys; print(virgo_exps.study.__file__)"], repo, env)
     assert probe.stdout.strip() == str(repo / "src" / "virgo_exps" / "study" / "__init__.py")
+    return repo, kept, before
+
+
+@pytest.mark.slow
+def test_a_port_to_a_classification_study_runs_through_the_unchanged_machinery(tmp_path):
+    env = tool_env({"OMP_NUM_THREADS": "1"})
+    repo, kept, before = ported(tmp_path, env)
 
     # the machinery's checks and params listing find the study through its entry point
     listing = sh(["virgo-exps", "params"], repo, env).stdout
@@ -149,4 +165,68 @@ def test_a_port_to_a_classification_study_runs_through_the_unchanged_machinery(t
     assert sorted(series) == ["ddp", "single"]
     assert float(series["ddp"]["val_loss"]) == pytest.approx(single["val_loss"], rel=1e-4)
 
+    assert machinery_digests(repo, kept) == before, "running the port changed a file outside the study"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_port_trains_on_slurm_and_sweeps_for_accuracy_as_a_job_array(slurm_cluster, tmp_path):
+    env = {k: v for k, v in tool_env().items() if not k.startswith("SLURM_")}
+    env.update({**slurm_cluster.env, "OMP_NUM_THREADS": "1"})
+    repo, kept, before = ported(tmp_path, env)
+    local = {**env, "VIRGO_MACHINE": "local"}
+    env["VIRGO_MACHINE"] = "slurm"
+    (repo / ".slurmsim").symlink_to(slurm_cluster.workdir, target_is_directory=True)
+
+    # DDP on two processes as a job of the test cluster
+    out = exp_run(repo, env, "train.strategy=ddp", "train.procs_per_node=2")
+    job = re.search(r"submitted (?:batch )?job (\d+)", out)
+    assert job, out[-3000:]
+    ddp = json.loads((repo / "results" / "metrics.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["machine"] == "slurm" and 0.6 < ddp["val_accuracy"] <= 1.0, ddp
+    sh(["git", "checkout", "--", "params.yaml"], repo, env)
+
+    # a 3-trial grid sweep as one job array, ranked by the study's metric, maximised
+    sh([str(BIN / "dvc"), "repro", "data"], repo, local)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-q", "-m", "data"], repo, env)
+    store = tmp_path / "store"
+    sh(["virgo-exps", "share", "--dir", str(store), "--group", grp.getgrgid(os.getgid()).gr_name], repo, env)
+    lrs = ("0.005", "0.01", "0.02")
+    submitted = sh(
+        [
+            "virgo-exps",
+            "sweep",
+            "submit",
+            "--grid",
+            "acc",
+            "-S",
+            f"train.lr={','.join(lrs)}",
+            "--metric",
+            "val_accuracy",
+            "--direction",
+            "maximize",
+            "--parallel",
+            "2",
+        ],
+        repo,
+        env,
+    ).stdout
+    assert re.search(r"^submitted sweep acc: job array \d+ \(3 trials, 2 at a time\)", submitted, re.M), submitted
+    tasks = store / "sweeps" / "acc" / "tasks"
+
+    def states() -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(tasks.glob("*.json"))] if tasks.is_dir() else []
+
+    wait_until(
+        lambda: len(states()) == 3 and all(t.get("state") in ("done", "failed") for t in states()),
+        timeout=600,
+        what="the three trials",
+        interval=2,
+    )
+    done = states()
+    assert [t["state"] for t in done] == ["done"] * 3, done
+    best = max(done, key=lambda t: t["metric"])
+    status = sh(["virgo-exps", "sweep", "status", "acc"], repo, env).stdout
+    assert "3 trials: 3 done" in status and f"best so far: {best['experiment']} val_accuracy" in status, status
     assert machinery_digests(repo, kept) == before, "running the port changed a file outside the study"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from virgo_exps import fsio
+from virgo_exps import dvcrun, fsio
 from virgo_exps.config import ConfigError, DamagedInputError
 from virgo_exps.experiments.share import GIT_DIR, MARKER, Layout, read_marker
 from virgo_exps.launch.slurm.script import machine_options, sbatch_arg, slurm_filename
@@ -48,9 +48,7 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    dvc = Path(sys.executable).with_name("dvc")
-    cmd = [str(dvc)] if dvc.exists() else [sys.executable, "-m", "dvc"]
-    proc = subprocess.run([*cmd, *args], cwd=repo, capture_output=True, text=True)
+    proc = subprocess.run([dvcrun.executable(), *args], cwd=repo, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise ConfigError(f"dvc {' '.join(args)} failed in {repo}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc

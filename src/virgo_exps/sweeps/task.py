@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from virgo_exps import fsio
+from virgo_exps import dvcrun, fsio
 from virgo_exps.experiments.share import DEFAULT_NAME, Layout, configure_clone
 from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
 from virgo_exps.sweeps import spec as sweep_spec
@@ -107,8 +107,7 @@ def allocation(attempts: list[dict], now: float | None = None) -> dict:
 
 
 def _dvc_cmd() -> list[str]:
-    dvc = Path(sys.executable).with_name("dvc")
-    return [str(dvc)] if dvc.exists() else [sys.executable, "-m", "dvc"]
+    return [dvcrun.executable()]  # the one way every command of ours finds dvc
 
 
 def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> int:
