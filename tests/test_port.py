@@ -186,7 +186,7 @@ def test_the_port_trains_on_slurm_and_sweeps_for_accuracy_as_a_job_array(slurm_c
     assert ddp["world_size"] == 2 and ddp["machine"] == "slurm" and 0.6 < ddp["val_accuracy"] <= 1.0, ddp
     sh(["git", "checkout", "--", "params.yaml"], repo, env)
 
-    # a 3-trial grid sweep as one job array, ranked by the study's metric, maximised
+    # a 3-trial grid sweep as one job array, ranked by the study's objective (no --metric: val_accuracy, maximised)
     sh([str(BIN / "dvc"), "repro", "data"], repo, local)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-q", "-m", "data"], repo, env)
@@ -202,10 +202,6 @@ def test_the_port_trains_on_slurm_and_sweeps_for_accuracy_as_a_job_array(slurm_c
             "acc",
             "-S",
             f"train.lr={','.join(lrs)}",
-            "--metric",
-            "val_accuracy",
-            "--direction",
-            "maximize",
             "--parallel",
             "2",
         ],

@@ -324,3 +324,15 @@ def test_resume_continues_an_experiment_in_workspace_and_queue_exactly(base, tmp
     assert refused.returncode == 1 and "already trained 2 epoch(s)" in refused.stderr
     missing = vx(repo, "resume", "nope", "--epochs", "5", check=False)
     assert missing.returncode == 1 and "no experiment 'nope'" in missing.stderr
+
+
+def test_a_grid_without_a_metric_optimises_the_studys_objective():
+    from virgo_exps.config import objective
+    from virgo_exps.sweeps.spec import from_grid
+
+    assert objective() == ("val_loss", "minimize")  # the Virgo study's StudySpec.objective
+    plain = from_grid("g", ["train.lr=0.001,0.01"], 1)
+    assert (plain.metric, plain.direction) == ("val_loss", "minimize")
+    named = from_grid("g", ["train.lr=0.001,0.01"], 1, metric="samples_per_s", direction="maximize")
+    assert (named.metric, named.direction) == ("samples_per_s", "maximize")
+    assert from_grid("g", ["train.lr=0.001"], 1, metric="cost.core_h").direction == "minimize"

@@ -200,6 +200,7 @@ class StudySpec:
     data_sections: tuple[str, ...] = ()
     data_needs: str | None = None
     machine_check: str | None = None
+    objective: tuple[str, str] = ("val_loss", "minimize")  # a sweep's metric and direction unless it names one
 
 
 _STUDIES: list[StudySpec] | None = None
@@ -217,6 +218,12 @@ def studies() -> list[StudySpec]:
             raise ConfigError(f"entry point group {STUDY_GROUP}: {bad[0]!r} is not a virgo_exps.config.StudySpec")
         _STUDIES = found
     return _STUDIES
+
+
+def objective() -> tuple[str, str]:
+    """The metric a sweep optimises and its direction, unless the sweep names one: the installed study's."""
+    found = studies()
+    return found[0].objective if found else ("val_loss", "minimize")
 
 
 def study_sections() -> dict[str, type]:

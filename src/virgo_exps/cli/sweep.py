@@ -27,8 +27,14 @@ def add_parser(subparsers) -> None:
     s.add_argument("--grid", metavar="NAME", help="a grid sweep named NAME from the -S lists")
     s.add_argument("-S", dest="sets", action="append", default=[], metavar="KEY=V1,V2", help="a grid parameter")
     s.add_argument("--parallel", type=int, default=1, help="trials running at once (the array throttle)")
-    s.add_argument("--metric", default="val_loss", help="key of results/metrics.json to rank by (grid)")
-    s.add_argument("--direction", default="minimize", choices=("minimize", "maximize"))
+    s.add_argument(
+        "--metric", help="key of results/metrics.json to rank by (grid; default: the study's objective, val_loss)"
+    )
+    s.add_argument(
+        "--direction",
+        choices=("minimize", "maximize"),
+        help="default: the study's objective's direction without --metric, minimize with one",
+    )
     s.add_argument("--store", type=Path, help="the team store (default: the one of this checkout's shared cache)")
     s.add_argument("--repo", type=Path, default=Path("."), help="the checkout to sweep (default: here)")
     s.add_argument(

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from virgo_exps.config import ConfigError, read_yaml, sections, spec, spec_fields, validate
+from virgo_exps.config import ConfigError, objective, read_yaml, sections, spec, spec_fields, validate
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 KINDS = ("grid", "search")
@@ -272,6 +272,8 @@ def load(path: str | Path) -> SweepSpec:
     if grid is not None:
         raw["trials"] = 1  # a grid's trials are its combinations (checked below); the placeholder passes the check
     defaults = {f.name: f.default for f in dataclasses.fields(_SweepFile)}
+    if "metric" not in raw:  # the study's objective (its StudySpec), direction included unless given
+        defaults["metric"], defaults["direction"] = objective()
     values = {**defaults, "name": path.stem, **validate(_SweepFile, raw, shown, sep=": ")}
     if NAME_RE.fullmatch(values["name"]) is None:
         raise ConfigError(
@@ -316,9 +318,14 @@ def _finish(s: SweepSpec) -> SweepSpec:
 
 
 def from_grid(
-    name: str, sets: list[str], parallel: int, metric: str = "val_loss", direction: str = "minimize"
+    name: str, sets: list[str], parallel: int, metric: str | None = None, direction: str | None = None
 ) -> SweepSpec:
-    """A grid sweep from ``-S`` lists: ``["train.lr=0.001,0.01", "train.seed=0,1,2"]`` -> 6 trials, in order."""
+    """A grid sweep from ``-S`` lists: ``["train.lr=0.001,0.01", "train.seed=0,1,2"]`` -> 6 trials, in order.
+    Without a metric, the study's objective (metric and direction); a metric without a direction: minimize."""
+    if metric is None:
+        metric, study_direction = objective()
+        direction = direction or study_direction
+    direction = direction or "minimize"
     if NAME_RE.fullmatch(name or "") is None:
         raise ConfigError(f"--grid: {name!r} is not a sweep name; use letters, digits, - and _ (not first)")
     if not sets:

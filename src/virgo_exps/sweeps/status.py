@@ -19,7 +19,8 @@ from pathlib import Path
 
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
-from virgo_exps.sweeps.task import allocation, load_task_state
+from virgo_exps.sweeps.task import allocation
+from virgo_exps.sweeps.taskstate import PENDING, TaskState, load_task_state, task_files
 
 COST_KEYS = ("core_h", "cpu_h", "gpu_h", "wall_s")
 
@@ -63,7 +64,7 @@ def status(directory: Path) -> Status:
     queued = asked or {}
     tasks = []
     # tasks/<index>.json: the current array's tasks; tasks/<job>_<index>.json: an earlier submission's
-    for path in sorted((Path(directory) / "tasks").glob("*.json"), key=lambda p: p.stem.rjust(40)):
+    for path in task_files(directory):
         state, damaged = load_task_state(path)
         if damaged:  # counted as a failed trial, named with the fix; never read as a result or as pending
             ours = path.stem.isdigit()
@@ -72,12 +73,13 @@ def status(directory: Path) -> Status:
             state = {
                 "index": index,
                 "job_id": job,
-                "state": "failed",
+                "state": TaskState.FAILED.value,
                 "reason": f"{path} is damaged ({damaged}); its trial has no record: run it again "
                 f"(`scontrol requeue {job}_{index}` while Slurm knows the job, or a new sweep)",
             }
         tasks.append(state)
-    counts = {"done": 0, "running": 0, "pending": 0, "failed": 0, "pruned": 0}
+    counts = {s: 0 for s in (TaskState.DONE.value, TaskState.RUNNING.value, PENDING, TaskState.FAILED.value)}
+    counts[TaskState.PRUNED.value] = 0
     seen: set[int] = set()
     failed = []
     current = str(record.get("job_id"))
@@ -89,24 +91,24 @@ def status(directory: Path) -> Status:
         if mine:
             seen.add(int(t["index"]))
         state = t.get("state")
-        if state == "running" and (asked is not None or not mine):
+        if state == TaskState.RUNNING and (asked is not None or not mine):
             q = queued.get(int(t["index"])) if mine else None
             if q is None:
-                state = "failed"  # no longer in the queue, never finished: lost
-                t = {**t, "state": "failed", "reason": "the task left the queue without finishing"}
+                state = TaskState.FAILED.value  # no longer in the queue, never finished: lost
+                t = {**t, "state": state, "reason": "the task left the queue without finishing"}
             elif q not in ("RUNNING", "COMPLETING"):
-                state = "pending"  # requeued, waiting
+                state = PENDING  # requeued, waiting
         attempts = t.get("attempts") or []
         if attempts:
             # a running task's current attempt counts up to now: the allocation is held while it runs
-            alloc = allocation(attempts, now=time.time() if state == "running" else None)
+            alloc = allocation(attempts, now=time.time() if state == TaskState.RUNNING else None)
             alloc_total["alloc_core_h"] += alloc["core_h"] or 0.0
             alloc_total["alloc_gpu_h"] += alloc["gpu_h"]
             alloc_total["attempts"] += alloc["attempts"]
             alloc_total["unmeasured"] += alloc["unmeasured"]
         if state in counts:
             counts[state] += 1
-        if state == "failed":
+        if state == TaskState.FAILED:
             failed.append(t)
     # Array tasks not started yet: each still has a trial to run while the budget lasts (a continued
     # search's array has as many tasks as the budget; the surplus ends as skipped, not a trial).
@@ -117,18 +119,18 @@ def status(directory: Path) -> Status:
             if asked is not None and record.get("job_id") and index not in queued:
                 # Neither in the queue nor recorded: it ended before it could record its start (a crash
                 # at start-up, a cancel while pending). Waiting for it would be waiting forever.
-                counts["failed"] += 1
+                counts[TaskState.FAILED.value] += 1
                 failed.append(
                     {
                         "index": index,
                         "job_id": record.get("job_id"),
-                        "state": "failed",
+                        "state": TaskState.FAILED.value,
                         "reason": "left the queue without recording a start (crashed at start-up or cancelled)",
                     }
                 )
                 continue
-            counts["running" if queued.get(index) == "RUNNING" else "pending"] += 1
-    done = [t for t in tasks if t.get("state") == "done" and isinstance(t.get("metric"), (int, float))]
+            counts[TaskState.RUNNING.value if queued.get(index) == "RUNNING" else PENDING] += 1
+    done = [t for t in tasks if t.get("state") == TaskState.DONE and isinstance(t.get("metric"), (int, float))]
     done = [t for t in done if math.isfinite(t["metric"])]
     best = None
     if done:

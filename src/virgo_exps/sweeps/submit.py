@@ -34,6 +34,7 @@ from virgo_exps.launch.strategy_table import strategy_row
 from virgo_exps.machines import Machine, load_machine
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.spec import SweepSpec
+from virgo_exps.sweeps.taskstate import task_files
 
 SWEEPS_DIR = "sweeps"
 SWEEP_FILE = "sweep.json"
@@ -185,7 +186,7 @@ def _queued_submission(spec: SweepSpec, token: str) -> str | None:
 
 def _recorded_by_tasks(directory: Path, known: set[str]) -> str | None:
     """A job id a task of the sweep recorded that sweep.json does not know (its array ran already)."""
-    for path in sorted((directory / "tasks").glob("*.json")):
+    for path in task_files(directory):
         try:
             job = str(json.loads(path.read_text()).get("job_id") or "")
         except (OSError, ValueError, AttributeError):  # a damaged record: `sweep status` names it

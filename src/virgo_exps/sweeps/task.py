@@ -29,51 +29,33 @@ import sys
 import time
 from pathlib import Path
 
-from virgo_exps import dvcrun, fsio
+from virgo_exps import dvcrun
 from virgo_exps.experiments.share import DEFAULT_NAME, Layout, configure_clone
 from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
+from virgo_exps.sweeps.taskstate import (
+    OPTUNA_STATE,
+    TaskState,
+    earlier_task_file,
+    load_task_state,
+    log_path,
+    task_file,
+    write_task_state,
+)
 from virgo_exps.train import outcome
 
-RUNNING, DONE, FAILED, PRUNED, SKIPPED = "running", "done", "failed", "pruned", "skipped"
+RUNNING, DONE, FAILED, PRUNED, SKIPPED = (
+    TaskState.RUNNING,
+    TaskState.DONE,
+    TaskState.FAILED,
+    TaskState.PRUNED,
+    TaskState.SKIPPED,
+)
 
 
 def say(text: str) -> None:
     print(f"sweep task: {text} ({time.strftime('%Y-%m-%dT%H:%M:%S')})", file=sys.stderr, flush=True)
-
-
-def task_file(directory: Path, index: int) -> Path:
-    return Path(directory) / "tasks" / f"{index}.json"
-
-
-STATES = (RUNNING, DONE, FAILED, PRUNED, SKIPPED)
-
-
-def load_task_state(path: Path) -> tuple[dict, str | None]:
-    """A task's state file: (its record, None), ({}, None) when there is none, or ({}, why) when it is
-    damaged (not a JSON object with an integer index and a known state), unreadable, or not the team's
-    (:func:`fsio.trust_refusal`)."""
-    try:
-        why = fsio.trust_refusal(path, team_folder=Path(path).parent)
-        if why:
-            return {}, why
-        state = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return {}, None
-    except (OSError, ValueError) as exc:
-        return {}, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    if not isinstance(state, dict) or not isinstance(state.get("index"), int) or state.get("state") not in STATES:
-        return {}, "not a task record (an index and a state)"
-    return state, None
-
-
-def log_path(directory: Path, job_id: str, index: int) -> Path:
-    return Path(directory) / "logs" / f"task-{job_id}_{index}.out"
-
-
-def _write_state(directory: Path, index: int, state: dict) -> None:
-    fsio.write_text(task_file(directory, index), json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def allocated(env: dict | None = None) -> tuple[int | None, int]:
@@ -173,7 +155,7 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     if state and str(state.get("job_id")) != str(job_id):
         # The record of an earlier submission's task of this index (a search continued to a larger
         # budget): kept under its job's name, never taken over.
-        os.replace(path, path.with_name(f"{state.get('job_id')}_{index}.json"))
+        os.replace(path, earlier_task_file(directory, state.get("job_id"), index))
         state = {}
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     log = str(log_path(directory, job_id, index))
@@ -187,7 +169,7 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         if spec.kind == "search":
             from virgo_exps.sweeps import search
 
-            told = {DONE: "complete", PRUNED: "pruned"}[state["state"]]
+            told = OPTUNA_STATE[TaskState(state["state"])]
             attrs = {"experiment": state["experiment"], "cost": state.get("cost"), "log": state.get("log")}
             # a trial the study has finished already is left as it is
             search.tell(spec, directory, int(state["trial"]), state.get("metric"), told, attrs)
@@ -202,7 +184,7 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         # the task's name: a task requeued between this ask and its state file gets the same trial back
         asked = search.ask(spec, directory, task=f"{job_id}_{index}")
         if asked is None:
-            _write_state(directory, index, {"index": index, "state": SKIPPED, "job_id": job_id, "log": log})
+            write_task_state(directory, index, {"index": index, "state": SKIPPED, "job_id": job_id, "log": log})
             say("the search's budget is used up: nothing to run")
             return 0
         number, overrides = asked
@@ -225,7 +207,7 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         "log": log,
         "started": state.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_state(directory, index, state)
+    write_task_state(directory, index, state)
 
     def close_attempt() -> None:
         attempts[-1].setdefault("ended", round(time.time(), 3))
@@ -234,7 +216,7 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     def on_term(signum, frame):  # requeued or cancelled: this attempt ends here, the trial stays running
         close_attempt()
         try:
-            _write_state(directory, index, state)
+            write_task_state(directory, index, state)
         except OSError as exc:  # the end goes unrecorded; the task must still end as the signal asks
             say(f"cannot record the end of this attempt ({exc})")
         signal.signal(signum, signal.SIG_DFL)
@@ -285,11 +267,11 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         pruned_at_epoch=metrics.get("pruned_at_epoch"),
         ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
-    _write_state(directory, index, state)
+    write_task_state(directory, index, state)
     if spec.kind == "search":
         from virgo_exps.sweeps import search
 
-        told = {"done": "complete", "pruned": "pruned", "failed": "fail"}[final]
+        told = OPTUNA_STATE[final]
         attrs = {"experiment": name, "cost": metrics.get("cost"), "allocation": state["allocation"], "log": log}
         search.tell(spec, directory, number, value, told, attrs)
     shown = f", {spec.metric} {value}" if value is not None else ""

@@ -38,4 +38,5 @@ STUDY = StudySpec(
     check=check,
     data_sections=("sequences",),
     data_needs="virgo_exps.study.data:data_needs",
+    objective=("val_accuracy", "maximize"),  # a sweep that names no metric maximises accuracy
 )
