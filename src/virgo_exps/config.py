@@ -160,6 +160,12 @@ class TrainConfig:
     lr_floor: float = spec(
         0.0, lambda v: 0.0 <= v < 1.0, "a number >= 0 and < 1", "cosine: the last learning rate as a fraction of lr"
     )
+    grad_compression: str = spec(
+        "none",
+        *_choice("none", "fp16"),
+        doc="the gradients' format in the allreduce: fp16 halves the bytes sent (ddp: a communication hook, "
+        "horovod: its fp16 compression)",
+    )
 
 
 @dataclass(frozen=True)
@@ -383,6 +389,11 @@ def _cross_checks(p: Params) -> None:
         raise ConfigError(
             "train.precision: 'fp16' needs a gradient scaler, which DeepSpeed's engine does not take (its own fp16 "
             "mode keeps the weights in fp16, another training); choose 'bf16' or 'fp32' with DeepSpeed"
+        )
+    if p.train.grad_compression != "none" and p.train.strategy not in ("ddp", "horovod"):
+        raise ConfigError(
+            f"train.grad_compression: '{p.train.grad_compression}' compresses the gradients' allreduce of ddp and "
+            f"horovod, but train.strategy is '{p.train.strategy}'; set it to 'none'"
         )
     if p.train.zero_stage and p.train.strategy != "deepspeed":
         raise ConfigError(

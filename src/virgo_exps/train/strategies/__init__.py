@@ -12,7 +12,8 @@ from virgo_exps.train.strategies.base import Strategy
 
 
 def get_strategy(name: str, train=None) -> Strategy:
-    """The strategy named ``name``, set up with the ``train`` params (ZeRO stage, backend, accumulation, clipping)."""
+    """The strategy named ``name``, set up with the ``train`` params (ZeRO stage, backend, accumulation, clipping,
+    compression)."""
     from virgo_exps.launch.strategy_table import STRATEGY_TABLE
 
     if name not in STRATEGY_TABLE:
@@ -23,6 +24,7 @@ def get_strategy(name: str, train=None) -> Strategy:
         strategy.dist_backend = train.dist_backend
         strategy.grad_accum_steps = train.grad_accum_steps
         strategy.grad_clip = train.grad_clip
+        strategy.grad_compression = train.grad_compression
     return strategy
 
 

@@ -29,6 +29,7 @@ class Strategy(ABC):
         self.device = torch.device("cpu")
         self.zero_stage = 0  # train.zero_stage (DeepSpeed)
         self.dist_backend = "auto"  # train.dist_backend (ddp, deepspeed)
+        self.grad_compression = "none"  # train.grad_compression (ddp, horovod)
         self.grad_accum_steps = 1  # train.grad_accum_steps: backward passes per optimiser step
         self.grad_clip = 0.0  # train.grad_clip: largest gradient norm, 0: off
         self.scaler: torch.amp.GradScaler | None = None  # train.precision fp16 (set by the trainer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from virgo_exps.train.strategies.torchdist import TorchDistStrategy, backend
@@ -22,7 +23,10 @@ class DDPStrategy(TorchDistStrategy):
     def wrap(self, model, optimizer, micro_batch):
         model = model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids), optimizer
+        model = DistributedDataParallel(model, device_ids=ids)
+        if self.grad_compression == "fp16":  # the buckets go over the wire as fp16, are averaged back in fp32
+            model.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
+        return model, optimizer
 
     def _no_sync(self, model):
         return model.no_sync()  # the gradients are averaged once, in the cycle's last backward pass

@@ -38,6 +38,7 @@ class HorovodStrategy(Strategy):
             op=hvd.Average,
             # the gradients are averaged once, after the accumulation cycle's last backward pass
             backward_passes_per_step=self.grad_accum_steps,
+            compression=hvd.Compression.fp16 if self.grad_compression == "fp16" else hvd.Compression.none,
         )
         return model, optimizer
 
