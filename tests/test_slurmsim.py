@@ -18,7 +18,7 @@ import pytest
 
 import slurmsim
 from conftest import wait_until
-from slurmsim import ClusterAlreadyRunning, SimCluster
+from slurmsim import ClusterAlreadyRunning, SimCluster, network, procs, teardown
 
 pytestmark = pytest.mark.slurm
 
@@ -89,7 +89,7 @@ def job_field(cluster: SimCluster, job_id: str, field: str) -> str:
 def assert_torn_down(state: dict) -> None:
     """Nothing recorded in a cluster state file is left on the machine."""
     for key, rec in state.get("daemons", {}).items():
-        assert not slurmsim._alive(rec["pid"], rec["starttime"]), f"{key} still alive"
+        assert not procs._alive(rec["pid"], rec["starttime"]), f"{key} still alive"
     for ns in state.get("network", {}).get("netns", []):
         assert not (slurmsim.NETNS_DIR / ns).exists(), f"netns {ns} left"
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
@@ -102,10 +102,8 @@ def assert_torn_down(state: dict) -> None:
     assert f"virgo-slurmsim {state['tag']}" not in hosts, "/etc/hosts block left"
     # no process of this cluster (tag in its environment) survives
     needle = f"{slurmsim.TAG_ENV}={state['tag']}".encode()
-    leftovers = [
-        p for p in slurmsim._all_pids() if p != os.getpid() and slurmsim._alive(p) and slurmsim._environ_has(p, needle)
-    ]
-    assert not leftovers, [slurmsim._cmdline(p) for p in leftovers]
+    leftovers = [p for p in procs._all_pids() if p != os.getpid() and procs._alive(p) and procs._environ_has(p, needle)]
+    assert not leftovers, [procs._cmdline(p) for p in leftovers]
 
 
 # ----------------------------------------------------------------- 1 node
@@ -145,7 +143,7 @@ def test_srun_two_tasks(slurm_cluster, tmp_path):
 
 
 def test_cluster_attributes(slurm_cluster):
-    assert slurm_cluster.node_names == [slurmsim._short_hostname()]
+    assert slurm_cluster.node_names == [network._short_hostname()]
     assert slurm_cluster.partition == "debug"
     assert Path(slurm_cluster.env["SLURM_CONF"]).is_file()
     states = slurm_cluster.node_states()
@@ -172,18 +170,18 @@ def test_a_name_another_cluster_added_gets_a_block_of_its_own(tmp_path, monkeypa
     /etc/hosts is added again, in this cluster's block, so that it outlives the other cluster."""
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n")
-    monkeypatch.setattr(slurmsim, "HOSTS_FILE", hosts)
-    slurmsim._hosts_add("aaaaaa", [("127.0.0.1", "nodeq")])
-    assert slurmsim._in_managed_block("nodeq") and not slurmsim._in_managed_block("localhost")
-    slurmsim._hosts_add("bbbbbb", [("127.0.0.1", "nodeq")])
-    assert slurmsim._hosts_remove("aaaaaa")
+    monkeypatch.setattr(network, "HOSTS_FILE", hosts)
+    network._hosts_add("aaaaaa", [("127.0.0.1", "nodeq")])
+    assert network._in_managed_block("nodeq") and not network._in_managed_block("localhost")
+    network._hosts_add("bbbbbb", [("127.0.0.1", "nodeq")])
+    assert network._hosts_remove("aaaaaa")
     assert hosts.read_text().splitlines() == [
         "127.0.0.1 localhost",
         "# >>> virgo-slurmsim bbbbbb (managed block, removed on stop)",
         "127.0.0.1 nodeq",
         "# <<< virgo-slurmsim bbbbbb",
     ]
-    assert slurmsim._hosts_remove("bbbbbb") and hosts.read_text() == "127.0.0.1 localhost\n"
+    assert network._hosts_remove("bbbbbb") and hosts.read_text() == "127.0.0.1 localhost\n"
 
 
 # ----------------------------------------------------------------- 2 nodes
@@ -331,7 +329,7 @@ def test_lifecycle_four_nodes_kill_restart(tmp_path):
         killed = cluster.kill_node(victim)
         assert set(on_node) <= set(killed)
         assert cluster.node_pids(victim) == []
-        assert not any(slurmsim._alive(p) for p in killed)
+        assert not any(procs._alive(p) for p in killed)
 
         wait_until(
             lambda: cluster.node_states().get(victim, "").startswith("down"),
@@ -406,7 +404,7 @@ def test_a_veth_end_the_kernel_removes_with_its_namespace_during_teardown_is_not
         subprocess.run(["ip", "link", "set", ns_end, "netns", ns], check=True)
         cluster = slurmsim.SimCluster(tmp_path / "c", nodes=2)
         cluster._state = {"network": {"netns": [], "links": [host_end]}, "daemons": {}}
-        real = slurmsim._link_exists
+        real = network._link_exists
         raced = []
 
         def seen_then_gone(name: str) -> bool:
@@ -420,7 +418,7 @@ def test_a_veth_end_the_kernel_removes_with_its_namespace_during_teardown_is_not
                 assert not real(host_end), "the veth pair outlived its namespace"
             return there
 
-        monkeypatch.setattr(slurmsim, "_link_exists", seen_then_gone)
+        monkeypatch.setattr(teardown, "_link_exists", seen_then_gone)
         cluster._teardown()  # before the fix: SlurmSimError("teardown incomplete: Cannot find device ...")
         assert raced == [host_end] and not real(host_end)
         assert not cluster.state_path.exists()
