@@ -29,11 +29,11 @@ def stage_main(run: Callable[[], int | None], log: str | None = None) -> None:
 
     The stage ends, with every process it started, when the process that
     started it (DVC) ends or on SIGINT/SIGTERM/SIGHUP (see
-    :func:`virgo_exps.launch.launcher.bind_stage_to_starter`). With ``log``
+    :func:`virgo_exps.launch.lifetime.bind_stage_to_starter`). With ``log``
     (the stage's name), its output is also kept in the stage's log
     (:mod:`virgo_exps.stagelog`).
     """
-    from virgo_exps.launch.launcher import bind_stage_to_starter
+    from virgo_exps.launch.lifetime import bind_stage_to_starter
 
     bind_stage_to_starter()
     if log:

@@ -30,216 +30,10 @@ from pathlib import Path
 from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import console, protocol
 from virgo_exps.launch.job import JobSpec, dry_run_requested
+from virgo_exps.launch.lifetime import TRAIN_STOP_GRACE_S, dies_with_parent_hook, stop_reason
 from virgo_exps.launch.strategy_table import check_software, horovodrun_of, strategy_row
 from virgo_exps.machines import Machine, load_machine
 from virgo_exps.paths import experiment_name, main_checkout
-
-# --------------------------------------------------------------------------
-# a stage lives only as long as the process that started it
-# --------------------------------------------------------------------------
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-STOP_GRACE_S = 5.0  # a process asked to stop (SIGTERM) is killed after this long
-TRAIN_STOP_GRACE_S = 30.0  # ... a training, which first finishes its step and writes its snapshot
-_starter: int | None = None  # pid of the process that started this stage
-
-
-def _prctl():
-    """libc's ``prctl``, or None (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def die_with_parent(signum: int = signal.SIGTERM) -> bool:
-    """Ask Linux to send ``signum`` to this process when its parent ends (``prctl(PR_SET_PDEATHSIG)``).
-
-    False where the kernel cannot do it (not Linux). The request holds across
-    ``exec`` and is not inherited by children: each process asks for itself.
-    """
-    prctl = _prctl()
-    return prctl is not None and prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
-
-
-def _dies_with_parent_hook():
-    """A ``preexec_fn`` that only calls an already resolved ``prctl`` (no import, no lock after fork)."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children first level first), read from /proc; [] elsewhere."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(0), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-        return stat[stat.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-
-
-def end_processes(pids: list[int], grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM each process, then SIGKILL whatever is still there after ``grace`` seconds."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.05)
-    for pid in pids:
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _starter_ended(signum: int) -> bool:
-    """Whether ``signum`` came because the stage's starter ended (for the message only)."""
-    if _starter is None or signum != signal.SIGTERM:
-        return False
-    # The kernel signals as soon as the starting thread exits; the rest of the process may
-    # take a moment longer to go.
-    deadline = time.monotonic() + 0.5
-    while True:
-        if os.getppid() != _starter or not _alive(_starter):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-
-
-def _stop_reason(signum: int) -> str:
-    if _starter_ended(signum):
-        return f"the process that started this stage (pid {_starter}) ended"
-    return f"{signal.Signals(signum).name} received"
-
-
-def _stop_stage(signum, frame) -> None:
-    """Signal handler of a stage process: end everything it started, then exit 128 + signal."""
-    why = _stop_reason(signum)
-    with contextlib.suppress(OSError, ValueError, RuntimeError):  # RuntimeError: reentrant write
-        print(f"stage: {why}; stopping its processes", file=sys.stderr, flush=True)
-    me = os.getpid()
-    for _ in range(3):  # a process may start another while the first ones end
-        pids = descendants(me)
-        if not pids:
-            break
-        end_processes(pids)
-    with contextlib.suppress(OSError, ValueError, RuntimeError):  # RuntimeError: reentrant write
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(128 + signum)
-
-
-def bind_stage_to_starter() -> None:
-    """Make this stage process end, with everything it started, when its starter ends.
-
-    SIGINT, SIGTERM and SIGHUP (those not ignored already, as under ``nohup``)
-    end every descendant (SIGTERM, then SIGKILL after :data:`STOP_GRACE_S`) and
-    exit 128 + signal. While the launcher runs a training, its own handlers
-    take over (forward to the training processes, or cancel the SLURM job) and
-    restore these after.
-
-    Run by DVC (``DVC_STAGE`` is set), the stage also gets SIGTERM when DVC
-    ends, even by SIGKILL: DVC runs ``$SHELL -c <cmd>``; bash and zsh replace
-    themselves by the command, so DVC is the parent and the kernel sends the
-    signal (``prctl(PR_SET_PDEATHSIG)``); a shell that stays in between (dash,
-    tcsh) is looked through: a thread watches DVC instead.
-    """
-    global _starter
-    for s in STOP_SIGNALS:
-        with contextlib.suppress(ValueError):  # not in the main thread
-            if signal.getsignal(s) != signal.SIG_IGN:
-                signal.signal(s, _stop_stage)
-    if not os.environ.get("DVC_STAGE"):
-        return
-    _starter = os.getppid()
-    parent = _proc_stat(_starter)
-    if parent is not None and parent[0] in SHELLS and parent[1] > 1:
-        _starter = parent[1]
-        watched = _proc_stat(_starter)
-        if watched is not None:
-            threading.Thread(
-                target=_watch_starter, args=(_starter, watched[2]), daemon=True, name="virgo-starter-watch"
-            ).start()
-        return
-    if die_with_parent(signal.SIGTERM) and _orphaned():
-        # the starter ended before the kernel watched it: nobody waits for this stage
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-SHELLS = frozenset({"sh", "dash", "ash", "bash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish"})
-WATCH_S = 0.5  # how often the thread looks at a starter behind a shell
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(command name, parent pid, start time in clock ticks) of ``pid``, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    comm = stat[stat.find(b"(") + 1 : stat.rfind(b")")].decode(errors="replace")
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
-        return None
-    return comm, int(fields[1]), int(fields[19])
-
-
-def _watch_starter(pid: int, started: int) -> None:
-    while True:
-        time.sleep(WATCH_S)
-        now = _proc_stat(pid)
-        if now is None or now[2] != started:  # ended (or its pid taken by another process)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-
-
-def _orphaned() -> bool:
-    """Whether the starter already ended before :func:`die_with_parent` took effect."""
-    if os.getppid() != _starter:
-        return True
-    # Ended even before Python ran this code: reparented to init, and the process group
-    # the starter led (DVC run from a shell leads its own) is gone. DVC running as the
-    # container's process 1 keeps its group, so it is not taken for dead.
-    pgid = os.getpgid(0)
-    return _starter == 1 and pgid not in (1, os.getpid()) and not _alive(pgid)
 
 
 def local_log_path(stage: str) -> Path:
@@ -375,7 +169,7 @@ def run_local(
             stderr=subprocess.STDOUT,
             env=full_env,
             start_new_session=True,
-            preexec_fn=_dies_with_parent_hook(),
+            preexec_fn=dies_with_parent_hook(),
         )
         killer: list[threading.Timer] = []
 
@@ -387,7 +181,7 @@ def run_local(
             # SIGTERM: the trainer writes its snapshot at the next step and exits; a process
             # group still there after TRAIN_STOP_GRACE_S is killed.
             if not killer:
-                why = _stop_reason(signum)
+                why = stop_reason(signum)
                 with contextlib.suppress(OSError, ValueError, RuntimeError):  # RuntimeError: reentrant write
                     print(f"launch: {why}: stopping the training", file=sys.stderr, flush=True)
             with contextlib.suppress(ProcessLookupError, PermissionError):
