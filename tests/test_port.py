@@ -26,7 +26,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
 from conftest import BIN, ROOT, _project_files, sh, tool_env, wait_until
 
@@ -225,4 +227,14 @@ def test_the_port_trains_on_slurm_and_sweeps_for_accuracy_as_a_job_array(slurm_c
     best = max(done, key=lambda t: t["metric"])
     status = sh(["virgo-exps", "sweep", "status", "acc"], repo, env).stdout
     assert "3 trials: 3 done" in status and f"best so far: {best['experiment']} val_accuracy" in status, status
+    # the grid is an Optuna study too (what optuna-dashboard opens): its objective named, one trial per grid point
+    journal = str(store / "sweeps" / "acc" / "optuna.journal")
+    storage = JournalStorage(JournalFileBackend(journal, lock_obj=JournalFileOpenLock(journal)))
+    study = optuna.load_study(study_name="acc", storage=storage)
+    assert study.metric_names == ["val_accuracy"] and study.direction == optuna.study.StudyDirection.MAXIMIZE
+    trials = sorted(study.get_trials(), key=lambda t: t.user_attrs["grid_index"])
+    assert [t.params["train.lr"] for t in trials] == list(lrs)
+    assert [t.value for t in trials] == [t["metric"] for t in sorted(done, key=lambda t: t["index"])]
+    assert study.best_trial.user_attrs["experiment"] == best["experiment"]
+    assert all(t.user_attrs["cost.core_h"] > 0 for t in trials)
     assert machinery_digests(repo, kept) == before, "running the port changed a file outside the study"

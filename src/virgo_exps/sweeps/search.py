@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from virgo_exps import fsio
 from virgo_exps.config import DamagedInputError
 from virgo_exps.records import numbers
-from virgo_exps.sweeps.spec import SweepSpec, trial_name
+from virgo_exps.sweeps.spec import SweepSpec, overrides_of, trial_name
 
 if TYPE_CHECKING:
     import optuna
@@ -173,17 +173,17 @@ def _quiet() -> None:
 
 
 def open_study(spec: SweepSpec, sweep_dir: Path) -> optuna.Study:
-    """The sweep's study: created on first use, loaded afterwards (a second submission continues it)."""
+    """The sweep's study: created on first use, loaded afterwards (a second submission continues it).
+    A search's study is asked for its trials; a grid's records them (every sweep opens in optuna-dashboard)."""
     import optuna
 
-    if spec.kind != "search":
-        raise ValueError(f"sweep {spec.name!r} is a grid: it has no search study")
     _quiet()
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
     check_journal(sweep_dir)
     study = optuna.create_study(
         storage=_storage(sweep_dir),
-        sampler=_sampler(spec, 0),
+        # a grid's study is never asked: its trials are recorded as they end (record_grid_trial)
+        sampler=_sampler(spec, 0) if spec.kind == "search" else optuna.samplers.RandomSampler(seed=0),
         pruner=_pruner(spec),
         study_name=spec.name,
         direction=spec.direction,
@@ -298,12 +298,7 @@ def tell(
     if frozen[number].state.is_finished():
         return
     trial_id = _trial_id(spec, storage, number)
-    for key, item in (attrs or {}).items():
-        storage.set_trial_user_attr(trial_id, key, json.loads(json.dumps(item, default=str)))
-    # and each number of a nested one under its own key (cost.core_h, allocation.cpu_eff): what a
-    # dashboard sorts and filters on
-    nested = {key: item for key, item in (attrs or {}).items() if isinstance(item, dict)}
-    for key, item in numbers(nested).items():
+    for key, item in _user_attrs(attrs).items():
         storage.set_trial_user_attr(trial_id, key, item)
     if state == "complete":
         if value is None or not math.isfinite(float(value)):
@@ -317,6 +312,51 @@ def tell(
     else:
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     _mark_journal(sweep_dir)
+
+
+def _user_attrs(attrs: dict | None) -> dict[str, Any]:
+    """A trial's attributes as Optuna keeps them (JSON values), and each number of a nested one under its
+    own key as well (cost.core_h, allocation.cpu_eff): what a dashboard sorts and filters on."""
+    out = {key: json.loads(json.dumps(item, default=str)) for key, item in (attrs or {}).items()}
+    out.update(numbers({key: item for key, item in (attrs or {}).items() if isinstance(item, dict)}))
+    return out
+
+
+def record_grid_trial(
+    spec: SweepSpec,
+    sweep_dir: Path,
+    index: int,
+    value: float | None,
+    state: str,
+    attrs: dict | None = None,
+) -> None:
+    """Grid trial ``index``'s outcome as a finished trial of the sweep's study: its ``-S`` values as
+    categorical params, the metric's value (``complete``), ``pruned`` or ``fail``, its attributes and
+    ``grid_index``. A trial recorded already (a requeued task recording again) changes nothing."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if state not in STATES:
+        raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
+    overrides = overrides_of(spec, index)
+    choices = {key: tuple(dict.fromkeys(combo[key] for combo in spec.grid)) for key in overrides}
+    user = {**_user_attrs(attrs), "grid_index": index}
+    if state == "complete" and (value is None or not math.isfinite(float(value))):
+        state, user["fail_reason"] = "fail", f"{spec.metric} is {value!r}"
+    with _AskLock(sweep_dir):
+        study = open_study(spec, sweep_dir)
+        if any(t.user_attrs.get("grid_index") == index for t in study.get_trials(deepcopy=False)):
+            return
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=dict(overrides),
+                distributions={k: optuna.distributions.CategoricalDistribution(c) for k, c in choices.items()},
+                value=float(value) if state == "complete" else None,
+                state={"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "fail": TrialState.FAIL}[state],
+                user_attrs=user,
+            )
+        )
+        _mark_journal(sweep_dir)
 
 
 def trial_env(spec: SweepSpec, sweep_dir: Path, number: int) -> dict[str, str]:
@@ -343,4 +383,15 @@ def metric_of(metrics: dict[str, Any], key: str) -> Any:
     return value
 
 
-__all__ = ["JOURNAL", "TRIAL_ENV", "ask", "journal_path", "metric_of", "open_study", "pruner_args", "tell", "trial_env"]
+__all__ = [
+    "JOURNAL",
+    "TRIAL_ENV",
+    "ask",
+    "journal_path",
+    "metric_of",
+    "open_study",
+    "pruner_args",
+    "record_grid_trial",
+    "tell",
+    "trial_env",
+]

@@ -88,6 +88,19 @@ def allocation(attempts: list[dict], now: float | None = None) -> dict:
     }
 
 
+def _tell(spec, directory: Path, number: int, value, told: str, attrs: dict) -> None:
+    """The trial's outcome into the sweep's study: a search's asked trial, or a grid's trial recorded."""
+    from virgo_exps.sweeps import search  # optuna: loaded only by the task that records a trial
+
+    if spec.kind == "search":
+        search.tell(spec, directory, number, value, told, attrs)
+    else:
+        try:
+            search.record_grid_trial(spec, directory, number, value, told, attrs)
+        except Exception as exc:  # the trial's result is in its task record and the team store already
+            say(f"warning: trial {number} not recorded in the sweep's Optuna study ({type(exc).__name__}: {exc})")
+
+
 def _dvc_cmd() -> list[str]:
     return [dvcrun.executable()]  # the one way every command of ours finds dvc
 
@@ -166,13 +179,10 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         rc = _run(
             [*_dvc_cmd(), "exp", "push", DEFAULT_NAME, state["experiment"]], directory / "work" / state["experiment"]
         )
-        if spec.kind == "search":
-            from virgo_exps.sweeps import search
-
-            told = OPTUNA_STATE[TaskState(state["state"])]
-            attrs = {"experiment": state["experiment"], "cost": state.get("cost"), "log": state.get("log")}
-            # a trial the study has finished already is left as it is
-            search.tell(spec, directory, int(state["trial"]), state.get("metric"), told, attrs)
+        told = OPTUNA_STATE[TaskState(state["state"])]
+        attrs = {"experiment": state["experiment"], "cost": state.get("cost"), "log": state.get("log")}
+        # a trial the study has finished already is left as it is
+        _tell(spec, directory, int(state["trial"]), state.get("metric"), told, attrs)
         return 0 if rc == 0 else 1
     if "trial" in state:
         number, overrides = int(state["trial"]), dict(state["overrides"])
@@ -268,12 +278,8 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         ended=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     write_task_state(directory, index, state)
-    if spec.kind == "search":
-        from virgo_exps.sweeps import search
-
-        told = OPTUNA_STATE[final]
-        attrs = {"experiment": name, "cost": metrics.get("cost"), "allocation": state["allocation"], "log": log}
-        search.tell(spec, directory, number, value, told, attrs)
+    attrs = {"experiment": name, "cost": metrics.get("cost"), "allocation": state["allocation"], "log": log}
+    _tell(spec, directory, number, value, OPTUNA_STATE[final], attrs)
     shown = f", {spec.metric} {value}" if value is not None else ""
     say(f"trial {number} ({name}): {final}{shown}; log {log}")
     return 0 if final != FAILED else 1
