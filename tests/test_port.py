@@ -21,9 +21,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -93,6 +95,42 @@ def install(repo: Path, venv: Path) -> Path:
         timeout=300,
     )
     return venv / "bin"
+
+
+def dashboard_study(journal: Path, tmp_path: Path) -> dict:
+    """Study 0 of ``journal`` as optuna-dashboard's REST API gives it (the server started and stopped here)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "dashboard.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(BIN / "optuna-dashboard"),
+            str(journal),
+            "--storage-class",
+            "JournalFileStorage",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def answer():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/0", timeout=5) as r:
+                    return json.loads(r.read())
+            except OSError:
+                return None
+
+        return wait_until(answer, timeout=60, what="optuna-dashboard's API", interval=0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
 
 
 def exp_run(repo: Path, env: dict, *sets: str) -> str:
@@ -237,4 +275,11 @@ def test_the_port_trains_on_slurm_and_sweeps_for_accuracy_as_a_job_array(slurm_c
     assert [t.value for t in trials] == [t["metric"] for t in sorted(done, key=lambda t: t["index"])]
     assert study.best_trial.user_attrs["experiment"] == best["experiment"]
     assert all(t.user_attrs["cost.core_h"] > 0 for t in trials)
+    # and optuna-dashboard serves it: read through its REST API
+    shown = dashboard_study(Path(journal), tmp_path)
+    assert shown["objective_names"] == ["val_accuracy"] and shown["directions"] == ["maximize"], shown
+    values = sorted(t["values"][0] for t in shown["trials"])
+    assert values == sorted(t.value for t in trials)
+    attrs = {a["key"]: a["value"] for a in shown["trials"][0]["user_attrs"]}
+    assert float(attrs["cost.core_h"]) > 0 and attrs["experiment"].startswith("acc-"), attrs
     assert machinery_digests(repo, kept) == before, "running the port changed a file outside the study"
