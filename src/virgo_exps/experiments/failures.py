@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from virgo_exps import dvcrun
+from virgo_exps.gitrun import experiment_refs
 from virgo_exps.launch.protocol import announced_logs, experiment_of_log
 from virgo_exps.paths import main_checkout
 
@@ -86,8 +87,7 @@ def queue_rows(repo: Path) -> list[dict]:
 
 
 def _exp_refs(repo: Path) -> set[str]:
-    out = _run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo)
-    return {line.rsplit("/", 1)[-1] for line in out.split() if line.count("/") >= 4}
+    return {name for name, _, _ in experiment_refs(repo)}
 
 
 def record(text: str, name: str, root: Path | None = None) -> Path:

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from virgo_exps import dvcrun
+from virgo_exps.gitrun import experiment_refs, git
 
 
 class ResumeError(RuntimeError):
@@ -41,15 +42,12 @@ class ResumeError(RuntimeError):
 
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    return git(repo, *args, check=False)
 
 
 def find_experiment(repo: Path, exp: str) -> str:
     """The commit of experiment ``exp`` (a name of this repository, or a revision)."""
-    refs = _git(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps").stdout.split("\n")
-    matches = [
-        line.split() for line in refs if line and line.split()[0].rsplit("/", 1)[-1] == exp and line.count("/") >= 4
-    ]
+    matches = [(ref, commit) for name, ref, commit in experiment_refs(repo) if name == exp]
     if len(matches) == 1:
         return matches[0][1]
     head = _git(repo, "rev-parse", "HEAD").stdout.strip()

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from virgo_exps import dvcrun, fsio, provenance
+from virgo_exps.gitrun import experiment_refs, git
 from virgo_exps.store import missing_chunks
 
 FIX_CORRUPT = "restore it with `dvc checkout --relink {path}`, or `dvc pull {path}` if the cache copy is bad too"
@@ -46,10 +47,7 @@ def _cache_dir(repo: Path) -> Path:
 
 
 def _git(repo: Path, *args: str, check: bool = True) -> str:
-    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise VerifyError(f"git {' '.join(args)}: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout
+    return git(repo, *args, check=check, error=VerifyError).stdout
 
 
 class VerifyError(Exception):
@@ -75,12 +73,7 @@ class Report:
 
 def exp_refs(repo: Path) -> dict[str, str]:
     """{experiment name: ref} of the experiments git knows (``refs/exps/...``)."""
-    out = _git(repo, "for-each-ref", "--format=%(refname)", "refs/exps", check=False)
-    refs = {}
-    for ref in out.split():
-        if ref.count("/") >= 4 and not ref.startswith("refs/exps/celery"):
-            refs[ref.rsplit("/", 1)[-1]] = ref
-    return refs
+    return {name: ref for name, ref, _ in experiment_refs(repo)}
 
 
 def baseline_of(repo: Path, rev: str) -> str | None:

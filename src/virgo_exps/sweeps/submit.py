@@ -28,6 +28,7 @@ import yaml
 from virgo_exps import dvcrun, fsio
 from virgo_exps.config import ConfigError, DamagedInputError
 from virgo_exps.experiments.share import GIT_DIR, MARKER, Layout, read_marker
+from virgo_exps.gitrun import git
 from virgo_exps.launch.slurm.script import machine_options, sbatch_arg, slurm_filename
 from virgo_exps.launch.slurm.submit import use_slurm_conf
 from virgo_exps.launch.strategy_table import strategy_row
@@ -42,10 +43,7 @@ SCRIPT_FILE = "sweep.sbatch"
 
 
 def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise ConfigError(f"git {' '.join(args)} failed in {repo}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
+    return git(repo, *args, check=check, error=ConfigError)
 
 
 def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from virgo_exps import dvcrun
 from virgo_exps.experiments.share import DEFAULT_NAME, Layout, configure_clone
+from virgo_exps.gitrun import experiment_refs
 from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
@@ -140,10 +141,7 @@ def prepare_clone(work: Path, record: dict, layout: Layout) -> bool:
 
 def _experiments(work: Path) -> set[str]:
     """Names of the experiments recorded in the clone (its refs under refs/exps)."""
-    proc = subprocess.run(
-        ["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=work, capture_output=True, text=True
-    )
-    return {line.rsplit("/", 1)[-1] for line in proc.stdout.split()} if proc.returncode == 0 else set()
+    return {name for name, _, _ in experiment_refs(work)}
 
 
 def _metrics(work: Path) -> dict:
