@@ -25,7 +25,7 @@ import pytest
 from conftest import BIN, make_repo, tool_env, write_images
 from test_trainer import train
 from virgo_exps.train import cost
-from virgo_exps.train.trainer import read_snapshot_file
+from virgo_exps.train.snapshots import read_snapshot_file
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_a_snapshot_that_would_run_code_is_refused_even_with_a_matching_checksum
 
     import torch
 
-    from virgo_exps.train.trainer import SNAPSHOT_MAGIC
+    from virgo_exps.train.snapshots import SNAPSHOT_MAGIC
 
     repo, reference = ran
     marker = tmp_path / "the-code-ran"

@@ -24,7 +24,7 @@ from virgo_exps.machines import load_machine
 
 
 def test_the_trainer_and_the_batch_script_use_the_protocols_exit_code_and_status_file(monkeypatch):
-    from virgo_exps.train import trainer
+    from virgo_exps.train import snapshots, trainer
 
     assert trainer.EXIT_INTERRUPTED == protocol.EXIT_INTERRUPTED == 85
     defined = [
@@ -33,7 +33,7 @@ def test_the_trainer_and_the_batch_script_use_the_protocols_exit_code_and_status
         if re.search(r"^\s*EXIT_INTERRUPTED\s*=", p.read_text(), flags=re.M)
     ]
     assert defined == ["src/virgo_exps/launch/protocol.py"]  # the others import it
-    assert trainer.STATUS == protocol.STATUS_FILE
+    assert snapshots.STATUS == protocol.STATUS_FILE
     monkeypatch.chdir(ROOT)
     ctx = JobContext("train", "e", Path("/w"), Path("/h"), "/h/.venv/bin/python")
     files = protocol.WorkerFiles(params="p.yaml", checkpoints="out/ck")

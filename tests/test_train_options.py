@@ -19,7 +19,8 @@ import yaml
 from conftest import BIN, image_repo, make_repo, sh, tool_env
 from test_trainer import deepspeed_runner, losses, needs_horovod, train, weights
 from virgo_exps.config import ConfigError, params_from_dict
-from virgo_exps.train.trainer import lr_factor, read_snapshot_file
+from virgo_exps.train.snapshots import read_snapshot_file
+from virgo_exps.train.step import lr_factor
 
 # Measured on the 2-core machine (CPU): the largest relative difference in an epoch's loss between
 # 1 x 32 and 1 x 4 x 8 is 1.6e-5 (2 DDP x 2 x 8: 6.6e-8); bf16 autocast moves them by at most 0.17 % from

@@ -320,7 +320,7 @@ def test_a_second_training_of_the_same_output_at_once_is_refused(workdir):
 
 
 def test_only_a_prefix_of_the_requested_run_is_resumed():
-    from virgo_exps.train.trainer import snapshot_refusal
+    from virgo_exps.train.snapshots import snapshot_refusal
 
     config = {"train.lr": 0.001, "world_size": 1, "data": "d1", "code": "c1", "checkpoints": "checkpoints"}
 

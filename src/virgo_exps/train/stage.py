@@ -121,7 +121,7 @@ def main(
     check: Callable[[Params, argparse.Namespace], None] | None = None,
     description: str | None = None,
 ) -> None:
-    """Run the train stage: ``models()`` gives the study's :class:`~virgo_exps.train.trainer.ModelFactory`."""
+    """Run the train stage: ``models()`` gives the study's :class:`~virgo_exps.train.factory.ModelFactory`."""
     args = parse(description)
     if args.worker:
         box: list = []

@@ -31,7 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from virgo_exps.launch.protocol import STATUS_STALLED
+from virgo_exps.launch.protocol import STATUS_FILE, STATUS_STALLED
+from virgo_exps.machines import load_machine
 
 # The exit code of a run ended because a rank stopped making progress.
 EXIT_STALLED = 5
@@ -163,3 +164,29 @@ def end_on_stall(status_file: Path | None, before_exit: Callable[[], None] | Non
         os._exit(EXIT_STALLED)
 
     return handler
+
+
+def watch(folder: Path, world: int, before_exit: Callable[[], None] | None = None) -> Watchdog | None:
+    """Rank 0's watch over the heartbeats of ``world`` ranks in ``folder``, started, with the machine
+    profile's ``stall_limit``; None when the limit is 0 (no watch). A stall marks ``folder``'s status file."""
+    try:
+        limit = load_machine().stall_limit
+    except Exception:  # a profile that cannot be read was refused by the first stage; keep the default
+        limit = 1800
+    if not limit:
+        return None
+    dog = Watchdog(folder, world, limit, end_on_stall(folder / STATUS_FILE, before_exit))
+    dog.start()
+    return dog
+
+
+def start_watch(
+    folder: Path, rank: int, world: int, is_main: bool, epoch: int, step: int, before_exit: Callable[[], None]
+) -> tuple[Heartbeat, Watchdog | None]:
+    """This rank's heartbeat in ``folder``, started at (``epoch``, ``step``), and on the main rank the watch
+    over every rank's (:func:`watch`); stop both when the run ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    heart = Heartbeat(folder, rank)
+    heart.beat(epoch, step, STEP_STARTED)
+    heart.start()
+    return heart, (watch(folder, world, before_exit) if is_main else None)
