@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virgo_exps.launch.slurm.query import run_tool
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
 from virgo_exps.sweeps.task import allocation
@@ -44,8 +45,8 @@ def _queued(job_id: str | None) -> dict[int, str] | None:
     if not job_id:
         return {}
     try:
-        proc = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%K %T"], capture_output=True, text=True)
-    except OSError:
+        proc = run_tool("squeue", "-h", "-r", "-j", job_id, "-o", "%K %T")
+    except (OSError, subprocess.TimeoutExpired):
         return None
     if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
         return None

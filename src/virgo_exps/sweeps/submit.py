@@ -29,6 +29,7 @@ from virgo_exps import dvcrun, fsio
 from virgo_exps.config import ConfigError, DamagedInputError
 from virgo_exps.experiments.share import GIT_DIR, MARKER, Layout, read_marker
 from virgo_exps.gitrun import git
+from virgo_exps.launch.slurm.query import run_tool
 from virgo_exps.launch.slurm.script import machine_options, sbatch_arg, slurm_filename
 from virgo_exps.launch.slurm.submit import use_slurm_conf
 from virgo_exps.launch.strategy_table import strategy_row
@@ -160,9 +161,23 @@ def batch_script(directory: Path, spec: SweepSpec, machine: Machine, res: tuple[
     )
 
 
+SBATCH_TIMEOUT_S = 120.0
+
+
+def _slurm(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """A Slurm command through the one runner; no answer in time is one line."""
+    try:
+        return run_tool(*args, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(
+            f"{args[0]} did not answer in {timeout:.0f} s; is the cluster's controller up? (a sweep that was "
+            "submitted all the same is found by the next `sweep submit`, by its mark)"
+        ) from None
+
+
 def _still_queued(job_id: str) -> bool:
     """Whether any task of the job array ``job_id`` is still pending, running or requeued."""
-    proc = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i"], capture_output=True, text=True)
+    proc = _slurm("squeue", "-h", "-r", "-j", job_id, "-o", "%i")
     if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
         raise ConfigError(f"squeue -j {job_id} failed: {proc.stderr.strip()}; is the cluster's controller up?")
     return bool(proc.stdout.strip())
@@ -174,7 +189,7 @@ SUBMISSION_COMMENT = "virgo-sweep-submission-"
 def _queued_submission(spec: SweepSpec, token: str) -> str | None:
     """The array job id of the submission marked ``token`` (sbatch's --comment) if it is in the queue."""
     name = "virgo-sweep-" + spec.name
-    proc = subprocess.run(["squeue", "-h", "-n", name, "-o", "%F %k"], capture_output=True, text=True)
+    proc = _slurm("squeue", "-h", "-n", name, "-o", "%F %k")
     for line in proc.stdout.splitlines():
         job, _, comment = line.strip().partition(" ")
         if comment.strip() == SUBMISSION_COMMENT + token and job.isdigit():
@@ -284,9 +299,7 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
     env = {k: v for k, v in os.environ.items() if k not in ("VIRGO_HOME", "DVC_EXP_NAME", "VIRGO_IN_ALLOCATION")}
     env["VIRGO_MACHINE"] = machine.name
     comment = SUBMISSION_COMMENT + record["submission"]
-    proc = subprocess.run(
-        ["sbatch", "--parsable", f"--comment={comment}", str(script)], capture_output=True, text=True, env=env
-    )
+    proc = _slurm("sbatch", "--parsable", f"--comment={comment}", str(script), env=env, timeout=SBATCH_TIMEOUT_S)
     job_id = proc.stdout.strip().split(";")[0]
     if proc.returncode != 0 or not job_id.isdigit():
         # nothing was submitted: the sweep's record is the earlier submission's again, or none

@@ -34,9 +34,11 @@ FINAL_STATES = frozenset(
 )
 
 
-def run_tool(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    # Own session: a Ctrl-C in the terminal must not kill the tool mid-call.
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, start_new_session=True)
+def run_tool(*args: str, timeout: float = 30, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Every call of a Slurm command (sbatch, squeue, scontrol, scancel, sacct) goes through here: output
+    captured, a time limit (:class:`subprocess.TimeoutExpired` past it), in a session of its own (a Ctrl-C
+    in the terminal must not kill the tool mid-call)."""
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, start_new_session=True, env=env)
 
 
 @dataclasses.dataclass
