@@ -18,7 +18,7 @@ What it does, and why it is enough:
    into the temporary workspace as well.
 
 An *interrupted* run needs none of this: its snapshot is kept in
-``.virgo/snapshots/`` of the main checkout (see :mod:`virgo_exps.train.trainer`),
+``.virgo/snapshots/`` of the main checkout (see :mod:`virgo_exps.train.snapshots`),
 and running the same command again continues it.
 
 The trainer's resume is exact (weights, optimiser, schedule, RNG, data

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 JOURNAL = "optuna.journal"
 ASK_LOCK = "ask.lock"
-TRIAL_ENV = "VIRGO_SWEEP_TRIAL"  # read by virgo_exps.train.trainer (SWEEP_TRIAL_ENV)
+TRIAL_ENV = "VIRGO_SWEEP_TRIAL"  # read by rank 0 of the training (virgo_exps.sweeps.pruning)
 STATES = ("complete", "pruned", "fail")
 ABANDONED = "abandoned in the middle of an ask (its task was killed); asked again"
 
