@@ -18,7 +18,7 @@ import pytest
 
 import slurmsim
 from conftest import wait_until
-from slurmsim import ClusterAlreadyRunning, SimCluster, network, procs, teardown
+from slurmsim import FINAL_JOB_STATES, ClusterAlreadyRunning, SimCluster, network, procs, teardown
 
 pytestmark = pytest.mark.slurm
 
@@ -46,17 +46,7 @@ def sbatch_wait(
     return proc.returncode, job_id, output + proc.stderr
 
 
-FINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "PREEMPTED",
-}
+FINAL_STATES = FINAL_JOB_STATES
 
 
 def sbatch_poll(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .accounting import AccountingMixin
-from .constants import ACCOUNTING_PORTS, PARTITION, STATE_FILE, TAG_ENV
+from .constants import ACCOUNTING_PORTS, FINAL_JOB_STATES, PARTITION, STATE_FILE, TAG_ENV
 from .daemons import DaemonsMixin
 from .errors import ClusterAlreadyRunning, SlurmSimError, SlurmStartError, SlurmUnavailable
 from .faults import NodeFaultsMixin
@@ -314,16 +314,7 @@ class SimCluster(NetworkMixin, AccountingMixin, DaemonsMixin, TeardownMixin, Nod
                     state = word.split("=", 1)[1]
             if state == "COMPLETED":
                 return
-            if state in (
-                "FAILED",
-                "CANCELLED",
-                "TIMEOUT",
-                "NODE_FAIL",
-                "OUT_OF_MEMORY",
-                "BOOT_FAIL",
-                "DEADLINE",
-                "PREEMPTED",
-            ):
+            if state in FINAL_JOB_STATES:
                 break
             time.sleep(0.1)
         raise SlurmStartError(

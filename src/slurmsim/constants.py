@@ -10,8 +10,10 @@ SLURM_COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "s
 MUNGE_COMMANDS = ("munged", "munge", "unmunge")
 NETNS_COMMANDS = ("ip", "nsenter", "unshare", "hostname")
 PARTITION = "debug"
-# Idle node states as printed by `sinfo -o %T` (no trailing flag characters).
-_READY_STATES = {"idle"}
+# Job states after which a job runs no more (a requeued job leaves them again).
+FINAL_JOB_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+)
 
 # The daemons' ports lie below 20000: a job's rendezvous port is 20000 + its id % 10000
 # (virgo_exps.launch.protocol), and a daemon listening there would refuse that job later.
