@@ -14,8 +14,8 @@ import argparse
 from pathlib import Path
 
 from virgo_exps import fsio, preflight
-from virgo_exps.cli.main import stage_main
 from virgo_exps.config import ConfigError
+from virgo_exps.entry import stage_main
 from virgo_exps.environment import collect, render
 
 

@@ -18,8 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from virgo_exps.cli.main import stage_main
 from virgo_exps.config import load_params
+from virgo_exps.entry import stage_main
 
 
 def parse():

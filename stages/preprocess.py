@@ -6,8 +6,8 @@ python stages/preprocess.py --params params.yaml --in data/raw.zarr --out data/i
 import argparse
 from pathlib import Path
 
-from virgo_exps.cli.main import stage_main
 from virgo_exps.config import load_params
+from virgo_exps.entry import stage_main
 
 
 def run() -> int:

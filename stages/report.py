@@ -10,8 +10,8 @@ Without --model and --data the reference losses and the validation images are le
 import argparse
 from pathlib import Path
 
-from virgo_exps.cli.main import stage_main
 from virgo_exps.config import load_params
+from virgo_exps.entry import stage_main
 
 
 def run() -> int:

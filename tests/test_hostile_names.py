@@ -174,7 +174,7 @@ print("probe: name=" + repr(os.environ["DVC_EXP_NAME"]) + " cwd=" + repr(os.getc
 """
 LAUNCH = """\
 import sys
-from virgo_exps.cli.main import stage_main
+from virgo_exps.entry import stage_main
 from virgo_exps.config import TrainConfig
 from virgo_exps.launch.launcher import run
 stage_main(lambda: run("train", ["probe.py"], TrainConfig()))

@@ -80,3 +80,17 @@ def test_the_machinery_imports_nothing_of_the_study_but_the_listed_crossings():
     )
     gone = sorted(set(REMAINING) - set(found))
     assert not gone, f"crossings that no longer exist: remove them from REMAINING: {gone}"
+
+
+def test_nothing_outside_the_command_line_imports_it_and_it_has_no_circle():
+    """``cli/`` parses arguments and calls the package; no module of the package calls back up into it,
+    and its subcommand modules do not import ``cli.main`` (which imports them)."""
+    up = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        for line, name in imported(path):
+            if not rel.startswith("cli/") and (name == "virgo_exps.cli" or name.startswith("virgo_exps.cli.")):
+                up.append(f"src/virgo_exps/{rel}:{line} imports {name}")
+            if rel.startswith("cli/") and rel != "cli/main.py" and name.startswith("virgo_exps.cli.main"):
+                up.append(f"src/virgo_exps/{rel}:{line} imports {name} (a circle)")
+    assert not up, "\n".join(up)

@@ -19,7 +19,7 @@ from virgo_exps import provenance, stagelog
 
 STAGE = """
 import sys
-from virgo_exps.cli.main import stage_main
+from virgo_exps.entry import stage_main
 
 def run():
     print("to stdout", flush=True)

@@ -1,67 +1,16 @@
-"""Command-line entry points shared by the stage scripts, and the ``virgo-exps`` CLI."""
+"""The ``virgo-exps`` command line: its parser and subcommands (the stage scripts' entry: :mod:`virgo_exps.entry`)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import traceback
-from collections.abc import Callable
 
-from virgo_exps.config import ConfigError, DamagedInputError, describe
-
-
-@contextlib.contextmanager
-def _known_errors():
-    """A configuration error exits 2, a damaged input 3, each with one line naming what and the fix."""
-    try:
-        yield
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except DamagedInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(3)
-
-
-def stage_main(run: Callable[[], int | None], log: str | None = None) -> None:
-    """Run a stage body; turn configuration errors into one clear line and exit 2.
-
-    The stage ends, with every process it started, when the process that
-    started it (DVC) ends or on SIGINT/SIGTERM/SIGHUP (see
-    :func:`virgo_exps.launch.lifetime.bind_stage_to_starter`). With ``log``
-    (the stage's name), its output is also kept in the stage's log
-    (:mod:`virgo_exps.stagelog`).
-    """
-    from virgo_exps.launch.lifetime import bind_stage_to_starter
-
-    bind_stage_to_starter()
-    if log:
-        from virgo_exps import stagelog
-
-        stagelog.start(log)
-    try:
-        with _known_errors():
-            code = run()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
-
-
-def worker_main(run: Callable[[], int | None], rank: Callable[[], int]) -> None:
-    """Like :func:`stage_main` for a training process: a crash names the rank."""
-    try:
-        with _known_errors():
-            code = run()
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        traceback.print_exc()
-        print(f"error: training process rank {rank()} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    sys.exit(code or 0)
-
+from virgo_exps.cli import scalability as scalability_cli
+from virgo_exps.cli import share as share_cli
+from virgo_exps.cli import sweep as sweep_cli
+from virgo_exps.cli import verify as verify_cli
+from virgo_exps.config import ConfigError, describe
+from virgo_exps.entry import stage_main
 
 RESULTS = {
     "model": "results/model.pt",
@@ -261,14 +210,6 @@ def apply_preset(preset_file: str, params_file: str) -> int:
     return 0
 
 
-def subcommand_main(add_parser: Callable, run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
-    """Stand-alone entry of one subcommand's module (``python -m virgo_exps.cli.<module>``): the same
-    parser and the same run as under ``virgo-exps``."""
-    parser = argparse.ArgumentParser(prog="virgo-exps")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
-
-
 def main(argv: list[str] | None = None) -> None:
     """The ``virgo-exps`` command; output cut short by its reader (``| head``) ends it quietly."""
     import os
@@ -316,15 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--params", default="params.yaml")
     run = sub.add_parser("run", help="run the pipeline with `dvc exp run` (extra arguments go to dvc)")
     run.add_argument("dvc_args", nargs=argparse.REMAINDER)
-    from virgo_exps.cli import scalability as scalability_cli
-    from virgo_exps.cli import share as share_cli
-    from virgo_exps.cli import sweep as sweep_cli
-    from virgo_exps.experiments import verify
-
     scalability_cli.add_parser(sub)
     share_cli.add_parser(sub)
     sweep_cli.add_parser(sub)
-    verify.add_parser(sub)
+    verify_cli.add_parser(sub)
     return parser
 
 
@@ -336,13 +272,8 @@ def _main(argv: list[str] | None = None) -> None:
         sys.exit(run_pipeline(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
-    from virgo_exps.cli import scalability as scalability_cli
-    from virgo_exps.cli import share as share_cli
-    from virgo_exps.cli import sweep as sweep_cli
-    from virgo_exps.experiments import verify
-
     if args.command == "verify":
-        sys.exit(verify.run(args))
+        sys.exit(verify_cli.run(args))
     if args.command in share_cli.COMMANDS:
         sys.exit(share_cli.run(args))
     if args.command == "scalability":

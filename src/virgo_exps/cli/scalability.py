@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from virgo_exps.cli.common import subcommand_main
+
 DEFAULT_OUT = "results/scalability"
 
 
@@ -120,8 +122,6 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m ...``), the same as the ``virgo-exps`` subcommand."""
-    from virgo_exps.cli.main import subcommand_main
-
     return subcommand_main(add_parser, run, argv)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from virgo_exps.cli.common import subcommand_main
 from virgo_exps.config import ConfigError, DamagedInputError
 
 
@@ -124,8 +125,6 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m ...``), the same as the ``virgo-exps`` subcommand."""
-    from virgo_exps.cli.main import subcommand_main
-
     return subcommand_main(add_parser, run, argv)
 
 

@@ -27,7 +27,6 @@ import itertools
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -538,26 +537,3 @@ def verify(repo: str | Path = ".", exp: str | None = None, read_chunks: bool = T
     if exp is None and read_chunks:
         check_stores(repo, report, dvc_yaml)
     return report
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("verify", help="check that outputs match their params, dvc.lock and checksums")
-    p.add_argument("--exp", help="check this experiment (name from `dvc exp show`) instead of the workspace")
-    p.add_argument("--no-chunks", action="store_true", help="do not read every chunk of the zarr stores")
-    p.add_argument("--repo", default=".", help="the repository (default: the current folder)")
-
-
-def run(args) -> int:
-    try:
-        report = verify(args.repo, args.exp, read_chunks=not args.no_chunks)
-    except VerifyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    what = f"experiment {args.exp}" if args.exp else "workspace"
-    for line in report.lines():
-        print(line, file=sys.stderr if line.startswith("FAIL") else sys.stdout)
-    if report.problems:
-        print(f"verify: {what}: {len(report.problems)} problem(s)", file=sys.stderr)
-        return 1
-    print(f"verify: {what}: every check passed")
-    return 0

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from virgo_exps.cli.main import stage_main, worker_main
 from virgo_exps.config import Params, load_params
+from virgo_exps.entry import stage_main, worker_main
 
 OUTPUTS = ("checkpoints", "model", "metrics", "epochs", "ranks")
 

@@ -6,8 +6,8 @@ python stages/data.py --params params.yaml --out data/sequences.zarr
 import argparse
 from pathlib import Path
 
-from virgo_exps.cli.main import stage_main
 from virgo_exps.config import as_flat_dict, load_params
+from virgo_exps.entry import stage_main
 from virgo_exps.study.data import write
 
 

@@ -7,8 +7,8 @@
 import argparse
 from pathlib import Path
 
-from virgo_exps.cli.main import stage_main
 from virgo_exps.config import DamagedInputError, load_params
+from virgo_exps.entry import stage_main
 from virgo_exps.provenance import check_metrics, read_metrics
 from virgo_exps.study.report import build
 from virgo_exps.train.outcome import metrics_refusal
