@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -125,6 +126,15 @@ def test_runs_go_to_the_server_and_the_password_goes_nowhere(tmp_path, server):
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in history] == [1, 2]
         assert PASSWORD not in repr(run.data.params) + repr(run.data.tags)
+        # what a user of the MLflow UI filters and opens, through the server's REST API: the run found by
+        # a cost figure, its training data as a dataset input (the digest of metrics.json's provenance),
+        # the trained model as an artifact
+        by_cost = client.search_runs([exp.experiment_id], filter_string="metrics.`cost.core_h` > 0")
+        assert run.info.run_id in {r.info.run_id for r in by_cost}
+        stamp = json.loads((repo / "out" / "metrics.json").read_text())["provenance"]
+        inputs = [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs]
+        assert inputs == [("data/images.zarr", stamp["data"])], inputs
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
     finally:
         for k, v in old.items():
             if v is None:

@@ -224,6 +224,8 @@ def write_outputs(t: Trainer, metrics: dict, per_rank_gpu: list[dict]) -> None:
         )
         for p in (t.out.metrics, t.out.epochs):
             t.tracker.log_artifact(p)
+        t.tracker.log_artifact(t.out.model, "model")  # the trained network, with its checksum and stamp
+        t.tracker.log_dataset(t.data, clean[provenance.KEY]["data"])
 
 
 def say_epoch(rec: EpochRecord, epochs: int, steps: int, steps_per_epoch: int) -> None:

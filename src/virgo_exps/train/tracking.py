@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +158,22 @@ class Tracker:
                 self._mlflow.set_tag("rank", str(rank))
                 self.log_metrics(metrics)
 
-    def log_artifact(self, path: Path) -> None:
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.run is not None and Path(path).exists():
-            self._mlflow.log_artifact(str(path))
+            self._mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_dataset(self, path: Path, digest: str) -> None:
+        """The training data as the run's dataset input (context ``training``): its path, and its digest,
+        the one of metrics.json's provenance (the data store's own stamp)."""
+        if self.run is None:
+            return
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():  # a local path reads as a local artifact source more than one way
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(path).resolve()))
+        self._mlflow.log_input(MetaDataset(source, name=str(path), digest=digest), context="training")
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run is not None:
