@@ -201,3 +201,17 @@ def test_closure_follows_function_level_and_relative_imports():
         }
         & got
     )
+
+
+def test_the_outputs_every_command_reads_are_those_dvc_yaml_names():
+    """paths.py declares the train and report stages' outputs once; dvc.yaml's commands write them there."""
+    from virgo_exps import paths
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    train = stages["train"]["cmd"].split()
+    given = {train[i]: train[i + 1] for i in range(len(train) - 1) if train[i].startswith("--")}
+    assert given["--model"] == paths.MODEL_FILE and given["--metrics"] == paths.METRICS_FILE
+    assert given["--epochs"] == paths.EPOCHS_FILE and given["--ranks"] == paths.RANKS_FILE
+    assert given["--log"] == paths.TRAIN_LOG and given["--checkpoints"] == paths.CHECKPOINTS_DIR
+    report = stages["report"]["cmd"].split()
+    assert report[report.index("--out") + 1] == paths.REPORT_DIR

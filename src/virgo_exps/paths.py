@@ -13,6 +13,18 @@ from pathlib import Path
 
 _TMP_MARKER = (".dvc", "tmp", "exps")
 
+# What the train and report stages write, as dvc.yaml's commands name them (relative to the checkout;
+# tests/test_stage_deps.py holds them equal): the one place the CLI, the scalability report, the sweeps
+# and the cost summary read them from.
+RESULTS_DIR = "results"
+MODEL_FILE = "results/model.pt"
+METRICS_FILE = "results/metrics.json"
+EPOCHS_FILE = "results/epochs.csv"
+RANKS_FILE = "results/ranks.json"
+TRAIN_LOG = "results/train.log"
+CHECKPOINTS_DIR = "checkpoints"
+REPORT_DIR = "results/report"
+
 
 def repo_root(start: str | os.PathLike | None = None) -> Path:
     """The directory holding dvc.yaml (DVC_ROOT when DVC runs the stage)."""

@@ -11,14 +11,15 @@ from virgo_exps.cli import sweep as sweep_cli
 from virgo_exps.cli import verify as verify_cli
 from virgo_exps.config import ConfigError, describe
 from virgo_exps.entry import stage_main
+from virgo_exps.paths import CHECKPOINTS_DIR, EPOCHS_FILE, METRICS_FILE, MODEL_FILE, REPORT_DIR, TRAIN_LOG
 
 RESULTS = {
-    "model": "results/model.pt",
-    "metrics": "results/metrics.json",
-    "per-epoch rows (dvc plots)": "results/epochs.csv",
-    "training log": "results/train.log",
-    "report": "results/report/report.md",
-    "checkpoint": "checkpoints/snapshot.pt",
+    "model": MODEL_FILE,
+    "metrics": METRICS_FILE,
+    "per-epoch rows (dvc plots)": EPOCHS_FILE,
+    "training log": TRAIN_LOG,
+    "report": f"{REPORT_DIR}/report.md",
+    "checkpoint": f"{CHECKPOINTS_DIR}/snapshot.pt",
 }
 
 

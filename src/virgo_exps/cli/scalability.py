@@ -12,8 +12,9 @@ import argparse
 import sys
 
 from virgo_exps.cli.common import subcommand_main
+from virgo_exps.paths import RESULTS_DIR
 
-DEFAULT_OUT = "results/scalability"
+DEFAULT_OUT = f"{RESULTS_DIR}/scalability"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

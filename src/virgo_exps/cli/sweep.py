@@ -13,6 +13,7 @@ from pathlib import Path
 
 from virgo_exps.cli.common import subcommand_main
 from virgo_exps.config import ConfigError, DamagedInputError
+from virgo_exps.paths import RESULTS_DIR
 
 
 def add_parser(subparsers) -> None:
@@ -107,7 +108,7 @@ def _page(args) -> int:
             f"sweep {spec.name} is a grid: its page is built from an Optuna study, which only a search has; "
             f"use `virgo-exps sweep status {spec.name}` and `dvc exp show`"
         )
-    out = args.out or (args.repo / "results" / "sweeps" / args.name)
+    out = args.out or (args.repo / RESULTS_DIR / "sweeps" / args.name)
     print(page.build(spec, directory, out))
     return 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from virgo_exps import dvcrun
 from virgo_exps.gitrun import experiment_refs
 from virgo_exps.launch.protocol import announced_logs, experiment_of_log
-from virgo_exps.paths import main_checkout
+from virgo_exps.paths import REPORT_DIR, TRAIN_LOG, main_checkout
 
 FAILED_DIR = Path("logs") / "failed"
 _QUEUE_ROW = re.compile(r"^(?P<task>[0-9a-f]{7,})\s+(?P<name>\S+)\s+.*?\s(?P<status>[A-Z][a-z]+)\s*$")
@@ -194,7 +194,7 @@ def format_failures(found: list[Failure]) -> str:
 # -- the logs an experiment carries -------------------------------------------------
 
 # What git holds of an experiment's logs (outputs with `cache: false`, so `dvc exp push/pull` carries them).
-CARRIED_LOGS = ("results/train.log", "results/report/report.log")
+CARRIED_LOGS = (TRAIN_LOG, f"{REPORT_DIR}/report.log")
 _PART = re.compile(r"^==> (?P<name>\S+?)(?::.*)? <==$", re.M)
 
 

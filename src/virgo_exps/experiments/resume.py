@@ -35,6 +35,7 @@ import yaml
 
 from virgo_exps import dvcrun
 from virgo_exps.gitrun import experiment_refs, git
+from virgo_exps.paths import CHECKPOINTS_DIR
 
 
 class ResumeError(RuntimeError):
@@ -77,7 +78,7 @@ def experiment_state(repo: Path, rev: str) -> tuple[int, bool]:
         raise ResumeError(f"{rev[:7]}: no params.yaml or dvc.lock in that commit; is it an experiment of this project?")
     epochs = int((yaml.safe_load(params.stdout) or {}).get("train", {}).get("epochs", 0))
     outs = ((yaml.safe_load(lock.stdout) or {}).get("stages", {}).get("train", {}) or {}).get("outs", [])
-    has_ckpt = any(o.get("path") == "checkpoints" and (o.get("md5") or o.get("hash")) for o in outs)
+    has_ckpt = any(o.get("path") == CHECKPOINTS_DIR and (o.get("md5") or o.get("hash")) for o in outs)
     return epochs, has_ckpt
 
 

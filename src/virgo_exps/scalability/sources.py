@@ -29,11 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from virgo_exps import dvcrun
+from virgo_exps.paths import EPOCHS_FILE, METRICS_FILE, MODEL_FILE
 
-METRICS_FILE = "results/metrics.json"
-EPOCHS_FILE = "results/epochs.csv"
 SOFTWARE_FILE = "version.lock"
-MODEL_FILE = "results/model.pt"
 # An epoch timed while the host's load per core (load_avg in epochs.csv: mean
 # runnable tasks per core over the epoch) exceeded this shared the CPUs with
 # other work: its time is not the run's own. A run keeps its cores busy (about

@@ -33,6 +33,7 @@ from virgo_exps import dvcrun
 from virgo_exps.experiments.share import DEFAULT_NAME, Layout, configure_clone
 from virgo_exps.gitrun import experiment_refs
 from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
+from virgo_exps.paths import METRICS_FILE
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
 from virgo_exps.sweeps.taskstate import (
@@ -145,7 +146,7 @@ def _experiments(work: Path) -> set[str]:
 
 
 def _metrics(work: Path) -> dict:
-    path = work / "results" / "metrics.json"
+    path = work / METRICS_FILE
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -69,6 +69,9 @@ from pathlib import Path
 
 import psutil
 
+from virgo_exps.launch.slurm.query import run_tool
+from virgo_exps.paths import METRICS_FILE
+
 SACCT_FIELDS = ("JobID", "Elapsed", "AllocCPUS", "TotalCPU", "MaxRSS", "CPUTimeRAW", "State")
 
 
@@ -284,7 +287,7 @@ def sacct_usage(job_id: int | str, env: dict[str, str] | None = None, timeout: f
     # --duplicates: every attempt of a requeued job, not only its last (our figures add the attempts up too)
     cmd = ["sacct", "-j", str(job_id), "--duplicates", "--parsable2", "--noheader", "-o", ",".join(SACCT_FIELDS)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = run_tool(*cmd, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
         raise AccountingUnavailable(f"sacct did not answer in {timeout:.0f} s") from exc
     if proc.returncode != 0:
@@ -381,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m virgo_exps.train.cost",
         description="A training run's cost: our figures and, where the cluster keeps accounting, sacct's.",
     )
-    parser.add_argument("metrics", nargs="?", default="results/metrics.json", type=Path)
+    parser.add_argument("metrics", nargs="?", default=METRICS_FILE, type=Path)
     parser.add_argument(
         "--out", type=Path, default=None, help="write the comparison as JSON (e.g. results/cost_sacct.json)"
     )
