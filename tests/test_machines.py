@@ -68,3 +68,16 @@ def test_values_are_converted_as_the_launcher_uses_them(tmp_path, monkeypatch):
     site = load_machine("site")
     assert site.sbatch_extra == ("--qos=normal",) and site.env == {"NCCL_IB_TIMEOUT": "50"}
     assert site.partition is None and site.setup_script == folder / "env.sh" and site.time == "01:00:00"
+
+
+def test_a_profile_is_read_once_per_process_and_again_when_it_changes(tmp_path, monkeypatch):
+    folder = tmp_path / "machines" / "site"
+    folder.mkdir(parents=True)
+    (folder / "machine.yaml").write_text("kind: slurm\npartition: a\n")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    first = load_machine("site")
+    assert load_machine("site") is first  # every caller of this process gets the one profile
+    (folder / "machine.yaml").write_text("kind: slurm\npartition: bb\n")
+    assert load_machine("site").partition == "bb"

@@ -96,10 +96,24 @@ def available() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "machine.yaml").exists()) if root.exists() else []
 
 
+# The profiles this process has read and checked, by file and its size and time: every caller (the first
+# stage's checks, the launcher, version.lock, the sweep submit) gets the same one, read once.
+_LOADED: dict[tuple[str, int, int], Machine] = {}
+
+
 def load_machine(name: str | None = None) -> Machine:
+    """The profile ``name`` (default: the active one), read and checked once per process (again only when
+    its machine.yaml changes)."""
     name = name or active_machine_name()
     path = machines_dir() / name
     spec_file = path / "machine.yaml"
+    try:
+        st = spec_file.stat()
+        key = (str(spec_file.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    if key is not None and key in _LOADED:
+        return _LOADED[key]
     shown = spec_file.relative_to(repo_root()) if spec_file.is_relative_to(repo_root()) else spec_file
     if not spec_file.exists():
         raise ConfigError(
@@ -111,4 +125,6 @@ def load_machine(name: str | None = None) -> Machine:
     machine = Machine(name=name, path=path, **values)
     if machine.setup_script is not None and not machine.setup_script.exists():
         raise ConfigError(f"{shown}: setup: {machine.setup} does not exist in {path}; add it or set setup: null")
+    if key is not None:
+        _LOADED[key] = machine
     return machine
