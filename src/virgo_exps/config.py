@@ -101,7 +101,7 @@ def _choice(*options):
 # trains is virgo_exps.launch.strategy_table (a test holds its rows equal to
 # these names); the names live here so that validating params.yaml does not
 # make every stage depend on the launch table.
-STRATEGIES = ("single", "ddp", "deepspeed", "horovod")
+STRATEGIES = ("single", "ddp", "deepspeed", "horovod")  # named here only; launch.strategy_table has their rows
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from virgo_exps.launch.protocol import NO_FILES, WorkerFiles
+from virgo_exps.launch.strategy_table import StrategyRow, strategy_row
 
 if TYPE_CHECKING:
     from virgo_exps.config import TrainConfig
@@ -46,6 +47,11 @@ class JobSpec:
             raise ValueError(f"JobSpec.array: {self.array}; expected 0 (no array) or a number of tasks")
         if self.array and (self.nodes, self.procs_per_node, self.strategy) != (1, 1, "single"):
             raise ValueError("JobSpec: the tasks of a job array are single processes on one node")
+
+    @property
+    def row(self) -> StrategyRow:
+        """The strategy's row of the table (how its processes start), resolved here for every reader."""
+        return strategy_row(self.strategy)
 
     @classmethod
     def training(cls, stage: str, argv, cfg: TrainConfig, files: WorkerFiles = NO_FILES) -> JobSpec:

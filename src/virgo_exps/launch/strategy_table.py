@@ -16,7 +16,8 @@ A row says, for one value of ``train.strategy``:
 - ``needs_horovod``: the strategy needs a Horovod build (``make horovod``);
 - ``multi_node``: whether it may span several nodes.
 
-Torch-free: :mod:`virgo_exps.config` takes the strategy names from here.
+Torch-free. The names are :data:`virgo_exps.config.STRATEGIES` (where ``train.strategy`` is validated);
+this table holds a row for each of them and no other (checked when it is imported).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+
+from virgo_exps.config import STRATEGIES, ConfigError
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ STRATEGY_TABLE: dict[str, StrategyRow] = {
     )
 }
 STRATEGY_NAMES = tuple(STRATEGY_TABLE)
+if STRATEGY_NAMES != STRATEGIES:  # one owner of the names: a row without a name, or a name without a row
+    raise RuntimeError(f"strategy table {STRATEGY_NAMES} differs from virgo_exps.config.STRATEGIES {STRATEGIES}")
 
 HOROVOD_MISSING = (
     "train.strategy: 'horovod' needs Horovod, which is not built in this environment; "
@@ -83,8 +88,6 @@ HOROVOD_MISSING = (
 def strategy_row(name: str) -> StrategyRow:
     """The row of ``name``; a ConfigError for an unknown strategy."""
     if name not in STRATEGY_TABLE:
-        from virgo_exps.config import ConfigError
-
         raise ConfigError(f"train.strategy: unknown strategy {name!r}")
     return STRATEGY_TABLE[name]
 
@@ -102,8 +105,6 @@ def horovod_built(python: str) -> bool:
 
 def check_software(row: StrategyRow, python: str) -> None:
     """Refuse a strategy whose software this environment lacks (one ConfigError line)."""
-    from virgo_exps.config import ConfigError
-
     if row.needs_horovod and not horovod_built(python):
         raise ConfigError(HOROVOD_MISSING)
     if row.package and importlib.util.find_spec(row.package) is None:

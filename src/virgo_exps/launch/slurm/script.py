@@ -19,7 +19,7 @@ from virgo_exps.config import ConfigError
 from virgo_exps.launch import protocol
 from virgo_exps.launch.job import JobSpec
 from virgo_exps.launch.protocol import EXIT_INTERRUPTED
-from virgo_exps.launch.strategy_table import STRATEGY_TABLE, strategy_row
+from virgo_exps.launch.strategy_table import STRATEGY_TABLE
 from virgo_exps.machines import Machine
 from virgo_exps.paths import experiment_name, main_checkout
 
@@ -137,7 +137,7 @@ def check_job_text(ctx: JobContext, machine_name: str = "") -> None:
 
 def tasks_per_node(spec: JobSpec) -> int:
     """Slurm tasks per node: one torchrun per node, or one task per process (Horovod)."""
-    return spec.procs_per_node if strategy_row(spec.strategy).task_per_process else 1
+    return spec.procs_per_node if spec.row.task_per_process else 1
 
 
 def srun_command(spec: JobSpec, machine: Machine) -> str:
@@ -155,7 +155,7 @@ def srun_command(spec: JobSpec, machine: Machine) -> str:
             f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script} '
             f'--part "$SLURM_ARRAY_TASK_ID" --parts {array} --workers "$SLURM_CPUS_PER_TASK"'
         )
-    row = strategy_row(spec.strategy)
+    row = spec.row
     if row.deepspeed_runner and machine.deepspeed_launcher == "deepspeed":
         # DeepSpeed's runner once per node, without ssh: the node's rank is read on the node.
         return (
@@ -188,7 +188,7 @@ def _sbatch_options(ctx: JobContext, spec: JobSpec, machine: Machine) -> list[st
     if array:  # independent CPU tasks of one core set each (data generation)
         nodes, tasks, cpus = 1, 1, machine.cpus_per_task
     else:
-        if not strategy_row(spec.strategy).multi_node and spec.nodes != 1:
+        if not spec.row.multi_node and spec.nodes != 1:
             *some, last = [name for name, row in STRATEGY_TABLE.items() if row.multi_node]
             others = f"{', '.join(some)} or {last}"
             raise ConfigError(f"train.nodes: strategy '{spec.strategy}' runs one process on one node; use {others}")
@@ -332,7 +332,7 @@ def batch_script(ctx: JobContext, spec: JobSpec, machine: Machine) -> str:
         f"MASTER_PORT={protocol.JOB_RENDEZVOUS_PORT}",
         "export MASTER_ADDR MASTER_PORT",
     ]
-    if not spec.array and strategy_row(spec.strategy).deepspeed_runner and machine.deepspeed_launcher == "deepspeed":
+    if not spec.array and spec.row.deepspeed_runner and machine.deepspeed_launcher == "deepspeed":
         hostfile = f'{q(str(ctx.log_dir / ctx.experiment))}-"$SLURM_JOB_ID".hostfile'
         lines += [
             f"VIRGO_HOSTFILE={hostfile}  # the nodes of this job, {spec.procs_per_node} slots each",

@@ -19,7 +19,7 @@ from virgo_exps.launch.protocol import record_log
 from virgo_exps.launch.slurm.query import find_active_jobs
 from virgo_exps.launch.slurm.script import JobContext, batch_script, fingerprint, sbatch_command
 from virgo_exps.launch.slurm.watch import Signals, SubmitInterrupted, cancel_and_wait, say, stop_child, watch, write
-from virgo_exps.launch.strategy_table import check_software, strategy_row
+from virgo_exps.launch.strategy_table import check_software
 from virgo_exps.machines import Machine
 
 
@@ -108,7 +108,7 @@ def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> in
         )
         return 0
     # checked here, not after a wait in the queue: the job runs this same interpreter
-    check_software(strategy_row(spec.strategy), ctx.python)
+    check_software(spec.row, ctx.python)
     if in_allocation():
         if array:
             raise ConfigError(

@@ -14,11 +14,9 @@ from virgo_exps.train.strategies.base import Strategy
 def get_strategy(name: str, train=None) -> Strategy:
     """The strategy named ``name``, set up with the ``train`` params (ZeRO stage, backend, accumulation, clipping,
     compression)."""
-    from virgo_exps.launch.strategy_table import STRATEGY_TABLE
+    from virgo_exps.launch.strategy_table import strategy_row
 
-    if name not in STRATEGY_TABLE:
-        raise ValueError(f"train.strategy: unknown strategy {name!r}")
-    strategy = STRATEGY_TABLE[name].load()()
+    strategy = strategy_row(name).load()()  # an unknown name: the table's one refusal
     if train is not None:
         strategy.zero_stage = train.zero_stage
         strategy.dist_backend = train.dist_backend
