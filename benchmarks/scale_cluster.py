@@ -8,7 +8,7 @@ Needs root: it starts a simulated cluster of 2 nodes (src/slurmsim: slurmctld, a
 node in its own network namespace, 1 CPU each) in a temporary folder and stops it at the end. In a
 temporary copy of the project with ``presets/paper.yaml`` and ``generate.n_samples`` set to the
 fraction, ``dvc repro --single-item generate`` runs with ``VIRGO_MACHINE=simcluster``: the profile's
-``generate_tasks: 2`` makes it one job array, a task a node, each writing its share of the chunks.
+``data_tasks: 2`` makes it one job array, a task a node, each writing its share of the chunks.
 ``dvc repro --single-item preprocess`` follows (a stage of the submitting host). Then the two stage
 commands run again on this machine (``VIRGO_MACHINE=local``) in a second copy of the project, and every
 file of both stores is compared by SHA-256. Prints ONE JSON object: the seconds and peak memory of each run

@@ -2,7 +2,7 @@
 
     python stages/generate.py --params params.yaml --out data/raw.zarr
 
-On a SLURM machine whose profile sets ``generate_tasks: N`` the samples are
+On a SLURM machine whose profile sets ``data_tasks: N`` the samples are
 written by a job array of N tasks (``sbatch -W``), each filling its share of
 chunks into ``<out>.parts``; this process then checks every chunk and renames
 the store onto ``<out>``. Sample i depends only on (seed, i), so the store is
@@ -50,7 +50,7 @@ def run() -> int:
 
     machine = load_machine()
     print(f"generate: {gen.estimate(cfg, args.workers)['summary']}", flush=True)
-    tasks = min(machine.generate_tasks, gen.n_chunks_of(cfg)) if machine.kind == "slurm" else 0
+    tasks = min(machine.data_tasks, gen.n_chunks_of(cfg)) if machine.kind == "slurm" else 0
     from virgo_exps.stagelog import output_line
 
     if not tasks:

@@ -81,3 +81,14 @@ def test_a_profile_is_read_once_per_process_and_again_when_it_changes(tmp_path, 
     assert load_machine("site") is first  # every caller of this process gets the one profile
     (folder / "machine.yaml").write_text("kind: slurm\npartition: bb\n")
     assert load_machine("site").partition == "bb"
+
+
+def test_the_earlier_name_of_data_tasks_is_named_in_its_refusal(tmp_path, monkeypatch):
+    folder = tmp_path / "machines" / "site"
+    folder.mkdir(parents=True)
+    (folder / "machine.yaml").write_text("kind: slurm\ngenerate_tasks: 2\n")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    with pytest.raises(ConfigError, match="generate_tasks: now named data_tasks"):
+        load_machine("site")

@@ -344,7 +344,7 @@ def test_profile_fields_are_checked(tmp_path, monkeypatch):
     for name, text in (
         ("bad-gpu", "kind: slurm\ngpu_option: gpus\n"),
         ("bad-time", "kind: slurm\ntime: 2:00:00\n"),
-        ("bad-tasks", "kind: slurm\ngenerate_tasks: -2\n"),
+        ("bad-tasks", "kind: slurm\ndata_tasks: -2\n"),
         ("bad-cpus", "kind: slurm\ncpus_per_task: 0\n"),
         ("conf", "kind: slurm\nslurm_conf: cluster/slurm.conf\n"),
     ):
@@ -356,7 +356,7 @@ def test_profile_fields_are_checked(tmp_path, monkeypatch):
     for name, message in (
         ("bad-gpu", "gpu_option"),
         ("bad-time", "quote it"),
-        ("bad-tasks", "generate_tasks: -2; expected a whole number >= 0"),
+        ("bad-tasks", "data_tasks: -2; expected a whole number >= 0"),
         ("bad-cpus", "cpus_per_task: 0; expected a whole number >= 1"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -542,7 +542,7 @@ def test_pipeline_runs_train_as_a_slurm_job(slurm_cluster, pipeline):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_generate_runs_as_a_job_array_and_writes_the_same_store(slurm_cluster, pipeline, tmp_path):
-    """The `slurm` profile has generate_tasks: 2; the store equals one generated on one machine."""
+    """The `slurm` profile has data_tasks: 2; the store equals one generated on one machine."""
     repo, env, first = pipeline
     out = first.stdout + first.stderr
     assert first.returncode == 0, out[-6000:]

@@ -58,7 +58,9 @@ class Machine:
     deepspeed_launcher: str = spec(
         "torchrun", **_one_of(*DEEPSPEED_LAUNCHERS), doc="how DeepSpeed runs start: torchrun or `deepspeed`"
     )
-    generate_tasks: int = spec(0, **_WHOLE, doc="slurm: the generate stage as a job array of this many tasks")
+    data_tasks: int = spec(
+        0, **_WHOLE, doc="slurm: a data stage that splits its work (Virgo: generate) as a job array of this many tasks"
+    )
     stall_limit: int = spec(
         1800, **_WHOLE, doc="seconds a training rank may go without progress before the run ends (0: never)"
     )
@@ -121,6 +123,8 @@ def load_machine(name: str | None = None) -> Machine:
             f"available machines: {', '.join(available()) or 'none'} (set VIRGO_MACHINE or machines/active)"
         )
     raw = read_yaml(spec_file, "machine profile")
+    if isinstance(raw, dict) and "generate_tasks" in raw:  # the key's earlier name
+        raise ConfigError(f"{shown}: generate_tasks: now named data_tasks (the same meaning); rename the key")
     values = validate(Machine, raw, str(shown), sep=": ", refusal="{key}: {value!r}; expected {allowed}")
     machine = Machine(name=name, path=path, **values)
     if machine.setup_script is not None and not machine.setup_script.exists():

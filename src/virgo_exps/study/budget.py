@@ -28,7 +28,7 @@ def data_needs(p, machine, up_to_date):
     raw = 0 if "generate" in current else g.n_samples * channels * n_time_of(g) * 4
     images = 0 if {"generate", "preprocess"} <= current else g.n_samples * channels * pre.patch_size**2 * 4
     peaks = []
-    if machine.kind == "local" or not machine.generate_tasks:  # else generate runs as a Slurm job array
+    if machine.kind == "local" or not machine.data_tasks:  # else generate runs as a Slurm job array
         chunk = min(g.chunk_size, g.n_samples) * channels * n_time_of(g) * 4
         workers = max(1, min(resolve_workers(None, g.workers), n_chunks_of(g)))
         peaks.append((n_chunks_of(g) * BYTES_PER_CHUNK + 2 * workers * chunk, "generate: chunk index and buffers"))

@@ -39,7 +39,7 @@ snapshot and exits 85; the batch script then requeues the job with ``scontrol
 requeue`` until ``train.max_requeues`` is used up, and the requeued run resumes
 from the snapshot. SIGTERM (``scancel``, the time limit itself) never requeues.
 
-Job arrays: the generate stage on a profile with ``generate_tasks: N`` is one
+Job arrays: a data stage (the Virgo study: generate) on a profile with ``data_tasks: N`` is one
 array of N single-task jobs (``--array=0-<N-1>``, logs
 ``logs/generate/<experiment>-<jobid>_<task>.out``); the stage fails unless every
 task completed. The same watcher follows the whole array.

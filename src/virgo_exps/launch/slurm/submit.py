@@ -189,7 +189,7 @@ def dry_run_stage(stage: str = "train", dvc_file: str = "dvc.yaml") -> int:
     """Print the batch script of a DVC stage on the active machine, submitting nothing.
 
     Only stages that may be submitted (their script, ``stages/<stage>.py``, imports
-    :mod:`virgo_exps.launch`: train, and generate on profiles with ``generate_tasks``)
+    :mod:`virgo_exps.launch`: train, and a data stage on profiles with ``data_tasks``)
     are allowed: the stage command is run with ``VIRGO_DRY_RUN=1``, which stops it
     before any work.
     """
