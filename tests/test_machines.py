@@ -70,25 +70,26 @@ def test_values_are_converted_as_the_launcher_uses_them(tmp_path, monkeypatch):
     assert site.partition is None and site.setup_script == folder / "env.sh" and site.time == "01:00:00"
 
 
-def test_a_profile_is_read_once_per_process_and_again_when_it_changes(tmp_path, monkeypatch):
+def _site(tmp_path, monkeypatch, text: str):
+    """A checkout in ``tmp_path`` whose profile ``site`` is ``text``; its machine.yaml."""
     folder = tmp_path / "machines" / "site"
     folder.mkdir(parents=True)
-    (folder / "machine.yaml").write_text("kind: slurm\npartition: a\n")
+    (folder / "machine.yaml").write_text(text)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    return folder / "machine.yaml"
+
+
+def test_a_profile_is_read_once_per_process_and_again_when_it_changes(tmp_path, monkeypatch):
+    spec_file = _site(tmp_path, monkeypatch, "kind: slurm\npartition: a\n")
     first = load_machine("site")
     assert load_machine("site") is first  # every caller of this process gets the one profile
-    (folder / "machine.yaml").write_text("kind: slurm\npartition: bb\n")
+    spec_file.write_text("kind: slurm\npartition: bb\n")
     assert load_machine("site").partition == "bb"
 
 
 def test_the_earlier_name_of_data_tasks_is_named_in_its_refusal(tmp_path, monkeypatch):
-    folder = tmp_path / "machines" / "site"
-    folder.mkdir(parents=True)
-    (folder / "machine.yaml").write_text("kind: slurm\ngenerate_tasks: 2\n")
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
+    _site(tmp_path, monkeypatch, "kind: slurm\ngenerate_tasks: 2\n")
     with pytest.raises(ConfigError, match="generate_tasks: now named data_tasks"):
         load_machine("site")
