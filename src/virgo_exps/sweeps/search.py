@@ -286,10 +286,7 @@ def tell(
     ``attrs`` are kept with the trial (experiment name, cost, log path) before it is finished. Telling a
     trial that is already finished (a requeued task telling again) changes nothing.
     """
-    from optuna.trial import TrialState
-
-    if state not in STATES:
-        raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
+    final, value, why = _outcome(spec, value, state)
     study = open_study(spec, sweep_dir)
     storage = _storage(sweep_dir)
     frozen = study.get_trials(deepcopy=False)
@@ -298,20 +295,24 @@ def tell(
     if frozen[number].state.is_finished():
         return
     trial_id = _trial_id(spec, storage, number)
-    for key, item in _user_attrs(attrs).items():
+    for key, item in {**_user_attrs(attrs), **({"fail_reason": why} if why else {})}.items():
         storage.set_trial_user_attr(trial_id, key, item)
-    if state == "complete":
-        if value is None or not math.isfinite(float(value)):
-            storage.set_trial_user_attr(trial_id, "fail_reason", f"{spec.metric} is {value!r}")
-            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-            _mark_journal(sweep_dir)
-            return
-        study.tell(number, float(value), state=TrialState.COMPLETE, skip_if_finished=True)
-    elif state == "pruned":
-        study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
-    else:
-        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    study.tell(number, value, state=final, skip_if_finished=True)
     _mark_journal(sweep_dir)
+
+
+def _outcome(spec: SweepSpec, value: float | None, state: str):
+    """(Optuna trial state, value, why it failed or None) of an outcome told as ``complete`` with the
+    metric's value, ``pruned`` or ``fail``: a complete trial whose metric is not a finite number failed."""
+    from optuna.trial import TrialState
+
+    if state not in STATES:
+        raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
+    if state == "complete" and (value is None or not math.isfinite(float(value))):
+        return TrialState.FAIL, None, f"{spec.metric} is {value!r}"
+    if state == "complete":
+        return TrialState.COMPLETE, float(value), None
+    return (TrialState.PRUNED if state == "pruned" else TrialState.FAIL), None, None
 
 
 def _user_attrs(attrs: dict | None) -> dict[str, Any]:
@@ -334,15 +335,11 @@ def record_grid_trial(
     categorical params, the metric's value (``complete``), ``pruned`` or ``fail``, its attributes and
     ``grid_index``. A trial recorded already (a requeued task recording again) changes nothing."""
     import optuna
-    from optuna.trial import TrialState
 
-    if state not in STATES:
-        raise ValueError(f"state {state!r}: expected one of {', '.join(STATES)}")
+    final, value, why = _outcome(spec, value, state)
     overrides = overrides_of(spec, index)
     choices = {key: tuple(dict.fromkeys(combo[key] for combo in spec.grid)) for key in overrides}
-    user = {**_user_attrs(attrs), "grid_index": index}
-    if state == "complete" and (value is None or not math.isfinite(float(value))):
-        state, user["fail_reason"] = "fail", f"{spec.metric} is {value!r}"
+    user = {**_user_attrs(attrs), "grid_index": index, **({"fail_reason": why} if why else {})}
     with _AskLock(sweep_dir):
         study = open_study(spec, sweep_dir)
         if any(t.user_attrs.get("grid_index") == index for t in study.get_trials(deepcopy=False)):
@@ -351,8 +348,8 @@ def record_grid_trial(
             optuna.trial.create_trial(
                 params=dict(overrides),
                 distributions={k: optuna.distributions.CategoricalDistribution(c) for k, c in choices.items()},
-                value=float(value) if state == "complete" else None,
-                state={"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "fail": TrialState.FAIL}[state],
+                value=value,
+                state=final,
                 user_attrs=user,
             )
         )

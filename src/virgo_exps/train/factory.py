@@ -40,9 +40,5 @@ class ModelFactory:
     optimizer: Callable[..., torch.optim.Optimizer] = adamw
     # (output, targets) of a validation batch -> per-sample figures: "loss" and the study's own metrics
     # (each averaged over the whole validation split: val_loss, val_<name> in metrics.json and MLflow)
-    evaluate: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = None  # type: ignore[assignment]
+    evaluate: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] = per_sample_mse
     metrics: tuple[str, ...] = ()  # the names evaluate gives besides "loss" (a sweep may optimise val_<name>)
-
-    def __post_init__(self) -> None:
-        if self.evaluate is None:
-            object.__setattr__(self, "evaluate", per_sample_mse)
