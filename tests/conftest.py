@@ -6,12 +6,17 @@ copy, so they exercise exactly what a user gets from a clone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +88,41 @@ def dvc_queue_status(repo: Path, env: dict | None = None, tries: int = 10) -> st
             break
         time.sleep(0.5)
     return sh([str(BIN / "dvc"), "queue", "status"], repo, env=env).stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_served(command: str, backend_uri: str, home: Path, args=(), env: dict | None = None) -> Iterator[str]:
+    """``mlflow server`` or ``mlflow ui`` (``command``) on 127.0.0.1 over ``backend_uri``, its log in ``home``;
+    yields its URL once /health answers, and stops it by its process group afterwards."""
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), command, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", backend_uri, "--workers", "1", *args]
+    with open(home / f"mlflow-{command}.log", "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=home, env=tool_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=2)
+                    break
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    if proc.poll() is not None or time.time() > deadline:
+                        pytest.fail(f"mlflow {command} did not start:\n" + Path(log.name).read_text()[-3000:])
+                    time.sleep(1)
+            yield url
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):

@@ -33,6 +33,7 @@ import pytest
 from conftest import BIN, make_repo, sh, write_images
 from test_slurm_launch import Running, cluster_env, job_id_of, train_cmd
 from test_slurmsim import _ports
+from virgo_exps.provenance import read_metrics
 from virgo_exps.train import cost
 
 # They compare our wall clock with Slurm's to the second: alone (`make test` runs `serial` after the rest).
@@ -53,7 +54,7 @@ def trained(slurm_accounting, tmp_path_factory) -> tuple[Path, dict, str]:
     proc = sh(train_cmd(repo, "acct", strategy="ddp", procs=2, epochs=8), repo, env, check=False, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
-    metrics = json.loads((repo / "out" / "acct" / "metrics.json").read_text())
+    metrics = read_metrics(repo / "out" / "acct" / "metrics.json")
     return repo, metrics["cost"], job_id_of(output)
 
 
@@ -130,7 +131,7 @@ def test_a_requeued_job_is_counted_over_all_its_attempts(slurm_accounting, tmp_p
         run.kill()
     assert rc == 0, run.output[-5000:]
     assert f"job {job} requeued (restart 1)" in run.output and "train: resuming from" in run.output
-    ours = json.loads((repo / "out" / "requeued" / "metrics.json").read_text())["cost"]
+    ours = read_metrics(repo / "out" / "requeued" / "metrics.json")["cost"]
     theirs = _accounted(slurm_accounting, job)
     last = cost.sacct_usage(job, env=slurm_accounting.command_env())["steps"]
     report = (

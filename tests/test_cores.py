@@ -7,7 +7,6 @@ second started while the first holds the cores, as `dvc queue start -j 2` would 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import subprocess
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import make_repo, tool_env, train_stage_cmd, wait_until, write_images
+from virgo_exps.provenance import read_metrics
 
 
 def slots_held(repo) -> int:
@@ -51,5 +51,5 @@ def test_a_second_training_waits_for_the_cores_the_first_one_uses(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs[1][-3000:]
     assert f"launch: waiting for {cores} free core(s)" in outputs[1], outputs[1][-3000:]
     for seed in (0, 1):
-        metrics = json.loads((repo / "out" / str(seed) / "metrics.json").read_text())
+        metrics = read_metrics(repo / "out" / str(seed) / "metrics.json")
         assert metrics["cost"]["cores"] == cores  # one process, as many threads as the slots it held

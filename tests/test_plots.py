@@ -6,7 +6,7 @@ import json
 
 from conftest import BIN, make_repo, sh
 
-COLUMNS = "epoch,step,train_loss,val_loss,train_time_s,val_time_s,samples_per_s,lr,load_avg"
+COLUMNS = ("epoch", "step", "train_loss", "val_loss", "train_time_s", "val_time_s", "samples_per_s", "lr", "load_avg")
 
 
 def _encodings(node):
@@ -26,10 +26,14 @@ def _encodings(node):
 
 def test_only_the_intended_plots_with_labelled_axes(tmp_path):
     repo = make_repo(tmp_path / "repo")
-    rows = [COLUMNS] + [f"{e},{4 * e},0.{9 - e},0.{8 - e},1.5,0.2,120.0,0.001,0.5" for e in (1, 2, 3)]
+    rows = [dict(zip(COLUMNS, (e, 4 * e, 0.9 - e / 10, 0.8 - e / 10, 1.5, 0.2, 120.0, 0.001, 0.5))) for e in (1, 2, 3)]
     (repo / "results").mkdir(exist_ok=True)
-    (repo / "results" / "epochs.csv").write_text("\n".join(rows) + "\n")
+    (repo / "results" / "epochs.json").write_text(json.dumps(rows))  # as the trainer writes it, beside epochs.csv
     shown = json.loads(sh([str(BIN / "dvc"), "plots", "show", "--json"], repo).stdout)["data"]
+    # Numbers reach the plots as numbers (from a CSV file, DVC gives every value as a string).
+    for name, [plot] in shown.items():
+        for value in plot["content"]["data"]["values"]:
+            assert all(isinstance(value[c], (int, float)) for c in COLUMNS), (name, value)
     # No default plot of the file's last column (lr against the row number) beside them.
     assert sorted(shown) == ["Epoch time (s)", "Loss", "Throughput (samples/s)"]
     expected_y = {

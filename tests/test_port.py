@@ -33,6 +33,7 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
 from conftest import BIN, ROOT, _project_files, sh, tool_env, wait_until
+from virgo_exps.provenance import read_metrics
 
 PORT = ROOT / "tests" / "port_study"
 # What the Virgo study is, in the repository: removed by a port.
@@ -181,7 +182,7 @@ def test_a_port_to_a_classification_study_runs_through_the_unchanged_machinery(t
 
     out = exp_run(repo, env)
     assert "Running stage 'data'" in out and "launch: train on 'local'" in out
-    single = json.loads((repo / "results" / "metrics.json").read_text())
+    single = read_metrics(repo / "results" / "metrics.json")
     assert single["strategy"] == "single" and single["world_size"] == 1
     assert 0.0 <= single["val_accuracy"] <= 1.0
     assert single["val_accuracy"] > 0.6, single  # 3 classes: chance is 1/3
@@ -192,7 +193,7 @@ def test_a_port_to_a_classification_study_runs_through_the_unchanged_machinery(t
     # DDP on two processes: the same trajectory as one process (the machinery's sampler), another record
     out = exp_run(repo, env, "train.strategy=ddp", "train.procs_per_node=2")
     assert "torch.distributed.run" in out and "Running stage 'data'" not in out
-    ddp = json.loads((repo / "results" / "metrics.json").read_text())
+    ddp = read_metrics(repo / "results" / "metrics.json")
     assert ddp["world_size"] == 2 and ddp["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
     assert ddp["val_accuracy"] == pytest.approx(single["val_accuracy"], abs=0.02)
 
@@ -222,7 +223,7 @@ def test_the_port_trains_on_slurm_and_sweeps_for_accuracy_as_a_job_array(slurm_c
     out = exp_run(repo, env, "train.strategy=ddp", "train.procs_per_node=2")
     job = re.search(r"submitted (?:batch )?job (\d+)", out)
     assert job, out[-3000:]
-    ddp = json.loads((repo / "results" / "metrics.json").read_text())
+    ddp = read_metrics(repo / "results" / "metrics.json")
     assert ddp["world_size"] == 2 and ddp["machine"] == "slurm" and 0.6 < ddp["val_accuracy"] <= 1.0, ddp
     sh(["git", "checkout", "--", "params.yaml"], repo, env)
 

@@ -46,6 +46,7 @@ from test_sweeps import (
     wait_queue,
     wait_workers_gone,
 )
+from virgo_exps.provenance import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +105,7 @@ def reference(repo: Path, tmp_path: Path, lr: float, epochs: int = EPOCHS) -> Pa
 
 
 def assert_same_run(metrics: dict, epochs_csv: Path, model: Path, ref: Path) -> None:
-    want = json.loads((ref / "metrics.json").read_text())
+    want = read_metrics(ref / "metrics.json")
     for key in ("epochs", "train_loss", "val_loss"):
         assert metrics[key] == want[key], key
     cols = ["epoch", "step", "train_loss", "val_loss", "lr"]
@@ -146,7 +147,7 @@ def test_an_interrupted_dvc_exp_run_resumes_where_it_stopped(repo, tmp_path):
     assert json.loads((repo / "checkpoints" / "status.json").read_text())["status"] == "complete"
     ref = reference(repo, tmp_path, 0.001)
     assert_same_run(
-        json.loads((repo / "results" / "metrics.json").read_text()),
+        read_metrics(repo / "results" / "metrics.json"),
         repo / "results" / "epochs.csv",
         repo / "results" / "model.pt",
         ref,
@@ -218,7 +219,7 @@ def test_an_interrupted_queued_experiment_resumes_in_the_next_one(repo, tmp_path
     assert live_states(repo) == []
     dvc(repo, "exp", "apply", "q-again")
     assert_same_run(
-        json.loads((repo / "results" / "metrics.json").read_text()),
+        read_metrics(repo / "results" / "metrics.json"),
         repo / "results" / "epochs.csv",
         repo / "results" / "model.pt",
         reference(repo, tmp_path, 0.002),
@@ -296,7 +297,7 @@ def test_an_interrupted_dvc_exp_run_on_slurm_resumes_where_it_stopped(slurm_clus
         env={**job_env, "VIRGO_MACHINE": "local"},
     )
     assert_same_run(
-        json.loads((repo / "results" / "metrics.json").read_text()),
+        read_metrics(repo / "results" / "metrics.json"),
         repo / "results" / "epochs.csv",
         repo / "results" / "model.pt",
         ref,

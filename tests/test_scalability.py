@@ -690,10 +690,10 @@ def test_report_over_real_dvc_experiments(tmp_path):
         and d["params"]["params.yaml"]["data"]["train"]["procs_per_node"] == 2
     )
     sh([dvc, "exp", "apply", ddp2], repo)
-    metrics_path = repo / "results" / "metrics.json"
-    metrics = json.loads(metrics_path.read_text())
-    assert metrics["machine"] == "local"
-    metrics_path.write_text(json.dumps({**metrics, "machine": "simcluster"}, indent=2, sort_keys=True) + "\n")
+    run_path = repo / "results" / "run.json"  # what describes the run, beside metrics.json
+    described = json.loads(run_path.read_text())
+    assert described["machine"] == "local"
+    run_path.write_text(json.dumps({**described, "machine": "simcluster"}, indent=2, sort_keys=True) + "\n")
 
     cli = [str(BIN / "python"), "-m", "virgo_exps.cli.scalability"]
     proc = sh(cli, repo)

@@ -48,6 +48,7 @@ from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import hvd_slurm, slurm
 from virgo_exps.launch.job import JobSpec
 from virgo_exps.launch.protocol import WorkerFiles
+from virgo_exps.provenance import read_metrics
 
 GOLDEN = Path(__file__).parent / "golden"
 HOROVOD = (BIN / "horovodrun").exists()
@@ -534,7 +535,7 @@ def test_pipeline_runs_train_as_a_slurm_job(slurm_cluster, pipeline):
     assert f"on 1 node(s): {slurm_cluster.node_names[0]}" in log
     fields = job_fields(slurm_cluster, job)
     assert fields["JobState"] == "COMPLETED" and fields["WorkDir"] == str(repo)
-    metrics = json.loads((repo / "results" / "metrics.json").read_text())
+    metrics = read_metrics(repo / "results" / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["strategy"] == "ddp"
     assert (repo / "results" / "report" / "report.md").is_file()
 
@@ -665,7 +666,7 @@ def test_two_processes_per_strategy(slurm_cluster, repo, strategy):
         hostfile = repo / "logs" / "train" / f"{name}-{job}.hostfile"
         assert hostfile.read_text() == f"{slurm_cluster.node_names[0]} slots=2\n"
         assert shm_left_behind(start) == []  # DeepSpeed's all-reduce buffers went with the job
-    metrics = json.loads((repo / "out" / name / "metrics.json").read_text())
+    metrics = read_metrics(repo / "out" / name / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["strategy"] == strategy and metrics["epochs"] == EPOCHS
     log = (repo / "logs" / "train" / f"{name}-{job}.out").read_text()
     assert f"virgo: job {job} (virgo-train-{name})" in log
@@ -818,7 +819,7 @@ def test_dvc_rerun_after_a_lost_session_attaches_to_the_running_job(slurm_cluste
     assert again.returncode == 0, out[-5000:]
     assert f"attaching to job {job}" in out and "submitted job" not in out
     assert set(jobs_named_like(slurm_cluster, "virgo-train-")) - before == {job}
-    assert json.loads((repo / "results" / "metrics.json").read_text())["epochs"] == 200
+    assert read_metrics(repo / "results" / "metrics.json")["epochs"] == 200
 
 
 def jobs_named_like(cluster, prefix: str) -> list[str]:

@@ -25,6 +25,7 @@ import yaml
 from conftest import BIN, make_repo, sh, tool_env, write_images
 from test_slurm_launch import HOROVOD, Running, cluster_env, job_fields, job_id_of, train_cmd
 from test_sweeps import dvc, exp_rows, queue_start, queued_names, stop_workers, wait_queue
+from virgo_exps.provenance import read_metrics
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -78,10 +79,11 @@ def test_node_scaling_sweep_through_the_queue(slurm_multinode, sweep_repo):
         run = rows[name]
         train = run["data"]["params"]["params.yaml"]["data"]["train"]
         metrics = run["data"]["metrics"]["results/metrics.json"]["data"]
+        described = run["data"]["params"]["results/run.json"]["data"]  # shown by DVC as params
         strategy, n = train["strategy"], train["nodes"]
         seen.add((strategy, n))
-        assert (metrics["strategy"], metrics["nodes"], metrics["world_size"]) == (strategy, n, n), metrics
-        assert metrics["machine"] == "simcluster" and metrics["hosts"] == n, metrics
+        assert (described["strategy"], metrics["nodes"], metrics["world_size"]) == (strategy, n, n), metrics
+        assert described["machine"] == "simcluster" and metrics["hosts"] == n, (metrics, described)
         ranks = json.loads(_committed(repo, run["rev"], "results/ranks.json"))
         assert len(ranks) == n and {r["host"] for r in ranks} <= set(nodes), ranks
         assert len({r["host"] for r in ranks}) == n, f"{strategy}: ranks not on {n} different nodes: {ranks}"
@@ -151,7 +153,7 @@ def test_node_failure(slurm_multinode, repo, requeue):
         assert rc == 0, out[-5000:]
         assert f"job {job} requeued (restart 1)" in out and "train: resuming from" in out
         assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1"
-        assert json.loads((repo / "out" / name / "metrics.json").read_text())["epochs"] == 60
+        assert read_metrics(repo / "out" / name / "metrics.json")["epochs"] == 60
     else:
         assert fields["JobState"] == "NODE_FAIL"
         assert rc != 0, out[-5000:]

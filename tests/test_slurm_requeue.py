@@ -36,6 +36,7 @@ from test_slurm_launch import (
     train_cmd,
 )
 from virgo_exps.launch.protocol import EXIT_INTERRUPTED
+from virgo_exps.provenance import read_metrics
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -84,7 +85,7 @@ def test_time_limit_requeues_and_resumes_to_the_same_result(slurm_cluster, repo)
     assert_same_training(repo / "out" / "reference", repo / "out" / name)
     assert yaml.safe_load((repo / "out" / name / "checkpoints" / "status.json").read_text())["status"] == "complete"
     # the record's cost covers every attempt that trained, not only the last
-    spent = json.loads((repo / "out" / name / "metrics.json").read_text())["cost"]
+    spent = read_metrics(repo / "out" / name / "metrics.json")["cost"]
     assert spent["attempts"] == restarts + 1 and spent["slurm_job"] == int(job)
 
 
@@ -119,8 +120,8 @@ def test_usr1_before_the_limit_requeues_and_resumes_bit_identically(slurm_cluste
     assert f"job {job} requeued (restart 1)" in out and "train: resuming from" in out
     assert job_fields(slurm_cluster, job)["Restarts"] == "1"
     assert_same_training(repo / "out" / reference, repo / "out" / name)
-    spent = json.loads((repo / "out" / name / "metrics.json").read_text())["cost"]
-    alone = json.loads((repo / "out" / reference / "metrics.json").read_text())["cost"]
+    spent = read_metrics(repo / "out" / name / "metrics.json")["cost"]
+    alone = read_metrics(repo / "out" / reference / "metrics.json")["cost"]
     assert spent["attempts"] == 2 and alone["attempts"] == 1
 
 

@@ -17,13 +17,15 @@ import re
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import BIN, ROOT, make_repo, sh, tool_env, wait_until
+from conftest import BIN, ROOT, make_repo, mlflow_served, sh, tool_env, wait_until
 from virgo_exps.machines import load_machine
+from virgo_exps.provenance import read_metrics
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.status import render, status
 from virgo_exps.sweeps.submit import batch_script, resources
@@ -44,6 +46,16 @@ def vx(repo: Path, *args: str, env: dict, check: bool = True) -> subprocess.Comp
 
 def dvc(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     return sh([str(BIN / "dvc"), *args], repo, env=env or tool_env(), check=check)
+
+
+def leaves(tree: dict):
+    for value in tree.values():
+        yield from leaves(value) if isinstance(value, dict) else [value]
+
+
+def measure(value) -> bool:
+    """A number DVC can subtract and sort: no text, flag or null."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def squeue(cluster, job_id: str) -> dict[int, str]:
@@ -368,7 +380,24 @@ def test_every_trial_is_an_experiment_a_second_clone_pulls(sweep):
         assert (str(params["lr"]), str(params["seed"])) == (LRS[n // 2], SEEDS[n % 2]), (name, params)
         metrics = rows[name]["metrics"]["results/metrics.json"]["data"]
         assert np.isfinite(metrics["val_loss"]) and metrics["cost"]["core_h"] > 0, metrics
-        assert metrics["machine"] == "simcluster", metrics
+        assert rows[name]["params"]["results/run.json"]["data"]["machine"] == "simcluster", rows[name]["params"]
+        # DVC's table holds numbers only (text is run.json's, shown with the params), nothing unmeasured as null
+        assert all(measure(v) for v in leaves(metrics)), metrics
+    # ... so DVC subtracts every metric of two trials, and its plots get numbers
+    diff = json.loads(dvc(other, "exp", "diff", names[0], names[1], "--all", "--json", env=env).stdout)
+    compared = diff["metrics"]["results/metrics.json"]
+    assert {"val_loss", "cost.core_h", "computation_fraction"} <= set(compared), sorted(compared)
+    assert all(measure(entry["diff"]) for entry in compared.values()), compared
+    strategy = rows[names[1]]["params"]["params.yaml"]["data"]["train"]["strategy"]
+    assert diff["params"]["results/run.json"]["strategy"]["new"] == strategy, diff["params"]["results/run.json"]
+    revs = [rows[name]["rev"] for name in names[:2]]
+    plots = json.loads(dvc(other, "plots", "diff", *revs, "--json", env=env).stdout)["data"]
+    assert sorted(plots) == ["Epoch time (s)", "Loss", "Throughput (samples/s)"], sorted(plots)
+    for title, [plot] in plots.items():
+        values = plot["content"]["data"]["values"]
+        assert len({v["rev"] for v in values}) == 2, title  # both trials drawn
+        numeric = ("epoch", "step", "train_loss", "val_loss", "train_time_s", "samples_per_s", "lr")
+        assert all(measure(v[c]) for v in values for c in numeric), (title, values[:2])
     # Data linked from the shared cache, not copied.
     work = sweep["dir"] / "work" / "lrgrid-000" / "data"
     linked = [p for p in work.rglob("*") if p.is_symlink()]
@@ -402,6 +431,45 @@ def test_status_counts_best_and_cost(sweep):
     assert f"allocated so far: {bad['allocation']['core_h']:.4f} core-hours" in out, out
 
 
+def mlflow_rest(url: str, path: str, body: dict | None = None) -> dict:
+    """One call of the MLflow REST API (GET, or POST with a JSON body)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_mlflow_ui_on_the_team_store_finds_the_trials_by_the_sweep_tag_and_by_a_cost(sweep, tmp_path):
+    """`mlflow ui` over the team store, searched through its REST API as its run list does: one run per trial
+    (no per-rank rows), found by the sweep's tag and by a cost figure, each with its trial and experiment."""
+    vx(sweep["repo"], "sweep", "status", "lrgrid", env=sweep["env"])  # merges the finished trials (once)
+    names = [f"lrgrid-{n:03d}" for n in range(6)]
+    with mlflow_served("ui", f"sqlite:///{sweep['store'] / 'mlflow' / 'mlflow.db'}", tmp_path) as url:
+        exp = mlflow_rest(url, "experiments/get-by-name?experiment_name=sweep-lrgrid")["experiment"]
+
+        def search(where: str) -> list[dict]:
+            body = {"experiment_ids": [exp["experiment_id"]], "filter": where, "max_results": 100}
+            return mlflow_rest(url, "runs/search", body).get("runs") or []
+
+        def named(runs: list[dict]) -> list[str]:
+            return sorted(r["info"]["run_name"] for r in runs)
+
+        by_tag = search("tags.sweep = 'lrgrid'")
+        # one row per trial: no -rankN rows, and of a requeued trial its last attempt only
+        assert named(by_tag) == names, named(by_tag)
+        assert named(search("metrics.`cost.core_h` > 0 and tags.sweep = 'lrgrid'")) == names
+        assert named(search("")) == names
+        for run in by_tag:
+            name = run["info"]["run_name"]
+            tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+            metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+            assert tags["dvc.experiment"] == name and tags["machine"] == "simcluster", tags
+            assert metrics["cost.core_h"] > 0 and np.isfinite(metrics["val_loss"]), metrics
+            assert run["info"]["status"] == "FINISHED"
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_a_requeued_task_resumes_at_its_snapshot(sweep):
@@ -421,8 +489,8 @@ def test_a_requeued_task_resumes_at_its_snapshot(sweep):
     repo = sweep["repo"]
     lr, seed = LRS[REQUEUED // 2], SEEDS[REQUEUED % 2]
     dvc(repo, "exp", "run", "-n", "reference", "-S", f"train.lr={lr}", "-S", f"train.seed={seed}", env=sweep["local"])
-    ref = json.loads((repo / "results" / "metrics.json").read_text())
-    got = json.loads((sweep["dir"] / "work" / state["experiment"] / "results" / "metrics.json").read_text())
+    ref = read_metrics(repo / "results" / "metrics.json")
+    got = read_metrics(sweep["dir"] / "work" / state["experiment"] / "results" / "metrics.json")
     assert got["epochs"] == ref["epochs"] == EPOCHS, (got["epochs"], ref["epochs"])
     np.testing.assert_allclose(got["val_loss"], ref["val_loss"], rtol=RTOL)
     np.testing.assert_allclose(got["train_loss"], ref["train_loss"], rtol=RTOL)

@@ -190,8 +190,9 @@ def test_scaling_sweep_runs_in_the_queue_and_lands_in_the_main_checkout(base):
         assert (params["strategy"], params["procs_per_node"]) == (strategy, procs)
     for name in trained:
         metrics = rows[name]["data"]["metrics"]["results/metrics.json"]["data"]
+        described = rows[name]["data"]["params"]["results/run.json"]["data"]  # shown by DVC as params
         assert (
-            metrics["strategy"] == "ddp"
+            described["strategy"] == "ddp"
             and metrics["world_size"] == rows[name]["data"]["params"]["params.yaml"]["data"]["train"]["procs_per_node"]
         )
         assert metrics["val_loss"] > 0

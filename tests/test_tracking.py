@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, make_repo, sh, tool_env, write_images
+from conftest import BIN, make_repo, mlflow_served, sh, tool_env, write_images
+from virgo_exps.provenance import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -22,63 +17,14 @@ pytestmark = pytest.mark.slow
 PASSWORD = "pw-" + secrets.token_hex(12)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`mlflow server --app-name basic-auth` on 127.0.0.1, stopped by pid afterwards."""
     home = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = tool_env(
-        {
-            "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
-        }
-    )
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--app-name",
-            "basic-auth",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{home / 'store.db'}",
-            "--default-artifact-root",
-            str(home / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        cwd=home,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except (urllib.error.URLError, ConnectionError, OSError):
-            if proc.poll() is not None or time.time() > deadline:
-                log.close()
-                proc.kill()
-                pytest.fail("mlflow server did not start:\n" + (home / "server.log").read_text()[-3000:])
-            time.sleep(1)
-    yield url, home
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
-    log.close()
+    env = {"MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key"}
+    args = ("--app-name", "basic-auth", "--default-artifact-root", str(home / "artifacts"))
+    with mlflow_served("server", f"sqlite:///{home / 'store.db'}", home, args, env) as url:
+        yield url, home
 
 
 def run_train(repo: Path, env: dict):
@@ -110,6 +56,7 @@ def test_runs_go_to_the_server_and_the_password_goes_nowhere(tmp_path, server):
         "MLFLOW_TRACKING_USERNAME": "admin",
         "MLFLOW_TRACKING_PASSWORD": PASSWORD,
         "DVC_EXP_NAME": "served-exp",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # a short run: a sample a second
     }
     proc = run_train(repo, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,10 +78,16 @@ def test_runs_go_to_the_server_and_the_password_goes_nowhere(tmp_path, server):
         # the trained model as an artifact
         by_cost = client.search_runs([exp.experiment_id], filter_string="metrics.`cost.core_h` > 0")
         assert run.info.run_id in {r.info.run_id for r in by_cost}
-        stamp = json.loads((repo / "out" / "metrics.json").read_text())["provenance"]
+        stamp = read_metrics(repo / "out" / "metrics.json")["provenance"]
         inputs = [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs]
         assert inputs == [("data/images.zarr", stamp["data"])], inputs
         assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+        # ... registered in the server's model registry, and MLflow's system metrics sampled while it trained
+        [version] = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        assert version.name == "virgo-exps" and version.source.endswith("/model"), version
+        assert version.tags["dvc.experiment"] == "served-exp"
+        assert f"mlflow: model registered as virgo-exps version {version.version}" in proc.stderr
+        assert run.data.metrics["system/cpu_utilization_percentage"] >= 0, sorted(run.data.metrics)
     finally:
         for k, v in old.items():
             if v is None:

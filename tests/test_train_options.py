@@ -19,6 +19,7 @@ import yaml
 from conftest import BIN, image_repo, make_repo, sh, tool_env
 from test_trainer import deepspeed_runner, losses, needs_horovod, train, weights
 from virgo_exps.config import ConfigError, params_from_dict
+from virgo_exps.provenance import read_metrics
 from virgo_exps.train.snapshots import read_snapshot_file
 from virgo_exps.train.step import lr_factor
 
@@ -64,7 +65,7 @@ def test_accumulated_micro_batches_follow_the_full_batch(workdir):
         proc, out = train(workdir, f"accum-{name}", strategy, procs, extra={**extra, "global_batch_size": 32})
         _ok(proc)
         got[name] = losses(out)
-        metrics = yaml.safe_load((out / "metrics.json").read_text())
+        metrics = read_metrics(out / "metrics.json")
         assert metrics["world_size"] == procs
     ref = got["1x32"]
     assert len(ref) == 3 and ref["val_loss"].iloc[-1] < ref["val_loss"].iloc[0]  # it learned

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from conftest import (
     train_stage_cmd,
     wait_until,
 )
+from virgo_exps.provenance import read_metrics
 
 RTOL = 1e-4  # observed: ~1e-6 between DDP/DeepSpeed on 2 ranks and a single process
 EPOCHS = 3
@@ -131,7 +131,7 @@ def test_two_processes_follow_the_single_process_trajectory(workdir, baseline, s
     np.testing.assert_allclose(got["val_loss"], ref["val_loss"], rtol=RTOL)
     # Learning happened, so the comparison is not between two flat lines.
     assert ref["val_loss"].iloc[-1] < ref["val_loss"].iloc[0]
-    metrics = yaml.safe_load((out / "metrics.json").read_text())
+    metrics = read_metrics(out / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["strategy"] == strategy
     assert 0.0 < metrics["computation_fraction"] <= 1.0
     ranks = yaml.safe_load((out / "ranks.json").read_text())
@@ -180,13 +180,13 @@ def test_interrupted_then_resumed_run_is_bit_identical(workdir, strategy, procs)
 def test_more_epochs_continue_from_the_final_snapshot(workdir, baseline):
     proc, out = train(workdir, "extend", epochs=2)
     assert proc.returncode == 0
-    shorter = json.loads((out / "metrics.json").read_text())["cost"]
+    shorter = read_metrics(out / "metrics.json")["cost"]
     proc, _ = train(workdir, "extend", epochs=EPOCHS, fresh=False)
     assert proc.returncode == 0 and "resuming from" in proc.stderr
     for key, value in weights(baseline).items():
         assert torch.equal(value, weights(out)[key])
     # the longer run's record counts its own epochs only: the shorter run's record has the first two
-    record = json.loads((out / "metrics.json").read_text())
+    record = read_metrics(out / "metrics.json")
     longer = record["cost"]
     assert shorter["attempts"] == longer["attempts"] == 1
     # and its timing covers its own epoch only (the curves keep all three)
@@ -202,7 +202,7 @@ def test_more_epochs_continue_from_the_final_snapshot(workdir, baseline):
     (out / "metrics.json").unlink()
     proc, _ = train(workdir, "extend", epochs=EPOCHS, fresh=False)
     assert proc.returncode == 0 and "reusing" in proc.stderr, proc.stderr[-2000:]
-    again = json.loads((out / "metrics.json").read_text())
+    again = read_metrics(out / "metrics.json")
     assert again["first_timed_epoch"] == 3
     again = again["cost"]
     assert again["attempts"] == 1 and again["wall_s"] < longer["wall_s"] + shorter["wall_s"]

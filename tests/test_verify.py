@@ -64,7 +64,7 @@ def test_outputs_carry_their_params_and_input_digests(ran):
     model = torch.load(repo / "results/model.pt", weights_only=False)["provenance"]
     assert model["params"]["train.seed"] == 0 and "train.max_requeues" not in model["params"]
     assert model["upstream"] == images and list(model["inputs"]) == ["data/images.zarr"]
-    metrics = json.loads((repo / "results/metrics.json").read_text())["provenance"]
+    metrics = json.loads((repo / "results/run.json").read_text())["provenance"]
     from virgo_exps.provenance import stage_code_digest
 
     code = stage_code_digest("train", repo / "dvc.yaml")
@@ -96,7 +96,7 @@ def test_verify_passes_on_a_consistent_workspace(ran):
     out = virgo(repo, "verify")
     assert out.returncode == 0
     assert "verify: workspace: every check passed" in out.stdout
-    for rel in ("data/raw.zarr", "data/images.zarr", "results/model.pt", "results/metrics.json"):
+    for rel in ("data/raw.zarr", "data/images.zarr", "results/model.pt", "results/run.json"):
         assert f"ok: {rel}: made with the params of params.yaml" in out.stdout, out.stdout
     assert re.search(r"ok: data/images.zarr: read all \d+ chunk\(s\) of 8 array\(s\)", out.stdout), out.stdout
     assert "ok: dvc.lock vs files" in out.stdout
@@ -250,7 +250,7 @@ def test_params_changed_behind_dvc_are_caught_by_verify_and_the_next_stage(ran):
         "FAIL: results/model.pt: made with train.seed=0 but params.yaml has train.seed=12; dvc.lock says train.seed=12"
     ) in out.stderr, out.stderr
     assert re.search(
-        r"FAIL: results/metrics.json: made with other train params than params.yaml gives "
+        r"FAIL: results/run.json: made with other train params than params.yaml gives "
         r"\(digest \w+, expected \w+\); made with train.seed=0, params.yaml has train.seed=12",
         out.stderr,
     ), out.stderr
@@ -259,7 +259,7 @@ def test_params_changed_behind_dvc_are_caught_by_verify_and_the_next_stage(ran):
     # the next stage that reads the metrics refuses them
     report = dvc(repo, "repro", "--force", "--single-item", "report", check=False)
     assert report.returncode != 0
-    assert "error: results/metrics.json: made with other train params than params.yaml gives" in (
+    assert "error: results/run.json: made with other train params than params.yaml gives" in (
         report.stderr + report.stdout
     ), report.stderr[-3000:]
     # the same state committed: verify reads it from git and the DVC cache

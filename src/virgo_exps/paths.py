@@ -20,10 +20,24 @@ RESULTS_DIR = "results"
 MODEL_FILE = "results/model.pt"
 METRICS_FILE = "results/metrics.json"
 EPOCHS_FILE = "results/epochs.csv"
+# Beside metrics.json and epochs.csv, named after them (virgo_exps.records): what describes the run
+# (text, flags, identifiers), and the epochs' rows with numbers as numbers (DVC's plots).
+RUN_FILE = "results/run.json"
+EPOCHS_PLOT_FILE = "results/epochs.json"
 RANKS_FILE = "results/ranks.json"
 TRAIN_LOG = "results/train.log"
 CHECKPOINTS_DIR = "checkpoints"
 REPORT_DIR = "results/report"
+
+
+def run_file(metrics: str | os.PathLike) -> Path:
+    """The description of the run whose measures are ``metrics`` (``run.json`` beside it)."""
+    return Path(metrics).with_name("run.json")
+
+
+def epochs_plot_file(epochs: str | os.PathLike) -> Path:
+    """The epochs' rows for DVC's plots (``epochs.json`` beside ``epochs.csv``)."""
+    return Path(epochs).with_suffix(".json")
 
 
 def repo_root(start: str | os.PathLike | None = None) -> Path:

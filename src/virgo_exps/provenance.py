@@ -1,7 +1,7 @@
 """Provenance stamps: every output says which params and which input data made it.
 
 A stamp is a small mapping written into the output itself (zarr root
-attributes, the model file, ``metrics.json``)::
+attributes, the model file, ``run.json`` beside ``metrics.json``)::
 
     {"stage": "train",
      "params": {"train.seed": 0, ...},          # the stage's keys of dvc.yaml, as used
@@ -9,9 +9,9 @@ attributes, the model file, ``metrics.json``)::
      "inputs": {"data/images.zarr": "9ab0..."},  # digest of every input data file/folder
      "upstream": {...}}                          # the input's own stamp, when it has one
 
-``metrics.json`` carries only the two digests (``provenance.params`` and
-``provenance.data``), so that ``dvc exp show`` gains two columns, not one per
-param. A stage that reads an output checks its stamp against the params it
+``run.json`` carries only the short form (``provenance.params``,
+``provenance.data`` and ``provenance.code``), so that ``dvc exp show`` gains
+three columns, not one per param. A stage that reads an output checks its stamp against the params it
 was given (:func:`check_input`); ``virgo-exps verify`` checks every output of
 a workspace or an experiment.
 
@@ -31,6 +31,8 @@ from typing import Any
 
 from virgo_exps import fsio
 from virgo_exps.config import ConfigError, DamagedInputError
+from virgo_exps.paths import run_file
+from virgo_exps.records import merge
 
 KEY = "provenance"
 DIGEST_CHARS = 16
@@ -187,7 +189,7 @@ def stage_code_digest(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> s
 
 
 def metrics_stamp(full: dict) -> dict:
-    """The short form for ``metrics.json``: two digests."""
+    """The short form for ``run.json``: two digests (the trainer adds the code's)."""
     data = list(full.get("inputs", {}).values())
     return {"params": full["params_sha256"], "data": data[0] if len(data) == 1 else params_digest(full["inputs"])}
 
@@ -253,8 +255,7 @@ def check_input(
         raise ConfigError(problems[0] + more)
 
 
-def read_metrics(path: str | os.PathLike) -> dict:
-    """A ``metrics.json`` of this user's: a JSON object, or :class:`DamagedInputError` naming the file and the fix."""
+def _read_json_object(path: Path, what: str) -> dict:
     try:
         why = fsio.trust_refusal(path)
         if why:
@@ -263,10 +264,20 @@ def read_metrics(path: str | os.PathLike) -> dict:
     except OSError as exc:
         raise DamagedInputError(f"{path}: cannot be read ({exc.strerror}); {fix_hint('train')}") from exc
     except (ValueError, UnicodeDecodeError) as exc:
-        raise DamagedInputError(f"{path}: not a metrics file (not JSON: {exc}); {fix_hint('train')}") from exc
+        raise DamagedInputError(f"{path}: not {what} (not JSON: {exc}); {fix_hint('train')}") from exc
     if not isinstance(data, dict):
-        raise DamagedInputError(f"{path}: not a metrics file (not a JSON object); {fix_hint('train')}")
+        raise DamagedInputError(f"{path}: not {what} (not a JSON object); {fix_hint('train')}")
     return data
+
+
+def read_metrics(path: str | os.PathLike) -> dict:
+    """A run's record: ``metrics.json`` of this user's and the ``run.json`` beside it, if any, as one mapping
+    (:func:`virgo_exps.records.merge`); :class:`DamagedInputError` names a file that is not a JSON object."""
+    measures = _read_json_object(Path(path), "a metrics file")
+    described = run_file(path)
+    if not described.exists() and not described.is_symlink():
+        return measures
+    return merge(measures, _read_json_object(described, "a run description"))
 
 
 def check_metrics(
@@ -275,15 +286,18 @@ def check_metrics(
     dvc_yaml: str | os.PathLike = "dvc.yaml",
     stage: str = "train",
 ) -> None:
-    """Refuse a ``metrics.json`` whose params digest is not that of the params this stage was given."""
+    """Refuse a run's record (``metrics.json`` and its ``run.json``) whose params digest is not that of the
+    params this stage was given."""
     st = read_metrics(path).get(KEY)
     if not isinstance(st, dict) or "params" not in st:
         return
+    described = run_file(path)  # the file that holds the stamp (an older record: metrics.json itself)
+    where = described if described.exists() else path
     flat = used_params(params_file)
     expected = params_digest(select(flat, stage, dvc_yaml))
     if st["params"] != expected:
         raise ConfigError(
-            f"{path}: made with other {stage} params than {params_file} gives (params digest {st['params']}, "
+            f"{where}: made with other {stage} params than {params_file} gives (params digest {st['params']}, "
             f"expected {expected}); the output does not match its params: `virgo-exps verify` names the key; "
             f"{fix_hint(stage)}"
         )

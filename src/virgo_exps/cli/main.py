@@ -11,12 +11,23 @@ from virgo_exps.cli import sweep as sweep_cli
 from virgo_exps.cli import verify as verify_cli
 from virgo_exps.config import ConfigError, describe
 from virgo_exps.entry import stage_main
-from virgo_exps.paths import CHECKPOINTS_DIR, EPOCHS_FILE, METRICS_FILE, MODEL_FILE, REPORT_DIR, TRAIN_LOG
+from virgo_exps.paths import (
+    CHECKPOINTS_DIR,
+    EPOCHS_FILE,
+    EPOCHS_PLOT_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    REPORT_DIR,
+    RUN_FILE,
+    TRAIN_LOG,
+)
 
 RESULTS = {
     "model": MODEL_FILE,
-    "metrics": METRICS_FILE,
-    "per-epoch rows (dvc plots)": EPOCHS_FILE,
+    "metrics (numbers)": METRICS_FILE,
+    "run (device, provenance...)": RUN_FILE,
+    "per-epoch rows": EPOCHS_FILE,
+    "per-epoch rows (dvc plots)": EPOCHS_PLOT_FILE,
     "training log": TRAIN_LOG,
     "report": f"{REPORT_DIR}/report.md",
     "checkpoint": f"{CHECKPOINTS_DIR}/snapshot.pt",

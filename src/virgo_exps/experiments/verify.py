@@ -12,7 +12,7 @@ Checks, for the workspace (default) or one experiment (``--exp NAME``):
    decoded (workspace only; the codecs' checksums fail on a changed byte).
 
 An experiment is read without applying it: ``params.yaml``, ``dvc.lock`` and
-``metrics.json`` from its git ref, the other outputs from the DVC cache (which
+``metrics.json`` and ``run.json`` from its git ref, the other outputs from the DVC cache (which
 must hold them: ``dvc exp pull`` first for a teammate's). Chunks are not
 decoded there; the cache objects' MD5 covers their bytes.
 
@@ -249,7 +249,7 @@ def _stage_outs(spec: dict) -> list[str]:
 
 
 def _read_stamp(src, rel: str) -> tuple[dict | None, str | None]:
-    """(stamp, error) of an output: zarr root attributes, the model file, or metrics.json."""
+    """(stamp, error) of an output: zarr root attributes, the model file, or run.json."""
     files = src.files(rel)
     if not files:
         return None, None
@@ -303,7 +303,7 @@ def check_stamps(src, report: Report, dvc_yaml: Path) -> None:
                 report.problems.append(f"{rel}: cannot be read ({err}); {FIX_CORRUPT.format(path=rel)}")
                 continue
             if not st:
-                if rel.endswith((".zarr", ".pt", "metrics.json")) and src.files(rel):
+                if rel.endswith((".zarr", ".pt", "run.json")) and src.files(rel):
                     report.notes.append(f"{rel}: no provenance stamp (made by an older version): not checked")
                 continue
             bad = False
@@ -323,7 +323,7 @@ def check_stamps(src, report: Report, dvc_yaml: Path) -> None:
                             f"the output is not that of its inputs; {provenance.fix_hint(stage)}"
                         )
                         bad = True
-            else:  # the short form in metrics.json
+            else:  # the short form in run.json
                 expected = provenance.params_digest(keys_given)
                 if st.get("params") != expected:
                     model = [o for o in _stage_outs(spec) if o.endswith((".pt", ".pth"))]

@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from virgo_exps import dvcrun
-from virgo_exps.paths import EPOCHS_FILE, METRICS_FILE, MODEL_FILE
+from virgo_exps.config import DamagedInputError
+from virgo_exps.paths import EPOCHS_FILE, METRICS_FILE, MODEL_FILE, run_file
+from virgo_exps.provenance import read_metrics
+from virgo_exps.records import merge
 
 SOFTWARE_FILE = "version.lock"
 # An epoch timed while the host's load per core (load_avg in epochs.csv: mean
@@ -254,6 +257,8 @@ def parse_epochs_csv(text: str) -> tuple[list[float] | None, list[float] | None,
 
 
 def _metrics_of(data: dict) -> dict | None:
+    """The run's record out of ``dvc exp show``: metrics.json's measures with run.json's description (shown
+    by DVC as params of the report stage)."""
     for path, entry in (data.get("metrics") or {}).items():
         values = (entry or {}).get("data")
         if (
@@ -261,7 +266,8 @@ def _metrics_of(data: dict) -> dict | None:
             and isinstance(values, dict)
             and ("epoch_time_s_median" in values or "world_size" in values)
         ):
-            return values
+            described = ((data.get("params") or {}).get(str(run_file(path))) or {}).get("data")
+            return merge(values, described) if isinstance(described, dict) else values
     return None
 
 
@@ -580,12 +586,9 @@ def load_files(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
     for f, d in zip(files, dirs):
         name = str(d.relative_to(common)) if d != common else d.name
         try:
-            metrics = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            notes.append(f"{f} left out (unreadable: {exc})")
-            continue
-        if not isinstance(metrics, dict):
-            notes.append(f"{f} left out (not a JSON object)")
+            metrics = read_metrics(f)  # with run.json beside it
+        except DamagedInputError as exc:
+            notes.append(f"{f} left out ({str(exc).split('; ')[0]})")
             continue
         params = {}
         for candidate in (f.parent / "params.yaml", d / "params.yaml"):

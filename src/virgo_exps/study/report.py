@@ -11,7 +11,6 @@ the worst validation samples.
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 from pathlib import Path
@@ -323,12 +322,12 @@ def build(
     for the reference losses and the images panel; ``lock_path``: version.lock.
     A part whose input is not given is left out with a line that says so.
     """
-    metrics = json.loads(Path(metrics_path).read_text())
+    from virgo_exps.provenance import read_metrics, used_params
+
+    metrics = read_metrics(metrics_path)  # with run.json beside it
     df = pd.read_csv(epochs_path)
     params = None
     if params_path is not None:
-        from virgo_exps.provenance import used_params
-
         params = used_params(params_path)
     from virgo_exps import fsio
 

@@ -3,7 +3,7 @@
 With ``VIRGO_SWEEP_TRIAL`` set (by :func:`virgo_exps.sweeps.search.trial_env`), rank 0 reports each epoch's
 value of the sweep's metric to the sweep's Optuna trial and asks whether to prune; the answer reaches every
 rank through one tiny all-reduce, so all stop after the same epoch. A pruned run ends normally (exit 0):
-its final snapshot has status ``pruned`` and results/metrics.json has ``"pruned": true`` and
+its final snapshot has status ``pruned``, results/run.json has ``"pruned": true`` and metrics.json
 ``"pruned_at_epoch"``, so DVC records the experiment. Without the variable nothing of this runs and Optuna
 is not imported.
 """

@@ -19,7 +19,6 @@ has no end and is counted in ``unmeasured``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -30,10 +29,12 @@ import time
 from pathlib import Path
 
 from virgo_exps import dvcrun
+from virgo_exps.config import DamagedInputError
 from virgo_exps.experiments.share import DEFAULT_NAME, Layout, configure_clone
 from virgo_exps.gitrun import experiment_refs
 from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
 from virgo_exps.paths import METRICS_FILE
+from virgo_exps.provenance import read_metrics
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
 from virgo_exps.sweeps.taskstate import (
@@ -146,10 +147,10 @@ def _experiments(work: Path) -> set[str]:
 
 
 def _metrics(work: Path) -> dict:
-    path = work / METRICS_FILE
+    """The trial's record (metrics.json with run.json beside it); empty when unreadable (then refused)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_metrics(work / METRICS_FILE)
+    except DamagedInputError:
         return {}
 
 

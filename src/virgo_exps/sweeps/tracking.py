@@ -3,9 +3,10 @@
 Each trial trains in its own clone (``<store>/sweeps/<name>/work/<trial>/``) and logs into that clone's
 SQLite store, as any run does. Those stores are merged, by ``sweep status`` and ``sweep page``, into
 the team store's own, ``<store>/mlflow/mlflow.db``, one MLflow experiment per sweep
-(``sweep-<name>``): a finished trial's run with its params, tags, every metric's history (the curves)
-and its status, tagged with the sweep and the trial. Each run is merged once (the tag
-``virgo.source`` names where it came from).
+(``sweep-<name>``): one run per trial, its last attempt that ended (a requeued trial's earlier attempts are
+in it: it logs the epochs it resumed from), with its params, tags, every metric's history (the curves) and
+its status, tagged with the sweep and the trial. Each run is merged once (the tag ``virgo.source`` names
+where it came from); an earlier attempt merged before the trial's last one ended is deleted then.
 
 Why merge rather than let the array's tasks write one SQLite file: tasks on several nodes would write it
 at once over the shared file system, and SQLite's locking is not safe on NFS and the like. Here one
@@ -75,6 +76,19 @@ def _copy_run(src, target, run, experiment_id: str, tags: dict[str, str]) -> Non
     target.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
 
 
+def _last_attempt(src) -> Any:
+    """The trial's run to show: the last attempt that ended (a requeued trial starts a run per attempt, and the
+    last one logs the epochs of the attempts before it as well); the per-rank runs and a running attempt never.
+    """
+    ended = [
+        run
+        for e in src.search_experiments()
+        for run in src.search_runs([e.experiment_id], filter_string="attributes.status != 'RUNNING'")
+        if "mlflow.parentRunId" not in run.data.tags  # the per-rank runs: their figures are in ranks.json
+    ]
+    return max(ended, key=lambda r: r.info.start_time or 0, default=None)
+
+
 def merge_trials(sweep_dir: Path, sweep: str, trials: dict[str, Any], group: str | None) -> tuple[int, str] | None:
     """Merge the finished trial runs of the sweep in ``sweep_dir`` into its team store's MLflow store;
     ``trials`` maps each trial's experiment name to its trial number. Return (runs merged now, the
@@ -104,26 +118,29 @@ def merge_trials(sweep_dir: Path, sweep: str, trials: dict[str, Any], group: str
                 if exp is not None
                 else target.create_experiment(name, artifact_location=(folder / "artifacts" / sweep).as_uri())
             )
-            done = {r.data.tags.get(SOURCE_TAG) for r in target.search_runs([exp_id], max_results=50000)}
+            held = target.search_runs([exp_id], max_results=50000)
+            done = {r.data.tags.get(SOURCE_TAG) for r in held}
             for db in sources:
                 clone = db.parent.parent.name
                 src = MlflowClient(tracking_uri=f"sqlite:///{db}")
-                for e in src.search_experiments():
-                    for run in src.search_runs([e.experiment_id], filter_string="attributes.status != 'RUNNING'"):
-                        if "mlflow.parentRunId" in run.data.tags:
-                            continue  # the per-rank runs: their figures are in ranks.json
-                        source = f"{clone}:{run.info.run_id}"
-                        if source in done:
-                            continue
-                        tags = {SOURCE_TAG: source, "sweep": sweep, "dvc.experiment": clone}
-                        number = trials.get(clone)
-                        if number is None and clone.startswith(f"{sweep}-") and clone[len(sweep) + 1 :].isdigit():
-                            number = int(clone[len(sweep) + 1 :])  # the trial's experiment name (spec.trial_name)
-                        if number is not None:
-                            tags["trial"] = str(number)
-                        _copy_run(src, target, run, exp_id, tags)
-                        done.add(source)
-                        merged += 1
+                run = _last_attempt(src)
+                if run is None:
+                    continue
+                source = f"{clone}:{run.info.run_id}"
+                if source in done:
+                    continue
+                for earlier in held:  # an earlier attempt of the trial, merged before this one ended
+                    if earlier.data.tags.get("dvc.experiment") == clone:
+                        target.delete_run(earlier.info.run_id)
+                tags = {SOURCE_TAG: source, "sweep": sweep, "dvc.experiment": clone}
+                number = trials.get(clone)
+                if number is None and clone.startswith(f"{sweep}-") and clone[len(sweep) + 1 :].isdigit():
+                    number = int(clone[len(sweep) + 1 :])  # the trial's experiment name (spec.trial_name)
+                if number is not None:
+                    tags["trial"] = str(number)
+                _copy_run(src, target, run, exp_id, tags)
+                done.add(source)
+                merged += 1
         db_file = folder / "mlflow.db"
         with contextlib.suppress(OSError):
             if db_file.stat().st_uid == os.getuid():

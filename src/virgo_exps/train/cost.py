@@ -71,6 +71,7 @@ import psutil
 
 from virgo_exps.launch.slurm.query import run_tool
 from virgo_exps.paths import METRICS_FILE
+from virgo_exps.provenance import read_metrics
 
 SACCT_FIELDS = ("JobID", "Elapsed", "AllocCPUS", "TotalCPU", "MaxRSS", "CPUTimeRAW", "State")
 
@@ -337,7 +338,7 @@ def compare(ours: dict, sacct: dict | None, reason: str | None = None) -> dict:
 
 def accounting_report(metrics_path: Path, env: dict[str, str] | None = None) -> dict:
     """:func:`compare` for the run of ``metrics_path`` (its ``cost.slurm_job``)."""
-    cost = json.loads(Path(metrics_path).read_text()).get("cost")
+    cost = read_metrics(metrics_path).get("cost")
     if not cost:
         return compare({}, None, f"{metrics_path} has no cost figures (made before they were recorded)")
     job = cost.get("slurm_job")

@@ -1,5 +1,6 @@
 """What a training leaves: the epochs' records, its final metrics, its outputs (the model file,
-metrics.json, epochs.csv, ranks.json) and what it tells the tracker (MLflow), written by rank 0.
+metrics.json and run.json, epochs.csv and epochs.json, ranks.json) and what it tells the tracker (MLflow),
+written by rank 0.
 
 Every file is written whole or not at all; a full disk ends the run with one line
 (:func:`write_failure`), its last snapshot kept.
@@ -12,7 +13,6 @@ import dataclasses
 import errno
 import io
 import json
-import math
 import shutil
 import socket
 import sys
@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from virgo_exps import fsio, provenance
+from virgo_exps import fsio, paths, provenance
 from virgo_exps.config import as_flat_dict
 from virgo_exps.machines import active_machine_name
 from virgo_exps.modelfile import model_file_content
-from virgo_exps.records import numbers
+from virgo_exps.records import numbers, split
 from virgo_exps.sweeps.pruning import sweep_tags
 from virgo_exps.train import cost, outcome
 
@@ -44,6 +44,16 @@ class TrainOutputs:
     metrics: Path  # final metrics (DVC metrics)
     epochs: Path  # one row per epoch (DVC plots)
     ranks: Path  # per-rank figures (computation fraction, GPU energy)
+
+    @property
+    def run(self) -> Path:
+        """What describes the run (device, machine, strategy, provenance): beside metrics.json."""
+        return paths.run_file(self.metrics)
+
+    @property
+    def epochs_plot(self) -> Path:
+        """The epochs' rows for DVC's plots, numbers as numbers: beside epochs.csv."""
+        return paths.epochs_plot_file(self.epochs)
 
 
 @dataclass
@@ -178,7 +188,8 @@ def stage_code() -> str | None:
 
 
 def write_outputs(t: Trainer, metrics: dict, per_rank_gpu: list[dict]) -> None:
-    """Rank 0: the model file, epochs.csv, ranks.json and, last, metrics.json; then the tracker's copy."""
+    """Rank 0: the model file, the epochs' files, ranks.json, run.json and, last, metrics.json; then the
+    tracker's copy."""
     model = t.strategy.unwrap(t.model)
     t.out.model.parent.mkdir(parents=True, exist_ok=True)
     # The params and data these outputs were made with (checked by the report stage and `virgo-exps verify`).
@@ -197,35 +208,38 @@ def write_outputs(t: Trainer, metrics: dict, per_rank_gpu: list[dict]) -> None:
         ),
         t.out.model,
     )
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     # with the digest of the code that trained (the scalability report never pools runs of other code)
-    clean[provenance.KEY] = {**provenance.metrics_stamp(stamp), "code": t.stage_code}
+    record = {**metrics, provenance.KEY: {**provenance.metrics_stamp(stamp), "code": t.stage_code}}
+    # metrics.json: the numbers DVC compares (what was not measured is left out); run.json: the rest
+    measures, description = split(record)
     rows = [r.row() for r in t.history]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(t.out.epochs, text.getvalue())
+    plot_rows = [split(r)[0] for r in rows]
+    atomic_write_text(t.out.epochs_plot, json.dumps(plot_rows, indent=1) + "\n")
     ranks = []
     comp = (t.computation or {}).get("per_rank") or [{}] * len(per_rank_gpu)
     for rank, (c, g) in enumerate(zip(comp, per_rank_gpu)):
         ranks.append({"rank": rank, **t.placement[rank], **{f"compute_{k}": v for k, v in c.items()}, **g})
     atomic_write_text(t.out.ranks, json.dumps(ranks, indent=2) + "\n")
     # The record of success last: a failure before it leaves no metrics.json that claims this run.
-    atomic_write_text(t.out.metrics, json.dumps(clean, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(t.out.run, json.dumps(description, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(t.out.metrics, json.dumps(measures, indent=2, sort_keys=True) + "\n")
     if t.tracker is not None:
         per_epoch = {f.name for f in dataclasses.fields(EpochRecord)} | set(t.history[-1].metrics)
         # every number of metrics.json under its dotted key (cost.core_h, cost.energy_wh, ...)
-        t.tracker.log_metrics(
-            {k: v for k, v in numbers(clean).items() if k not in per_epoch and not k.startswith("provenance.")}
-        )
+        t.tracker.log_metrics({k: v for k, v in numbers(measures).items() if k not in per_epoch})
         t.tracker.log_rank_runs(
             [{k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "rank"} for r in ranks]
         )
-        for p in (t.out.metrics, t.out.epochs):
+        for p in (t.out.metrics, t.out.run, t.out.epochs):
             t.tracker.log_artifact(p)
         t.tracker.log_artifact(t.out.model, "model")  # the trained network, with its checksum and stamp
-        t.tracker.log_dataset(t.data, clean[provenance.KEY]["data"])
+        t.tracker.register_model("model")
+        t.tracker.log_dataset(t.data, record[provenance.KEY]["data"])
 
 
 def say_epoch(rec: EpochRecord, epochs: int, steps: int, steps_per_epoch: int) -> None:

@@ -12,6 +12,7 @@ stage logs.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -137,7 +138,12 @@ class Tracker:
             raise TrackingError(f"MLflow tracking at {redact(uri)} failed: {text.splitlines()[0][:300]}") from None
         mlflow.set_experiment(EXPERIMENT)
         name = experiment_name()
-        self.run = mlflow.start_run(run_name=name)
+        # MLflow's system metrics (CPU, memory, disk, network; GPU with NVML) sampled every 10 s
+        # (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) while the run trains; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
+        # turns them off.
+        system = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").strip().lower() not in ("false", "0")
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start and stop lines
+        self.run = mlflow.start_run(run_name=name, log_system_metrics=system)
         mlflow.set_tags({"dvc.experiment": name, "git.revision": git_revision(), **tags})
         mlflow.log_params(params)
         for path in artifacts:
@@ -161,6 +167,32 @@ class Tracker:
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.run is not None and Path(path).exists():
             self._mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def register_model(self, folder: str = "model") -> None:
+        """The run's model artifact (``folder``) as a new version of the registered model named after the
+        MLflow experiment, tagged with the DVC experiment; a store without a model registry says so in one
+        line and the run goes on (its model stays an artifact of the run)."""
+        if self.run is None:
+            return
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        try:
+            try:
+                client.get_registered_model(EXPERIMENT)
+            except MlflowException:
+                client.create_registered_model(EXPERIMENT, description="models trained by virgo-exps' train stage")
+            version = client.create_model_version(
+                EXPERIMENT,
+                source=f"{self.run.info.artifact_uri}/{folder}",
+                run_id=self.run.info.run_id,
+                tags={"dvc.experiment": experiment_name()},
+            )
+        except MlflowException as exc:
+            print(f"mlflow: the model is not registered ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
+            return
+        print(f"mlflow: model registered as {EXPERIMENT} version {version.version}", file=sys.stderr)
 
     def log_dataset(self, path: Path, digest: str) -> None:
         """The training data as the run's dataset input (context ``training``): its path, and its digest,
