@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -30,9 +29,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
-from conftest import BIN, ROOT, _project_files, sh, tool_env, wait_until
+from conftest import BIN, ROOT, _project_files, free_port, sh, tool_env, wait_until
 from virgo_exps.provenance import read_metrics
 
 PORT = ROOT / "tests" / "port_study"
@@ -100,9 +100,7 @@ def install(repo: Path, venv: Path) -> Path:
 
 def dashboard_study(journal: Path, tmp_path: Path) -> dict:
     """Study 0 of ``journal`` as optuna-dashboard's REST API gives it (the server started and stopped here)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = (tmp_path / "dashboard.log").open("w")
     server = subprocess.Popen(
         [
@@ -276,6 +274,12 @@ def test_the_port_trains_on_slurm_and_sweeps_for_accuracy_as_a_job_array(slurm_c
     assert [t.value for t in trials] == [t["metric"] for t in sorted(done, key=lambda t: t["index"])]
     assert study.best_trial.user_attrs["experiment"] == best["experiment"]
     assert all(t.user_attrs["cost.core_h"] > 0 for t in trials)
+    for t in trials:  # each trial names its MLflow run, in the store of the clone it trained in
+        clone_store = (
+            f"sqlite:///{store / 'sweeps' / 'acc' / 'work' / t.user_attrs['experiment'] / 'mlflow' / 'mlflow.db'}"
+        )
+        run = MlflowClient(tracking_uri=clone_store).get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.run_name == t.user_attrs["experiment"] and run.info.status == "FINISHED"
     # and optuna-dashboard serves it: read through its REST API
     shown = dashboard_study(Path(journal), tmp_path)
     assert shown["objective_names"] == ["val_accuracy"] and shown["directions"] == ["maximize"], shown

@@ -468,6 +468,10 @@ def test_the_mlflow_ui_on_the_team_store_finds_the_trials_by_the_sweep_tag_and_b
             assert tags["dvc.experiment"] == name and tags["machine"] == "simcluster", tags
             assert metrics["cost.core_h"] > 0 and np.isfinite(metrics["val_loss"]), metrics
             assert run["info"]["status"] == "FINISHED"
+            # its artifacts in the team store, not in the trial's clone: the model a teammate downloads
+            assert run["info"]["artifact_uri"].startswith((sweep["store"] / "mlflow" / "artifacts").as_uri())
+            listed = mlflow_rest(url, f"artifacts/list?run_id={run['info']['run_id']}&path=model").get("files")
+            assert [f["path"] for f in listed or []] == ["model/model.pt"], listed
 
 
 @pytest.mark.slurm

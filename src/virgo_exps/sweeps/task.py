@@ -279,6 +279,8 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     )
     write_task_state(directory, index, state)
     attrs = {"experiment": name, "cost": metrics.get("cost"), "allocation": state["allocation"], "log": log}
+    if metrics.get("mlflow_run_id"):
+        attrs["mlflow_run_id"] = metrics["mlflow_run_id"]  # its run in the clone's store or the team's server
     _tell(spec, directory, number, value, OPTUNA_STATE[final], attrs)
     shown = f", {spec.metric} {value}" if value is not None else ""
     say(f"trial {number} ({name}): {final}{shown}; log {log}")

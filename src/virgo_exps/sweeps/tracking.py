@@ -4,9 +4,10 @@ Each trial trains in its own clone (``<store>/sweeps/<name>/work/<trial>/``) and
 SQLite store, as any run does. Those stores are merged, by ``sweep status`` and ``sweep page``, into
 the team store's own, ``<store>/mlflow/mlflow.db``, one MLflow experiment per sweep
 (``sweep-<name>``): one run per trial, its last attempt that ended (a requeued trial's earlier attempts are
-in it: it logs the epochs it resumed from), with its params, tags, every metric's history (the curves) and
-its status, tagged with the sweep and the trial. Each run is merged once (the tag ``virgo.source`` names
-where it came from); an earlier attempt merged before the trial's last one ended is deleted then.
+in it: it logs the epochs it resumed from), with its params, tags, every metric's history (the curves), its
+artifacts (copied into the team store's ``mlflow/artifacts/<sweep>/``), its dataset input and its
+status, tagged with the sweep and the trial. Each run is merged once (the tag ``virgo.source`` names where
+it came from); an earlier attempt merged before the trial's last one ended is deleted then.
 
 Why merge rather than let the array's tasks write one SQLite file: tasks on several nodes would write it
 at once over the shared file system, and SQLite's locking is not safe on NFS and the like. Here one
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,24 @@ def _copy_run(src, target, run, experiment_id: str, tags: dict[str, str]) -> Non
     for i in range(0, len(metrics), 1000):
         target.log_batch(run_id, metrics=metrics[i : i + 1000])
     target.log_batch(run_id, tags=[RunTag(SOURCE_TAG, tags[SOURCE_TAG])])
+    # The artifacts (the model, metrics.json, ...) copied into the team store, where a teammate opens them;
+    # the trial's clone is the sweep's working space. The dataset input as it was.
+    artifacts = _local_path(run.info.artifact_uri)
+    if artifacts is not None and artifacts.is_dir() and any(artifacts.iterdir()):
+        target.log_artifacts(run_id, str(artifacts))
+    if run.inputs is not None and run.inputs.dataset_inputs:
+        target.log_inputs(run_id, datasets=list(run.inputs.dataset_inputs))
     target.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+
+
+def _local_path(uri: str | None) -> Path | None:
+    """The folder of a ``file:`` (or plain path) artifact URI; None for a remote one."""
+    if not uri:
+        return None
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("", "file"):
+        return Path(urllib.parse.unquote(parts.path))
+    return None
 
 
 def _last_attempt(src) -> Any:

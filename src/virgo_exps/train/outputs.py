@@ -210,6 +210,8 @@ def write_outputs(t: Trainer, metrics: dict, per_rank_gpu: list[dict]) -> None:
     )
     # with the digest of the code that trained (the scalability report never pools runs of other code)
     record = {**metrics, provenance.KEY: {**provenance.metrics_stamp(stamp), "code": t.stage_code}}
+    if t.tracker is not None and t.tracker.run_id:
+        record["mlflow_run_id"] = t.tracker.run_id  # the run's record in the store it logged to
     # metrics.json: the numbers DVC compares (what was not measured is left out); run.json: the rest
     measures, description = split(record)
     rows = [r.row() for r in t.history]

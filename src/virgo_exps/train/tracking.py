@@ -151,6 +151,11 @@ class Tracker:
                 mlflow.log_artifact(str(path))
         print(f"mlflow: run {self.run.info.run_id} ({name}) in {redact(uri)}", file=sys.stderr)
 
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run's id while it is open (run.json keeps it: the link from a result to its run)."""
+        return self.run.info.run_id if self.run is not None else None
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.run is not None:
             self._mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
