@@ -23,6 +23,7 @@ import yaml
 from conftest import BIN, make_repo, sh, tool_env
 from virgo_exps.config import ConfigError
 from virgo_exps.provenance import read_metrics
+from virgo_exps.records import merge
 from virgo_exps.sweeps import spec as sweep_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +258,8 @@ def exp_metrics(repo: Path) -> dict[str, tuple[dict, dict]]:
                 data = run["data"]
                 out[run["name"]] = (
                     data["params"]["params.yaml"]["data"]["train"],
-                    data["metrics"]["results/metrics.json"]["data"],
+                    # the record as DVC shows it: metrics.json's numbers and run.json's text (as params)
+                    merge(data["metrics"]["results/metrics.json"]["data"], data["params"]["results/run.json"]["data"]),
                 )
     return out
 
@@ -520,12 +522,12 @@ def test_search_sweep_as_a_job_array(tmp_path, slurm_multinode):
     assert f"dvc exp apply {best}" in text and (page_dir / "importances.png").is_file()
     dvc(repo, "exp", "pull", "team", best, env=local)
     dvc(repo, "exp", "apply", best, env=local)
-    expected = (directory / "work" / best / "results" / "metrics.json").read_text()
+    expected = read_metrics(directory / "work" / best / "results" / "metrics.json")
     log = dvc(repo, "exp", "run", env=local)
     log = log.stdout + log.stderr
     for stage in ("generate", "preprocess", "train", "report"):
         assert f"Stage '{stage}' didn't change, skipping" in log, log[-3000:]
-    assert read_metrics(repo / "results" / "metrics.json") == json.loads(expected)
+    assert read_metrics(repo / "results" / "metrics.json") == expected
 
     # A second submission continues the search to a larger budget. While the first array is still
     # in the queue it is refused; afterwards the new array's tasks ask the study for the trials left

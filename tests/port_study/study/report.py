@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from virgo_exps import fsio
+from virgo_exps.provenance import read_metrics
 
 
 def build(metrics_path: Path, epochs_path: Path, out: Path, title: str) -> Path:
-    metrics = json.loads(metrics_path.read_text())
+    metrics = read_metrics(metrics_path)  # metrics.json with the run.json beside it (strategy, device, ...)
     rows = list(csv.DictReader(epochs_path.open()))
     lines = [
         f"# {title}",
