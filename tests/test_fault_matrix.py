@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 from conftest import BIN, make_repo, sh
+from virgo_exps.experiments.verify_checks import dvc_md5
 
 pytestmark = pytest.mark.slow
 
@@ -322,8 +323,6 @@ def test_a_data_stage_killed_while_it_writes_reruns_to_the_same_bytes(data_repo,
     wait_until(lambda: not running_here(), 60, "the killed run's processes to exit")
     published = repo / out
     if published.exists():  # DVC removes the output before a forced run; if one is there, it is whole
-        from virgo_exps.experiments.verify import dvc_md5
-
         files = [(p.relative_to(published).as_posix(), p.read_bytes()) for p in published.rglob("*") if p.is_file()]
         assert dvc_md5(files) == want
     again = dvc(repo, "repro", "--force", "-s", stage)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT, make_repo, sh, wait_until
-from virgo_exps.experiments import share
+from virgo_exps.experiments import clone, teamstore
 
 PARAMS = {"preprocess": {"fmax": 64.0}}
 N_EXPS = 6
@@ -43,11 +43,11 @@ def test_check_path_names_each_wrong_permission_and_its_fix(tmp_path):
     good = tmp_path / "good"
     good.mkdir()
     os.chmod(good, 0o2770)
-    assert share.check_path(good, gid, group) == []
+    assert teamstore.check_path(good, gid, group) == []
     bad = tmp_path / "bad"
     bad.mkdir()
     os.chmod(bad, 0o757)  # no setgid, group r-x only, world-writable
-    problems = share.check_path(bad, gid, group)
+    problems = teamstore.check_path(bad, gid, group)
     text = "\n".join(str(p) for p in problems)
     assert "is world-writable (mode 0757)" in text
     assert "folder lacks group w" in text
@@ -56,13 +56,13 @@ def test_check_path_names_each_wrong_permission_and_its_fix(tmp_path):
     f = tmp_path / "f"
     f.write_text("x")
     os.chmod(f, 0o600)
-    assert [p.what for p in share.check_path(f, gid, group)] == ["file is not group-readable (mode 0600)"]
-    explained = share.explain(problems, tmp_path, group)
+    assert [p.what for p in teamstore.check_path(f, gid, group)] == ["file is not group-readable (mode 0600)"]
+    explained = teamstore.explain(problems, tmp_path, group)
     assert f"chmod -R o-w '{tmp_path}'" in explained
     assert f"find '{tmp_path}' -type d -exec chmod g+rwxs {{}} +" in explained
-    rest, done = share.fix_own(problems, group)
+    rest, done = teamstore.fix_own(problems, group)
     assert rest == [] and len(done) == len(problems)
-    assert share.check_path(bad, gid, group) == []
+    assert teamstore.check_path(bad, gid, group) == []
 
 
 def test_world_writable_finds_every_such_path(tmp_path):
@@ -70,19 +70,19 @@ def test_world_writable_finds_every_such_path(tmp_path):
     (tmp_path / "a" / "b" / "f").write_text("")
     os.chmod(tmp_path / "a" / "b" / "f", 0o666)
     os.chmod(tmp_path / "a", 0o777)
-    assert set(share.world_writable(tmp_path)) == {tmp_path / "a", tmp_path / "a" / "b" / "f"}
+    assert set(teamstore.world_writable(tmp_path)) == {tmp_path / "a", tmp_path / "a" / "b" / "f"}
 
 
 def test_unknown_group_and_hard_links_are_refused(tmp_path):
-    with pytest.raises(share.ShareError, match="group 'no-such-group-vx' does not exist.*groupadd"):
-        share.group_id("no-such-group-vx")
-    layout = share.Layout(tmp_path / "s", _own_group())
-    with pytest.raises(share.ShareError, match="hard links are refused"):
-        share.configure_clone(tmp_path, layout, link_type="hardlink")
+    with pytest.raises(teamstore.ShareError, match="group 'no-such-group-vx' does not exist.*groupadd"):
+        teamstore.group_id("no-such-group-vx")
+    layout = teamstore.Layout(tmp_path / "s", _own_group())
+    with pytest.raises(teamstore.ShareError, match="hard links are refused"):
+        clone.configure_clone(tmp_path, layout, link_type="hardlink")
 
 
 def test_default_acl_makes_new_folders_group_writable_despite_umask(tmp_path):
-    if not share.set_default_acl(tmp_path):
+    if not teamstore.set_default_acl(tmp_path):
         pytest.skip("this file system has no POSIX ACLs")
     old = os.umask(0o022)
     try:
@@ -90,7 +90,7 @@ def test_default_acl_makes_new_folders_group_writable_despite_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "x" / "y").st_mode) & 0o070 == 0o070
-    assert share.has_default_acl(tmp_path / "x" / "y")
+    assert teamstore.has_default_acl(tmp_path / "x" / "y")
 
 
 def test_migrate_cache_copies_objects_read_only_into_the_shared_cache(tmp_path):
@@ -101,11 +101,11 @@ def test_migrate_cache_copies_objects_read_only_into_the_shared_cache(tmp_path):
     (old / "tmp" / "junk").write_text("x")
     new = tmp_path / "new"
     new.mkdir()
-    assert share.migrate_cache(old, new, os.getgid()) == 1
+    assert clone.migrate_cache(old, new, os.getgid()) == 1
     obj = new / "files" / "md5" / "ab" / "cdef"
     assert obj.read_text() == "data" and stat.S_IMODE(obj.stat().st_mode) == 0o444
     assert not (new / "tmp").exists()
-    assert share.migrate_cache(old, new, os.getgid()) == 0
+    assert clone.migrate_cache(old, new, os.getgid()) == 0
 
 
 # -- real users -----------------------------------------------------------------
@@ -364,7 +364,7 @@ def test_share_says_which_path_and_permission_is_wrong_and_how_to_fix_it(shared)
         assert f"chgrp -R {group} '{store}'" in err and f"chmod -R o-w '{store}'" in err
     finally:
         wrong.rmdir()
-    assert share.world_writable(store) == []
+    assert teamstore.world_writable(store) == []
 
 
 @pytest.mark.slow
@@ -497,8 +497,8 @@ def test_both_push_six_experiments_at_once_and_all_twelve_arrive(shared):
     # Every file in the store is the group's, group-readable; folders setgid and
     # group-writable; nothing anywhere is world-writable.
     assert _modes(store, group) == []
-    assert share.world_writable(store) == []
-    assert share.check_tree(store, group) == []
+    assert teamstore.world_writable(store) == []
+    assert teamstore.check_tree(store, group) == []
     assert bob.vx("share", "--dir", str(store), "--group", group, "--check").returncode == 0
     print(f"{2 * N_EXPS} concurrent pushes took {time.monotonic() - start:.1f}s")
 
@@ -510,7 +510,7 @@ def test_a_sweeps_folders_leave_the_store_open_to_the_team(shared):
     store, group, alice, bob = shared["store"], shared["group"], shared["alice"], shared["bob"]
     code = (
         "import os, sys; from pathlib import Path; os.umask(0o022); "
-        "from virgo_exps.experiments.share import make_group_tree; "
+        "from virgo_exps.experiments.teamstore import make_group_tree; "
         "[make_group_tree(Path(sys.argv[1]), Path(sys.argv[1]) / 'sweeps' / 'lr' / s, sys.argv[2]) "
         "for s in ('logs', 'tasks', 'work')]"
     )
@@ -540,7 +540,7 @@ def test_a_trials_clone_is_taken_while_a_teammates_push_is_arriving(shared):
     work = shared["base"] / shared["alice"].name / "trial" / "work-000"
     code = (
         "import sys; from pathlib import Path; "
-        "from virgo_exps.experiments.share import Layout; from virgo_exps.sweeps.task import prepare_clone; "
+        "from virgo_exps.experiments.teamstore import Layout; from virgo_exps.sweeps.task import prepare_clone; "
         "prepare_clone(Path(sys.argv[1]), {'branch': sys.argv[2], 'commit': sys.argv[3]}, "
         "Layout(Path(sys.argv[4]), sys.argv[5]))"
     )
@@ -587,7 +587,7 @@ def test_one_pushes_while_the_other_pulls_and_both_share_at_once(shared):
     for proc in shares:
         out = proc.communicate(timeout=900)[0]
         assert proc.returncode == 0 and "permissions: ok" in out, out[-3000:]
-    assert _modes(store, group) == [] and share.check_tree(store, group) == []
+    assert _modes(store, group) == [] and teamstore.check_tree(store, group) == []
 
 
 def _refs(user, name: str) -> str:

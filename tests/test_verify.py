@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from conftest import BIN, make_repo, sh, tool_env
+from virgo_exps.experiments.verify_sources import exp_refs, same_as_baseline
 
 pytestmark = pytest.mark.slow
 
@@ -117,8 +118,6 @@ def test_verify_an_experiment_from_git_and_the_cache_and_one_identical_to_its_ba
     out = virgo(repo, "verify", "--exp", "dup")
     assert out.returncode == 0
     assert f"note: experiment dup is identical to its baseline {head[:7]}" in out.stdout, out.stdout
-    from virgo_exps.experiments.verify import same_as_baseline
-
     assert same_as_baseline(repo) == {"dup": head}
     assert "Pipeline is up to date, no experiment recorded" in virgo(repo, "run").stdout
     missing = virgo(repo, "verify", "--exp", "nosuch", check=False)
@@ -143,8 +142,6 @@ def test_verify_an_experiment_whose_git_held_outputs_were_edited_after_the_run(r
     git holds) changed: verify --exp names the output and fails; the unedited experiment passes."""
     repo, _ = ran
     first = exp_names(repo)[0]
-    from virgo_exps.experiments.verify import exp_refs
-
     rev = exp_refs(repo)[first]
     metrics = json.loads(sh(["git", "show", f"{rev}:results/metrics.json"], repo).stdout)
     metrics["val_loss"] /= 2

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from virgo_exps.cli.common import subcommand_main
+from virgo_exps.experiments import share
+from virgo_exps.experiments.teamstore import Layout, ShareError, check_membership, check_tree, explain, fix_own
 
 COMMANDS = ("share", "failures", "logs", "resume")
 
@@ -85,12 +87,10 @@ def add_parser(subparsers) -> None:
 
 
 def _share(args) -> int:
-    from virgo_exps.experiments import share
-
     try:
         if args.check:
-            share.check_membership(args.group)
-            layout = share.Layout(args.dir.expanduser().absolute(), args.group)
+            check_membership(args.group)
+            layout = Layout(args.dir.expanduser().absolute(), args.group)
             if not layout.root.is_dir():
                 print(
                     f"error: {layout.root}: does not exist (create it with `virgo-exps share --dir "
@@ -98,18 +98,18 @@ def _share(args) -> int:
                     file=sys.stderr,
                 )
                 return 1
-            problems = share.check_tree(layout.root, args.group)
+            problems = check_tree(layout.root, args.group)
             if problems and args.fix:
-                problems, done = share.fix_own(problems, args.group)
+                problems, done = fix_own(problems, args.group)
                 for line in done:
                     print(line)
             if problems:
-                print(share.explain(problems, layout.root, args.group), file=sys.stderr)
+                print(explain(problems, layout.root, args.group), file=sys.stderr)
                 return 1
             print(f"{layout.root}: permissions ok for group '{args.group}'")
             return 0
         result = share.share(args.dir, args.group, args.repo, args.name, args.link_type, args.auto_push, fix=args.fix)
-    except share.ShareError as exc:
+    except ShareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     text = share.summary(result, args.name)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from virgo_exps.cli.common import subcommand_main
-from virgo_exps.experiments.verify import VerifyError
 from virgo_exps.experiments.verify import verify as verify_outputs
+from virgo_exps.experiments.verify_sources import VerifyError
 
 
 def add_parser(sub) -> None:

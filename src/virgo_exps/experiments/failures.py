@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from virgo_exps import dvcrun
+from virgo_exps.experiments.verify_sources import exp_refs
 from virgo_exps.gitrun import experiment_refs
 from virgo_exps.launch.protocol import announced_logs, experiment_of_log
 from virgo_exps.paths import REPORT_DIR, TRAIN_LOG, main_checkout
@@ -208,8 +209,6 @@ def carried_logs(repo: Path | str = ".", exp: str | None = None) -> dict[str, st
     found: dict[str, str] = {}
     rev = None
     if exp is not None:
-        from virgo_exps.experiments.verify import exp_refs
-
         rev = exp_refs(repo).get(exp)
         if rev is None:
             proc = subprocess.run(

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virgo_exps.experiments.teamstore import MARKER
 from virgo_exps.launch.slurm.query import run_tool
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
@@ -181,8 +182,6 @@ def reconcile(directory: Path) -> Status:
 
 def _store_group(directory: Path) -> str | None:
     """The team store's group, from its marker file (the sweep dir is <store>/sweeps/<name>)."""
-    from virgo_exps.experiments.share import MARKER
-
     try:
         return json.loads((Path(directory).parent.parent / MARKER).read_text()).get("group") or None
     except (OSError, ValueError, AttributeError):

@@ -27,7 +27,7 @@ import yaml
 
 from virgo_exps import dvcrun, fsio
 from virgo_exps.config import ConfigError, DamagedInputError
-from virgo_exps.experiments.share import GIT_DIR, MARKER, Layout, read_marker
+from virgo_exps.experiments.teamstore import FILE_MODE, GIT_DIR, MARKER, Layout, make_group_tree, read_marker
 from virgo_exps.gitrun import git
 from virgo_exps.launch.slurm.query import run_tool
 from virgo_exps.launch.slurm.script import machine_options, sbatch_arg, slurm_filename
@@ -274,8 +274,6 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
         search.check_journal(directory)
     _git(repo, "push", "-q", "-f", str(layout.git), f"{commit}:refs/heads/{branch(spec.name)}")
     use_slurm_conf(machine)
-    from virgo_exps.experiments.share import FILE_MODE, make_group_tree
-
     for sub in ("logs", "tasks", "work"):  # the store's group folders, as `virgo-exps share` makes them
         make_group_tree(layout.root, directory / sub, layout.group)
     res = resources(repo, spec, machine)

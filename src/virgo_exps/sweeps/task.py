@@ -30,7 +30,8 @@ from pathlib import Path
 
 from virgo_exps import dvcrun
 from virgo_exps.config import DamagedInputError
-from virgo_exps.experiments.share import DEFAULT_NAME, Layout, configure_clone
+from virgo_exps.experiments.clone import DEFAULT_NAME, configure_clone
+from virgo_exps.experiments.teamstore import Layout
 from virgo_exps.gitrun import experiment_refs
 from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
 from virgo_exps.paths import METRICS_FILE

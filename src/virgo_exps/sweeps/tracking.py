@@ -25,6 +25,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from virgo_exps.experiments.teamstore import make_group_tree
+
 STORE_DIR = "mlflow"
 SOURCE_TAG = "virgo.source"
 
@@ -122,8 +124,6 @@ def merge_trials(sweep_dir: Path, sweep: str, trials: dict[str, Any], group: str
     folder = store_root / STORE_DIR
     with _group_umask():
         if group:
-            from virgo_exps.experiments.share import make_group_tree
-
             make_group_tree(store_root, folder, group)
         folder.mkdir(exist_ok=True)
         uri = store_uri(store_root)
