@@ -216,6 +216,7 @@ def studies() -> list[StudySpec]:
     """The installed studies (usually one), by their entry points; loaded once per process."""
     global _STUDIES
     if _STUDIES is None:
+        # importlib.metadata (~15 ms): loaded when params are read, not by every import (`virgo-exps --help`)
         from importlib.metadata import entry_points
 
         found = [ep.load() for ep in sorted(entry_points(group=STUDY_GROUP), key=lambda ep: ep.name)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import torch
@@ -57,8 +58,6 @@ def model_file_content(state_dict: dict, model_args: dict, norm: dict | None, **
 
 
 def _fix(path) -> str:
-    import subprocess
-
     tracked = subprocess.run(
         ["git", "ls-files", "--error-unmatch", "--", Path(path).name],
         cwd=Path(path).parent,

@@ -25,23 +25,33 @@ several processes), so validating params stays cheap.
 
 from __future__ import annotations
 
+import configparser
+import hashlib
 import importlib
 import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from virgo_exps.config import ConfigError, Params, load_params, read_yaml, studies
+import psutil
+import yaml
+
+from virgo_exps.config import ConfigError, Params, as_flat_dict, load_params, read_yaml, studies
+from virgo_exps.launch.launcher import local_command
+from virgo_exps.launch.slurm import use_slurm_conf
+from virgo_exps.launch.strategy_table import check_software, strategy_row
 from virgo_exps.machines import Machine, load_machine
 from virgo_exps.paths import main_checkout, repo_root
+from virgo_exps.store import format_bytes
 from virgo_exps.train.tracking import check_tracking_uri
 
 
 def _fmt(n: float) -> str:
-    from virgo_exps.store import format_bytes
-
     return format_bytes(n)
 
 
@@ -53,8 +63,6 @@ def check_machine(params: Params, machine: Machine) -> None:
     cfg = params.train
     if machine.kind == "local":
         # The launcher's own refusals (several nodes here, horovodrun missing).
-        from virgo_exps.launch.launcher import local_command
-
         local_command(cfg, ["stages/train.py"], python=sys.executable, deepspeed_launcher=machine.deepspeed_launcher)
         total = machine.max_procs or os.cpu_count() or 1
         if cfg.procs_per_node > total:
@@ -70,8 +78,6 @@ def check_machine(params: Params, machine: Machine) -> None:
                     f"{gpus} GPU(s), one per process; set train.procs_per_node to at most {gpus}"
                 )
     else:
-        from virgo_exps.launch.slurm import use_slurm_conf
-
         use_slurm_conf(machine)  # the profile's cluster must exist
         if machine.gpus_per_node and cfg.procs_per_node > machine.gpus_per_node:
             raise ConfigError(
@@ -88,8 +94,6 @@ def check_machine(params: Params, machine: Machine) -> None:
                 "set it to 'auto' or 'gloo'"
             )
     check_precision(cfg, machine)
-    from virgo_exps.launch.strategy_table import check_software, strategy_row
-
     check_software(strategy_row(cfg.strategy), sys.executable)  # the launcher's own check, and its words
 
 
@@ -187,8 +191,6 @@ def dvc_cache() -> tuple[Path, tuple[str, ...]]:
 
     Defaults: ``.dvc/cache`` of the main checkout, and DVC's ``reflink,copy``.
     """
-    import configparser
-
     dvc_dir = main_checkout() / ".dvc"
     folder, types = dvc_dir / "cache", ("reflink", "copy")
     for name in ("config", "config.local"):
@@ -215,12 +217,6 @@ def stages_up_to_date(params: Params, names: tuple[str, ...]) -> set[str]:
     params file's values of the stage's params and the MD5 of each of its file dependencies, its outputs
     exist, and every earlier stage of ``names`` it depends on is up to date too. Decided without DVC (the
     first stage runs while DVC holds the repository's lock); anything unclear counts as a rerun."""
-    import hashlib
-
-    import yaml
-
-    from virgo_exps.config import as_flat_dict
-
     root = repo_root()
     try:
         lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}
@@ -271,8 +267,6 @@ def data_needs(params: Params, machine: Machine) -> DataNeeds | None:
 
 def estimate(params: Params, machine: Machine, needs: DataNeeds | None = None) -> Budget:
     """Disk and memory a run of these params needs here, and what is free."""
-    import psutil
-
     needs = needs or data_needs(params, machine)
     if needs is None:
         raise ValueError("no study sizes its data for these params")
@@ -363,9 +357,6 @@ TRACKING_PROBE_S = 10.0
 def check_tracking_server(uri: str | None = None) -> None:
     """An http(s) MLFLOW_TRACKING_URI answers (any HTTP status will do: it is a server); else the
     training would fail only after minutes of MLflow's own retries."""
-    import urllib.error
-    import urllib.request
-
     uri = os.environ.get("MLFLOW_TRACKING_URI", "") if uri is None else uri
     if urllib.parse.urlsplit(uri).scheme.lower() not in ("http", "https"):
         return

@@ -29,8 +29,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from virgo_exps import fsio
-from virgo_exps.config import ConfigError, DamagedInputError
+from virgo_exps.config import ConfigError, DamagedInputError, as_flat_dict, params_from_dict
 from virgo_exps.paths import run_file
 from virgo_exps.records import merge
 
@@ -40,8 +42,6 @@ DIGEST_CHARS = 16
 
 def stage_keys(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> list[str] | None:
     """The params keys ``stage`` lists in ``dvc.yaml`` (None when there is no such file or stage)."""
-    import yaml
-
     path = Path(dvc_yaml)
     if not path.is_file():
         return None
@@ -88,10 +88,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def used_params(params_file: str | os.PathLike = "params.yaml", text: str | None = None) -> dict[str, Any]:
     """Every param as a stage uses it (validated, defaults filled in), flat."""
-    import yaml
-
-    from virgo_exps.config import as_flat_dict, params_from_dict
-
     raw = yaml.safe_load(Path(params_file).read_text() if text is None else text) or {}
     return as_flat_dict(params_from_dict(raw))
 
@@ -164,8 +160,6 @@ def stage_code_digest(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> s
     """Digest of the code a stage ran: the contents of its dependencies in ``dvc_yaml`` that no stage
     writes (its scripts and package code; data and version.lock are other stages' outputs). None when
     there is no such dvc.yaml or stage."""
-    import yaml
-
     path = Path(dvc_yaml)
     try:
         stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}

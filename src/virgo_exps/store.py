@@ -13,12 +13,15 @@ directories of processes that no longer run are removed by the next run.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
+
+import google_crc32c
 
 from virgo_exps import fsio
 from virgo_exps.config import DamagedInputError
@@ -175,8 +178,6 @@ def _chunk_file(root: Path, array, coords: tuple[int, ...]) -> tuple[str, Path]:
 
 def chunk_ok(path: Path) -> bool:
     """Whether a chunk file written with the ``crc32c`` codec carries a matching checksum."""
-    import google_crc32c
-
     data = Path(path).read_bytes()
     if len(data) < 4:
         return False
@@ -185,8 +186,6 @@ def chunk_ok(path: Path) -> bool:
 
 def _chunk_files(root: Path | str, array, rows: tuple[int, int] | None = None):
     """(key, path) of each chunk file of ``array`` (of rows ``[start, stop)`` along the first axis)."""
-    import itertools
-
     grid = [-(-s // c) for s, c in zip(array.shape, array.chunks)]
     if rows is not None and grid:
         grid_first = range(rows[0] // array.chunks[0], -(-rows[1] // array.chunks[0]))
@@ -237,6 +236,7 @@ def read(array, root: Path | str, start: int | None = None, stop: int | None = N
     refusing damaged data: a chunk whose checksum does not match, or whose file is
     missing, raises :class:`CorruptStoreError` naming the store ``root``, the chunk
     and the fix (``stage``: the stage that writes the store, for the message)."""
+    # numpy: the command line imports this module (verify) and starts faster without it
     import numpy as np
 
     n = array.shape[0] if array.shape else 0

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
+import yaml
+
+from virgo_exps import dvcrun, fsio
 from virgo_exps.cli import scalability as scalability_cli
 from virgo_exps.cli import share as share_cli
 from virgo_exps.cli import sweep as sweep_cli
 from virgo_exps.cli import verify as verify_cli
-from virgo_exps.config import ConfigError, describe
+from virgo_exps.config import ConfigError, Params, as_flat_dict, describe, load_params, params_from_dict, read_yaml
 from virgo_exps.entry import stage_main
+from virgo_exps.envvars import listing
+from virgo_exps.experiments.failures import record
 from virgo_exps.paths import (
     CHECKPOINTS_DIR,
     EPOCHS_FILE,
@@ -20,7 +30,9 @@ from virgo_exps.paths import (
     REPORT_DIR,
     RUN_FILE,
     TRAIN_LOG,
+    main_checkout,
 )
+from virgo_exps.train.tracking import redact, tracking_uri
 
 RESULTS = {
     "model": MODEL_FILE,
@@ -36,13 +48,6 @@ RESULTS = {
 
 def run_pipeline(dvc_args: list[str]) -> int:
     """``dvc exp run`` with a summary: which stages ran, where the results are."""
-    import re
-    import subprocess
-
-    from virgo_exps import dvcrun
-    from virgo_exps.paths import main_checkout
-    from virgo_exps.train.tracking import redact, tracking_uri
-
     cmd = [dvcrun.executable(), "exp", "run", *dvc_args]
     refused = _refuse_before_dvc(dvc_args)
     if refused is not None:
@@ -72,8 +77,6 @@ def run_pipeline(dvc_args: list[str]) -> int:
             ran.append(m.group(1))
     rc = proc.wait()
     if rc != 0:
-        from virgo_exps.experiments.failures import record
-
         text = "".join(lines)
         m = re.search(r"Reproducing experiment '([^']+)'", text)
         kept = record(text, m.group(1) if m else "workspace")
@@ -97,9 +100,7 @@ def _refuse_before_dvc(dvc_args: list[str]) -> int | None:
     """What DVC would refuse only after it has started, or what the first stage would, said first in one
     line (exit 2): git without a user name and email (every experiment is a git commit), and, for a plain
     run (params.yaml as it is), the first stage's checks. None when there is nothing to refuse."""
-    import subprocess
-
-    from virgo_exps import preflight
+    from virgo_exps import preflight  # loads the launcher and Slurm's side: `virgo-exps --help` starts without them
 
     ident = subprocess.run(["git", "var", "GIT_COMMITTER_IDENT"], capture_output=True, text=True)
     if ident.returncode != 0:
@@ -139,10 +140,6 @@ def _plain_run(dvc_args: list[str]) -> bool:
 
 
 def _dvc_status() -> dict | None:
-    import json
-
-    from virgo_exps import dvcrun
-
     proc = dvcrun.run(["status", "--json"], ".", check=False, timeout=None)
     if proc.returncode != 0:
         return None
@@ -156,7 +153,6 @@ def _up_to_date() -> bool:
     """True when no stage would rerun: ``dvc status`` is clean but for the always-changed
     environment stage, which is then run on its own; it rewrites ``version.lock`` only when
     the environment changed, and ``dvc status`` is asked again."""
-    from virgo_exps import dvcrun
 
     def pending(status: dict) -> list[str]:
         return [stage for stage, changes in status.items() if [c for c in changes if c != "always changed"]]
@@ -187,13 +183,6 @@ def _print_results(root, mlflow_uri: str) -> None:
 
 def apply_preset(preset_file: str, params_file: str) -> int:
     """Merge a preset's keys into params.yaml; nothing is written unless the result is valid."""
-    from pathlib import Path
-
-    import yaml
-
-    from virgo_exps import fsio
-    from virgo_exps.config import params_from_dict, read_yaml
-
     preset = read_yaml(preset_file, "preset") or {}
     params = read_yaml(params_file) or {}
     for section, values in preset.items():
@@ -224,8 +213,6 @@ def apply_preset(preset_file: str, params_file: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``virgo-exps`` command; output cut short by its reader (``| head``) ends it quietly."""
-    import os
-
     try:
         _main(argv)
         sys.stdout.flush()
@@ -238,8 +225,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def params_listing(params_path: str = "params.yaml") -> str:
     """`virgo-exps params`: every key with its default, then where this checkout's params file differs."""
-    from virgo_exps.config import Params, as_flat_dict, load_params
-
     lines = ["Every key of params.yaml with its DEFAULT value, meaning and allowed values.", "", describe()]
     try:
         current = as_flat_dict(load_params(params_path))
@@ -299,11 +284,9 @@ def _main(argv: list[str] | None = None) -> None:
     if args.command == "params":
         print(params_listing())
     elif args.command == "env":
-        from virgo_exps.envvars import listing
-
         print(listing())
     elif args.command == "check":
-        from virgo_exps import preflight
+        from virgo_exps import preflight  # as in _refuse_before_dvc
 
         def body():
             # exactly the checks of the pipeline's first stage (stages/environment.py)

@@ -13,6 +13,9 @@ import sys
 
 from virgo_exps.cli.common import subcommand_main
 from virgo_exps.paths import RESULTS_DIR
+from virgo_exps.scalability import sources
+from virgo_exps.scalability.sources import SourceError
+from virgo_exps.train.tracking import EXPERIMENT
 
 DEFAULT_OUT = f"{RESULTS_DIR}/scalability"
 
@@ -71,15 +74,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load(args) -> tuple[list, list[str], str]:
-    from virgo_exps.scalability import sources
-
     if args.metrics_files:
         runs, notes = sources.load_files(args.metrics_files)
         return runs, notes, "metrics files: " + ", ".join(args.metrics_files)
     if args.mlflow is not None:
         runs, notes = sources.load_mlflow(args.mlflow or None, names=None)
-        from virgo_exps.train.tracking import EXPERIMENT
-
         return runs, notes, f"MLflow experiment {args.mlflow or EXPERIMENT}"
     runs, notes = sources.load_dvc(args.repo, names=args.exp, all_commits=args.all_commits)
     what = (
@@ -91,8 +90,8 @@ def _load(args) -> tuple[list, list[str], str]:
 
 
 def run(args) -> int:
+    # pandas, numpy: the report's own; the command line loads them only for this subcommand
     from virgo_exps.scalability.report import console_text, summarize, write_report
-    from virgo_exps.scalability.sources import SourceError
 
     try:
         runs, notes, what = _load(args)

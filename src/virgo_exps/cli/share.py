@@ -9,11 +9,14 @@ virgo-exps resume <exp> --epochs 10 [--queue]              # continue <exp> from
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from virgo_exps.cli.common import subcommand_main
 from virgo_exps.experiments import share
+from virgo_exps.experiments.failures import LogsError, carried_logs, failures, format_failures, format_logs
+from virgo_exps.experiments.resume import ResumeError, resume
 from virgo_exps.experiments.teamstore import Layout, ShareError, check_membership, check_tree, explain, fix_own
 
 COMMANDS = ("share", "failures", "logs", "resume")
@@ -118,10 +121,6 @@ def _share(args) -> int:
 
 
 def _failures(args) -> int:
-    import json
-
-    from virgo_exps.experiments.failures import failures, format_failures
-
     found = failures(args.repo)
     if args.json:
         print(json.dumps([f.as_dict() for f in found], indent=2))
@@ -131,8 +130,6 @@ def _failures(args) -> int:
 
 
 def _logs(args) -> int:
-    from virgo_exps.experiments.failures import LogsError, carried_logs, format_logs
-
     try:
         found = carried_logs(args.repo, args.exp)
     except LogsError as exc:
@@ -143,8 +140,6 @@ def _logs(args) -> int:
 
 
 def _resume(args) -> int:
-    from virgo_exps.experiments.resume import ResumeError, resume
-
     try:
         return resume(args.exp, args.epochs, queue=args.queue, name=args.name, pull=args.pull, repo=args.repo)
     except ResumeError as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 from virgo_exps.cli.common import subcommand_main
 from virgo_exps.config import ConfigError, DamagedInputError
 from virgo_exps.paths import RESULTS_DIR
+from virgo_exps.sweeps import spec as sweep_spec
 
 
 def add_parser(subparsers) -> None:
@@ -52,7 +53,7 @@ def add_parser(subparsers) -> None:
 
 
 def _submit(args) -> int:
-    from virgo_exps.sweeps import spec as sweep_spec
+    # The Slurm side of sweeps loads here, not with the command line: `virgo-exps --help` starts without it.
     from virgo_exps.sweeps.submit import submit
 
     if (args.spec is None) == (args.grid is None):
@@ -80,15 +81,14 @@ def _submit(args) -> int:
 
 
 def _dir(args) -> Path:
-    from virgo_exps.sweeps.submit import find_store, sweep_dir
+    from virgo_exps.sweeps.submit import find_store, sweep_dir  # the Slurm side, loaded late: see _submit
 
     return sweep_dir(find_store(args.repo.absolute(), args.store).root, args.name)
 
 
 def _status(args) -> int:
-    from virgo_exps.sweeps import spec as sweep_spec
-    from virgo_exps.sweeps.status import reconcile, render
-    from virgo_exps.sweeps.submit import read_sweep
+    from virgo_exps.sweeps.status import reconcile, render  # the Slurm side, loaded late: see _submit
+    from virgo_exps.sweeps.submit import read_sweep  # the Slurm side, loaded late: see _submit
 
     directory = _dir(args)
     spec = sweep_spec.from_dict(read_sweep(directory)["spec"])
@@ -97,9 +97,9 @@ def _status(args) -> int:
 
 
 def _page(args) -> int:
+    # matplotlib: the page's own; the command line loads it only for this subcommand
     from virgo_exps.sweeps import page
-    from virgo_exps.sweeps import spec as sweep_spec
-    from virgo_exps.sweeps.submit import read_sweep
+    from virgo_exps.sweeps.submit import read_sweep  # the Slurm side, loaded late: see _submit
 
     directory = _dir(args)
     spec = sweep_spec.from_dict(read_sweep(directory)["spec"])

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 RENDEZVOUS_WAIT_S = float(os.environ.get("VIRGO_HVD_RENDEZVOUS_WAIT_S", "120"))
 
 
@@ -138,8 +140,6 @@ def slot_plan(hosts: list[str], counts: list[int]) -> list:
 
 def interface_towards(address: str) -> str | None:
     """Name of the network interface this host uses to reach ``address``."""
-    import psutil
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.connect((address, 9))  # UDP: no packet is sent, only a route is chosen

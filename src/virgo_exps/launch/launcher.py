@@ -31,6 +31,7 @@ from virgo_exps.config import ConfigError, TrainConfig
 from virgo_exps.launch import console, protocol
 from virgo_exps.launch.job import JobSpec, dry_run_requested
 from virgo_exps.launch.lifetime import TRAIN_STOP_GRACE_S, dies_with_parent_hook, stop_reason
+from virgo_exps.launch.slurm import submit
 from virgo_exps.launch.strategy_table import check_software, horovodrun_of, strategy_row
 from virgo_exps.machines import Machine, load_machine
 from virgo_exps.paths import experiment_name, main_checkout
@@ -212,8 +213,6 @@ def launch(spec: JobSpec, machine: Machine | None = None) -> int:
     """Run ``spec`` on the active machine (or ``machine``); return its exit code."""
     machine = machine or load_machine()
     if machine.kind != "local":
-        from virgo_exps.launch.slurm import submit
-
         return submit(spec, machine)
     if spec.array:
         raise ConfigError(

@@ -87,6 +87,7 @@ def render(
             parts.append("<p>Scaling: " + "; ".join(f"<b>{_e(s)}</b>: {_e(m)}" for s, m in modes.items()) + ".</p>")
     parts += ["<h2>Summary</h2>", _table(summary)]
     if getattr(report, "cost", None):
+        # cycle: the report imports this module to render it
         from virgo_exps.scalability.report import cost_line
 
         parts.append(f'<p class="cost">{_e(cost_line(report.cost))}.</p>')

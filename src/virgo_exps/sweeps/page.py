@@ -26,6 +26,8 @@ from virgo_exps import fsio
 from virgo_exps.scalability.html import STYLE as REPORT_STYLE
 from virgo_exps.sweeps import search
 from virgo_exps.sweeps.spec import SweepSpec, trial_name
+from virgo_exps.sweeps.status import reconcile
+from virgo_exps.sweeps.submit import SWEEP_FILE
 
 DPI = 110
 # The cost columns of a trial (keys of metrics.json's "cost", kept by search.tell as the "cost" attr).
@@ -101,11 +103,7 @@ def build(spec: SweepSpec, sweep_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     st = None
-    from virgo_exps.sweeps.submit import SWEEP_FILE
-
     if (Path(sweep_dir) / SWEEP_FILE).is_file():  # an array's sweep: its tasks' records are the truth
-        from virgo_exps.sweeps.status import reconcile
-
         st = reconcile(sweep_dir)
     study = search.open_study(spec, sweep_dir)
     trials = study.get_trials(deepcopy=False)

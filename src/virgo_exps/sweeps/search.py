@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,8 +196,6 @@ def open_study(spec: SweepSpec, sweep_dir: Path) -> optuna.Study:
             f"{spec.metric}, the spec says {spec.direction}; use a new sweep name"
         )
     if study.metric_names is None:  # the value's name in the tools that show the study (optuna-dashboard)
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([spec.metric])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from virgo_exps.experiments.teamstore import MARKER
 from virgo_exps.launch.slurm.query import run_tool
+from virgo_exps.sweeps import search, tracking
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
 from virgo_exps.sweeps.task import allocation
@@ -158,8 +159,6 @@ def reconcile(directory: Path) -> Status:
     for t in st.failed:
         if t.get("experiment"):
             _end_mlflow_run(Path(directory) / "work" / t["experiment"], t["experiment"])
-    from virgo_exps.sweeps import tracking
-
     trials = {t["experiment"]: t.get("trial") for t in st.tasks if t.get("experiment")}
     merged = tracking.merge_trials(Path(directory), spec.name, trials, record.get("group") or _store_group(directory))
     if merged is not None:
@@ -167,8 +166,6 @@ def reconcile(directory: Path) -> Status:
     if spec.kind != "search":
         return st
     from optuna.trial import TrialState
-
-    from virgo_exps.sweeps import search
 
     trials = search.open_study(spec, directory).get_trials(deepcopy=False)
     for t in st.failed:

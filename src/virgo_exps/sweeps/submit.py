@@ -34,6 +34,7 @@ from virgo_exps.launch.slurm.script import machine_options, sbatch_arg, slurm_fi
 from virgo_exps.launch.slurm.submit import use_slurm_conf
 from virgo_exps.launch.strategy_table import strategy_row
 from virgo_exps.machines import Machine, load_machine
+from virgo_exps.sweeps import search
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.spec import SweepSpec
 from virgo_exps.sweeps.taskstate import task_files
@@ -269,8 +270,6 @@ def submit(repo: Path, spec: SweepSpec, store: Path | None = None, machine: Mach
         else:
             previous = old
     if spec.kind == "search":  # a continued search reads the study first: a damaged one is refused here
-        from virgo_exps.sweeps import search
-
         search.check_journal(directory)
     _git(repo, "push", "-q", "-f", str(layout.git), f"{commit}:refs/heads/{branch(spec.name)}")
     use_slurm_conf(machine)

@@ -36,6 +36,7 @@ from virgo_exps.gitrun import experiment_refs
 from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
 from virgo_exps.paths import METRICS_FILE
 from virgo_exps.provenance import read_metrics
+from virgo_exps.sweeps import search
 from virgo_exps.sweeps import spec as sweep_spec
 from virgo_exps.sweeps.submit import read_sweep
 from virgo_exps.sweeps.taskstate import (
@@ -94,8 +95,6 @@ def allocation(attempts: list[dict], now: float | None = None) -> dict:
 
 def _tell(spec, directory: Path, number: int, value, told: str, attrs: dict) -> None:
     """The trial's outcome into the sweep's study: a search's asked trial, or a grid's trial recorded."""
-    from virgo_exps.sweeps import search  # optuna: loaded only by the task that records a trial
-
     if spec.kind == "search":
         search.tell(spec, directory, number, value, told, attrs)
     else:
@@ -190,8 +189,6 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     elif spec.kind == "grid":
         number, overrides = index, sweep_spec.overrides_of(spec, index)
     else:
-        from virgo_exps.sweeps import search
-
         # the task's name: a task requeued between this ask and its state file gets the same trial back
         asked = search.ask(spec, directory, task=f"{job_id}_{index}")
         if asked is None:
@@ -243,8 +240,6 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         env = {k: v for k, v in os.environ.items() if k not in ("DVC_EXP_NAME", "VIRGO_HOME")}
         env.update({IN_ALLOCATION_ENV: "1", "VIRGO_HOME": str(work)})
         if spec.kind == "search":
-            from virgo_exps.sweeps import search
-
             env.update(search.trial_env(spec, directory, number))
         if resumed and name in _experiments(work):
             # Requeued after `dvc exp run` had recorded the experiment, before the task wrote its
@@ -263,9 +258,7 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
     except (RuntimeError, OSError) as exc:
         say(f"error: {exc}")
         rc, metrics = 1, {}
-    from virgo_exps.sweeps.search import metric_of
-
-    value = metric_of(metrics, spec.metric)
+    value = search.metric_of(metrics, spec.metric)
     pruned = bool(metrics.get("pruned"))
     final = FAILED if rc != 0 else (PRUNED if pruned else DONE)
     signal.signal(signal.SIGTERM, previous)

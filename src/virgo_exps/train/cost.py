@@ -69,6 +69,7 @@ from pathlib import Path
 
 import psutil
 
+from virgo_exps import fsio
 from virgo_exps.launch.slurm.query import run_tool
 from virgo_exps.paths import METRICS_FILE
 from virgo_exps.provenance import read_metrics
@@ -396,8 +397,6 @@ def main(argv: list[str] | None = None) -> int:
     report = accounting_report(args.metrics)
     print(describe(report))
     if args.out is not None:
-        from virgo_exps import fsio
-
         fsio.write_text(args.out, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return 0
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 # Substrings of profiler event names that are communication, not computation.
 _COMM = (
@@ -50,8 +51,6 @@ def _is_compute(name: str) -> bool:
 
 def computation_fraction(run_steps: Callable[[], object], device: torch.device) -> dict:
     """Profile ``run_steps()``; return compute seconds, window seconds and their ratio."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU]
     on_gpu = device.type == "cuda"
     if on_gpu:

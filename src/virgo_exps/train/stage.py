@@ -25,8 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from virgo_exps import fsio, stagelog
 from virgo_exps.config import Params, load_params
 from virgo_exps.entry import stage_main, worker_main
+from virgo_exps.launch import launcher
+from virgo_exps.launch.job import JobSpec
+from virgo_exps.launch.protocol import EXIT_INTERRUPTED, WorkerFiles, recorded_logs
+from virgo_exps.train import outcome
+from virgo_exps.train.tracking import Tracker
 
 OUTPUTS = ("checkpoints", "model", "metrics", "epochs", "ranks")
 
@@ -46,10 +52,6 @@ def parse(description: str | None = None, argv: list[str] | None = None) -> argp
 
 
 def launch(args: argparse.Namespace, check: Callable[[Params, argparse.Namespace], None] | None) -> int:
-    from virgo_exps.launch import launcher
-    from virgo_exps.launch.job import JobSpec
-    from virgo_exps.launch.protocol import WorkerFiles
-
     params = load_params(args.params)
     if check is not None:
         check(params, args)
@@ -79,19 +81,14 @@ def keep_log(target: Path, data: Path | None = None) -> None:
     """The logs of the data stages that made ``data`` (:func:`virgo_exps.stagelog.data_logs`), then those
     of the training's runs or jobs, one after the other, as an output of the stage: git holds it with the
     experiment's metrics, so `dvc exp push/pull` carries it to the team."""
-    from virgo_exps import fsio, stagelog
-    from virgo_exps.launch.protocol import recorded_logs
-
     logs = (stagelog.data_logs(data) if data is not None else []) + recorded_logs()
     fsio.write_bytes(target, stagelog.public(stagelog.joined(logs)))
 
 
 def work(args: argparse.Namespace, models: Callable[[], Any], strategy_box: list) -> int:
-    from virgo_exps.launch.protocol import EXIT_INTERRUPTED
-    from virgo_exps.train import outcome
+    # torch: only the training processes (--worker) load these, not the process that starts them
     from virgo_exps.train.strategies import get_strategy
-    from virgo_exps.train.tracking import Tracker
-    from virgo_exps.train.trainer import Interrupted, Trainer, TrainOutputs
+    from virgo_exps.train.trainer import Interrupted, Trainer, TrainOutputs  # torch, as above
 
     params = load_params(args.params)
     strategy = get_strategy(params.train.strategy, params.train)

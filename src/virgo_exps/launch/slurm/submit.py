@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
 import os
 import shlex
@@ -10,6 +12,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from virgo_exps import fsio
 from virgo_exps.config import ConfigError
@@ -193,8 +197,6 @@ def dry_run_stage(stage: str = "train", dvc_file: str = "dvc.yaml") -> int:
     are allowed: the stage command is run with ``VIRGO_DRY_RUN=1``, which stops it
     before any work.
     """
-    import yaml
-
     stages = (yaml.safe_load(Path(dvc_file).read_text()) or {}).get("stages", {})
     if stage not in stages:
         raise ConfigError(f"{dvc_file}: no stage {stage!r}")
@@ -213,8 +215,6 @@ LAUNCHING = ("virgo_exps.launch", "virgo_exps.train.stage")
 
 def _uses_launcher(script: Path) -> bool:
     """Whether a stage script imports one of :data:`LAUNCHING` (read, not run)."""
-    import ast
-
     try:
         tree = ast.parse(script.read_text(), filename=str(script))
     except (OSError, SyntaxError):
@@ -229,8 +229,6 @@ def _uses_launcher(script: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m virgo_exps.launch.slurm", description="Show the SLURM batch script of a stage (dry run)."
     )

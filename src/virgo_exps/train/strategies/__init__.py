@@ -8,14 +8,13 @@ only to those who choose it.
 
 from __future__ import annotations
 
+from virgo_exps.launch.strategy_table import strategy_row
 from virgo_exps.train.strategies.base import Strategy
 
 
 def get_strategy(name: str, train=None) -> Strategy:
     """The strategy named ``name``, set up with the ``train`` params (ZeRO stage, backend, accumulation, clipping,
     compression)."""
-    from virgo_exps.launch.strategy_table import strategy_row
-
     strategy = strategy_row(name).load()()  # an unknown name: the table's one refusal
     if train is not None:
         strategy.zero_stage = train.zero_stage

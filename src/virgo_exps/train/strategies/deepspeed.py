@@ -7,6 +7,7 @@ DeepSpeed owns the backward pass and the optimiser step (``engine.backward``,
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 import sys
 import time
@@ -35,8 +36,6 @@ def _not_ours(path: Path) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
     if st.st_uid != os.geteuid():
-        import pwd
-
         try:
             owner = pwd.getpwuid(st.st_uid).pw_name
         except KeyError:
