@@ -22,7 +22,7 @@ import time
 import pytest
 
 from conftest import BIN, make_repo, sh, tool_env
-from virgo_exps.scalability.sources import LOAD_LIMIT
+from virgo_exps.scalability.runs import LOAD_LIMIT
 from virgo_exps.train.monitoring import HostLoad, other_gpu_processes
 
 # Load on the host is what these tests measure: they run alone (`make test` runs `serial` after the rest).

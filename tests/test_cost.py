@@ -25,6 +25,9 @@ import pytest
 from conftest import BIN, make_repo, tool_env, write_images
 from test_trainer import train
 from virgo_exps.provenance import read_metrics
+from virgo_exps.scalability.output import write_report
+from virgo_exps.scalability.report import summarize
+from virgo_exps.scalability.sources import load_files
 from virgo_exps.train import cost
 from virgo_exps.train.snapshots import read_snapshot_file
 
@@ -195,9 +198,6 @@ def test_slurm_cores_count_once_per_node():
 
 @pytest.mark.slow
 def test_the_scalability_report_shows_cost_per_group_and_in_total(workdir, tmp_path):
-    from virgo_exps.scalability.report import summarize, write_report
-    from virgo_exps.scalability.sources import load_files
-
     out = workdir / "out"
     for name, strategy, procs in (("cost-single", "single", 1), ("cost-ddp", "ddp", 2)):
         if not (out / name / "metrics.json").exists():

@@ -19,8 +19,10 @@ import pytest
 from conftest import BIN, make_repo, sh, tool_env
 from virgo_exps.cli import scalability as scalability_cli
 from virgo_exps.scalability.groups import assign, dedupe
-from virgo_exps.scalability.report import console_text, summarize, write_report
-from virgo_exps.scalability.sources import Run, load_files, parse_exp_show
+from virgo_exps.scalability.output import console_text, write_report
+from virgo_exps.scalability.report import summarize
+from virgo_exps.scalability.runs import Run
+from virgo_exps.scalability.sources import load_files, parse_exp_show
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

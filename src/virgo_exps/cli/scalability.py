@@ -13,7 +13,7 @@ import sys
 
 from virgo_exps.cli.common import subcommand_main
 from virgo_exps.paths import RESULTS_DIR
-from virgo_exps.scalability import sources
+from virgo_exps.scalability import mlflow_source, sources
 from virgo_exps.scalability.sources import SourceError
 from virgo_exps.train.tracking import EXPERIMENT
 
@@ -78,7 +78,7 @@ def _load(args) -> tuple[list, list[str], str]:
         runs, notes = sources.load_files(args.metrics_files)
         return runs, notes, "metrics files: " + ", ".join(args.metrics_files)
     if args.mlflow is not None:
-        runs, notes = sources.load_mlflow(args.mlflow or None, names=None)
+        runs, notes = mlflow_source.load_mlflow(args.mlflow or None, names=None)
         return runs, notes, f"MLflow experiment {args.mlflow or EXPERIMENT}"
     runs, notes = sources.load_dvc(args.repo, names=args.exp, all_commits=args.all_commits)
     what = (
@@ -90,8 +90,9 @@ def _load(args) -> tuple[list, list[str], str]:
 
 
 def run(args) -> int:
-    # pandas, numpy: the report's own; the command line loads them only for this subcommand
-    from virgo_exps.scalability.report import console_text, summarize, write_report
+    # pandas, numpy, matplotlib: the report's own; the command line loads them only for this subcommand
+    from virgo_exps.scalability.output import console_text, write_report
+    from virgo_exps.scalability.report import summarize  # numpy, as the line above
 
     try:
         runs, notes, what = _load(args)

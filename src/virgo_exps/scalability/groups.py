@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 
 from virgo_exps.config import data_sections
-from virgo_exps.scalability.sources import Run
+from virgo_exps.scalability.runs import Run
 
 SEED_KEYS = frozenset({"train.seed"})
 AXIS_KEYS = frozenset({"train.nodes", "train.procs_per_node"})

@@ -10,6 +10,8 @@ import html
 
 import pandas as pd
 
+from virgo_exps.scalability.summary import cost_line
+
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
@@ -87,9 +89,6 @@ def render(
             parts.append("<p>Scaling: " + "; ".join(f"<b>{_e(s)}</b>: {_e(m)}" for s, m in modes.items()) + ".</p>")
     parts += ["<h2>Summary</h2>", _table(summary)]
     if getattr(report, "cost", None):
-        # cycle: the report imports this module to render it
-        from virgo_exps.scalability.report import cost_line
-
         parts.append(f'<p class="cost">{_e(cost_line(report.cost))}.</p>')
     if not report.groups.empty:
         bases = dict(zip(report.groups["series"], report.groups["baseline"]))
