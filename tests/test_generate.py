@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
+from virgo_exps.study import channels, samples
 from virgo_exps.study import generate as G
 from virgo_exps.study.params import GenerateConfig
 
@@ -38,18 +39,18 @@ def _chunk_bytes(path: Path) -> dict[str, bytes]:
 
 
 def test_sample_depends_only_on_seed_and_index():
-    whole = G.generate_chunk(SMALL, 0, 6)
+    whole = samples.generate_chunk(SMALL, 0, 6)
     assert whole.shape == (6, 4, 2000) and whole.dtype == np.float32
     assert np.isfinite(whole).all()
     # any sub-range gives the same bytes as the corresponding slice
-    assert G.generate_chunk(SMALL, 3, 6).tobytes() == whole[3:6].tobytes()
-    assert G.generate_chunk(SMALL, 5, 6).tobytes() == whole[5:6].tobytes()
+    assert samples.generate_chunk(SMALL, 3, 6).tobytes() == whole[3:6].tobytes()
+    assert samples.generate_chunk(SMALL, 5, 6).tobytes() == whole[5:6].tobytes()
     # ... and so does a data set of another size (n_samples is not in the stream)
     bigger = replace(SMALL, n_samples=999)
-    assert G.generate_chunk(bigger, 0, 6).tobytes() == whole.tobytes()
-    again = G.generate_chunk(SMALL, 0, 6)
+    assert samples.generate_chunk(bigger, 0, 6).tobytes() == whole.tobytes()
+    again = samples.generate_chunk(SMALL, 0, 6)
     assert again.tobytes() == whole.tobytes()
-    other = G.generate_chunk(replace(SMALL, seed=8), 0, 6)
+    other = samples.generate_chunk(replace(SMALL, seed=8), 0, 6)
     assert not np.allclose(other, whole)
     # samples differ from one another
     assert not np.allclose(whole[0], whole[1])
@@ -73,7 +74,7 @@ def test_store_is_identical_however_the_work_is_split(tmp_path):
 
     ref = _strain(a)
     assert ref.shape == (20, 4, 2000)
-    np.testing.assert_array_equal(ref, G.generate_chunk(SMALL, 0, 20))
+    np.testing.assert_array_equal(ref, samples.generate_chunk(SMALL, 0, 20))
     ref_bytes, ref_attrs = _chunk_bytes(a), _attrs(a)
     assert len(ref_bytes) == 5
     for other in (b, c, d):
@@ -121,7 +122,7 @@ def test_estimate_reports_size_and_time():
 
 
 def _whitened(cfg: GenerateConfig, x: np.ndarray) -> np.ndarray:
-    d = G.design_of(cfg)
+    d = channels.design_of(cfg)
     gain = np.where(d.in_band & (d.asd > 0), 1.0 / np.where(d.asd > 0, d.asd, 1.0), 0.0)
     return np.fft.irfft(np.fft.rfft(x, axis=-1) * gain, n=x.shape[-1], axis=-1)
 
@@ -130,7 +131,7 @@ def test_main_channel_spectrum():
     from scipy.signal import welch
 
     cfg = GenerateConfig(seed=3, n_samples=16, duration=8.0)
-    x = G.generate_chunk(cfg, 0, 16)[:, 0].astype(np.float64)
+    x = samples.generate_chunk(cfg, 0, 16)[:, 0].astype(np.float64)
     f, p = welch(x, fs=cfg.sample_rate, nperseg=1000)
     p = p.mean(axis=0)
     at = lambda hz: p[np.argmin(np.abs(f - hz))]  # noqa: E731
@@ -146,7 +147,7 @@ def test_coupled_glitches_show_in_main():
     from scipy.ndimage import uniform_filter1d
 
     cfg = GenerateConfig(seed=3, n_samples=24, duration=8.0)
-    x = G.generate_chunk(cfg, 0, 24).astype(np.float64)
+    x = samples.generate_chunk(cfg, 0, 24).astype(np.float64)
     white = _whitened(cfg, x)  # (n, C, t): each channel by its own design ASD
     env = np.log(uniform_filter1d(white**2, size=50, axis=-1))  # 0.1 s energy envelope
 
@@ -162,7 +163,7 @@ def test_coupled_glitches_show_in_main():
 
     # every sample has a coupled anchor glitch, loud in main, away from the edges
     for i in range(n):
-        cat = G.catalog(cfg, i)
+        cat = samples.catalog(cfg, i)
         anchor = cat[0]
         assert anchor["role"] == "coupled" and anchor["channel"] >= 1
         assert anchor["kind"] in ("sine_gaussian", "blip")
@@ -238,4 +239,4 @@ def test_out_is_complete_whenever_it_exists(tmp_path):
     assert not bad
     assert seen > 0
     assert _attrs(out)["complete"] is True
-    np.testing.assert_array_equal(_strain(out)[:4], G.generate_chunk(cfg, 0, 4))
+    np.testing.assert_array_equal(_strain(out)[:4], samples.generate_chunk(cfg, 0, 4))

@@ -10,8 +10,10 @@ import pytest
 import zarr
 
 from virgo_exps.study import generate as G
+from virgo_exps.study import imagestore, normalise, samples
 from virgo_exps.study import preprocess as P
 from virgo_exps.study.params import GenerateConfig, PreprocessConfig
+from virgo_exps.study.patches import find_windows
 
 GEN = GenerateConfig(seed=11, n_samples=30, n_aux=3, duration=4.0, sample_rate=500, chunk_size=8, workers=1)
 PRE = PreprocessConfig(patch_size=32, val_fraction=0.2, split_seed=5, batch_size=8)
@@ -63,7 +65,7 @@ def test_layout_and_attrs(stores):
     assert attrs["grid"]["n_time"] == 1000 and attrs["grid"]["n_freq"] == 280
     assert attrs["channels_x"] == ["aux1", "aux2", "aux3"]
     g = zarr.open_group(str(out), mode="r")
-    assert g["train/x"].chunks[0] == min(P.OUT_CHUNK, 30 - n_val)
+    assert g["train/x"].chunks[0] == min(imagestore.OUT_CHUNK, 30 - n_val)
     # the layout the training stage reads
     from virgo_exps.train.data import ImageDataset
 
@@ -79,9 +81,9 @@ def test_split_is_disjoint_covering_and_seeded(stores):
     assert np.intersect1d(tr, va).size == 0
     assert np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(30))
     assert np.all(np.diff(tr) > 0) and np.all(np.diff(va) > 0)
-    exp_tr, exp_va = P.split_indices(30, PRE.val_fraction, PRE.split_seed)
+    exp_tr, exp_va = normalise.split_indices(30, PRE.val_fraction, PRE.split_seed)
     assert np.array_equal(tr, exp_tr) and np.array_equal(va, exp_va)
-    other = P.split_indices(30, PRE.val_fraction, PRE.split_seed + 1)[1]
+    other = normalise.split_indices(30, PRE.val_fraction, PRE.split_seed + 1)[1]
     assert not np.array_equal(other, va)
 
 
@@ -101,7 +103,7 @@ def test_same_window_for_all_channels_and_values_match_by_hand(stores, by_hand):
             np.testing.assert_allclose(y, expect[0], atol=2e-4)
             np.testing.assert_allclose(x, expect[1:], atol=2e-4)
             # the window is centred on the smoothed main image's peak (unless clipped)
-            smooth = P.find_windows(by_hand[i : i + 1, 0], p)[0]
+            smooth = find_windows(by_hand[i : i + 1, 0], p)[0]
             assert (t0, f0) == tuple(smooth)
             # the loudest pixel is in the window's time span (along a broadband
             # glitch the smoothed peak may sit elsewhere in frequency)
@@ -118,7 +120,7 @@ def test_window_lands_on_a_main_channel_glitch(stores):
     wins = np.concatenate([a["train/window"], a["val/window"]])
     for i, (t0, _) in zip(ids, wins):
         t_lo, t_hi = grid["t0"] + t0 * grid["dt"], grid["t0"] + (t0 + p) * grid["dt"]
-        glitches = [g for g in G.catalog(GEN, int(i)) if g["role"] in ("coupled", "main_only")]
+        glitches = [g for g in samples.catalog(GEN, int(i)) if g["role"] in ("coupled", "main_only")]
         hits += any(t_lo - 0.1 <= g.get("t0_main", g["t0"]) <= t_hi + 0.1 for g in glitches)
     assert hits >= 0.9 * len(ids)
 
@@ -157,7 +159,7 @@ def test_normalisation_is_fitted_on_train_only(stores, by_hand):
 def test_moments_match_numpy():
     rng = np.random.default_rng(0)
     data = rng.normal(3.0, 2.0, size=(50, 3, 4, 4))
-    m = P.Moments(3)
+    m = normalise.Moments(3)
     for a, b in ((0, 7), (7, 7), (7, 20), (20, 50)):
         m.add(data[a:b])
     np.testing.assert_allclose(m.mean, data.mean(axis=(0, 2, 3)), rtol=1e-12)
@@ -170,7 +172,7 @@ def test_find_windows_clips_to_the_image():
     img[1, 99, 49] = 10  # opposite corner
     t, f = np.meshgrid(np.arange(100), np.arange(50), indexing="ij")
     img[2] = np.exp(-((t - 50) ** 2 + (f - 25) ** 2) / 8.0)  # a blob in the middle
-    w = P.find_windows(img, 16)
+    w = find_windows(img, 16)
     assert w.tolist() == [[0, 0], [84, 34], [42, 17]]
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from virgo_exps.study.qtransform import get_plan, q_transform, q_transform_grid
+from virgo_exps.study.qplan import get_plan, q_transform_grid
+from virgo_exps.study.qtransform import q_transform
 
 gwpy_timeseries = pytest.importorskip("gwpy.timeseries")
 
@@ -235,12 +236,12 @@ def test_small_batch_size_and_torch_input_give_same_result():
 def test_gpu_code_path_gives_the_same_images(whiten, monkeypatch):
     """The torch-only path a GPU takes (torch gather and median, device output buffer), run on
     the CPU with the numpy fast paths off, against the default CPU path."""
-    from virgo_exps.study import qtransform
+    from virgo_exps.study import qbackend
 
     batch = np.stack([signal(name) for name in CASES])
-    monkeypatch.setattr(qtransform, "CPU_NUMPY_PATHS", False)
+    monkeypatch.setattr(qbackend, "CPU_NUMPY_PATHS", False)
     torch_path = q_transform(batch, SAMPLE_RATE, frange=FRANGE, whiten=whiten, device="cpu")
-    monkeypatch.setattr(qtransform, "CPU_NUMPY_PATHS", True)
+    monkeypatch.setattr(qbackend, "CPU_NUMPY_PATHS", True)
     for got, want in zip(torch_path, ours(whiten)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 

@@ -185,10 +185,12 @@ def test_excluded_modules_exist_and_markers_hold_no_code():
 
 
 def test_closure_follows_function_level_and_relative_imports():
-    # preprocess reaches data/generate.py only through `from .generate import open_strain` inside a function
+    # preprocess reaches study/qtransform.py and study/qplan.py only through imports inside the functions of
+    # study/patches.py (torch is loaded only where blocks are transformed); what they import follows
     got = closure(ROOT / "stages" / "preprocess.py")
     assert "src/virgo_exps/study/generate.py" in got
-    assert "src/virgo_exps/study/qtransform.py" in got
+    assert "src/virgo_exps/study/qtransform.py" in got and "src/virgo_exps/study/qplan.py" in got
+    assert "src/virgo_exps/study/qspline.py" in got and "src/virgo_exps/study/qwhiten.py" in got
     # train reaches launch/slurm only through excluded modules: not deps
     got = closure(ROOT / "stages" / "train.py")
     assert "src/virgo_exps/train/trainer.py" in got and "src/virgo_exps/train/strategies/horovod.py" in got

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from virgo_exps.config import ConfigError
 from virgo_exps.preflight import DataNeeds
-from virgo_exps.study.generate import n_chunks_of, n_time_of, resolve_workers
+from virgo_exps.study.channels import n_time_of
+from virgo_exps.study.generate import n_chunks_of, resolve_workers
 
 # Per chunk of the generated store, the generate stage keeps a few Python
 # objects (chunk index, task bookkeeping): counted generously.
