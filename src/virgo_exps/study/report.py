@@ -13,9 +13,13 @@ from __future__ import annotations
 import html
 import os
 import re
+import subprocess
+import tempfile
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import yaml
 
 matplotlib.use("Agg")
 # Labels, titles and stamps carry names from params and experiments: a `$` in them is text, not TeX math.
@@ -23,6 +27,12 @@ matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
+
+from virgo_exps import fsio  # noqa: E402
+from virgo_exps.modelfile import load_model  # noqa: E402
+from virgo_exps.provenance import flatten, read_metrics, used_params  # noqa: E402
+from virgo_exps.store import read  # noqa: E402
+from virgo_exps.study.models import build_model  # noqa: E402
 
 # The network-based reference losses and the examples look at this many
 # validation samples at most (on the CPU): the whole split of the default data,
@@ -130,7 +140,6 @@ _PIPELINE_FILES = ("dvc.lock", ".gitignore")
 
 def _stage_outputs(repo: Path) -> list[str]:
     """The outputs of every stage of ``repo/dvc.yaml`` (git-tracked ones change in every run)."""
-    import yaml
 
     try:
         stages = (yaml.safe_load((Path(repo) / "dvc.yaml").read_text()) or {}).get("stages") or {}
@@ -151,8 +160,6 @@ def _is_output(name: str, outputs: list[str]) -> bool:
 def git_revision(repo: Path | str) -> str:
     """The short commit of ``repo``'s HEAD, with ``+ uncommitted changes (files)``
     when tracked files other than the pipeline's records and stage outputs differ from it."""
-    import subprocess
-    import tempfile
 
     def git(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -195,10 +202,7 @@ def _flat_table(header: tuple[str, str], values: dict) -> str:
 def mean_predictor_loss(store: Path | str) -> float:
     """Validation MSE of predicting the training split's mean of ``y`` everywhere
     (in the store's normalised units), read chunk by chunk with checksums."""
-    import numpy as np
     import zarr
-
-    from virgo_exps.store import read
 
     group = zarr.open_group(str(store), mode="r")
 
@@ -236,13 +240,8 @@ def evaluate(model_path: Path | str, store: Path | str, seed: int) -> dict:
     """Per-sample validation MSE of the trained model in ``model_path`` and of
     the same network freshly initialised with ``seed`` (as the train stage
     does), on the first :data:`MAX_EVAL_SAMPLES` validation samples."""
-    import numpy as np
     import torch
     import zarr
-
-    from virgo_exps.modelfile import load_model
-    from virgo_exps.store import read
-    from virgo_exps.study.models import build_model
 
     group = zarr.open_group(str(store), mode="r")
     n_val = group["val/y"].shape[0]
@@ -261,7 +260,6 @@ def evaluate(model_path: Path | str, store: Path | str, seed: int) -> dict:
 
 def example_indices(err, k: int = EXAMPLES) -> tuple[list[int], list[int]]:
     """The ``k`` best and ``k`` worst samples by MSE (ties: lower index first), without repeats."""
-    import numpy as np
 
     order = [int(i) for i in np.lexsort((np.arange(len(err)), err))]
     k = min(k, len(order))
@@ -322,14 +320,12 @@ def build(
     for the reference losses and the images panel; ``lock_path``: version.lock.
     A part whose input is not given is left out with a line that says so.
     """
-    from virgo_exps.provenance import read_metrics, used_params
 
     metrics = read_metrics(metrics_path)  # with run.json beside it
     df = pd.read_csv(epochs_path)
     params = None
     if params_path is not None:
         params = used_params(params_path)
-    from virgo_exps import fsio
 
     tmp = fsio.temp_path(out)
     tmp.mkdir(parents=True)
@@ -417,10 +413,6 @@ Rows: {listing}.
     elif not Path(lock_path).is_file():
         software = f"Not recorded: {md_code(lock_path)} does not exist."
     else:
-        import yaml
-
-        from virgo_exps.provenance import flatten
-
         software = _flat_table(("software", "version"), flatten(yaml.safe_load(Path(lock_path).read_text()) or {}))
     params_md = (
         "Not recorded: the report was made without the params file."
