@@ -37,7 +37,7 @@ TINY = {
 
 
 # The trainer keeps one decompressed copy of a split per node and reuses it while a job maps it
-# (virgo_exps.train.data). Two pytest workers are one node: each gets its own folder for those
+# (virgo_exps.train.nodecopy). Two pytest workers are one node: each gets its own folder for those
 # copies, so that a test never maps a copy made by a test of the other worker.
 NODE_DATA_ENV = "VIRGO_NODE_DATA"
 

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from conftest import make_repo, mappings_of, tool_env, train_stage_cmd, wait_until, write_images
-from virgo_exps.train.data import PREFIX, ImageDataset, split_digest
+from virgo_exps.train.data import ImageDataset
+from virgo_exps.train.nodecopy import PREFIX, split_digest
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def mappings(node: Path) -> dict[int, set[tuple[int, str]]]:
 
 
 def copies(node: Path) -> list[str]:
-    """The files of this user's folder for data copies under ``node`` (virgo_exps.train.data.private_dir)."""
+    """The files of this user's folder for data copies under ``node`` (virgo_exps.train.nodecopy.private_dir)."""
     mine = node / f"{PREFIX}{os.getuid()}"
     return sorted(p.name for p in mine.iterdir() if p.name.startswith(PREFIX)) if mine.is_dir() else []
 

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from conftest import write_images
-from virgo_exps.train.data import PREFIX, ImageDataset
+from virgo_exps.train.data import ImageDataset
+from virgo_exps.train.nodecopy import PREFIX
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"),

@@ -70,6 +70,7 @@ TRAJECTORY_CODE = (
     "train/snapshots.py",
     "train/profiling.py",
     "train/data.py",
+    "train/nodecopy.py",
     "train/strategies",
 )
 # Snapshot states written to --checkpoints: the run is over (no requeue).
