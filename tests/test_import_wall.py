@@ -222,3 +222,44 @@ def test_heavy_and_pending_lists_hold_only_what_the_code_needs():
         if not any(unexplained(path) for path in ((REPO / p).rglob("*.py") if p.endswith("/") else [REPO / p]))
     )
     assert not done, f"these files follow the rule now: remove them from PENDING: {done}"
+
+
+# The modules that start other programs, and what each starts: git, dvc and the Slurm commands have one
+# gateway each; the launchers start the training processes. Any other module goes through these.
+GATEWAYS = {
+    "gitrun.py": "git",
+    "dvcrun.py": "dvc",
+    "launch/slurm/query.py": "sbatch, squeue, scontrol, scancel, sacct",
+    "launch/launcher.py": "the training processes (a worker, torchrun, deepspeed)",
+    "launch/hvd_slurm.py": "horovodrun",
+    "launch/slurm/submit.py": "the batch script inside an allocation, a stage's dry run",
+}
+SPAWNERS = {"run", "Popen", "call", "check_call", "check_output"}
+
+
+def spawns(path: Path) -> list[int]:
+    """Lines of ``path`` that start a program: ``subprocess.<SPAWNERS>``, ``os.system``, ``os.popen``,
+    ``os.exec*``, ``os.spawn*``."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner, name = getattr(node.func.value, "id", None), node.func.attr
+            if (owner == "subprocess" and name in SPAWNERS) or (
+                owner == "os" and (name in ("system", "popen") or name.startswith(("exec", "spawn")))
+            ):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_other_programs_are_started_by_their_gateways_only():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel not in GATEWAYS:
+            found += [f"  {rel}:{line}" for line in spawns(path)]
+    assert not found, (
+        "a program started outside its gateway: use gitrun.git, dvcrun.run/stream/start or "
+        "launch.slurm.query.run_tool/start_tool:\n" + "\n".join(found)
+    )
+    # every gateway is one still (a listed module that starts nothing has lost its reason to be listed)
+    assert all(spawns(PACKAGE / rel) for rel in GATEWAYS), [rel for rel in GATEWAYS if not spawns(PACKAGE / rel)]

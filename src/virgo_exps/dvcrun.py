@@ -81,15 +81,30 @@ def run(
     return proc
 
 
-def stream(args: list[str], cwd: str | os.PathLike, *, echo: bool = True) -> int:
+def stream(
+    args: list[str], cwd: str | os.PathLike, *, echo: bool = True, base_env: dict[str, str] | None = None
+) -> int:
     """``dvc <args>`` in ``cwd`` with its output on ours (no timeout); its exit code.
 
-    ``echo`` first prints the command as ``$ dvc ...``.
+    ``echo`` first prints the command as ``$ dvc ...``; ``base_env``: the environment to start from
+    (default: ours).
     """
     if echo:
         print("$ dvc " + " ".join(str(a) for a in args), flush=True)
     cmd = [executable(), *(str(a) for a in args)]
     try:
-        return subprocess.call(cmd, cwd=cwd, env=env())
+        return subprocess.call(cmd, cwd=cwd, env=env(base_env))
+    except OSError as exc:
+        raise DvcError(f"cannot run dvc ({cmd[0]}): {exc.strerror or exc}") from None
+
+
+def start(args: list[str], cwd: str | os.PathLike | None = None) -> subprocess.Popen:
+    """``dvc <args>`` started with its output (stdout and stderr as one stream of text lines) for the
+    caller to read as it comes; :class:`DvcError` when dvc cannot be started."""
+    cmd = [executable(), *(str(a) for a in args)]
+    try:
+        return subprocess.Popen(
+            cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env()
+        )
     except OSError as exc:
         raise DvcError(f"cannot run dvc ({cmd[0]}): {exc.strerror or exc}") from None

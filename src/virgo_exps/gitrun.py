@@ -16,15 +16,17 @@ class GitError(RuntimeError):
 
 
 def git(
-    repo: str | Path,
+    repo: str | Path | None,
     *args: str,
     check: bool = True,
     error: type[Exception] = GitError,
     text: bool = True,
     timeout: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``git ARGS`` in ``repo``, output captured; with ``check``, a failure raises ``error`` (one line)."""
-    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=text, timeout=timeout)
+    """``git ARGS`` in ``repo`` (None: the current folder), output captured; with ``check``, a failure
+    raises ``error`` (one line). Git missing raises OSError, a ``timeout`` passed TimeoutExpired."""
+    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=text, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         said = proc.stderr if text else proc.stderr.decode(errors="replace")
         shown = said.strip().splitlines()[-1] if said.strip() else f"exit code {proc.returncode}"

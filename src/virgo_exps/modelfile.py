@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from virgo_exps.config import DamagedInputError
+from virgo_exps.gitrun import git
 from virgo_exps.store import restore_hint
 
 
@@ -58,11 +58,7 @@ def model_file_content(state_dict: dict, model_args: dict, norm: dict | None, **
 
 
 def _fix(path) -> str:
-    tracked = subprocess.run(
-        ["git", "ls-files", "--error-unmatch", "--", Path(path).name],
-        cwd=Path(path).parent,
-        capture_output=True,
-    )
+    tracked = git(Path(path).parent, "ls-files", "--error-unmatch", "--", Path(path).name, check=False)
     if tracked.returncode == 0:  # an output git holds (`cache: false`), as the Virgo study's model is
         return (
             f"git holds it: 'git checkout -- {path}' restores the committed one, "

@@ -42,6 +42,7 @@ import psutil
 import yaml
 
 from virgo_exps.config import ConfigError, Params, as_flat_dict, load_params, read_yaml, studies
+from virgo_exps.gitrun import git
 from virgo_exps.launch.launcher import local_command
 from virgo_exps.launch.slurm import use_slurm_conf
 from virgo_exps.launch.strategy_table import check_software, strategy_row
@@ -455,7 +456,7 @@ def recovery_hint(params_path: str | os.PathLike = "params.yaml") -> str | None:
         return None
     folder = path.parent if str(path.parent) else Path(".")
     try:
-        proc = subprocess.run(["git", "show", f"HEAD:./{path.name}"], cwd=folder, capture_output=True, timeout=20)
+        proc = git(folder, "show", f"HEAD:./{path.name}", check=False, text=False, timeout=20)
         current = path.read_bytes()
     except (OSError, subprocess.SubprocessError):
         return None

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from virgo_exps.config import ConfigError, Params, as_flat_dict, describe, load_
 from virgo_exps.entry import stage_main
 from virgo_exps.envvars import listing
 from virgo_exps.experiments.failures import record
+from virgo_exps.gitrun import git
 from virgo_exps.paths import (
     CHECKPOINTS_DIR,
     EPOCHS_FILE,
@@ -48,7 +48,6 @@ RESULTS = {
 
 def run_pipeline(dvc_args: list[str]) -> int:
     """``dvc exp run`` with a summary: which stages ran, where the results are."""
-    cmd = [dvcrun.executable(), "exp", "run", *dvc_args]
     refused = _refuse_before_dvc(dvc_args)
     if refused is not None:
         return refused
@@ -62,9 +61,7 @@ def run_pipeline(dvc_args: list[str]) -> int:
         _print_results(main_checkout(), redact(tracking_uri()))
         return 0
     print("$ " + " ".join(["dvc", "exp", "run", *dvc_args]), flush=True)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=dvcrun.env()
-    )
+    proc = dvcrun.start(["exp", "run", *dvc_args])
     ran: list[str] = []
     lines: list[str] = []
     assert proc.stdout is not None
@@ -102,7 +99,7 @@ def _refuse_before_dvc(dvc_args: list[str]) -> int | None:
     run (params.yaml as it is), the first stage's checks. None when there is nothing to refuse."""
     from virgo_exps import preflight  # loads the launcher and Slurm's side: `virgo-exps --help` starts without them
 
-    ident = subprocess.run(["git", "var", "GIT_COMMITTER_IDENT"], capture_output=True, text=True)
+    ident = git(None, "var", "GIT_COMMITTER_IDENT", check=False)
     if ident.returncode != 0:
         print(
             "error: git has no user name and email here, and DVC records every experiment as a git commit; "

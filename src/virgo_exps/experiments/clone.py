@@ -27,17 +27,18 @@ from pathlib import Path
 
 from virgo_exps import dvcrun, fsio
 from virgo_exps.experiments.teamstore import FILE_MODE, Layout, ShareError, group_id, owner_name
+from virgo_exps.gitrun import git
 
 DEFAULT_NAME = "team"
 LINK_TYPES = {"copy": "reflink,copy", "reflink,copy": "reflink,copy", "symlink": "symlink"}
 
 
 def run_command(cmd: list[str], cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``cmd`` (git, for the store and the clone); with ``check``, :class:`ShareError` if it fails."""
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise ShareError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
-    return proc
+    """Run ``cmd`` (a git command, for the store and the clone) through the one git helper; with ``check``,
+    :class:`ShareError` if it fails."""
+    if cmd[:1] != ["git"]:
+        raise ValueError(f"run_command runs git only, not {cmd[:1]}")
+    return git(cwd, *cmd[1:], check=check, error=ShareError)
 
 
 def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -16,13 +16,12 @@ Where a failure leaves traces:
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from virgo_exps import dvcrun
 from virgo_exps.experiments.verify_sources import exp_refs
-from virgo_exps.gitrun import experiment_refs
+from virgo_exps.gitrun import experiment_refs, git
 from virgo_exps.launch.protocol import announced_logs, experiment_of_log
 from virgo_exps.paths import REPORT_DIR, TRAIN_LOG, main_checkout
 
@@ -41,11 +40,6 @@ class Failure:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    return proc.stdout + proc.stderr
 
 
 def _dvc(args: list[str], cwd: Path) -> str:
@@ -211,12 +205,7 @@ def carried_logs(repo: Path | str = ".", exp: str | None = None) -> dict[str, st
     if exp is not None:
         rev = exp_refs(repo).get(exp)
         if rev is None:
-            proc = subprocess.run(
-                ["git", "rev-parse", "--verify", "--quiet", f"{exp}^{{commit}}"],
-                cwd=repo,
-                capture_output=True,
-                text=True,
-            )
+            proc = git(repo, "rev-parse", "--verify", "--quiet", f"{exp}^{{commit}}", check=False)
             if proc.returncode != 0:
                 raise LogsError(
                     f"{exp}: no such experiment here; `dvc exp pull <remote> {exp}` fetches a teammate's, "
@@ -225,7 +214,7 @@ def carried_logs(repo: Path | str = ".", exp: str | None = None) -> dict[str, st
             rev = exp
     for rel in CARRIED_LOGS:
         if rev is not None:
-            proc = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=repo, capture_output=True)
+            proc = git(repo, "show", f"{rev}:{rel}", check=False, text=False)
             if proc.returncode == 0:
                 found[rel] = proc.stdout.decode(errors="replace")
         elif (repo / rel).is_file():

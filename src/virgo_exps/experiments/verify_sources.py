@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -122,12 +121,12 @@ class Experiment:
                     self.outs[out["path"]] = out
 
     def text(self, rel: str) -> str | None:
-        proc = subprocess.run(["git", "show", f"{self.rev}:{rel}"], cwd=self.repo, capture_output=True)
+        proc = git(self.repo, "show", f"{self.rev}:{rel}", check=False, text=False)
         return proc.stdout.decode(errors="replace") if proc.returncode == 0 else None
 
     def blob(self, rel: str) -> bytes | None:
         """The bytes git holds for ``rel`` in the experiment's commit; None if it holds none."""
-        proc = subprocess.run(["git", "show", f"{self.rev}:{rel}"], cwd=self.repo, capture_output=True)
+        proc = git(self.repo, "show", f"{self.rev}:{rel}", check=False, text=False)
         return proc.stdout if proc.returncode == 0 else None
 
     def object(self, md5: str) -> Path:
@@ -149,9 +148,7 @@ class Experiment:
     def git_files(self, rel: str) -> list[tuple[str, bytes]] | None:
         """(path inside ``rel``, bytes) of what git holds at ``rel`` in the experiment's commit: one
         entry with path "" for a file, every file below it for a folder; None if git holds nothing."""
-        proc = subprocess.run(
-            ["git", "ls-tree", "-r", "-z", "--full-tree", self.rev, "--", rel], cwd=self.repo, capture_output=True
-        )
+        proc = git(self.repo, "ls-tree", "-r", "-z", "--full-tree", self.rev, "--", rel, check=False, text=False)
         found = []
         for item in proc.stdout.split(b"\0"):
             if b"\t" not in item:

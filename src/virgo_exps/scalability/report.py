@@ -45,6 +45,7 @@ from typing import Any
 
 import pandas as pd
 
+from virgo_exps.gitrun import git
 from virgo_exps.scalability import groups as grouping
 from virgo_exps.scalability.runs import Run
 from virgo_exps.scalability.runs import _number as _num
@@ -77,9 +78,7 @@ def _git_head(repo: str | os.PathLike | None) -> str | None:
     if repo is None:
         return None
     try:
-        proc = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=30, check=False
-        )
+        proc = git(repo, "rev-parse", "HEAD", check=False, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() or None if proc.returncode == 0 else None

@@ -30,6 +30,7 @@ import yaml
 
 from virgo_exps import dvcrun
 from virgo_exps.config import DamagedInputError
+from virgo_exps.gitrun import git
 from virgo_exps.paths import EPOCHS_FILE, METRICS_FILE, run_file
 from virgo_exps.provenance import read_metrics
 from virgo_exps.records import merge
@@ -79,9 +80,7 @@ NO_EPOCHS = (None, None, None)
 
 def _git_epochs(repo: Path, rev: str) -> tuple:
     try:
-        proc = subprocess.run(
-            ["git", "show", f"{rev}:./{EPOCHS_FILE}"], cwd=repo, capture_output=True, text=True, timeout=30
-        )
+        proc = git(repo, "show", f"{rev}:./{EPOCHS_FILE}", check=False, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return NO_EPOCHS
     return parse_epochs_csv(proc.stdout) if proc.returncode == 0 else NO_EPOCHS

@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from virgo_exps import fsio  # noqa: E402
+from virgo_exps.gitrun import git  # noqa: E402
 from virgo_exps.modelfile import load_model  # noqa: E402
 from virgo_exps.provenance import flatten, read_metrics, used_params  # noqa: E402
 from virgo_exps.store import read  # noqa: E402
@@ -161,13 +162,11 @@ def git_revision(repo: Path | str) -> str:
     """The short commit of ``repo``'s HEAD, with ``+ uncommitted changes (files)``
     when tracked files other than the pipeline's records and stage outputs differ from it."""
 
-    def git(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=60, check=False, env=env
-        )
+    def here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return git(repo, *args, check=False, timeout=60, env=env)
 
     try:
-        head = git("rev-parse", "--short", "HEAD")
+        head = here("rev-parse", "--short", "HEAD")
     except (OSError, subprocess.SubprocessError) as exc:
         return f"unknown (git: {type(exc).__name__})"
     if head.returncode != 0:
@@ -177,9 +176,9 @@ def git_revision(repo: Path | str) -> str:
     # a change (DVC writes it when it sets up an experiment's workspace).
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
-        git("read-tree", "HEAD", env=env)
-        diff = git("diff", "--name-only", "-z", env=env)
-    top = git("rev-parse", "--show-toplevel").stdout.strip()
+        here("read-tree", "HEAD", env=env)
+        diff = here("diff", "--name-only", "-z", env=env)
+    top = here("rev-parse", "--show-toplevel").stdout.strip()
     outputs = _stage_outputs(Path(top)) if top else []
     changed = sorted({name for name in diff.stdout.split("\0") if name and not _is_output(name, outputs)})
     text = head.stdout.strip()

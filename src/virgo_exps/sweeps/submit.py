@@ -49,7 +49,7 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def _dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([dvcrun.executable(), *args], cwd=repo, capture_output=True, text=True)
+    proc = dvcrun.run(list(args), repo, check=False, timeout=None)
     if check and proc.returncode != 0:
         raise ConfigError(f"dvc {' '.join(args)} failed in {repo}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from virgo_exps import dvcrun
 from virgo_exps.config import DamagedInputError
 from virgo_exps.experiments.clone import DEFAULT_NAME, configure_clone
 from virgo_exps.experiments.teamstore import Layout
-from virgo_exps.gitrun import experiment_refs
+from virgo_exps.gitrun import experiment_refs, git
 from virgo_exps.launch.slurm.submit import IN_ALLOCATION_ENV
 from virgo_exps.paths import METRICS_FILE
 from virgo_exps.provenance import read_metrics
@@ -104,19 +103,16 @@ def _tell(spec, directory: Path, number: int, value, told: str, attrs: dict) -> 
             say(f"warning: trial {number} not recorded in the sweep's Optuna study ({type(exc).__name__}: {exc})")
 
 
-def _dvc_cmd() -> list[str]:
-    return [dvcrun.executable()]  # the one way every command of ours finds dvc
+def _dvc(args: list[str], cwd: Path, env: dict | None = None) -> int:
+    """``dvc ARGS`` in ``cwd``, its output in the task's log; its exit code."""
+    say(f"$ dvc {' '.join(args)}")
+    return dvcrun.stream(args, cwd, echo=False, base_env=env)
 
 
-def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> int:
-    say(f"$ {' '.join(cmd)}")
-    return subprocess.run(cmd, cwd=cwd, env=env).returncode
-
-
-def _check(cmd: list[str], cwd: Path, env: dict | None = None) -> None:
-    rc = _run(cmd, cwd, env)
+def _check_dvc(args: list[str], cwd: Path, env: dict | None = None) -> None:
+    rc = _dvc(args, cwd, env)
     if rc != 0:
-        raise RuntimeError(f"{cmd[0]} {cmd[1]} failed with exit code {rc}")
+        raise RuntimeError(f"dvc {args[0]} {args[1]} failed with exit code {rc}")
 
 
 def prepare_clone(work: Path, record: dict, layout: Layout) -> bool:
@@ -125,17 +121,25 @@ def prepare_clone(work: Path, record: dict, layout: Layout) -> bool:
     if (work / ".dvc").is_dir():
         # A requeued task: back to the commit (`dvc exp run` had written the -S values), keep
         # .virgo/snapshots (ignored by git) and the outputs DVC tracks.
-        _check(["git", "reset", "-q", "--hard", commit], work)
+        git(work, "reset", "-q", "--hard", commit, error=RuntimeError)
         (work / ".dvc" / "tmp" / "rwlock").unlink(missing_ok=True)
         return True
     partial = work.with_name(work.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     # --no-local: through git's pack transport, as a fetch does. A local clone walks the store's
     # objects folder, and fails on the private folder a teammate's arriving push keeps there.
-    _check(
-        ["git", "clone", "-q", "--no-local", "--branch", record["branch"], str(layout.git), str(partial)], work.parent
+    git(
+        work.parent,
+        "clone",
+        "-q",
+        "--no-local",
+        "--branch",
+        record["branch"],
+        str(layout.git),
+        str(partial),
+        error=RuntimeError,
     )
-    _check(["git", "checkout", "-q", commit], partial)
+    git(partial, "checkout", "-q", commit, error=RuntimeError)
     configure_clone(partial, layout, DEFAULT_NAME, link_type="symlink")
     partial.rename(work)
     return False
@@ -176,9 +180,7 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
         # Requeued after its trial was recorded (e.g. a node lost during the push): push again
         # (nothing new is sent when it arrived) and say so; the trial is not run a second time.
         say(f"trial {state['trial']} ({state['experiment']}) is already {state['state']}; pushing it again")
-        rc = _run(
-            [*_dvc_cmd(), "exp", "push", DEFAULT_NAME, state["experiment"]], directory / "work" / state["experiment"]
-        )
+        rc = _dvc(["exp", "push", DEFAULT_NAME, state["experiment"]], directory / "work" / state["experiment"])
         told = OPTUNA_STATE[TaskState(state["state"])]
         attrs = {"experiment": state["experiment"], "cost": state.get("cost"), "log": state.get("log")}
         # a trial the study has finished already is left as it is
@@ -245,16 +247,16 @@ def run_task(directory: Path, index: int, job_id: str) -> int:
             # Requeued after `dvc exp run` had recorded the experiment, before the task wrote its
             # state: the experiment is the trial's result; running it again would be refused.
             say(f"{name} is already recorded in {work}; taking its results")
-            rc = _run([*_dvc_cmd(), "exp", "apply", name], work, env)
+            rc = _dvc(["exp", "apply", name], work, env)
         else:
-            rc = _run([*_dvc_cmd(), "exp", "run", "-n", name, *sweep_spec.set_args(overrides)], work, env)
+            rc = _dvc(["exp", "run", "-n", name, *sweep_spec.set_args(overrides)], work, env)
         metrics = _metrics(work) if rc == 0 else {}
         refusal = outcome.metrics_refusal(metrics) if rc == 0 else None
         if refusal:  # the one rule of what a successful run is (virgo_exps.train.outcome)
             say(f"error: {name}: results/metrics.json: {refusal}; the trial has no result")
             rc, metrics = outcome.EXIT_FAILED_RUN, {}
         if rc == 0:
-            _check([*_dvc_cmd(), "exp", "push", DEFAULT_NAME, name], work, env)
+            _check_dvc(["exp", "push", DEFAULT_NAME, name], work, env)
     except (RuntimeError, OSError) as exc:
         say(f"error: {exc}")
         rc, metrics = 1, {}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from virgo_exps.config import ConfigError
+from virgo_exps.gitrun import git
 from virgo_exps.paths import experiment_name, main_checkout
 
 EXPERIMENT = os.environ.get("VIRGO_MLFLOW_EXPERIMENT", "virgo-exps")
@@ -90,7 +91,7 @@ def check_tracking_uri(uri: str | None = None) -> None:
 def git_revision(cwd: Path | None = None) -> str:
     rev = os.environ.get("DVC_EXP_BASELINE_REV")
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = git(cwd, "rev-parse", "HEAD", check=False, timeout=10)
         if out.returncode == 0:
             rev = out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):

@@ -35,10 +35,19 @@ FINAL_STATES = frozenset(
 
 
 def run_tool(*args: str, timeout: float = 30, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Every call of a Slurm command (sbatch, squeue, scontrol, scancel, sacct) goes through here: output
+    """Every call of a Slurm command (sbatch, squeue, scontrol, scancel, sacct) goes through here (or
+    :func:`start_tool`, for ``sbatch -W``): output
     captured, a time limit (:class:`subprocess.TimeoutExpired` past it), in a session of its own (a Ctrl-C
     in the terminal must not kill the tool mid-call)."""
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, start_new_session=True, env=env)
+
+
+def start_tool(*args: str) -> subprocess.Popen:
+    """The one Slurm command that runs as long as its job (``sbatch -W``), started in a session of its own
+    with its stdout and stderr as text for the caller to read as they come."""
+    return subprocess.Popen(
+        list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 @dataclasses.dataclass

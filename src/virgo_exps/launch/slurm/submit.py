@@ -20,7 +20,7 @@ from virgo_exps.config import ConfigError
 from virgo_exps.launch import console
 from virgo_exps.launch.job import JobSpec, dry_run_requested
 from virgo_exps.launch.protocol import record_log
-from virgo_exps.launch.slurm.query import find_active_jobs
+from virgo_exps.launch.slurm.query import find_active_jobs, start_tool
 from virgo_exps.launch.slurm.script import JobContext, batch_script, fingerprint, sbatch_command
 from virgo_exps.launch.slurm.watch import Signals, SubmitInterrupted, cancel_and_wait, say, stop_child, watch, write
 from virgo_exps.launch.strategy_table import check_software
@@ -152,9 +152,7 @@ def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> in
         ctx.log_dir.mkdir(parents=True, exist_ok=True)
         fsio.write_text(ctx.script_path, script)
         say(f"{stage} on '{machine.name}': {shlex.join(cmd)}")
-        sbatch = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-        )
+        sbatch = start_tool(*cmd)
         assert sbatch.stdout is not None
         first = ""
         try:
