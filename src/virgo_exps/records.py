@@ -16,6 +16,11 @@ import math
 from typing import Any
 
 
+def is_measure(value: Any) -> bool:
+    """A finite number (a flag is not one): what DVC subtracts, MLflow keeps and a loss must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """``{"cost": {"core_h": 0.1, "slurm_job": None}}`` -> ``{"cost.core_h": 0.1}``."""
     out: dict[str, float] = {}
@@ -23,17 +28,13 @@ def numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(numbers(value, f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        elif is_measure(value):
             out[name] = value
     return out
 
 
 # Numbers that name rather than measure: kept with the description (a job id has no meaningful difference).
 IDENTIFIERS = frozenset({"cost.slurm_job"})
-
-
-def _measure(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def split(record: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
@@ -49,11 +50,9 @@ def split(record: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dic
                 measures[key] = inner_m
             if inner_d:
                 description[key] = inner_d
-        elif value is None or (isinstance(value, float) and not math.isfinite(value)):
-            continue
-        elif _measure(value) and name not in IDENTIFIERS:
-            measures[key] = value
-        else:
+        elif is_measure(value):
+            (description if name in IDENTIFIERS else measures)[key] = value
+        elif value is not None and not isinstance(value, float):  # None, NaN, inf: not measured
             description[key] = value
     return measures, description
 

@@ -15,8 +15,7 @@ edited, is never shown as a success either.
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from virgo_exps.records import is_measure
 
 # The exit code of a training run that ended without a result (the loss stopped being finite).
 EXIT_FAILED_RUN = 4
@@ -26,8 +25,7 @@ class RunFailed(RuntimeError):
     """A run that ended without a result; its message is one line: what, where, and what to try."""
 
 
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+finite = is_measure  # a finite number, not a flag
 
 
 def epoch_refusal(epoch: int, train_loss: float, val_loss: float, first_bad: tuple[int, int] | None) -> str | None:
