@@ -56,7 +56,8 @@ def test_runs_go_to_the_server_and_the_password_goes_nowhere(tmp_path, server):
         "MLFLOW_TRACKING_USERNAME": "admin",
         "MLFLOW_TRACKING_PASSWORD": PASSWORD,
         "DVC_EXP_NAME": "served-exp",
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # a short run: a sample a second
+        # MLflow publishes a sample only after a whole interval: a short one, for a run that may last ~1 s
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1",
     }
     proc = run_train(repo, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
