@@ -31,6 +31,10 @@ venv: $(STAMP) ## create .venv and install the pinned dependencies
 horovod: $(STAMP) ## build Horovod 0.28.1 into .venv (patched for torch >= 2.1; minutes)
 	bash scripts/install_horovod.sh $(PY)
 
+.PHONY: image
+image: $(STAMP) ## build the container image from the pinned files into a cache outside the checkout (.virgo/image points at it)
+	bash scripts/build_image.sh $(PY)
+
 .PHONY: plots-offline
 plots-offline: $(STAMP) ## npm ci the pinned vega libraries and set a `dvc plots show` page that needs no network
 	@$(PY) scripts/plots_offline.py
@@ -84,7 +88,7 @@ lint: $(STAMP) ## ruff: lint and formatting check (configured in pyproject.toml)
 	$(VENV)/bin/ruff format --check src stages tests benchmarks
 
 .PHONY: test
-test: $(STAMP) ## install what the tests need (Horovod; Slurm and Chromium when root), lint, and run the whole suite
+test: $(STAMP) ## install what the tests need (Horovod, the image; Slurm, Chromium, charliecloud when root), lint, run the suite
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory horovod
 	@if [ "$$(id -u)" = 0 ]; then bash scripts/install_slurm.sh; else \
@@ -92,6 +96,8 @@ test: $(STAMP) ## install what the tests need (Horovod; Slurm and Chromium when 
 	@if [ "$$(id -u)" = 0 ]; then bash scripts/install_test_system.sh; else \
 		echo "not root: the browser test of the plots page is skipped unless chromium and npm are installed"; fi
 	@$(MAKE) --no-print-directory plots-offline
+	@if command -v ch-run >/dev/null && command -v mmdebstrap >/dev/null && command -v mksquashfs >/dev/null; then \
+		$(MAKE) --no-print-directory image; else echo "no charliecloud/mmdebstrap: the container tests will be skipped"; fi
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" JOBS=$(JOBS) bash scripts/test.sh $(ARGS)
 
 .PHONY: test-fast

@@ -2,7 +2,8 @@
 # Install the Debian packages the browser test of the plots page needs:
 # Chromium and its driver (tests/test_plots_browser.py opens the page of
 # `dvc plots show` headless), and node/npm for the offline plots template
-# (scripts/plots_offline.py). Debian/Ubuntu, as root.
+# (scripts/plots_offline.py); and those of the container image and its tests
+# (mmdebstrap, charliecloud, squashfs-tools, squashfuse). Debian/Ubuntu, as root.
 #   scripts/install_test_system.sh            # no-op when everything is there
 #   scripts/install_test_system.sh --strict   # exit non-zero when it cannot install
 # Without --strict a failure only warns (exit 0), so `make test` goes on and
@@ -15,14 +16,16 @@ fail() {  # fail CODE MESSAGE...
     local code=$1; shift
     echo "install_test_system: $*" >&2
     if [ "$strict" = 1 ]; then exit "$code"; fi
-    echo "install_test_system: the browser test of the plots page will be skipped" >&2
+    echo "install_test_system: the browser test of the plots page and the container tests will be skipped" >&2
     exit 0
 }
 
 # command -> Debian package
-declare -A package_of=([chromium]=chromium [chromedriver]=chromium-driver [node]=nodejs [npm]=npm)
+declare -A package_of=([chromium]=chromium [chromedriver]=chromium-driver [node]=nodejs [npm]=npm
+                       [ch-run]=charliecloud [mmdebstrap]=mmdebstrap [mksquashfs]=squashfs-tools
+                       [squashfuse]=squashfuse)
 missing=()
-for c in chromium chromedriver node npm; do
+for c in chromium chromedriver node npm ch-run mmdebstrap mksquashfs squashfuse; do
     command -v "$c" >/dev/null 2>&1 || missing+=("$c")
 done
 if [ ${#missing[@]} -eq 0 ]; then

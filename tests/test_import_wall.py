@@ -233,6 +233,7 @@ GATEWAYS = {
     "launch/launcher.py": "the training processes (a worker, torchrun, deepspeed)",
     "launch/hvd_slurm.py": "horovodrun",
     "launch/slurm/submit.py": "the batch script inside an allocation, a stage's dry run",
+    "container.py": "the container runtime (a stage started again inside its image) and unsquashfs",
 }
 SPAWNERS = {"run", "Popen", "call", "check_call", "check_output"}
 

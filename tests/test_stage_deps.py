@@ -24,6 +24,7 @@ PACKAGE = "virgo_exps"
 # computes nothing the stage writes: editing it must not invalidate results.
 SCHEDULING = {
     "virgo_exps.cli": "entry-point plumbing: error reporting and exit codes of every stage, the virgo-exps CLI",
+    "virgo_exps.container": "runs a stage inside the profile's image; the image itself is in version.lock and stamps",
     "virgo_exps.entry": "entry-point plumbing: error reporting and exit codes of every stage and training process",
     "virgo_exps.fsio": "write-then-rename: how a file reaches the disk (whole), never what it holds",
     "virgo_exps.launch": "starts the work (directly, torchrun, horovodrun) or hands it to Slurm; watches and requeues",

@@ -12,9 +12,10 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from virgo_exps import stagelog
+from virgo_exps import container, stagelog
 from virgo_exps.config import ConfigError, DamagedInputError
 from virgo_exps.launch.lifetime import bind_stage_to_starter
+from virgo_exps.machines import load_machine
 
 
 @contextlib.contextmanager
@@ -30,15 +31,27 @@ def known_errors():
         sys.exit(3)
 
 
-def stage_main(run: Callable[[], int | None], log: str | None = None) -> None:
+def enter_image() -> None:
+    """On a local machine whose profile names a container image, start this stage again inside it
+    (:func:`virgo_exps.container.enter`); a SLURM machine runs its job steps inside instead."""
+    machine = load_machine()
+    if machine.container is not None and machine.kind == "local":
+        container.enter(machine.container)
+
+
+def stage_main(run: Callable[[], int | None], log: str | None = None, image: bool = True) -> None:
     """Run a stage body; turn configuration errors into one clear line and exit 2.
 
     The stage ends, with every process it started, when the process that
     started it (DVC) ends or on SIGINT/SIGTERM/SIGHUP (see
     :func:`virgo_exps.launch.lifetime.bind_stage_to_starter`). With ``log``
     (the stage's name), its output is also kept in the stage's log
-    (:mod:`virgo_exps.stagelog`).
+    (:mod:`virgo_exps.stagelog`). With ``image`` the stage runs inside the machine's container image,
+    when its profile names one (:func:`enter_image`).
     """
+    if image:
+        with known_errors():
+            enter_image()
     bind_stage_to_starter()
     if log:
         stagelog.start(log)

@@ -7,7 +7,9 @@ identical runs (no timestamps, no host names), so an unchanged environment
 gives a byte-identical file and DVC reruns nothing downstream.
 
 The machine profile is validated here but not recorded: switching between
-machines must not invalidate DVC's cache. The trainer records the machine,
+machines must not invalidate DVC's cache. A container image the stages run in
+is recorded (``image``: its digest): another image is another environment,
+and DVC reruns what depends on it. The trainer records the machine,
 the hosts and the devices a run used in its metrics and in MLflow, where they
 are known (the login node that runs this stage may have no GPU at all).
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from virgo_exps import container
 from virgo_exps.machines import load_machine
 
 # What `make run` installs (pyproject.toml, pinned) and the results depend on.
@@ -91,7 +94,7 @@ def collect(
 ) -> dict:
     """The environment record. ``strategy`` (default: ``train.strategy`` of
     ``params_path``) adds the packages only that strategy uses."""
-    load_machine(machine_name)  # a broken profile stops the pipeline before any stage runs
+    machine = load_machine(machine_name)  # a broken profile stops the pipeline before any stage runs
     if strategy is None:
         strategy = _strategy_from(params_path)
     names = PACKAGES + STRATEGY_PACKAGES.get(strategy or "", ())
@@ -102,6 +105,13 @@ def collect(
         "packages": {name: _version(name) for name in names},
         "torch_build": _torch_build(),
     }
+    # The image the stages run in: the one this process runs in, else the one the profile's job steps use.
+    # Without one the key is left out, so an environment outside any image writes the file it always did.
+    image = container.current()
+    if image is None and machine.container is not None:
+        image = container.check(machine.container)
+    if image is not None:
+        info["image"] = image
     return info
 
 

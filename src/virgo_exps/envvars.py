@@ -58,7 +58,21 @@ VARIABLES = (
         "1: a stage already runs inside a Slurm allocation (a sweep task): its job step runs there, no sbatch",
     ),
     EnvVar("VIRGO_SWEEP_TRIAL", "the launcher", "the Optuna trial a sweep task's training reports to (JSON)"),
-    EnvVar("VIRGO_PYTHON", "the launcher", "in a batch script: the Python of the checkout's environment"),
+    EnvVar(
+        "VIRGO_PYTHON",
+        "the launcher",
+        "in a batch script: the Python of the checkout's environment (of the image, with a container)",
+    ),
+    EnvVar(
+        "VIRGO_IMAGE_RUN",
+        "the launcher",
+        "in a batch script of a profile with a container: the runtime's words that start each srun step in the image",
+    ),
+    EnvVar(
+        "VIRGO_IMAGE_CACHE",
+        "you",
+        "make image: where images are kept, one folder per set of inputs (default ~/.cache/virgo-exps/images)",
+    ),
     EnvVar("VIRGO_HOSTFILE", "the launcher", "in a batch script: the nodes of the job, for DeepSpeed's runner"),
     EnvVar("VIRGO_STATUS_FILE", "the launcher", "in a batch script: the training's status file (requeue or not)"),
     EnvVar("VIRGO_MAX_REQUEUES", "the launcher", "in a batch script: train.max_requeues"),

@@ -2,7 +2,8 @@
 
 A profile says how commands run on one machine: directly (``kind: local``) or
 through SLURM (``kind: slurm``, with partition, account, GPUs, time limit and
-a setup script sourced at the start of every job). Adding a cluster means
+a setup script sourced at the start of every job), and optionally inside a
+container image (``container:``, see :mod:`virgo_exps.container`). Adding a cluster means
 adding a folder; no Python changes.
 
 Which profile is in use is *not* a param, so switching machines does not
@@ -16,6 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from virgo_exps import container as _container
 from virgo_exps.config import REQUIRED, ConfigError, read_yaml, spec, validate
 from virgo_exps.paths import main_checkout, repo_root
 
@@ -63,6 +65,12 @@ class Machine:
     )
     stall_limit: int = spec(
         1800, **_WHOLE, doc="seconds a training rank may go without progress before the run ends (0: never)"
+    )
+    container: _container.Container | None = spec(
+        None,
+        None,
+        "a mapping (runtime, image, bind, gpu) or null",
+        "run every stage (local) or every srun step (slurm) inside this image; null: directly",
     )
 
     def slurm_conf_path(self) -> Path | None:
@@ -125,7 +133,9 @@ def load_machine(name: str | None = None) -> Machine:
     raw = read_yaml(spec_file, "machine profile")
     if isinstance(raw, dict) and "generate_tasks" in raw:  # the key's earlier name
         raise ConfigError(f"{shown}: generate_tasks: now named data_tasks (the same meaning); rename the key")
+    raw_container = raw.pop("container", None) if isinstance(raw, dict) else None
     values = validate(Machine, raw, str(shown), sep=": ", refusal="{key}: {value!r}; expected {allowed}")
+    values["container"] = _container.parse(raw_container, str(shown))
     machine = Machine(name=name, path=path, **values)
     if machine.setup_script is not None and not machine.setup_script.exists():
         raise ConfigError(f"{shown}: setup: {machine.setup} does not exist in {path}; add it or set setup: null")

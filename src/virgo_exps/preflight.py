@@ -41,6 +41,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from virgo_exps import container
 from virgo_exps.config import ConfigError, Params, as_flat_dict, load_params, read_yaml, studies
 from virgo_exps.gitrun import git
 from virgo_exps.launch.launcher import local_command
@@ -95,7 +96,10 @@ def check_machine(params: Params, machine: Machine) -> None:
                 "set it to 'auto' or 'gloo'"
             )
     check_precision(cfg, machine)
-    check_software(strategy_row(cfg.strategy), sys.executable)  # the launcher's own check, and its words
+    if machine.container is not None and container.current() is None:
+        container.check(machine.container)  # a missing or damaged image, before any stage works
+    else:
+        check_software(strategy_row(cfg.strategy), sys.executable)  # the launcher's own check, and its words
 
 
 def check_precision(cfg, machine: Machine) -> None:

@@ -7,6 +7,7 @@ attributes, the model file, ``run.json`` beside ``metrics.json``)::
      "params": {"train.seed": 0, ...},          # the stage's keys of dvc.yaml, as used
      "params_sha256": "3f1c...",                 # digest of that mapping
      "inputs": {"data/images.zarr": "9ab0..."},  # digest of every input data file/folder
+     "image": "sha256:7d0e...",                  # the container image it was made in, when it was
      "upstream": {...}}                          # the input's own stamp, when it has one
 
 ``run.json`` carries only the short form (``provenance.params``,
@@ -31,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from virgo_exps import fsio
+from virgo_exps import container, fsio
 from virgo_exps.config import ConfigError, DamagedInputError, as_flat_dict, params_from_dict
 from virgo_exps.paths import run_file
 from virgo_exps.records import merge
@@ -151,6 +152,9 @@ def stamp(
         "params_sha256": params_digest(params),
         "inputs": {str(name): data_digest(path) for name, path in (inputs or {}).items()},
     }
+    image = container.current()
+    if image is not None:  # made inside a container image: which (outside any, the key is absent)
+        out["image"] = image
     if upstream:
         out["upstream"] = upstream
     return out
@@ -185,7 +189,10 @@ def stage_code_digest(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> s
 def metrics_stamp(full: dict) -> dict:
     """The short form for ``run.json``: two digests (the trainer adds the code's)."""
     data = list(full.get("inputs", {}).values())
-    return {"params": full["params_sha256"], "data": data[0] if len(data) == 1 else params_digest(full["inputs"])}
+    short = {"params": full["params_sha256"], "data": data[0] if len(data) == 1 else params_digest(full["inputs"])}
+    if full.get("image"):
+        short["image"] = full["image"]
+    return short
 
 
 def read_store_stamp(path: str | os.PathLike) -> dict | None:

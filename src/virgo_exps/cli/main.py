@@ -277,7 +277,7 @@ def _main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         sys.exit(run_pipeline(args.dvc_args))
     if args.command == "preset":
-        stage_main(lambda: apply_preset(args.file, args.params))
+        stage_main(lambda: apply_preset(args.file, args.params), image=False)
     if args.command == "params":
         print(params_listing())
     elif args.command == "env":
@@ -293,7 +293,7 @@ def _main(argv: list[str] | None = None) -> None:
                 return preflight.refuse(exc, args.params)
             print(preflight.summary(args.params, machine, budget))
 
-        stage_main(body)
+        stage_main(body, image=False)
 
 
 if __name__ == "__main__":

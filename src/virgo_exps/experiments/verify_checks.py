@@ -139,7 +139,8 @@ def check_stamps(src, report: Report, dvc_yaml: Path) -> None:
                     )
                     bad = True
             if not bad:
-                report.checked.append(f"{rel}: made with the params of params.yaml ({stage})")
+                where = f"inside image {st['image']}" if st.get("image") else "outside any container image"
+                report.checked.append(f"{rel}: made with the params of params.yaml ({stage}), {where}")
 
 
 def check_dvc_status(repo: Path, report: Report) -> None:

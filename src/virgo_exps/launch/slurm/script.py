@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from virgo_exps import container
 from virgo_exps.config import ConfigError
 from virgo_exps.launch import protocol
 from virgo_exps.launch.job import JobSpec
@@ -150,6 +151,8 @@ def srun_command(spec: JobSpec, machine: Machine) -> str:
     array = spec.array
     extra = "".join(f" {shlex.quote(x)}" for x in machine.srun_extra)
     common = f'--cpus-per-task="$SLURM_CPUS_PER_TASK"{extra}'
+    if machine.container is not None:
+        common += ' "${VIRGO_IMAGE_RUN[@]}"'  # the step's program starts inside the image
     if array:
         return (
             f'srun --nodes=1 --ntasks=1 {common} "$VIRGO_PYTHON" {script} '
@@ -307,6 +310,17 @@ exit "$rc"
 """
 
 
+def _image_lines(ctx: JobContext, machine: Machine) -> list[str]:
+    """With a container: the words that start a job step's program inside the image."""
+    if machine.container is None:
+        return []
+    # On the nodes: the workspace, the main checkout (its code, logs and snapshots) and the profile's binds.
+    c = machine.container
+    paths = [Path(ctx.workdir), Path(ctx.home), *container.extra_paths(c)]
+    words = container.prefix(c, ctx.workdir, src=Path(ctx.home) / "src", paths=paths)
+    return [f"VIRGO_IMAGE_RUN=({' '.join(shlex.quote(w) for w in words)})  # {machine.container.runtime}"]
+
+
 def batch_script(ctx: JobContext, spec: JobSpec, machine: Machine) -> str:
     """The complete batch script (deterministic for a given context, job spec and profile)."""
     check_job_text(ctx, machine.name)
@@ -319,7 +333,8 @@ def batch_script(ctx: JobContext, spec: JobSpec, machine: Machine) -> str:
         *(f"#SBATCH {opt}" for opt in opts),
         "",
         "set -uo pipefail",
-        f"VIRGO_PYTHON={q(ctx.python)}",
+        f"VIRGO_PYTHON={q(container.IMAGE_PYTHON if machine.container else ctx.python)}",
+        *_image_lines(ctx, machine),
         f"VIRGO_STATUS_FILE={q(spec.files.status_file)}",
         f"VIRGO_MAX_REQUEUES={int(spec.max_requeues)}",
         f"VIRGO_EXIT_INTERRUPTED={EXIT_INTERRUPTED}",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from virgo_exps import fsio
+from virgo_exps import container, fsio
 from virgo_exps.config import ConfigError
 from virgo_exps.launch import console
 from virgo_exps.launch.job import JobSpec, dry_run_requested
@@ -111,8 +111,10 @@ def submit(spec: JobSpec, machine: Machine, ctx: JobContext | None = None) -> in
             flush=True,
         )
         return 0
-    # checked here, not after a wait in the queue: the job runs this same interpreter
-    check_software(spec.row, ctx.python)
+    if machine.container is not None:
+        container.check(machine.container)  # a missing or damaged image, before the queue
+    else:  # checked here, not after a wait in the queue: the job runs this same interpreter
+        check_software(spec.row, ctx.python)
     if in_allocation():
         if array:
             raise ConfigError(
