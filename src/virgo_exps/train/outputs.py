@@ -187,10 +187,9 @@ def stage_code() -> str | None:
     return provenance.stage_code_digest("train")
 
 
-def write_outputs(t: Trainer, metrics: dict, per_rank_gpu: list[dict]) -> None:
-    """Rank 0: the model file, the epochs' files, ranks.json, run.json and, last, metrics.json; then the
-    tracker's copy."""
-    model = t.strategy.unwrap(t.model)
+def write_outputs(t: Trainer, metrics: dict, per_rank_gpu: list[dict], weights: dict) -> None:
+    """Rank 0: the model file (``weights``: the network's whole state dict, :meth:`Strategy.model_state`), the
+    epochs' files, ranks.json, run.json and, last, metrics.json; then the tracker's copy."""
     t.out.model.parent.mkdir(parents=True, exist_ok=True)
     # The params and data these outputs were made with (checked by the report stage and `virgo-exps verify`).
     stamp = provenance.stamp(
@@ -201,7 +200,7 @@ def write_outputs(t: Trainer, metrics: dict, per_rank_gpu: list[dict]) -> None:
     )
     atomic_torch_save(  # with the sha256 that models.load_model verifies
         model_file_content(
-            model.state_dict(),
+            weights,
             {"name": t.cfg.model, "in_channels": t.train_set.n_channels},
             t.train_set.attrs.get("norm"),
             **{provenance.KEY: stamp},

@@ -24,7 +24,7 @@ def profile(t: Trainer) -> dict:
     s = t.strategy
     # Profile on a throw-away copy of the state: the profiled steps must not
     # change the trajectory, or a profiled run and a resumed one would differ.
-    model_state = {k: v.clone() for k, v in s.unwrap(t.model).state_dict().items()}
+    model_state = {k: v.clone() for k, v in s.model_state(t.model).items()}
     opt_state = copy.deepcopy(s.optimizer_state(t.optimizer))
     sched_state = t.scheduler.state_dict()
     scaler = s.scaler
@@ -35,7 +35,7 @@ def profile(t: Trainer) -> dict:
     t.model.train()
     t.run_batch(batches[0])  # warm-up step, not profiled
     local = computation_fraction(lambda: [t.run_batch(b) for b in batches[1:]], s.device)
-    s.unwrap(t.model).load_state_dict(model_state)
+    s.load_model_state(t.model, model_state)
     s.load_optimizer_state(t.optimizer, opt_state)
     t.scheduler.load_state_dict(sched_state)
     if scaler is not None:

@@ -289,6 +289,7 @@ class Snapshots:
         """Every rank: a snapshot of ``t`` with ``status`` (a STATUS_* of launch.protocol), written by rank 0,
         and the status file."""
         s = self.strategy
+        weights = s.model_state(t.model)  # every rank: ZeRO 3 gathers the split weights (rank 0 keeps them)
         gathered = s.all_gather_object(
             {
                 "rng": rng_state(),
@@ -313,7 +314,7 @@ class Snapshots:
         folder.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         snapshot = {
-            "model": s.unwrap(t.model).state_dict(),
+            "model": weights,
             "optimizer": parts if s.partitioned_optimizer else s.optimizer_state(t.optimizer),
             "scheduler": t.scheduler.state_dict(),
             "scaler": s.scaler.state_dict() if s.scaler is not None else None,
@@ -401,7 +402,7 @@ class Snapshots:
             return False
         path = Path(chosen)
         snap = read_snapshot_file(path)
-        s.unwrap(t.model).load_state_dict(snap["model"])
+        s.load_model_state(t.model, snap["model"])
         s.load_optimizer_state(t.optimizer, snap["optimizer"])
         t.scheduler.load_state_dict(snap["scheduler"])
         if s.scaler is not None and snap.get("scaler"):

@@ -211,8 +211,9 @@ class Trainer:
             metrics = outputs.final_metrics(self, per_rank_gpu)
             if not self.snapshots.final_written:  # all epochs came from a running snapshot, or the run was pruned
                 self.snapshots.save(self, STATUS_PRUNED if self.pruned_at is not None else STATUS_COMPLETE)
+            weights = s.model_state(self.model)  # every rank: ZeRO 3 gathers the split weights for rank 0
             if s.is_main:
-                outputs.write_outputs(self, metrics, per_rank_gpu)
+                outputs.write_outputs(self, metrics, per_rank_gpu, weights)
             s.barrier()
             self._complete = True
             status = "FINISHED"

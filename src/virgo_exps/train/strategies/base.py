@@ -97,6 +97,15 @@ class Strategy(ABC):
         """The plain nn.Module (for saving and evaluation)."""
         return getattr(model, "module", model)
 
+    def model_state(self, model: Any) -> dict:
+        """The network's whole state dict (snapshots, model.pt). Every rank calls it: a strategy that splits
+        the weights over the ranks gathers them, which takes them all."""
+        return self.unwrap(model).state_dict()
+
+    def load_model_state(self, model: Any, state: dict) -> None:
+        """Put a whole state dict (:meth:`model_state`'s) into the network; every rank calls it."""
+        self.unwrap(model).load_state_dict(state)
+
     def torch_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
         """The torch optimiser whose learning rate the schedule sets (inside a strategy's wrapper)."""
         return optimizer
