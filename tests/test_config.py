@@ -208,10 +208,17 @@ def test_the_zero_stage_and_the_backend_are_params_refused_before_any_work(tmp_p
     stamped = provenance.select(used, "train", ROOT / "dvc.yaml")
     assert stamped["train.zero_stage"] == 0 and stamped["train.dist_backend"] == "auto"
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for stage in (1, 2, 3):  # every stage with DeepSpeed (3 gathers the split weights for snapshots and model.pt)
+        accepted = copy.deepcopy(base)
+        accepted["train"].update(zero_stage=stage, strategy="deepspeed", procs_per_node=2)
+        assert params_from_dict(accepted).train.zero_stage == stage
     cases = [
         ({"zero_stage": 2}, "train.zero_stage: 2 is a stage of DeepSpeed's ZeRO, but train.strategy is 'single'"),
         ({"zero_stage": 4}, "train.zero_stage: 4 is not allowed"),
-        ({"zero_stage": 3, "strategy": "deepspeed", "procs_per_node": 2}, "train.zero_stage: 3 is not supported"),
+        (
+            {"zero_stage": 3, "strategy": "ddp", "procs_per_node": 2},
+            "train.zero_stage: 3 is a stage of DeepSpeed's ZeRO, but train.strategy is 'ddp'",
+        ),
         ({"dist_backend": "mpi"}, "train.dist_backend: 'mpi' is not allowed; expected one of 'auto', 'nccl', 'gloo'"),
     ]
     import torch

@@ -129,7 +129,11 @@ class TrainConfig:
         3, _non_negative, "an integer >= 0", "time-outs/preemptions tolerated before failing", result=False
     )
     zero_stage: int = spec(
-        0, lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3", "DeepSpeed's ZeRO stage: 0 (off), 1 or 2 (3 is refused)"
+        0,
+        lambda v: v in (0, 1, 2, 3),
+        "0, 1, 2 or 3",
+        "DeepSpeed's ZeRO stage: 0 (off), 1 (optimiser state split over the ranks), 2 (and gradients), "
+        "3 (and weights, gathered whole for snapshots and model.pt)",
     )
     dist_backend: str = spec(
         "auto",
@@ -400,12 +404,6 @@ def _cross_checks(p: Params) -> None:
         raise ConfigError(
             f"train.zero_stage: {p.train.zero_stage} is a stage of DeepSpeed's ZeRO, but train.strategy is "
             f"'{p.train.strategy}'; set it to 0 or choose 'deepspeed'"
-        )
-    if p.train.zero_stage == 3:
-        # Stage 3 partitions the weights too: a snapshot and model.pt would need them gathered first.
-        raise ConfigError(
-            "train.zero_stage: 3 is not supported: it splits the weights over the ranks, and snapshots and "
-            "model.pt hold whole weights; choose 1 or 2 (the optimiser state split; each rank's part is kept)"
         )
     if p.train.strategy == "single" and world != 1:
         raise ConfigError(

@@ -2,6 +2,10 @@
 
 DeepSpeed owns the backward pass and the optimiser step (``engine.backward``,
 ``engine.step``), which is why the strategy interface has ``zero_grad``, ``backward`` and ``step``.
+
+ZeRO stages 1 and 2 split the optimiser state (and the gradients) over the ranks; stage 3 the weights too:
+outside a forward or backward pass each rank's module holds empty placeholders. The whole weights of a
+snapshot and of model.pt are then gathered from every rank, in their own dtype (fp32 stays fp32, exactly).
 """
 
 from __future__ import annotations
@@ -88,6 +92,16 @@ ZERO_STATE_KEYS = (
     "overflow",
     "clip_grad",
 )
+# The same for ZeRO 3: the torch optimiser's state over this rank's flat fp32 partition, and the partition
+# itself (the weights' master copy, from which DeepSpeed also restores the module's own partition).
+ZERO3_STATE_KEYS = (
+    "optimizer_state_dict",
+    "fp32_flat_groups",
+    "partition_count",
+    "dynamic_loss_scale",
+    "overflow",
+    "ds_zero_partition_groups",
+)
 
 
 def _detached(value):
@@ -171,11 +185,17 @@ class DeepSpeedStrategy(TorchDistStrategy):
         # Built from the train params alone (no second source): micro-batch and accumulation, clipping
         # (set even when 0: this DeepSpeed clips at norm 1.0 when the key is absent), the ZeRO stage.
         # train.precision is the trainer's autocast around the forward pass, as with every strategy.
+        zero = {"stage": self.zero_stage}  # train.zero_stage, in every record
+        if self.zero_stage == 3:
+            # Every weight split, however small: by default DeepSpeed keeps those of up to 1e5 elements whole on
+            # every rank once fetched (all of this project's networks' weights), and stage 3 would split no more
+            # than stage 2. Gathering is a copy: the losses are the same either way.
+            zero["stage3_param_persistence_threshold"] = 0
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": self.grad_accum_steps,
             "gradient_clipping": float(self.grad_clip),
-            "zero_optimization": {"stage": self.zero_stage},  # train.zero_stage, in every record
+            "zero_optimization": zero,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
@@ -198,6 +218,48 @@ class DeepSpeedStrategy(TorchDistStrategy):
     def partitioned_optimizer(self) -> bool:
         return self.zero_stage > 0
 
+    def model_state(self, model):
+        if self.zero_stage < 3:
+            return super().model_state(model)
+        import deepspeed
+
+        # ZeRO 3: every rank takes part in gathering each weight in turn (never more than one whole at once);
+        # rank 0 keeps a copy in host memory, as it alone writes. Buffers are never split: every rank keeps its
+        # own, so that load_model_state can put them back on every rank.
+        module = self.unwrap(model)
+        params = dict(module.named_parameters(remove_duplicate=False))
+        state = {}
+        for key, value in module.state_dict(keep_vars=True).items():
+            param = params.get(key)
+            if param is None:
+                state[key] = value.detach().to("cpu", copy=True)
+                continue
+            with deepspeed.zero.GatheredParameters([param]):
+                if self.is_main:
+                    state[key] = param.detach().to("cpu", copy=True)
+        return state
+
+    def load_model_state(self, model, state):
+        if self.zero_stage < 3:
+            super().load_model_state(model, state)
+            return
+        import deepspeed
+
+        # ZeRO 3: each weight in turn, gathered, set on rank 0 and split again from rank 0's values; buffers on
+        # every rank. The master copy of the weights is the optimiser's partition, which load_optimizer_state
+        # puts back next (and the module's partition with it).
+        module = self.unwrap(model)
+        params = dict(module.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for key, value in module.state_dict(keep_vars=True).items():
+                param = params.get(key)
+                if param is None:
+                    value.copy_(state[key])
+                    continue
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.is_main:
+                        param.copy_(state[key])
+
     def torch_optimizer(self, optimizer):
         return optimizer.optimizer if self.zero_stage else optimizer  # ZeRO's wraps the torch one
 
@@ -205,17 +267,27 @@ class DeepSpeedStrategy(TorchDistStrategy):
         state = optimizer.state_dict()
         if not self.zero_stage:
             return state
-        # ZeRO 1 and 2: what this DeepSpeed reads back from a rank's part (its rigid layout), in plain types,
+        # ZeRO 1, 2 and 3: what this DeepSpeed reads back from a rank's part (its rigid layout), in plain types,
         # so that a snapshot is read without running code (the loss scaler object stays the engine's: the
         # precisions here keep it static).
-        kept = {k: _detached(state[k]) for k in ZERO_STATE_KEYS if k in state}
+        keys = ZERO3_STATE_KEYS if self.zero_stage == 3 else ZERO_STATE_KEYS
+        kept = {k: _detached(state[k]) for k in keys if k in state}
         kept["zero_stage"] = int(state["zero_stage"])
         return kept
 
     def load_optimizer_state(self, optimizer, state):
+        # every rank's part (a snapshot) or this rank's own (the computation profile's restore)
+        parts = state if isinstance(state, list) else [state]
+        other = [int(p.get("zero_stage", 0)) for p in parts if int(p.get("zero_stage", 0)) != self.zero_stage]
+        if other:
+            raise RunFailed(
+                f"train: the optimiser state to resume was written with train.zero_stage {other[0]}, but this run "
+                f"has train.zero_stage {self.zero_stage}; set it back, or remove the snapshot to start afresh"
+            )
         if not self.zero_stage:
             optimizer.load_state_dict(state)
             return
-        # every rank's part (a snapshot) or this rank's own (the computation profile's restore): DeepSpeed
-        # reads the entry of this rank
-        optimizer.load_state_dict(state if isinstance(state, list) else [state] * self.world_size)
+        parts = parts if isinstance(state, list) else parts * self.world_size  # DeepSpeed reads this rank's entry
+        if self.zero_stage == 3:
+            parts = [{**p, "loss_scaler": optimizer.loss_scaler} for p in parts]  # ZeRO 3 reads it back too
+        optimizer.load_state_dict(parts)
