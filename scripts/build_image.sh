@@ -5,7 +5,8 @@
 #
 #   1. a Debian root file system from Debian's packages (mmdebstrap, minbase + python3, git);
 #   2. /opt/venv with the Python packages of pyproject.toml at the versions of requirements.lock, installed
-#      from wheels that the checkout's pip gathers first (no package index is reached from inside);
+#      from wheels that the checkout's pip gathers first (no package index is reached from inside), and the
+#      project's metadata (its entry points) without its code: the checkout's code runs in the image;
 #   3. Horovod from the wheel cache of `make horovod`, when the venv has Horovod;
 #   4. empty folders at the top of the tree that clusters keep their files under (IMAGE_MOUNTS), for the
 #      runtime to bind the checkout and the shared folders onto;
@@ -78,11 +79,20 @@ else
     "$PY" -m pip wheel --quiet -w "$WORK/wheels" -c "$ROOT/requirements.lock" -r "$WORK/requirements.txt" \
         >"$WORK/pip-wheel.log" 2>&1 || { grep -v '^WARNING: Location' "$WORK/pip-wheel.log" | tail -n 20 >&2; fail "pip wheel"; }
     [[ -n $HOROVOD_WHEEL ]] && cp "$HOROVOD_WHEEL" "$WORK/wheels/"
+    # The project's metadata without its code: its entry points (the study the machinery finds, the
+    # virgo-exps command) come from the image, the code from the checkout bound in at run time.
+    mkdir -p "$WORK/stub/src" && cp "$ROOT/pyproject.toml" "$WORK/stub/"
+    echo "virgo-exps: the metadata and entry points; the code is the checkout's" >"$WORK/stub/README.md"
+    "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/wheels" "$WORK/stub/" \
+        >>"$WORK/pip-wheel.log" 2>&1 || fail "the project's metadata wheel"
     log "$(( $(date +%s) - START ))s: installing them into /opt/venv"
     run_in() { ch-run -w --unset-env='PIP_*' --set-env=PATH=/usr/bin:/bin -b "$WORK/wheels:/mnt" "$WORK/root" -- "$@"; }
     run_in /usr/bin/python3 -m venv /opt/venv
     run_in /opt/venv/bin/pip install --quiet --no-index --no-compile --find-links /mnt \
         -r /mnt/requirements.txt -c /mnt/requirements.lock || fail "pip install inside the image"
+    run_in /opt/venv/bin/pip install --quiet --no-index --no-deps --no-compile \
+        "/mnt/$(cd "$WORK/wheels" && ls virgo_exps-*.whl)" \
+        || fail "installing the project's metadata inside the image"
     if [[ -n $HOROVOD_WHEEL ]]; then
         run_in /opt/venv/bin/pip install --quiet --no-index --no-deps --no-compile "/mnt/$(basename "$HOROVOD_WHEEL")" \
             || fail "installing Horovod inside the image"
@@ -96,13 +106,18 @@ else
         "$WORK/root"/var/cache/apt/*.bin "$WORK/root"/etc/.pwd.lock \
         "$WORK/root"/opt/venv/lib/python3*/site-packages/*.dist-info/direct_url.json
     for m in $MOUNTS; do mkdir -p "$WORK/root/${m#/}"; done
+    # The files a runtime binds the host's own onto (charliecloud binds only onto files the image has): empty,
+    # so that the image holds nothing of the machine that built it (mmdebstrap copies its hostname and DNS).
+    for f in etc/hosts etc/resolv.conf etc/hostname etc/machine-id; do
+        rm -f "$WORK/root/$f" && : >"$WORK/root/$f" && chmod 644 "$WORK/root/$f"
+    done
     log "$(( $(date +%s) - START ))s: manifest"
     PYTHONPATH="$ROOT/src" "$PY" -m virgo_exps.container manifest "$WORK/root" \
         "suite=$SUITE" "packages=$PACKAGES" "key=$KEY" "horovod=$( [[ -n $HOROVOD_WHEEL ]] && basename "$HOROVOD_WHEEL" || echo none)" \
         "requirements.lock=$(sha256sum "$ROOT/requirements.lock" | cut -c1-64)" >"$WORK/manifest.out"
     log "$(( $(date +%s) - START ))s: SquashFS"
     mksquashfs "$WORK/root" "$WORK/virgo.sqfs" -quiet -no-progress -noappend -all-root -no-xattrs >/dev/null || fail "mksquashfs"
-    rm -rf "$WORK/wheels"
+    rm -rf "$WORK/wheels" "$WORK/stub"
     "$PY" - "$WORK" "$KEY" "$(( $(date +%s) - START ))" <<'EOF'
 import json, os, sys
 work, key, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -315,6 +315,7 @@ LONGEST_FIRST = (
     "test_scalability",
     "test_slurm_requeue",
     "test_pipeline",
+    "test_container",
     "test_preflight",
     "test_secrets",
     "test_slurmsim",

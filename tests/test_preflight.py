@@ -10,6 +10,7 @@ and ``git checkout params.yaml`` must bring the committed file back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -305,6 +306,9 @@ def test_slurm_profile_refuses_more_processes_than_gpus(monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     booster = load_machine("juwels-booster")  # 4 GPUs a node
+    with pytest.raises(ConfigError, match=r"container.image: /p/project/CHANGE-ME/virgo-exps/virgo.sif does not exist"):
+        check_machine(_params(strategy="ddp", procs_per_node=4, global_batch_size=32), booster)
+    booster = dataclasses.replace(booster, container=None)  # the jobs in the modules and the venv
     check_machine(_params(strategy="ddp", procs_per_node=4, global_batch_size=32), booster)
     with pytest.raises(ConfigError) as err:
         check_machine(_params(strategy="ddp", procs_per_node=8, global_batch_size=32), booster)

@@ -305,7 +305,11 @@ def prefix(
     opts = ["--device", "nvidia.com/gpu=all"] if c.gpu else []
     opts += [f"--env={k}={v}" for k, v in env.items()]
     vols = [f"--volume={b}:{b}" for b in binds(c, paths)]
-    return ["podman", "run", "--rm", "--network=host", "--ipc=host", "--userns=keep-id", *opts, *vols, "-w", cwd, image]
+    # a folder image runs as a root file system; anything else names an image of podman's own store
+    what = ["--rootfs", image] if Path(image).is_dir() else [image]
+    user = ["--userns=keep-id"] if os.getuid() else []  # rootless: the caller's own uid inside
+    shared = ["--rm", "--env-host", "--network=host", "--ipc=host"]  # the caller's environment, network, memory
+    return ["podman", "run", *shared, *user, *opts, *vols, "-w", cwd, *what]
 
 
 def command(c: Container, argv: list[str], cwd: str | os.PathLike | None = None) -> list[str]:

@@ -318,7 +318,10 @@ def _image_lines(ctx: JobContext, machine: Machine) -> list[str]:
     c = machine.container
     paths = [Path(ctx.workdir), Path(ctx.home), *container.extra_paths(c)]
     words = container.prefix(c, ctx.workdir, src=Path(ctx.home) / "src", paths=paths)
-    return [f"VIRGO_IMAGE_RUN=({' '.join(shlex.quote(w) for w in words)})  # {machine.container.runtime}"]
+    lines = [f"VIRGO_IMAGE_RUN=({' '.join(shlex.quote(w) for w in words)})  # {c.runtime}"]
+    if c.runtime == "charliecloud":
+        lines.append('export USER="${USER:-$(id -un)}"  # ch-run needs it; a job started by hand may lack it')
+    return lines
 
 
 def batch_script(ctx: JobContext, spec: JobSpec, machine: Machine) -> str:
