@@ -242,3 +242,20 @@ def test_ddp_on_two_slurm_nodes_runs_inside_the_image(tmp_path, slurm_multinode)
     got = pd.read_csv(repo / "results/epochs.csv")
     for column in ("train_loss", "val_loss"):  # 2 DDP ranks in the image follow one process outside
         assert got[column].tolist() == pytest.approx(reference[column].tolist(), rel=1e-4), column
+
+
+@pytest.mark.skipif(shutil.which("mksquashfs") is None, reason="squashfs-tools is not installed")
+def test_a_squashfs_image_is_checked_from_its_index_and_a_cut_file_refused(tmp_path):
+    root = tiny_image(tmp_path)
+    sqfs = tmp_path / "img.sqfs"
+    sh(["mksquashfs", str(root), str(sqfs), "-quiet", "-no-progress", "-noappend", "-all-root"], tmp_path)
+    manifest, found = container.problems(sqfs)
+    assert found == [] and manifest["digest"] == container.read_manifest(root)["digest"]
+    cut = tmp_path / "cut.sqfs"
+    used = int.from_bytes(sqfs.read_bytes()[40:48], "little")  # the superblock's bytes in use
+    cut.write_bytes(sqfs.read_bytes()[: used - 1])
+    with pytest.raises(ConfigError, match=f"container.image: {cut} is damaged: it is cut short"):
+        container.check(container.Container(image=str(cut)))
+    (tmp_path / "other.sqfs").write_bytes(b"\0" * 4096)
+    with pytest.raises(ConfigError, match="is damaged: it is not a SquashFS file"):
+        container.check(container.Container(image=str(tmp_path / "other.sqfs")))

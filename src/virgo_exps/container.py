@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -143,11 +144,24 @@ def _squashfs_read(image: Path, inner: str) -> str:
     return done.stdout
 
 
+def _squashfs_cut(image: Path) -> str | None:
+    """Why a SquashFS file is not whole (its superblock says how many bytes it uses), or None."""
+    with open(image, "rb") as fh:
+        head = fh.read(96)
+    if head[:4] != b"hsqs":
+        return "it is not a SquashFS file"
+    used = int.from_bytes(head[40:48], "little")
+    size = image.stat().st_size
+    return f"it is cut short ({size} of its {used} bytes)" if size < used else None
+
+
 def read_manifest(image: str | os.PathLike) -> dict:
     """The manifest of an image folder or SquashFS file; a ConfigError when there is none to read."""
     image = Path(image)
     if not image.exists():
         raise ConfigError(f"container.image: {image} does not exist; build it with `make image`")
+    if image.is_file() and (why := _squashfs_cut(image)):
+        raise ConfigError(f"container.image: {image} is damaged: {why}; rebuild it with `make image`")
     try:
         text = (image / MANIFEST).read_text() if image.is_dir() else _squashfs_read(image, MANIFEST)
         manifest = json.loads(text)
@@ -162,6 +176,9 @@ def read_manifest(image: str | os.PathLike) -> dict:
     return manifest
 
 
+_LISTED = re.compile(r"^([-dlcbps][-rwxsStT]{9})\s+\S+\s+(.+?)\s+\d{4}-\d\d-\d\d \d\d:\d\d (.*)$")
+
+
 def _squashfs_listing(image: Path) -> list[list]:
     """``[path, kind, size]`` of every entry of a SquashFS image, from its index (no data is read)."""
     done = subprocess.run(
@@ -170,14 +187,14 @@ def _squashfs_listing(image: Path) -> list[list]:
     if done.returncode != 0:
         raise ConfigError(f"container.image: {image}: its index cannot be read; the file is damaged: rebuild it")
     out = []
-    for line in done.stdout.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 6 or parts[0][0] not in "-dlcbps":
+    for line in done.stdout.splitlines():  # mode owner size-or-device date time path[ -> target]
+        m = _LISTED.match(line)
+        if not m:
             continue
-        kind = {"-": "f", "d": "d", "l": "l"}.get(parts[0][0], "o")
-        size = int(parts[2]) if kind == "f" and parts[2].isdigit() else 0
-        path = parts[5].split(" -> ")[0] if kind == "l" else parts[5]
-        out.append([path.lstrip("/"), kind, size])
+        mode, size, path = m.groups()
+        kind = {"-": "f", "d": "d", "l": "l"}.get(mode[0], "o")
+        path = path.split(" -> ")[0] if kind == "l" else path
+        out.append([path.lstrip("/"), kind, int(size) if kind == "f" and size.isdigit() else 0])
     return [e for e in out if e[0] and e[0] != MANIFEST]
 
 
