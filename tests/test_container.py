@@ -183,6 +183,10 @@ def test_the_pipeline_inside_the_image_gives_the_results_of_the_pipeline_outside
     }
     assert "image" not in yaml.safe_load((repo / "version.lock").read_text())
     assert "image" not in _attrs(repo / "data/images.zarr")["provenance"]
+    verify = sh([str(BIN / "virgo-exps"), "verify"], repo, check=False)
+    assert "ok: results/model.pt: made with the params of params.yaml (train), outside any container image" in (
+        verify.stdout
+    )
 
     # Every stage again, inside (the data stages do not depend on version.lock; a finished training's
     # snapshot would be taken up again, so it goes)
