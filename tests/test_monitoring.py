@@ -1,4 +1,4 @@
-"""GpuMonitor's arithmetic on a stand-in for NVML (no GPU here), and when HostLoad samples.
+"""GpuMonitor's arithmetic on a stand-in for NVML (a unit test of one class: no GPU here).
 
 What a real GPU adds (NVML itself, the counter's units on real hardware) is
 exercised by running the trainer on a GPU machine; these tests pin down how
@@ -87,23 +87,3 @@ def test_off_gpu_nothing_is_measured(monkeypatch):
     mon = monitoring.GpuMonitor()
     mon.start()
     assert mon.stop() == {}
-
-
-def test_host_load_ticks_sample_at_most_every_interval(monkeypatch):
-    """The training loop calls tick() at every step; a sample is taken only once ``interval`` has passed."""
-    every = monitoring.HostLoad(interval=0.0)
-    if not every.available:
-        pytest.skip("no /proc/stat: the host's load is not sampled here")
-    values = iter([2, 4, 6])
-    monkeypatch.setattr(every, "sample", lambda: next(values))
-    for _ in range(3):
-        every.tick()
-    assert every.window() == pytest.approx(4 / every.cores)
-
-    rare = monitoring.HostLoad(interval=3600.0)
-    values = iter([2, 4, 6])
-    monkeypatch.setattr(rare, "sample", lambda: next(values))
-    for _ in range(1000):
-        rare.tick()
-    assert rare.window() == pytest.approx(2 / rare.cores)  # one sample in the hour
-    assert rare.window() == pytest.approx(4 / rare.cores)  # a window without a sample takes one as it ends

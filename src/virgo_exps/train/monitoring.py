@@ -9,10 +9,9 @@
   newer), or power integrated over real timestamps otherwise. On a machine
   without NVIDIA GPUs it records nothing and the report says so. It also counts
   the compute processes of other jobs on the same device.
-- :class:`HostLoad` samples the host's runnable tasks while the epoch runs
-  (the training loop takes the samples between its steps), so that each epoch
-  gets the load of its own window (the kernel's 1-minute load average lags a
-  short epoch by a minute).
+- :class:`HostLoad` samples the host's runnable tasks in a background thread,
+  so that each epoch gets the load of its own window (the kernel's 1-minute
+  load average lags a short epoch by a minute).
 """
 
 from __future__ import annotations
@@ -185,64 +184,38 @@ def runnable_tasks(stat_path: str = "/proc/stat") -> int | None:
 
 
 class HostLoad:
-    """Runnable tasks per usable core over a window, sampled about every ``interval`` seconds.
+    """Runnable tasks per usable core over a window, sampled every ``interval`` seconds.
 
     The run itself counts one per process of its job on this host that is
     running, however many threads it keeps busy (Horovod's background thread,
     gloo's, the data loader's): a run alone reads at most its processes per
     core, about 1.0 when it has a core per rank. More than that is other work
     competing for the same cores while the window was timed.
-
-    The trainer takes the samples itself: it calls :meth:`tick` between steps
-    (and validation batches), which samples when ``interval`` has passed since
-    the previous sample. :meth:`start` samples from a background thread
-    instead, for a caller with no loop to tick from.
     """
 
-    # Every 0.5 s, taken by the training loop between its steps. A sampling thread woke beside the training and
-    # contended with it for the GIL and the cores: sampling every 0.05 s from a thread made a step 1 to 4 % slower on
-    # 2 cores, 5 to 9 % when every sample also read the job's processes (the model of benchmarks/trainer.py); from the
-    # loop a sample costs its reads only (about 0.1 ms). The job's processes, all started before training is, are read
-    # every ``refresh`` seconds: that read goes through every process of the host (about 1 ms for 85). A window
-    # without a sample takes one when it ends.
-    def __init__(self, interval: float = 0.5, refresh: float = 30.0):
+    # Every 0.5 s: at 0.1 s the sampling thread's wake-ups cost the training about 3 % of its step time on
+    # 2 cores (benchmarks/trainer.py), at 0.5 s about 1 %. A window without a sample takes one when it ends.
+    def __init__(self, interval: float = 0.5, refresh: float = 2.0):
         self.interval, self.refresh = interval, refresh
         self.cores = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.available = runnable_tasks() is not None  # off Linux: nothing is sampled, every window is None
         self._lock = threading.Lock()
         self._sum, self._n = 0, 0
-        self._next = 0.0  # time.monotonic() of the next sample tick() takes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._job: set[int] = {os.getpid()}
-        self._job_at: float | None = None
+        self._job_at = 0.0
 
     def start(self) -> HostLoad:
-        """Sample from a background thread (instead of :meth:`tick`)."""
-        if not self.available:
+        if runnable_tasks() is None:
             return self
         self._thread = threading.Thread(target=self._loop, daemon=True, name="host-load")
         self._thread.start()
         return self
 
-    def tick(self) -> None:
-        """A sample, when ``interval`` has passed since the previous one (cheap otherwise: call it at every step)."""
-        now = time.monotonic()
-        if now < self._next or not self.available:
-            return
-        self._next = now + self.interval
-        self._add(self.sample())
-
-    def _add(self, n: int | None) -> None:
-        if n is not None:
-            with self._lock:
-                self._sum += n
-                self._n += 1
-
     def sample(self) -> int | None:
         """Runnable tasks now, with the run's own processes counted once each (None off Linux)."""
         now = time.monotonic()
-        if self._job_at is None or now - self._job_at > self.refresh:
+        if now - self._job_at > self.refresh:
             self._job, self._job_at = job_processes(os.getpid()), now
         # The run's threads are read just before and just after the host's count: a thread of ours running
         # at either moment is ours in the count (one read alone, taken a moment apart, would count a thread
@@ -256,14 +229,18 @@ class HostLoad:
             running = earlier | running_threads(pid)
             threads += len(running)
             processes += bool(running)
-        # The thread that samples runs while it reads: its process counts as running.
+        # This sampling thread runs while it reads: its process counts as running.
         if os.getpid() in self._job and not before.get(os.getpid()):
             processes += 1
         return max(0, n - threads) + processes
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._add(self.sample())
+            n = self.sample()
+            if n is not None:
+                with self._lock:
+                    self._sum += n
+                    self._n += 1
             self._stop.wait(self.interval)
 
     def window(self) -> float | None:
@@ -271,7 +248,7 @@ class HostLoad:
         with self._lock:
             total, n = self._sum, self._n
             self._sum, self._n = 0, 0
-        if not n and self.available:  # a window shorter than the interval: one sample, now
+        if not n and self._thread is not None:  # a window shorter than the interval: one sample, now
             now = self.sample()
             total, n = (now, 1) if now is not None else (0, 0)
         return total / n / self.cores if n else None

@@ -93,7 +93,6 @@ class Trainer:
         self.gpu: GpuMonitor | None = None
         self.stage_code: str | None = None
         self._heart = Heartbeat(None, -1)  # a rank's heartbeat, from _fit on (once the run's folder is known)
-        self.host_load = HostLoad()  # the host's load over each epoch, sampled by the loop between steps
 
     # -- set-up -----------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -165,6 +164,7 @@ class Trainer:
         s = self.strategy
         gpu = self.gpu = GpuMonitor(local_rank=s.local_rank)
         gpu.start()
+        host_load = HostLoad().start()
         outputs.start_record(self, resumed)  # where each rank runs; rank 0: the code's digest, MLflow
         status = "FAILED"  # how the MLflow run ends
         self.pruning.open()
@@ -172,7 +172,7 @@ class Trainer:
             if self.cfg.profile_steps and self.computation is None:  # once per run, before epoch timing
                 self.computation = profiling.profile(self)
             while self.epoch < self.cfg.epochs and self.pruned_at is None:
-                self.host_load.window(), gpu.others_window()  # start this epoch's window
+                host_load.window(), gpu.others_window()  # start this epoch's window
                 loss_sum, train_time, steps, steps_run = self._run_epoch()
                 if self._should_stop():
                     raise Interrupted
@@ -194,7 +194,7 @@ class Trainer:
                     samples_per_s=steps_run * self.cfg.global_batch_size / train_time if train_time > 0 else 0.0,
                     lr=self.scheduler.get_last_lr()[0],
                     metrics=self.val_metrics,
-                    **outputs.busiest(s.all_gather_object((self.host_load.window(), gpu.others_window()))),
+                    **outputs.busiest(s.all_gather_object((host_load.window(), gpu.others_window()))),
                 )
                 self.history.append(rec)
                 self.epoch += 1
@@ -230,6 +230,7 @@ class Trainer:
                 )
             raise
         finally:
+            host_load.stop()
             if s.is_main:
                 outputs.end_tracking(self, status)
 
@@ -293,7 +294,6 @@ class Trainer:
             self.step_in_epoch += 1
             self.global_step += 1
             self._heart.beat(self.epoch + 1, self.step_in_epoch, STEP_DONE)
-            self.host_load.tick()
         s.barrier()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -317,7 +317,6 @@ class Trainer:
                 out = module(x)
             figures = self.models.evaluate(out, y)
             self._heart.beat(self.epoch + 1, self.step_in_epoch, VALIDATING, start + 1)
-            self.host_load.tick()
             sums = [figures[n].sum().double().cpu() for n in names]
             total += torch.stack([*sums, torch.tensor(float(len(x)), dtype=torch.float64)])
         total = s.all_reduce(total, op="sum")
