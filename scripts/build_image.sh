@@ -133,13 +133,37 @@ EOF
     trap - EXIT
     rm -rf "$WORK"
 fi
-ln -sfn "$DEST" "$ROOT/.virgo/image.tmp" && mv -T "$ROOT/.virgo/image.tmp" "$ROOT/.virgo/image"
-"$PY" - "$DEST" <<'EOF'
+# Charliecloud binds only onto folders the image has: the top folders of this checkout, its main checkout,
+# home and TMPDIR that the image lacks (a checkout under /check, say) are added in a second image whose
+# files are hard links to the first's (a few seconds; the digest names the added folders).
+EXTRA=()
+COMMON=$(git -C "$ROOT" rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)
+for p in "$ROOT" "${COMMON:+$(dirname "$COMMON")}" "$HOME" "${TMPDIR:-}"; do
+    [[ -n $p ]] || continue
+    p=$(realpath -m "$p")
+    top=/$(cut -d/ -f2 <<<"$p")
+    [[ $top != / && ! -e $DEST/root$top && ! -L $DEST/root$top ]] || continue
+    [[ " ${EXTRA[*]} " == *" $top "* ]] || EXTRA+=("$top")
+done
+LINK=$DEST
+if ((${#EXTRA[@]})); then
+    LINK=$DEST-$(printf '%s\n' "${EXTRA[@]}" | sort | sha256sum | cut -c1-8)
+    if [[ ! -f $LINK/image.json ]]; then
+        log "adding the top folder(s) ${EXTRA[*]} (of the checkout, home or TMPDIR) for charliecloud to bind onto"
+        PYTHONPATH="$ROOT/src" "$PY" -m virgo_exps.container derive "$DEST" "$LINK" "${EXTRA[@]}" >/dev/null \
+            || fail "adding the top folders ${EXTRA[*]}"
+    fi
+fi
+ln -sfn "$LINK" "$ROOT/.virgo/image.tmp" && mv -T "$ROOT/.virgo/image.tmp" "$ROOT/.virgo/image"
+"$PY" - "$LINK" "$DEST" <<'EOF'
 import json, sys
-d = sys.argv[1]
+d, base = sys.argv[1], sys.argv[2]
 i = json.load(open(d + "/image.json"))
+b = json.load(open(base + "/image.json"))
 print(f"[image] {i['digest']} ({i['files']} files, {i['tree_bytes'] / 1e9:.2f} GB; built in {i['build_seconds']} s)")
 print(f"[image] folder:   .virgo/image/root  ({d}/root)")
-print(f"[image] SquashFS: .virgo/image/virgo.sqfs  ({i['squashfs_bytes'] / 1e9:.2f} GB; for a cluster: "
+if i.get("added_top_folders"):
+    print(f"[image]           with the top folder(s) {' '.join(i['added_top_folders'])} added to {b['digest']}")
+print(f"[image] SquashFS: {base}/virgo.sqfs  ({b['squashfs_bytes'] / 1e9:.2f} GB, {b['digest']}; for a cluster: "
       "apptainer build virgo.sif virgo.sqfs, or run it as it is)")
 EOF

@@ -10,7 +10,9 @@ profile key checked, the Apptainer form of the batch script (a golden file in te
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -246,6 +248,56 @@ def test_ddp_on_two_slurm_nodes_runs_inside_the_image(tmp_path, slurm_multinode)
     got = pd.read_csv(repo / "results/epochs.csv")
     for column in ("train_loss", "val_loss"):  # 2 DDP ranks in the image follow one process outside
         assert got[column].tolist() == pytest.approx(reference[column].tolist(), rel=1e-4), column
+
+
+@pytest.mark.slow
+def test_a_checkout_under_a_top_folder_the_image_lacks_is_refused_then_runs_in_the_image_make_image_adds(
+    tmp_path,
+):
+    """Charliecloud binds only onto folders the image has: a checkout under /<new>/ is refused in one line
+    naming the folder; the image `make image` derives with that folder added (hard links) runs it."""
+    if os.getuid() != 0:
+        pytest.skip("needs root, to make a folder at the top of the host's tree")
+    image = built_image()
+    info = json.loads((image / "image.json").read_text())
+    base = Path(info.get("base", image))
+    top = Path(f"/virgo-t{uuid.uuid4().hex[:8]}")
+    top.mkdir(mode=0o700)
+    try:
+        repo = make_repo(top / "repo")
+        use_image(repo, image)
+        env = tool_env({"VIRGO_MACHINE": "local-image"})
+        refused = dvc(repo, "repro", "environment", env=env, check=False)
+        assert refused.returncode != 0
+        assert f"has no folder {top} to bind the host's {top} onto; run `make image` in a checkout under {top}" in (
+            refused.stdout + refused.stderr
+        )
+        assert not (repo / "version.lock").exists() or "image" not in (repo / "version.lock").read_text()
+
+        derived = tmp_path / "derived"
+        added = sorted({str(top), *info.get("added_top_folders", [])})
+        made = container.derive(base, derived, added)
+        assert (
+            made["added_top_folders"] == added
+            and made["digest"] != json.loads((base / "image.json").read_text())["digest"]
+        )
+        # the files are the base's own (hard links), the manifest a new file that names the added folders
+        probe = "opt/venv/bin/python3"
+        assert (derived / "root" / probe).lstat().st_ino == (base / "root" / probe).lstat().st_ino
+        assert (derived / "root" / container.MANIFEST).stat().st_ino != (
+            base / "root" / container.MANIFEST
+        ).stat().st_ino
+        assert json.loads((base / "root" / container.MANIFEST).read_text())["digest"] != made["digest"]
+        assert (
+            sh([str(BIN / "python"), "-m", "virgo_exps.container", "verify", str(derived / "root")], repo).returncode
+            == 0
+        )
+        (repo / ".virgo" / "image").unlink()
+        use_image(repo, derived)
+        dvc(repo, "repro", "environment", env=env)
+        assert yaml.safe_load((repo / "version.lock").read_text())["image"] == made["digest"]
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.mark.skipif(shutil.which("mksquashfs") is None, reason="squashfs-tools is not installed")

@@ -131,6 +131,52 @@ def write_manifest(root: str | os.PathLike, inputs: dict) -> dict:
     return manifest
 
 
+def derive(base: str | os.PathLike, dest: str | os.PathLike, tops: list[str]) -> dict:
+    """``dest``: the image folder ``base`` (``root/`` and ``image.json``) with the empty top folders ``tops``
+    added, for charliecloud to bind a checkout, home or TMPDIR that lies elsewhere onto. The files are hard
+    links to the base's (nothing is copied or hashed again: the manifest is the base's plus the new
+    folders); ``virgo.sqfs`` is a link to the base's, which serves a cluster. Returns the new ``image.json``."""
+    base, dest = Path(base).resolve(), Path(dest)
+    info = json.loads((base / "image.json").read_text())
+    old = json.loads((base / "root" / MANIFEST).read_text())
+    bad = [t for t in tops if not re.fullmatch(r"/[^/]+", t) or (base / "root" / t[1:]).exists()]
+    if bad:
+        raise ConfigError(f"container: {bad[0]} is not a top folder the image {base} lacks")
+    work = dest.parent / f".{dest.name}.{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        # hard links: the same file system as the cache, and no byte of the base is written through them
+        linked = subprocess.run(["cp", "-al", str(base / "root"), str(work / "root")], capture_output=True, text=True)
+        if linked.returncode:
+            shutil.rmtree(work / "root", ignore_errors=True)
+            subprocess.run(["cp", "-a", str(base / "root"), str(work / "root")], check=True)
+        root = work / "root"
+        (root / MANIFEST).unlink()  # a link to the base's manifest: replaced, never written through
+        for top in tops:
+            (root / top[1:]).mkdir(mode=0o755)
+            os.chmod(root / top[1:], 0o755)
+        files = sorted(old["files"] + [_entry(root, root / t[1:], True) for t in tops], key=lambda e: e[0])
+        inputs = {**old.get("inputs", {}), "base": old["digest"], "added_top_folders": " ".join(sorted(tops))}
+        manifest = {"format": 1, "digest": digest_of(files), "inputs": inputs, "files": files}
+        (root / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
+        (root / MANIFEST).chmod(0o644)
+        if (base / "virgo.sqfs").is_file():  # the base's, whose own manifest names the base's digest
+            (work / "virgo.sqfs").symlink_to(base / "virgo.sqfs")
+        info = {**info, "digest": manifest["digest"], "files": len(files), "base": str(base), "squashfs_bytes": None}
+        info["added_top_folders"] = sorted(tops)
+        (work / "image.json").write_text(json.dumps(info, indent=1))
+        work.chmod(0o755)
+        try:
+            work.rename(dest)
+        except OSError:
+            if not (dest / "image.json").is_file():  # another build made it meanwhile: keep that one
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
 def _squashfs_read(image: Path, inner: str) -> str:
     tool = shutil.which("unsquashfs")
     if tool is None:
@@ -356,7 +402,8 @@ def enter(c: Container, argv: list[str] | None = None) -> None:
     if missing:
         raise ConfigError(
             f"container.image: {c.image_path()} has no folder {missing[0]} to bind the host's {missing[0]} onto; "
-            f'rebuild it with `make image IMAGE_MOUNTS="... {missing[0]}"`'
+            f"run `make image` in a checkout under {missing[0]} (it adds the top folders of the checkout, home and "
+            f'TMPDIR), or name it: `make image IMAGE_MOUNTS="... {missing[0]}"`'
         )
     cmd = command(c, [IMAGE_PYTHON, *(argv if argv is not None else sys.argv)])
     env = dict(os.environ)
@@ -371,13 +418,17 @@ def _user() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m virgo_exps.container manifest DIR [KEY=VALUE ...]`` (used by ``make image``) or
-    ``... verify IMAGE`` (every file's content against the manifest)."""
+    """``python -m virgo_exps.container manifest DIR [KEY=VALUE ...]`` and ``... derive BASE DEST /TOP ...``
+    (used by ``make image``), or ``... verify IMAGE`` (every file's content against the manifest)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) >= 2 and argv[0] == "manifest":
         inputs = dict(a.split("=", 1) for a in argv[2:])
         manifest = write_manifest(argv[1], inputs)
         print(json.dumps({"digest": manifest["digest"], "files": len(manifest["files"])}))
+        return 0
+    if len(argv) >= 4 and argv[0] == "derive":
+        info = derive(argv[1], argv[2], argv[3:])
+        print(json.dumps({"digest": info["digest"], "files": info["files"]}))
         return 0
     if len(argv) == 2 and argv[0] == "verify":
         try:
@@ -390,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = f"{len(found)} file(s) differ" if found else "every file as built"
         print(f"{argv[1]}: {manifest['digest']}: {verdict}")
         return 3 if found else 0
-    print("usage: python -m virgo_exps.container manifest DIR [KEY=VALUE ...] | verify IMAGE", file=sys.stderr)
+    usage = "manifest DIR [KEY=VALUE ...] | derive BASE DEST /TOP ... | verify IMAGE"
+    print(f"usage: python -m virgo_exps.container {usage}", file=sys.stderr)
     return 2
 
 
