@@ -5,7 +5,10 @@ features, and different kernels may round differently. Each library can be
 told to behave as on an older CPU (NPY_DISABLE_CPU_FEATURES,
 ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS), so one machine with AVX-512 can
 run the data stages as an AVX-512, an AVX2 and an SSE-only machine would, and
-compare the stores byte for byte.
+compare the stores byte for byte. MKL's FFT kernels differ between these (and
+between processors of one level: an AVX-512 FP16 Xeon's), so the preprocess
+stage pins MKL's compatible branch (virgo_exps.numerics); the runs here start
+without MKL_CBWR, as a user's shell would.
 """
 
 from __future__ import annotations
@@ -118,6 +121,34 @@ def test_data_stages_are_byte_identical_with_and_without_avx512(tmp_path):
     # ... and the stores do not
     _assert_same_bytes(images["avx512"], images["avx2"])
     _assert_same_bytes(images["avx512"], images["sse"])
+
+
+def test_mkl_branch_pinned_before_torch_computes_and_refused_after():
+    """The data stages pin MKL's compatible branch before torch's first computation; a process where MKL ran
+    already is refused, not left to write other bytes."""
+    fresh = (
+        "import os, torch\n"
+        "from virgo_exps.numerics import pin_mkl_branch\n"
+        "print(pin_mkl_branch(), os.environ['MKL_CBWR'])\n"
+        "print(pin_mkl_branch())  # again: it holds\n"
+    )
+    late = (
+        "import torch\n"
+        "torch.fft.rfft(torch.ones(64))\n"
+        "from virgo_exps.numerics import pin_mkl_branch\n"
+        "pin_mkl_branch()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    ok = subprocess.run([sys.executable, "-c", fresh], env=env, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True, timeout=120)
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        assert ok.stdout.split() == ["no", "MKL", "COMPATIBLE", "no", "MKL"], ok.stderr
+        return
+    assert ok.returncode == 0 and ok.stdout.split() == ["compatible", "COMPATIBLE", "compatible"], ok.stderr
+    assert refused.returncode != 0
+    assert "MKL ran before its compatible branch could be set" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_log1p_float32_is_correctly_rounded(monkeypatch):

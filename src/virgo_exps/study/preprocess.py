@@ -41,6 +41,7 @@ import zarr
 
 from virgo_exps import provenance as _provenance
 from virgo_exps import store as _store
+from virgo_exps.numerics import pin_mkl_branch
 from virgo_exps.study.generate import open_strain
 from virgo_exps.study.imagestore import _create_output, _SplitWriter
 from virgo_exps.study.normalise import Moments, _normalise_chunk, split_indices
@@ -71,6 +72,7 @@ def _init_worker(threads: int) -> None:
         os.environ[var] = str(threads)
     import torch  # heavy: a worker's; the parent of a multi-worker run never loads it
 
+    pin_mkl_branch()  # before torch's first computation: the same bytes on every processor
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -176,6 +178,7 @@ def preprocess(
 
         t1 = time.perf_counter()
         if nw == 1:
+            pin_mkl_branch()
             for s in starts:
                 e = min(s + block, n)
                 block_data = _store.read(strain, gen_store, s, e, stage="generate")  # checksummed
