@@ -44,6 +44,7 @@ from virgo_exps.train import faults, outcome, outputs, profiling, watchdog
 from virgo_exps.train.data import ImageDataset, ShardSampler, eval_shard
 from virgo_exps.train.factory import ModelFactory
 from virgo_exps.train.factory import adamw as adamw  # the stages import it from here
+from virgo_exps.train.memory import keep_freed_memory
 from virgo_exps.train.monitoring import GpuMonitor, HostLoad
 from virgo_exps.train.outputs import EpochRecord, TrainOutputs
 from virgo_exps.train.snapshots import Snapshots
@@ -131,6 +132,7 @@ class Trainer:
 
     # -- public -------------------------------------------------------------
     def fit(self) -> dict:
+        keep_freed_memory()  # no page faults for every step's buffers
         self._install_signal_handlers()
         self._setup()
         try:
