@@ -26,6 +26,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -136,6 +137,7 @@ def derive(base: str | os.PathLike, dest: str | os.PathLike, tops: list[str]) ->
     added, for charliecloud to bind a checkout, home or TMPDIR that lies elsewhere onto. The files are hard
     links to the base's (nothing is copied or hashed again: the manifest is the base's plus the new
     folders); ``virgo.sqfs`` is a link to the base's, which serves a cluster. Returns the new ``image.json``."""
+    started = time.monotonic()
     base, dest = Path(base).resolve(), Path(dest)
     info = json.loads((base / "image.json").read_text())
     old = json.loads((base / "root" / MANIFEST).read_text())
@@ -164,6 +166,7 @@ def derive(base: str | os.PathLike, dest: str | os.PathLike, tops: list[str]) ->
         if (base / "virgo.sqfs").is_file():  # the base's, whose own manifest names the base's digest
             (work / "virgo.sqfs").symlink_to(base / "virgo.sqfs")
         info = {**info, "digest": manifest["digest"], "files": len(files), "base": str(base), "squashfs_bytes": None}
+        info["build_seconds"] = round(time.monotonic() - started, 1)  # the derivation's own
         info["added_top_folders"] = sorted(tops)
         (work / "image.json").write_text(json.dumps(info, indent=1))
         work.chmod(0o755)
