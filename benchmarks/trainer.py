@@ -164,17 +164,17 @@ def main() -> None:
         fault_counts: dict[str, list[float]] = {"trainer": [], "bare": []}
         cores = len(os.sched_getaffinity(0))
         steps = n // args.batch
+
+        def counted(name, measure):
+            def run():
+                before = faults()
+                value = measure()
+                fault_counts[name].append((faults() - before) / (2 * steps))  # both sides: 2 passes
+                return value
+
+            return run
+
         for r in range(repeats):
-
-            def counted(name, measure):
-                def run():
-                    before = faults()
-                    value = measure()
-                    fault_counts[name].append((faults() - before) / (2 * steps))  # both sides: 2 passes
-                    return value
-
-                return run
-
             sides = [
                 (bare, counted("bare", lambda: bare_loop(ds.x, ds.y, args.model, args.batch, steps, seed=0))),
                 (ours, counted("trainer", lambda: trainer_run(store, Path(tmp) / "run", args.model, args.batch, n))),

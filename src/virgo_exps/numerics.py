@@ -22,7 +22,6 @@ from pathlib import Path
 MKL_CBWR_BRANCH = 1  # mkl_cbwr_get's question: the branch in force
 MKL_CBWR_COMPATIBLE = 3
 MKL_CBWR_SUCCESS = 0
-MKL_CBWR_ERR_MODE_CHANGE_FAILURE = -8
 
 
 def _mkl_service():
@@ -49,15 +48,16 @@ def _mkl_service():
 
 def pin_mkl_branch() -> str:
     """Put MKL in this process (and, through ``MKL_CBWR``, in the processes it starts) on its compatible
-    branch. Returns what holds: ``"compatible"``, or ``"no MKL"`` for a torch without it (its own FFTs
-    choose no kernels by processor). Raises RuntimeError when MKL already ran with another branch."""
+    branch. Returns what holds: ``"compatible"``, ``"no MKL"`` for a torch without it (its own FFTs
+    choose no kernels by processor), or ``"MKL_CBWR=COMPATIBLE, unchecked"`` for an MKL that hides its
+    branch functions. Raises RuntimeError when MKL already ran with another branch."""
     os.environ["MKL_CBWR"] = "COMPATIBLE"
     service = _mkl_service()
     if service is None:
         import torch  # loaded by _mkl_service already
 
         if torch.backends.mkl.is_available():  # MKL without its branch functions: only the variable acts
-            return "compatible (MKL_CBWR)"
+            return "MKL_CBWR=COMPATIBLE, unchecked"
         return "no MKL"
     get, put = service
     if get(MKL_CBWR_BRANCH) == MKL_CBWR_COMPATIBLE:

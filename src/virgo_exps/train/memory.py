@@ -4,7 +4,7 @@ glibc's malloc gives large blocks back to the kernel when they are freed (blocks
 mapped and unmapped on their own; the top of the heap is trimmed), and the kernel hands out zeroed pages
 again at the next step: a page fault per 4 KiB of every batch, activation and gradient. Measured with
 ``benchmarks/trainer.py``'s model (the decoder on 32 patches of 3 x 64 x 64): about 35,000 minor faults per
-step in the trainer (17,000 in a bare loop on in-memory tensors), 50 with the thresholds fixed below. The
+step in the trainer (17,000 in a bare loop on in-memory tensors), 35 to 40 with the thresholds fixed below. The
 memory kept is the step's own peak, which the next step needs again.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from functools import cache
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -20,14 +21,11 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30  # the freed top of the heap the process keeps before giving any back
 
-_done: list[bool] = []
 
-
+@cache
 def keep_freed_memory() -> bool:
     """Fix glibc's thresholds (once per process) so that freed blocks stay with the process; False where
     the C library is not glibc (nothing changed)."""
-    if _done:
-        return _done[0]
     ok = False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -37,5 +35,4 @@ def keep_freed_memory() -> bool:
             ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     except OSError:
         ok = False
-    _done.append(ok)
     return ok
